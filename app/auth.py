@@ -1,0 +1,129 @@
+"""Optional login for the page and the HTTP API.
+
+Users come from `app.users` in the settings (bcrypt hashes) or from environment variables
+ZHIWEN_PASSWORD_<USERNAME> (plain text, for a container secret; the username upper-cased, '-' and '.' as '_').
+The same check guards the Gradio page (its login form) and the API (HTTP Basic).
+
+    python -m app.auth hash            # asks for a password twice, prints a bcrypt hash for configs/*.yaml
+    echo 's3cret' | python -m app.auth hash --stdin
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import hmac
+import os
+import re
+import sys
+from collections.abc import Callable
+
+import bcrypt
+
+from configs import Settings
+
+ENV_PREFIX = "ZHIWEN_PASSWORD_"
+
+
+class AuthConfigError(ValueError):
+    """Login is enabled but no usable user is configured; the message says what to set."""
+
+
+def env_var_for(username: str) -> str:
+    """The environment variable holding `username`'s password: env_var_for("li.ming") -> "ZHIWEN_PASSWORD_LI_MING"."""
+    return ENV_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", username).upper()
+
+
+def hash_password(password: str) -> str:
+    """A bcrypt hash (cost 12) of `password`, as text for a YAML file."""
+    if not password:
+        raise ValueError("the password is empty; choose a non-empty password")
+    # bcrypt only looks at the first 72 bytes; bcrypt 5 raises beyond that, so refuse clearly instead.
+    if len(password.encode("utf-8")) > 72:
+        raise ValueError("the password is longer than 72 bytes, which bcrypt cannot hash; choose a shorter one")
+    return bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(rounds=12)).decode("ascii")
+
+
+def _check_hash(password: str, password_hash: str) -> bool:
+    pw = password.encode("utf-8")
+    if len(pw) > 72:
+        return False
+    try:
+        return bcrypt.checkpw(pw, password_hash.encode("ascii"))
+    except ValueError:  # a malformed hash in the settings: never a match
+        return False
+
+
+class Authenticator:
+    """verify(username, password) -> bool, against the settings' users and ZHIWEN_PASSWORD_* variables."""
+
+    def __init__(self, settings: Settings, environ: dict[str, str] | None = None) -> None:
+        self.enabled = settings.app.auth_enabled
+        env = os.environ if environ is None else environ
+        self._hashes: dict[str, str] = {}
+        self._plain: dict[str, str] = {}
+        for user in settings.app.users:
+            if user.password_hash:
+                if not user.password_hash.startswith("$2"):
+                    raise AuthConfigError(
+                        f"app.users: the password_hash of user {user.username!r} is not a bcrypt hash "
+                        f"(it should start with '$2b$'); create one with `python -m app.auth hash`"
+                    )
+                self._hashes[user.username] = user.password_hash
+            elif env.get(env_var_for(user.username)):
+                self._plain[user.username] = env[env_var_for(user.username)]
+            elif self.enabled:
+                raise AuthConfigError(
+                    f"app.users: user {user.username!r} has no password_hash and {env_var_for(user.username)} "
+                    f"is not set; add a hash from `python -m app.auth hash` or set that variable"
+                )
+        if self.enabled and not (self._hashes or self._plain):
+            raise AuthConfigError(
+                "app.auth_enabled is true but app.users is empty; add users with a password_hash "
+                "(`python -m app.auth hash`) or set app.auth_enabled to false"
+            )
+
+    @property
+    def usernames(self) -> list[str]:
+        return sorted({*self._hashes, *self._plain})
+
+    def verify(self, username: str, password: str) -> bool:
+        if not self.enabled:
+            return True
+        if username in self._hashes:
+            return _check_hash(password, self._hashes[username])
+        if username in self._plain:
+            # Constant-time comparison: the answer time must not reveal how much of the password matched.
+            return hmac.compare_digest(password.encode("utf-8"), self._plain[username].encode("utf-8"))
+        # Unknown user: still spend a bcrypt check so that timing does not reveal which usernames exist.
+        _check_hash(password, "$2b$12$" + "." * 53)
+        return False
+
+    def gradio_auth(self) -> Callable[[str, str], bool] | None:
+        """What Gradio's `auth=` expects: None when login is off."""
+        return self.verify if self.enabled else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.auth", description="Zhiwen login helpers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    h = sub.add_parser("hash", help="print a bcrypt hash of a password for app.users[].password_hash")
+    h.add_argument("--stdin", action="store_true", help="read the password from the first line of standard input")
+    args = parser.parse_args(argv)
+    if args.command == "hash":
+        if args.stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = getpass.getpass("Password: ")
+            if getpass.getpass("Again: ") != password:
+                print("The two passwords differ; nothing was printed. Run the command again.", file=sys.stderr)
+                return 1
+        try:
+            print(hash_password(password))
+        except ValueError as e:
+            print(f"Cannot hash this password: {e}.", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
