@@ -1,0 +1,151 @@
+"""Evaluation metrics and dataset readers on hand-made cases whose right values are worked out by hand."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.eval.datasets import DatasetError, read_eval_set, sample_questions, split_for_eval
+from bench.eval.metrics import (
+    char_f1, contains_answer, contains_any_answer, exact_match, first_rank, hit_at, mean, normalize_answer,
+    normalize_for_match, percentile, reciprocal_rank, references,
+)
+
+
+# --- normalisation (CMRC 2018: punctuation and spaces removed, widths and case unified) ---------------
+
+@pytest.mark.parametrize("raw, norm", [
+    (" 《北京》 市。", "北京市"),
+    ("ＡＢc 1２", "abc12"),                      # full-width letters/digits → ASCII, lower-case
+    ("“踢爆”！", "踢爆"),
+    ("4 分钟", "4分钟"),
+    ("1,000-2,000", "10002000"),
+    ("，。、", ""),
+])
+def test_normalize_answer(raw, norm):
+    assert normalize_answer(raw) == norm
+
+
+def test_normalize_for_match_keeps_punctuation_but_drops_line_breaks():
+    assert normalize_for_match("西班牙语\r\n言（ESPAÑOL）") == "西班牙语言(español)"
+    assert "4分钟" not in normalize_for_match("4，分钟")
+
+
+# --- EM / F1 --------------------------------------------------------------------------------------
+
+def test_exact_match_ignores_punctuation_and_uses_best_reference():
+    ans = (("北京市", "北京"),)
+    assert exact_match("北京。", ans) == 1.0
+    assert exact_match("  北京市 ", ans) == 1.0
+    assert exact_match("首都北京", ans) == 0.0
+
+
+def test_char_f1_known_values():
+    # pred 北京 (2 chars) vs ref 北京市 (3): common 2, P = 1, R = 2/3, F1 = 0.8
+    assert char_f1("北京", (("北京市",),)) == pytest.approx(0.8)
+    # best over references: 北京 matches the second alternative exactly
+    assert char_f1("北京", (("北京市", "北京"),)) == pytest.approx(1.0)
+    # pred 中国首都北京 (6) vs 北京 (2): common 2, P = 1/3, R = 1, F1 = 0.5
+    assert char_f1("中国首都北京", (("北京",),)) == pytest.approx(0.5)
+    # repeated characters count with multiplicity: 哈哈哈 vs 哈: common 1, P = 1/3, R = 1 → 0.5
+    assert char_f1("哈哈哈", (("哈",),)) == pytest.approx(0.5)
+    assert char_f1("上海", (("北京",),)) == 0.0
+    assert char_f1("", (("北京",),)) == 0.0
+
+
+def test_multi_part_answer_references_and_containment():
+    ans = (("1月2日", "一月二日"), ("1月3日",))
+    assert references(ans) == ["1月2日、1月3日"]
+    assert exact_match("1月2日、1月3日", ans) == 1.0
+    assert contains_answer("比赛在一月二日和1月3日举行", ans)
+    assert not contains_answer("比赛在1月2日举行", ans)               # second part missing
+    assert contains_any_answer("比赛在1月2日举行", ans)
+
+
+def test_contains_answer_across_line_breaks_and_widths():
+    assert contains_answer("玩家以水枪、小枪\r\n、锤子泡封敌人", (("水枪、小枪、锤子",),))
+    assert contains_answer("共有４分钟", (("4分钟",),))
+    assert not contains_answer("共有4小时", (("4分钟",),))
+
+
+# --- ranking --------------------------------------------------------------------------------------
+
+def test_rank_hit_and_mrr():
+    rank = first_rank([False, False, True, True])
+    assert rank == 3
+    assert [hit_at(rank, k) for k in (1, 3, 5, 10)] == [0.0, 1.0, 1.0, 1.0]
+    assert reciprocal_rank(rank, 10) == pytest.approx(1 / 3)
+    assert reciprocal_rank(11, 10) == 0.0
+    assert first_rank([False] * 10) is None
+    assert hit_at(None, 10) == 0.0 and reciprocal_rank(None) == 0.0
+    # MRR@10 over four questions with first relevant ranks 1, 2, none, 4 → (1 + 0.5 + 0 + 0.25) / 4
+    assert mean([reciprocal_rank(r) for r in (1, 2, None, 4)]) == pytest.approx(0.4375)
+
+
+def test_mean_and_percentile():
+    assert mean([]) is None
+    assert percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
+    assert percentile(list(range(1, 101)), 95) == pytest.approx(95.05)
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError, match="within 0..100"):
+        percentile([1.0], 101)
+
+
+# --- dataset readers and the unanswerable split -----------------------------------------------------
+
+def _squad(tmp_path):
+    data = {"data": [{"title": "T", "paragraphs": [
+        {"id": f"P{i}", "context": f"第{i}段。答案是{i}号。",
+         "qas": [{"id": f"Q{i}a", "question": f"第{i}段的答案？", "answers": [{"text": f"{i}号"}, {"text": f"{i}号"}]},
+                 {"id": f"Q{i}b", "question": f"第{i}段？", "answers": [{"text": f"第{i}段"}]}]}
+        for i in range(10)]}]}
+    p = tmp_path / "mini.json"
+    p.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return p
+
+
+def test_read_squad_and_split(tmp_path):
+    ds = read_eval_set(_squad(tmp_path))
+    assert len(ds.passages) == 10 and len(ds.questions) == 20
+    assert ds.questions[0].answer == (("0号",),)          # duplicate annotator answers collapse
+    split = split_for_eval(ds, unanswerable_share=0.2, seed=1)
+    # two questions per passage: holding out 2 passages makes exactly 4 of 20 questions unanswerable
+    assert len(split.unanswerable) == 4 and len(split.held_out) == 2 and len(split.kb_passages) == 8
+    kb_ids = {p.id for p in split.kb_passages}
+    assert all(not set(q.positives) & kb_ids for q in split.unanswerable)
+    assert all(set(q.positives) & kb_ids for q in split.answerable)
+    sample = sample_questions(split, 10, seed=1)
+    assert len(sample) == 10 and sum(q in split.unanswerable for q in sample) == 2
+
+
+def test_read_jsonl_answers_and_shared_passages(tmp_path):
+    p = tmp_path / "rgb.jsonl"
+    rows = [
+        {"id": 1, "query": "谁赢了？", "answer": [["甲队", "甲"]], "positive": ["甲队赢了。"], "negative": ["天气晴。"]},
+        {"id": 2, "query": "哪两天？", "answer": ["1月2日", "1月3日"], "positive": ["1月2日和1月3日。", "甲队赢了。"],
+         "negative": ["天气晴。"]},
+    ]
+    p.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    ds = read_eval_set(p)
+    assert len(ds.passages) == 3                          # shared passages are written once
+    assert ds.questions[0].answer == (("甲队", "甲"),)
+    assert ds.questions[1].answer == (("1月2日",), ("1月3日",))
+    assert len(ds.questions[1].positives) == 2
+
+
+def test_reader_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q", "answer": [], "positive": ["x"]}\n', encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"bad.jsonl line 1: `answer` is empty"):
+        read_eval_set(bad)
+    with pytest.raises(DatasetError, match="not found"):
+        read_eval_set(tmp_path / "missing.json")
+
+
+def test_cmrc_trial_reads(cmrc_trial):
+    ds = read_eval_set(cmrc_trial)
+    assert len(ds.passages) == 256
+    assert len(ds.questions) + ds.skipped == 1002
+    q = next(q for q in ds.questions if q.id == "TRIAL_800_QUERY_1")
+    assert q.answer == (("4分钟",),) and q.positives == ("TRIAL_800",)
+    assert contains_answer(ds.passages["TRIAL_800"].text, q.answer)
