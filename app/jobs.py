@@ -1,0 +1,235 @@
+"""Background ingestion jobs for the page and the API: upload, re-ingest, rebuild, remove.
+
+One worker thread runs the jobs one after another: ingestion already uses every core and the knowledge base's
+writer lock would serialise writers anyway, while chat keeps answering from the last committed generation.
+Each job has an id; the page polls `JobManager.get(id)` for live progress and per-file results.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from configs import Settings
+
+from .uploads import Rejected, UploadLimits, store_uploads
+
+log = logging.getLogger(__name__)
+
+JobState = Literal["queued", "running", "done", "failed"]
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """One row of a job's result table."""
+
+    name: str
+    status: str          # ok | unchanged | renamed | duplicate | empty | failed | removed | rejected
+    chunks: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A snapshot of a job; the manager keeps the live copy and hands out snapshots."""
+
+    id: str
+    kind: str            # upload | reingest | rebuild | remove
+    kb_name: str
+    state: JobState = "queued"
+    message: str = "排队中…"
+    done: int = 0
+    total: int = 0
+    files: tuple[FileResult, ...] = ()
+    error: str = ""
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("queued", "running")
+
+    @property
+    def failed_count(self) -> int:
+        return sum(f.status in ("failed", "rejected") for f in self.files)
+
+
+class JobError(Exception):
+    """A job could not run; the message is a sentence for the page."""
+
+
+def _event_text(event: Any) -> tuple[str, int | None, int | None]:
+    """(message, done, total) from an ingest ProgressEvent, read by attribute so the page survives new fields."""
+    get = (lambda k: event.get(k)) if isinstance(event, dict) else (lambda k: getattr(event, k, None))
+    phase, path = get("phase"), get("path") or get("file")
+    done, total = get("done"), get("total")
+    message = get("message") or " ".join(str(p) for p in (phase, Path(str(path)).name if path else None) if p)
+    return message or "处理中…", done if isinstance(done, int) else None, total if isinstance(total, int) else None
+
+
+def report_rows(report: Any, names: dict[str, str] | None = None) -> list[FileResult]:
+    """FileResult rows from an ingest IngestReport; `names` maps stored paths back to the names people uploaded."""
+    names = names or {}
+    rows = []
+    for f in getattr(report, "files", []) or []:
+        path = str(getattr(f, "path", ""))
+        reason = getattr(f, "reason", "") or ""
+        dup = getattr(f, "duplicate_of", None)
+        if dup and not reason:
+            reason = f"与「{Path(str(dup)).name}」内容相同"
+        rows.append(FileResult(names.get(path, Path(path).name), str(getattr(f, "status", "")),
+                               int(getattr(f, "chunks", 0) or 0), reason))
+    return rows
+
+
+class JobManager:
+    """Runs ingestion work in one background thread and keeps the last `keep` jobs for the page to show."""
+
+    def __init__(self, settings: Settings, keep: int = 50) -> None:
+        self.settings = settings
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._keep = keep
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zhiwen-ingest")
+
+    # --- public: what the handlers call ----------------------------------------------------------
+    def upload(self, kb_name: str, files: Iterable[tuple[Path, str]]) -> Job:
+        """Store uploaded (temp path, original name) pairs in the KB's sources/ and ingest them, in the background."""
+        files = [(Path(p), n) for p, n in files]
+        if not files:
+            raise JobError("没有选择文件：请先选择要上传的文件或 zip 压缩包。")
+        return self._submit("upload", kb_name, lambda job_id: self._run_upload(job_id, kb_name, files))
+
+    def reingest(self, kb_name: str, paths: list[str]) -> Job:
+        """Ingest these manifest paths again (e.g. after a failure was fixed)."""
+        if not paths:
+            raise JobError("没有选择文件：请在文件表中先选择要重新导入的文件。")
+        return self._submit("reingest", kb_name, lambda job_id: self._run_ingest_files(job_id, kb_name, [Path(p) for p in paths], {}))
+
+    def rebuild(self, kb_name: str) -> Job:
+        """Re-parse and re-embed every file of the knowledge base into a fresh generation."""
+        return self._submit("rebuild", kb_name, lambda job_id: self._run_rebuild(job_id, kb_name))
+
+    def remove(self, kb_name: str, paths: list[str]) -> Job:
+        """Delete files from the knowledge base: their chunks are never retrieved again."""
+        if not paths:
+            raise JobError("没有选择文件：请在文件表中先选择要删除的文件。")
+        return self._submit("remove", kb_name, lambda job_id: self._run_remove(job_id, kb_name, paths))
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            if job_id not in self._jobs:
+                raise JobError(f"任务 {job_id} 不存在（服务重启后旧任务不再保留）。")
+            return self._jobs[job_id]
+
+    def recent(self, kb_name: str | None = None) -> list[Job]:
+        with self._lock:
+            jobs = [j for j in self._jobs.values() if kb_name is None or j.kb_name == kb_name]
+        return sorted(jobs, key=lambda j: j.created, reverse=True)
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Block until the job finishes (tests, the start script); returns its final snapshot."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (job := self.get(job_id)).active:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.state} after {timeout} s")
+            time.sleep(0.1)
+        return job
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- machinery -------------------------------------------------------------------------------
+    def _update(self, job_id: str, **changes: Any) -> None:
+        with self._lock:
+            self._jobs[job_id] = replace(self._jobs[job_id], **changes)
+
+    def _submit(self, kind: str, kb_name: str, work: Callable[[str], None]) -> Job:
+        job = Job(id=uuid.uuid4().hex[:12], kind=kind, kb_name=kb_name)
+        with self._lock:
+            self._jobs[job.id] = job
+            # forget the oldest finished jobs so a long-running server does not grow without bound
+            finished = sorted((j for j in self._jobs.values() if not j.active), key=lambda j: j.created)
+            for old in finished[: max(0, len(self._jobs) - self._keep)]:
+                del self._jobs[old.id]
+        self._pool.submit(self._run, job.id, work)
+        return job
+
+    def _run(self, job_id: str, work: Callable[[str], None]) -> None:
+        self._update(job_id, state="running", message="开始处理…")
+        try:
+            work(job_id)
+        except Exception as e:  # any failure becomes a sentence on the page; the traceback goes to the log
+            log.exception("ingestion job %s failed", job_id)
+            reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+            self._update(job_id, state="failed", error=f"任务失败：{reason}", message="任务失败", finished=time.time())
+        else:
+            self._update(job_id, state="done", finished=time.time())
+
+    def _progress(self, job_id: str) -> Callable[[Any], None]:
+        def on_progress(event: Any) -> None:
+            message, done, total = _event_text(event)
+            changes: dict[str, Any] = {"message": message}
+            if done is not None:
+                changes["done"] = done
+            if total is not None:
+                changes["total"] = total
+            self._update(job_id, **changes)
+        return on_progress
+
+    def _limits(self) -> UploadLimits:
+        from ingest.loaders import SUPPORTED_EXTENSIONS  # the loaders decide what can be read
+
+        a = self.settings.app
+        mb = 2**20
+        return UploadLimits(
+            allowed_extensions=frozenset(e.lower() for e in SUPPORTED_EXTENSIONS),
+            max_file_bytes=int(min(a.max_upload_mb, self.settings.ingest.max_file_mb) * mb),
+            max_unzipped_bytes=int(a.max_unzipped_mb * mb),
+            max_zip_entries=a.max_zip_entries,
+            max_zip_ratio=a.max_zip_ratio,
+        )
+
+    def _finish(self, job_id: str, report: Any, names: dict[str, str], rejected: list[Rejected] = ()) -> None:
+        rows = report_rows(report, names) + [FileResult(r.name, "rejected", 0, r.reason) for r in rejected]
+        bad = sum(r.status in ("failed", "rejected") for r in rows)
+        summary = f"完成：{len(rows)} 个文件" + (f"，其中 {bad} 个未能导入（原因见下表）" if bad else "")
+        self._update(job_id, files=tuple(rows), message=summary, done=len(rows), total=len(rows))
+
+    def _run_upload(self, job_id: str, kb_name: str, files: list[tuple[Path, str]]) -> None:
+        from retrieval.store import KnowledgeBase
+
+        self._update(job_id, message=f"保存 {len(files)} 个上传文件…")
+        sources = KnowledgeBase.sources_dir_for(kb_name, self.settings)
+        stored = store_uploads(files, sources, self._limits())
+        names = {str(p): p.name for p in stored.saved}
+        self._run_ingest_files(job_id, kb_name, stored.saved, names, stored.rejected)
+
+    def _run_ingest_files(self, job_id: str, kb_name: str, paths: list[Path], names: dict[str, str],
+                          rejected: list[Rejected] = ()) -> None:
+        from ingest import ingest_files
+
+        if not paths:
+            self._finish(job_id, None, names, rejected)
+            return
+        self._update(job_id, message=f"导入 {len(paths)} 个文件…", total=len(paths))
+        report = ingest_files(paths, kb_name, self.settings, on_progress=self._progress(job_id))
+        self._finish(job_id, report, names, rejected)
+
+    def _run_rebuild(self, job_id: str, kb_name: str) -> None:
+        from ingest import rebuild
+
+        report = rebuild(kb_name, self.settings, on_progress=self._progress(job_id))
+        self._finish(job_id, report, {})
+
+    def _run_remove(self, job_id: str, kb_name: str, paths: list[str]) -> None:
+        from ingest import remove_files
+
+        report = remove_files(kb_name, paths, self.settings)
+        self._finish(job_id, report, {})
