@@ -51,6 +51,7 @@ class IngestSettings(_Section):
     workers: int = Field(0, ge=0, description="Parser processes; 0 = CPU cores.")
     ocr: bool = True
     ocr_min_chars: int = Field(10, ge=0)
+    ocr_max_pages: int = Field(50, ge=0, description="Pages/images OCRed per file at most; bounds OCR time.")
     max_file_mb: float = Field(200, gt=0)
     commit_every_s: float = Field(60, gt=0)
 
