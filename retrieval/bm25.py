@@ -1,0 +1,79 @@
+"""BM25 over jieba tokens (bm25s does the scoring); the per-generation cache of these indexes is in retriever.py.
+
+Chinese has no spaces, so text is cut with jieba's search mode (long words and their sub-words, e.g.
+中华人民共和国 → 中华 / 人民 / 共和国 / 中华人民共和国), so a question that writes a shorter or longer form of a
+name still matches. Punctuation, whitespace and common function words (bm25s' Chinese stopword list plus question
+words such as 什么 / 哪里) carry no topic and are dropped: they would otherwise make every chunk "match" a question.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+
+import bm25s
+import jieba
+import numpy as np
+from bm25s.stopwords import STOPWORDS_CHINESE, STOPWORDS_EN
+
+from retrieval.types import Chunk
+
+jieba.setLogLevel(logging.WARNING)  # jieba prints its dictionary loading to stderr otherwise
+
+# Question words and particles that the bm25s list lacks; they appear in questions, not in the answers' passages.
+_EXTRA_STOPWORDS = frozenset(
+    "哪 哪里 哪儿 哪些 哪个 哪位 哪年 谁 几 多少 怎么 怎样 如何 为何 是否 吗 呢 吧 啊 呀 的 地 得 了 着 过 是 在 有 和 与 及 或".split()
+)
+STOPWORDS: frozenset[str] = frozenset(STOPWORDS_CHINESE) | frozenset(STOPWORDS_EN) | _EXTRA_STOPWORDS
+
+# A token worth indexing has at least one letter, digit or CJK character (drops punctuation and spaces).
+_WORDLIKE = re.compile(r"[\w\u3400-\u9fff]")
+
+
+def tokenize(text: str) -> list[str]:
+    """jieba search-mode tokens, lower-cased, without punctuation, whitespace or stopwords.
+
+    >>> tokenize("中华人民共和国成立于1949年。")
+    ['中华', '华人', '人民', '共和', '共和国', '中华人民共和国', '成立', '1949', '年']
+    """
+    out = []
+    for tok in jieba.cut_for_search(text):
+        tok = tok.strip().lower()
+        if tok and _WORDLIKE.search(tok) and tok not in STOPWORDS:
+            out.append(tok)
+    return out
+
+
+class BM25Index:
+    """A BM25 index over the chunks' embedding text (heading path + text); row i is chunks[i]."""
+
+    # Never produced by `tokenize`: stands in for a chunk with no indexable token so bm25s keeps row numbers aligned.
+    _EMPTY = "\x00"
+
+    def __init__(self, chunks: Sequence[Chunk], *, k1: float = 1.2, b: float = 0.75) -> None:
+        self.size = len(chunks)
+        self._bm25: bm25s.BM25 | None = None
+        if not chunks:
+            return
+        corpus = [tokenize(c.embedding_text()) or [self._EMPTY] for c in chunks]
+        self._bm25 = bm25s.BM25(k1=k1, b=b, method="lucene")
+        self._bm25.index(corpus, show_progress=False)
+
+    def scores(self, query: str) -> np.ndarray:
+        """BM25 score of every row for `query` (zeros when no query token occurs in the corpus)."""
+        if self._bm25 is None:
+            return np.zeros(0, dtype=np.float32)
+        ids = self._bm25.get_tokens_ids(tokenize(query))
+        if not ids:
+            return np.zeros(self.size, dtype=np.float32)
+        return np.asarray(self._bm25.get_scores_from_ids(ids), dtype=np.float32)
+
+    def search(self, query: str, k: int) -> list[tuple[int, float]]:
+        """The best `k` rows with a positive score, best first, as (row, score)."""
+        s = self.scores(query)
+        if k <= 0 or not s.size:
+            return []
+        k = min(k, s.size)
+        top = np.argpartition(-s, k - 1)[:k]
+        top = top[np.argsort(-s[top], kind="stable")]
+        return [(int(i), float(s[i])) for i in top if s[i] > 0]
