@@ -1,0 +1,235 @@
+"""A local model folder run through transformers: GPU 4-bit/8-bit (bitsandbytes) or 16-bit, CPU bf16/fp32.
+
+GLM models load through transformers' own classes (GlmForCausalLM for glm-4-9b-chat-hf / glm-edge,
+Glm4ForCausalLM for GLM-4-0414) via AutoModelForCausalLM, like any other causal LM (the Qwen demo models).
+Original chatglm3-6b folders carry their own modeling code and need llm.trust_remote_code: true.
+Nothing is ever downloaded: HF_HUB_OFFLINE=1 and local_files_only=True on every from_pretrained.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from llm.loader import (BackendUnavailableError, ChatModel, ChatTemplateMissingError, ContextTooLongError,
+                        GenerationParams, InsufficientMemoryError, LLMError, ModelInfo, RemoteCodeRequiredError,
+                        normalize_messages, resolve_model_folder)
+from llm.planner import MemoryPlan, plan_memory
+from llm.streaming import stream_generate
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _offline() -> None:
+    # Loading must never reach a model hub, even when a folder's config names a hub repo.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def read_config_json(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LLMError(f"model folder {folder} has no config.json: point llm.model at a Hugging Face model folder "
+                       f"(config.json, tokenizer files and *.safetensors)") from None
+    except json.JSONDecodeError as e:
+        raise LLMError(f"{path} is not valid JSON ({e}); the model folder looks damaged, copy it again") from None
+
+
+def needs_remote_code(raw_config: dict[str, Any]) -> bool:
+    """Original ChatGLM folders: model_type 'chatglm' or an auto_map pointing at modeling files in the folder."""
+    return raw_config.get("model_type") == "chatglm" or bool(raw_config.get("auto_map"))
+
+
+def check_remote_code(raw_config: dict[str, Any], folder: Path, trust_remote_code: bool) -> None:
+    if needs_remote_code(raw_config) and not trust_remote_code:
+        raise RemoteCodeRequiredError(
+            f"model folder {folder} ships its own modeling code (config.json has "
+            f"model_type={raw_config.get('model_type')!r} / auto_map), as original chatglm3-6b folders do. "
+            f"If you trust the Python files in that folder, set llm.trust_remote_code: true in your config file "
+            f"(or ZHIWEN_LLM__TRUST_REMOTE_CODE=true); or use a transformers-native GLM folder such as "
+            f"glm-4-9b-chat-hf, which needs no remote code."
+        )
+
+
+def pick_device(requested: str) -> str:
+    if requested == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if requested == "cuda":
+        raise LLMError("llm.device is 'cuda' but PyTorch sees no CUDA GPU here; set llm.device: auto or cpu "
+                       "(or install a CUDA build of torch and the NVIDIA driver)")
+    return "cpu"
+
+
+def pick_dtype(requested: str, device: str) -> torch.dtype:
+    if requested != "auto":
+        return _DTYPES[requested]
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # CPUs without any SIMD level gain nothing from bf16; everything x86-64 with AVX2/AVX-512 (or Arm NEON) runs it.
+    return torch.float32 if torch.backends.cpu.get_cpu_capability() == "DEFAULT" else torch.bfloat16
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:
+    """BitsAndBytesConfig for nf4/int8 (bitsandbytes imported here: an optional package with an install hint)."""
+    if quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise BackendUnavailableError(
+            f"llm.quantization is {quantization!r} but the bitsandbytes package is not installed; run "
+            f"`pip install bitsandbytes==0.50.2` (needs an NVIDIA GPU), or set llm.quantization: none"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def free_memory_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+class TransformersChatModel(ChatModel):
+    """A loaded model + tokenizer. Thread-safe for concurrent stream() calls (each has its own stop event)."""
+
+    def __init__(self, model: Any, tokenizer: Any, info: ModelInfo, default_params: GenerationParams,
+                 plan: MemoryPlan | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.default_params = default_params
+        self.plan = plan
+
+    # -- prompt side --
+    def encode_messages(self, messages: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Token ids of the chat, rendered by the tokenizer's own chat template, ready for generation.
+
+        Control tokens that appear inside messages (a document containing "<|user|>", say) are encoded as plain
+        text, so retrieved text cannot forge a turn of the conversation.
+        """
+        msgs = normalize_messages(messages)
+        kwargs = dict(add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        try:
+            enc = self.tokenizer.apply_chat_template(msgs, sanitize_control_tokens=True, **kwargs)
+        except (TypeError, ValueError, NotImplementedError):
+            enc = self.tokenizer.apply_chat_template(msgs, **kwargs)   # remote-code tokenizers without the option
+        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    def render_prompt(self, messages: Sequence[Any]) -> str:
+        """The exact prompt text the model sees (for logs and tests)."""
+        return self.tokenizer.decode(self.encode_messages(messages)["input_ids"][0])
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def count_prompt_tokens(self, messages: Sequence[Any]) -> int:
+        return int(self.encode_messages(messages)["input_ids"].shape[1])
+
+    # -- generation --
+    def generation_config(self, params: GenerationParams, max_new_tokens: int) -> Any:
+        cfg = copy.deepcopy(self.model.generation_config)
+        cfg.max_new_tokens = max_new_tokens
+        cfg.repetition_penalty = params.repetition_penalty
+        if params.temperature > 0:
+            cfg.do_sample, cfg.temperature, cfg.top_p = True, params.temperature, params.top_p
+        else:  # greedy: clear the sampling knobs so transformers does not warn about unused values
+            cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k = False, None, None, None
+        if cfg.pad_token_id is None:
+            cfg.pad_token_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
+        return cfg
+
+    def stream(self, messages: Sequence[Any], params: GenerationParams | None = None,
+               stop_event: threading.Event | None = None) -> Iterator[str]:
+        params = params or self.default_params
+        inputs = self.encode_messages(messages)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        room = self.info.max_context_tokens - prompt_tokens
+        if room <= 0:
+            raise ContextTooLongError(
+                f"the prompt has {prompt_tokens} tokens, which fills llm.max_context_tokens="
+                f"{self.info.max_context_tokens}; lower prompt.context_tokens or prompt.history_turns, or raise "
+                f"llm.max_context_tokens")
+        device = self.model.device
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        cfg = self.generation_config(params, min(params.max_new_tokens, room))
+        return stream_generate(self.model.generate, self.tokenizer, inputs, {"generation_config": cfg}, stop_event)
+
+
+def load_transformers_model(settings: Any) -> TransformersChatModel:
+    """Resolve the folder (demo fallback), check remote code, plan memory, then load model and tokenizer."""
+    _offline()
+    llm = settings.llm
+    folder, is_demo, notice = resolve_model_folder(settings)
+    raw = read_config_json(folder)
+    check_remote_code(raw, folder, llm.trust_remote_code)
+    notes: list[str] = [notice] if notice else []
+
+    device = pick_device(llm.device)
+    dtype = pick_dtype(llm.dtype, device)
+    quant = llm.quantization if device == "cuda" else "none"
+    if device == "cpu" and llm.quantization != "none":
+        notes.append(f"llm.quantization={llm.quantization!r} is ignored on CPU (bitsandbytes 4/8-bit needs an "
+                     f"NVIDIA GPU); running {str(dtype).removeprefix('torch.')} weights instead. / "
+                     f"CPU 模式不量化，使用 {str(dtype).removeprefix('torch.')} 权重。")
+    for n in notes:
+        log.warning(n)
+
+    trust = llm.trust_remote_code
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None)
+    context = min(llm.max_context_tokens, max_pos) if max_pos else llm.max_context_tokens
+
+    plan = plan_memory(config, device, quant, context, free_memory_bytes(device), dtype_bytes=dtype.itemsize)
+    log.info("memory plan: %s", plan.summary())
+    if not plan.fits:
+        raise InsufficientMemoryError(f"model folder {folder}: {plan.advice}")
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateMissingError(
+            f"the tokenizer in {folder} has no chat template (neither chat_template.jinja nor a 'chat_template' key "
+            f"in tokenizer_config.json), so chat messages cannot be formatted for this model; use the model's "
+            f"chat/instruct version, or add its chat template to that folder")
+
+    qconfig = quantization_config(quant, dtype) if device == "cuda" else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=trust, dtype=dtype, quantization_config=qconfig,
+            device_map={"": 0} if device == "cuda" else None,
+        )
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        raise InsufficientMemoryError(
+            f"the GPU ran out of memory while loading {folder} ({plan.summary()}); set llm.quantization: nf4, "
+            f"lower llm.max_context_tokens, free the GPU of other programs, or set llm.device: cpu") from None
+    except OSError as e:
+        raise LLMError(f"could not load the weights in {folder}: {e}. Check that the folder holds the model's "
+                       f"*.safetensors files (copy it again if a download was interrupted)") from None
+    model.eval()
+
+    info = ModelInfo(
+        name=folder.name, backend="transformers", device=device, quantization=quant,
+        dtype=str(dtype).removeprefix("torch."), is_demo=is_demo, weights_path=str(folder),
+        max_context_tokens=context, notes=tuple(notes),
+    )
+    return TransformersChatModel(model, tokenizer, info, GenerationParams.from_settings(llm), plan)
