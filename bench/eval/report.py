@@ -1,0 +1,152 @@
+"""Turn an evaluation result (a plain dict, also saved as JSON) into Markdown and a hit@k plot.
+
+The result dict's shape (written by bench/evaluate.py, read here and by anyone comparing runs):
+  {"title", "command", "machine", "dataset": {...}, "models": {...}, "parse": {"by_format": {fmt: {...}}},
+   "configs": [{"name", "params": {...}, "retrieval": {"n", "strict": {"hit@1", ..., "mrr@10"},
+                "loose": {...}, "latency_ms": {"p50", "p95"}}, "answers": {...} | None}],
+   "questions": [...per-question rows...]}
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+HIT_KS: tuple[int, ...] = (1, 3, 5, 10)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def write_json(result: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(result: dict[str, Any], plot_name: str | None = None) -> str:
+    """The report a person reads: what was run, on what, and the numbers side by side."""
+    ds, configs = result.get("dataset", {}), result.get("configs", [])
+    out = [f"# {result.get('title', 'Zhiwen evaluation')}", ""]
+    out += [f"Command: `{result.get('command', '')}`", "",
+            f"Machine: {result.get('machine', '')}", "",
+            f"Date: {result.get('date', '')}", ""]
+    models = result.get("models", {})
+    if models:
+        out += ["Models: " + ", ".join(f"{k} = `{v}`" for k, v in models.items()), ""]
+    out += ["## Data", "",
+            f"- source: `{ds.get('path', '')}` ({ds.get('passages', '–')} passages, {ds.get('questions', '–')} questions"
+            f", {ds.get('skipped', 0)} records skipped)",
+            f"- knowledge base: {ds.get('kb_passages', '–')} passages written as files; {ds.get('held_out', '–')} gold"
+            f" passages left out → {ds.get('unanswerable', '–')} unanswerable of {ds.get('split_questions', '–')} questions"
+            f" (share {ds.get('unanswerable_share', '–')})",
+            f"- evaluated: {ds.get('sampled', '–')} questions for retrieval (seed {ds.get('seed', '–')}),"
+            f" {ds.get('answer_sampled', '–')} of them through the LLM", ""]
+
+    parse = result.get("parse", {}).get("by_format", {})
+    if parse:
+        out += ["## Parsing: do gold answers survive?", "",
+                "Each passage is written as a real file and read back by the product's loader (`parse`) and "
+                "split into the knowledge base's chunks (`chunks`); a survived answer is found verbatim "
+                "(whitespace and character widths ignored).", ""]
+        rows = [[fmt, d["files"], d["failed"], d["answers"], d["survived_parse"], d["survived_chunks"]]
+                for fmt, d in parse.items()]
+        out += [_table(["format", "files", "failed to ingest", "answers", "in parsed text", "in a chunk"], rows), ""]
+
+    out += ["## Retrieval", "",
+            "strict: the result is a chunk (or merged hit) of a gold passage *and* contains a gold answer. "
+            "loose: the result contains a gold answer, whatever file it came from. Answerable questions only; "
+            "the searcher is asked for 10 results with the configuration's mode and fusion, threshold ignored "
+            "(ranking quality), latency is one `search` call (query embedding included).", ""]
+    head = ["config", "n"] + [f"hit@{k}" for k in HIT_KS] + ["MRR@10"] + [f"loose hit@{k}" for k in HIT_KS] + \
+           ["loose MRR@10", "p50 ms", "p95 ms"]
+    rows = []
+    for c in configs:
+        r = c.get("retrieval") or {}
+        s, lo, lat = r.get("strict", {}), r.get("loose", {}), r.get("latency_ms", {})
+        rows.append([c["name"], r.get("n")] + [s.get(f"hit@{k}") for k in HIT_KS] + [s.get("mrr@10")] +
+                    [lo.get(f"hit@{k}") for k in HIT_KS] + [lo.get("mrr@10"), lat.get("p50"), lat.get("p95")])
+    out += [_table(head, rows), ""]
+    if plot_name:
+        out += [f"![hit@k per configuration]({plot_name})", ""]
+
+    out += ["## Configurations", ""]
+    keys = sorted({k for c in configs for k in c.get("params", {})})
+    out += [_table(["config"] + keys, [[c["name"]] + [c["params"].get(k) for k in keys] for c in configs]), ""]
+
+    ans = [c for c in configs if c.get("answers")]
+    if ans:
+        out += ["## Answers (real QA service)", "",
+                "EM / F1: CMRC 2018 normalisation (punctuation and spaces removed, best over the references), "
+                "character F1. contains: every part of the reference appears in the answer. refusal: the service "
+                "refused (no evidence above the threshold, or the model said 「无法回答」). TTFT and tokens/s are "
+                "measured around the service's token stream.", ""]
+        head = ["config", "answerable", "EM", "F1", "contains", "false refusal", "unanswerable", "refusal rate",
+                "TTFT p50 s", "TTFT p95 s", "tokens/s", "retrieval p50 ms"]
+        rows = []
+        for c in ans:
+            a = c["answers"]
+            rows.append([c["name"], a.get("n_answerable"), a.get("em"), a.get("f1"), a.get("contains"),
+                         a.get("false_refusal_rate"), a.get("n_unanswerable"), a.get("refusal_rate"),
+                         a.get("ttft_s_p50"), a.get("ttft_s_p95"), a.get("tokens_per_s"), a.get("retrieval_ms_p50")])
+        out += [_table(head, rows), ""]
+        examples = [q for q in result.get("questions", []) if q.get("prediction") is not None][:8]
+        if examples:
+            out += ["### Sample answers (first configuration with answers)", ""]
+            out += [_table(["question", "reference", "answer", "F1", "refused"],
+                           [[q["query"], " / ".join(q["references"]), q["prediction"].replace("\n", " ")[:120],
+                             q.get("f1"), q.get("refused")] for q in examples]), ""]
+    notes = result.get("notes", [])
+    if notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(out)
+
+
+def plot_hit_at_k(result: dict[str, Any], path: Path) -> Path:
+    """One line per configuration: strict hit@k (solid) and loose hit@k (dashed) for k in HIT_KS."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for i, c in enumerate(result.get("configs", [])):
+        r = c.get("retrieval") or {}
+        if not r.get("n"):
+            continue
+        color = f"C{i % 10}"
+        ax.plot(HIT_KS, [r["strict"][f"hit@{k}"] for k in HIT_KS], "o-", color=color, label=f"{c['name']} strict")
+        ax.plot(HIT_KS, [r["loose"][f"hit@{k}"] for k in HIT_KS], "x--", color=color, alpha=0.6,
+                label=f"{c['name']} loose")
+    ax.set_xticks(HIT_KS)
+    ax.set_xlabel("k")
+    ax.set_ylabel("hit@k")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(result.get("plot_title", "Retrieval hit@k per configuration"))
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(result: dict[str, Any], out_dir: Path, stem: str = "report") -> dict[str, Path]:
+    """Write <stem>.json, <stem>.md and <stem>_hit_at_k.png into out_dir; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = plot_hit_at_k(result, out_dir / f"{stem}_hit_at_k.png")
+    md = out_dir / f"{stem}.md"
+    md.write_text(render_markdown(result, png.name), encoding="utf-8")
+    return {"json": write_json(result, out_dir / f"{stem}.json"), "md": md, "png": png}

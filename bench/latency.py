@@ -1,0 +1,164 @@
+"""Retrieval-only query latency (no LLM) at 10k and 100k chunks on CPU: FAISS + BM25 + fusion + merging.
+
+    .venv/bin/python -m bench.latency                       # sizes 10000 and 100000, 200 queries each
+    .venv/bin/python -m bench.latency --sizes 10000 --queries 100
+
+How the large knowledge bases are built (embedding 100k chunks with e5-small on 2 cores would take ~2 hours):
+  1. The CMRC 2018 trial passages are cut by the product's splitter (250/50 characters) and embedded once with
+     the product's Embedder — a few hundred real chunks (cached under artifacts/bench/).
+  2. Replica r > 0 of each chunk gets a perturbed copy: 10% of its characters are replaced by characters drawn
+     from the corpus (so BM25 sees new token statistics, not exact duplicates), and its vector gets Gaussian
+     noise (σ = 0.025 per dimension, cosine ≈ 0.9 to the original — below the searcher's 0.95 de-duplication
+     threshold) and is re-normalised. Replicas are new files (own source and sha256), so neighbour merging and
+     de-duplication work as on real data. Replicas are added until the target size is reached.
+  3. Queries are the CMRC trial questions. Each is timed through HybridSearcher.search_chunks — the same code
+     KnowledgeBase search runs — with the store's index type (faiss.IndexFlatIP, exact search).
+
+Printed per size: build time of the BM25 index; p50/p95/mean of
+  search-full    search_chunks incl. encoding the question with the Embedder (what a user waits for)
+  search-cached  the same with the question's vector pre-computed (FAISS + BM25 + fusion + merge/dedupe)
+  faiss-only     IndexFlatIP.search for fetch_k
+  bm25-only      BM25Index.search for fetch_k
+  embed-query    Embedder.encode_query
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import faiss
+import numpy as np
+import psutil
+
+from bench.corpus import cmrc_chunks
+from bench.eval.metrics import mean, percentile
+from configs import PROJECT_ROOT, load_settings
+from configs.settings import Settings
+from retrieval.types import Chunk
+
+CACHE_DIR = PROJECT_ROOT / "artifacts" / "bench"
+NOISE_SIGMA = 0.025
+CHAR_SWAP = 0.10
+
+
+def real_vectors(settings: Settings, chunks: list[Chunk]):
+    """(embedder, vectors of `chunks`) — vectors cached per model fingerprint and chunk texts."""
+    from retrieval.embeddings import Embedder
+
+    emb = Embedder.from_settings(settings)
+    emb.warm_up()
+    key = hashlib.sha256((emb.model_id + "\x00".join(c.embedding_text() for c in chunks)).encode()).hexdigest()[:16]
+    path = CACHE_DIR / f"cmrc-vectors-{key}.npy"
+    if path.is_file():
+        return emb, np.load(path)
+    t0 = time.perf_counter()
+    vecs = emb.encode_passages([c.embedding_text() for c in chunks])
+    print(f"embedded {len(chunks)} real chunks in {time.perf_counter() - t0:.1f} s (cached at {path})")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    np.save(path, vecs)
+    return emb, vecs
+
+
+def replicate(chunks: list[Chunk], vectors: np.ndarray, size: int, seed: int = 0) -> tuple[list[Chunk], np.ndarray]:
+    """Grow the real chunks to `size` with perturbed replicas (see the module doc)."""
+    rng = np.random.default_rng(seed)
+    alphabet = np.array(sorted({ch for c in chunks for ch in c.text if not ch.isspace()}))
+    out_chunks: list[Chunk] = []
+    out_vecs: list[np.ndarray] = []
+    r = 0
+    while len(out_chunks) < size:
+        take = min(len(chunks), size - len(out_chunks))
+        block = vectors[:take].copy()
+        for c in chunks[:take]:
+            text = c.text
+            if r:
+                chars = np.array(list(text))
+                idx = rng.random(len(chars)) < CHAR_SWAP
+                chars[idx] = rng.choice(alphabet, int(idx.sum()))
+                text = "".join(chars)
+            sha = hashlib.sha256(f"{r}:{c.sha256}".encode()).hexdigest()
+            out_chunks.append(replace(c, text=text, source=f"rep{r}/{c.source}", sha256=sha, id=len(out_chunks)))
+        if r:
+            block += rng.normal(0, NOISE_SIGMA, block.shape).astype(np.float32)
+            block /= np.linalg.norm(block, axis=1, keepdims=True)
+        out_vecs.append(block)
+        r += 1
+    return out_chunks, np.ascontiguousarray(np.vstack(out_vecs), dtype=np.float32)
+
+
+class _CachedQueries:
+    """An encoder that returns pre-computed question vectors: times the search without the embedding model."""
+
+    def __init__(self, vectors: dict[str, np.ndarray]) -> None:
+        self.vectors = vectors
+
+    def encode_query(self, text: str) -> np.ndarray:
+        return self.vectors[text]
+
+
+def _stats(ms: list[float]) -> str:
+    return f"p50 {percentile(ms, 50):7.2f} ms  p95 {percentile(ms, 95):7.2f} ms  mean {mean(ms):7.2f} ms"
+
+
+def _timed(fn, items, warmup: int = 3) -> list[float]:
+    for it in items[:warmup]:  # first calls pay one-off costs (jieba's dictionary, thread pools)
+        fn(it)
+    out = []
+    for it in items:
+        t0 = time.perf_counter()
+        fn(it)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from retrieval.retriever import HybridSearcher, prepare
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="knowledge-base sizes in chunks")
+    ap.add_argument("--queries", type=int, default=200, help="questions timed per size (default 200)")
+    ap.add_argument("--mode", default="hybrid", choices=["hybrid", "dense", "bm25"])
+    args = ap.parse_args(argv)
+
+    settings = load_settings()
+    s = settings.retrieval
+    real, questions = cmrc_chunks(settings)
+    questions = questions[: args.queries]
+    emb, real_vecs = real_vectors(settings, real)
+    qvecs = {q: np.asarray(emb.encode_query(q), dtype=np.float32) for q in questions}
+    print(f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} CPU threads, "
+          f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, faiss {faiss.__version__}")
+    print(f"real chunks: {len(real)} from CMRC trial ({settings.ingest.chunk_size}/{settings.ingest.chunk_overlap}); "
+          f"queries: {len(questions)}; mode {args.mode}, fusion {s.fusion}, fetch_k {s.fetch_k}, top_k {s.top_k}, "
+          f"merge_neighbors {s.merge_neighbors}")
+    print(f"embed-query      {_stats(_timed(emb.encode_query, questions))}")
+
+    for size in args.sizes:
+        chunks, vecs = replicate(real, real_vecs, size)
+        index = faiss.IndexFlatIP(vecs.shape[1])
+        index.add(vecs)
+        t0 = time.perf_counter()
+        prepared = prepare(chunks)
+        build_s = time.perf_counter() - t0
+        full = HybridSearcher(s, emb)
+        cached = HybridSearcher(s, _CachedQueries(qvecs))
+        kw = dict(prepared=prepared, mode=args.mode)
+        print(f"\n== {len(chunks):,} chunks (BM25 + neighbour map built in {build_s:.1f} s, "
+              f"RSS {psutil.Process().memory_info().rss / 2**30:.1f} GiB)")
+        print(f"search-full      {_stats(_timed(lambda q: full.search_chunks(q, chunks, index, **kw), questions))}")
+        print(f"search-cached    {_stats(_timed(lambda q: cached.search_chunks(q, chunks, index, **kw), questions))}")
+        print(f"faiss-only       {_stats(_timed(lambda q: index.search(qvecs[q][None, :], s.fetch_k), questions))}")
+        print(f"bm25-only        {_stats(_timed(lambda q: prepared.bm25.search(q, s.fetch_k), questions))}")
+        del chunks, vecs, index, prepared
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
