@@ -169,7 +169,8 @@ class HybridSearcher:
         if not chunks:
             return SearchResult(hits=[], evidence=False, low_relevance=[], best_dense=None)
         prepared = prepared or prepare(chunks)
-        fetch_k = max(fetch_k, k)
+        if mode != "hybrid":  # one retriever alone must supply all k; in hybrid the union of two lists does
+            fetch_k = max(fetch_k, k)
 
         query = self._encode(question, index) if self.embedder is not None else None
         dense = self._dense(query, index, fetch_k) if query is not None and mode != "bm25" else []
