@@ -214,3 +214,13 @@ def sample_questions(split: EvalSplit, limit: int | None, seed: int = 0) -> list
         return ans + una
     n_una = round(limit * len(una) / max(1, len(ans) + len(una)))
     return ans[: limit - n_una] + una[:n_una]
+
+
+def stratified_head(questions: list[Question], unanswerable_ids: set[str], n: int | None) -> list[Question]:
+    """The first `n` questions of a sampled list, keeping its share of unanswerable ones (for the slow LLM part)."""
+    if n is None or n >= len(questions):
+        return list(questions)
+    una = [q for q in questions if q.id in unanswerable_ids]
+    ans = [q for q in questions if q.id not in unanswerable_ids]
+    n_una = round(n * len(una) / max(1, len(questions)))
+    return ans[: n - n_una] + una[:n_una]

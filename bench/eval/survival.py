@@ -67,5 +67,5 @@ def survival_by_format(folder: Path, files: Mapping[str, tuple[str, str]], passa
             s["survived_chunks"] += in_chunk
             if not (in_parse and in_chunk) and len(s["lost"]) < 5:
                 s["lost"].append(f"{name}: {q.id} answer {q.answer[0][0]!r} "
-                                 f"{'missing from parsed text' if not in_parse else 'split across chunks'}")
+                                 f"{'missing from parsed text' if not in_parse else 'not inside any one chunk'}")
     return dict(sorted(stats.items()))

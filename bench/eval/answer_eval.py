@@ -1,0 +1,91 @@
+"""Answer quality and speed through the real QA service (app.service.QAService), one question at a time.
+
+Per question: the streamed answer, whether the service refused, time to first token (from the call to the
+first non-empty piece: retrieval + prompt + prefill), and decode speed (tokens after the first / time after
+the first). Summaries: EM, F1, contains on answerable questions; refusal rate on unanswerable ones; false
+refusals on answerable ones.
+
+A refusal is the service's own `.refused` flag (no evidence: the LLM was not called), or an answer that says
+it cannot answer from the known information (the template tells the model to say 「根据已知信息无法回答该问题」).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from bench.eval.datasets import Question
+from bench.eval.metrics import char_f1, contains_answer, exact_match, mean, percentile, references
+
+REFUSAL_MARKERS: tuple[str, ...] = ("无法回答", "不能回答", "无法根据已知信息", "没有提供相关信息", "没有相关信息",
+                                    "未提及", "没有提及")
+
+
+def looks_like_refusal(text: str) -> bool:
+    """looks_like_refusal("根据已知信息无法回答该问题。") -> True; a short answer like "4分钟" -> False."""
+    return any(m in text for m in REFUSAL_MARKERS)
+
+
+def timed_stream(pieces: Iterable[str], t0: float | None = None) -> tuple[str, float | None, float | None, int]:
+    """Consume a token stream: (text, seconds from t0 to the first piece, seconds first → last piece, pieces).
+    t0 defaults to now; pass the time of the call that created the stream so that eager work counts."""
+    t0 = time.perf_counter() if t0 is None else t0
+    first = last = None
+    parts: list[str] = []
+    for piece in pieces:
+        if not piece:
+            continue
+        now = time.perf_counter()
+        if first is None:
+            first = now
+        last = now
+        parts.append(piece)
+    ttft = None if first is None else first - t0
+    decode = None if first is None else last - first
+    return "".join(parts), ttft, decode, len(parts)
+
+
+def evaluate_answers(ask: Callable[[str], Any], questions: Sequence[Question], unanswerable_ids: set[str],
+                     count_tokens: Callable[[str], int] | None = None,
+                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """`ask(question)` returns the service's AnswerStream (iterable of text pieces, with `.refused`)."""
+    rows = []
+    for q in questions:
+        t0 = time.perf_counter()
+        stream = ask(q.query)
+        text, ttft, decode_s, pieces = timed_stream(stream, t0)
+        total = time.perf_counter() - t0
+        service_refused = bool(getattr(stream, "refused", False))
+        refused = service_refused or looks_like_refusal(text)
+        n_tokens = count_tokens(text) if (count_tokens and text) else pieces
+        rows.append({
+            "id": q.id, "query": q.query, "answerable": q.id not in unanswerable_ids,
+            "references": references(q.answer), "prediction": text, "refused": refused,
+            "service_refused": service_refused,
+            "em": exact_match(text, q.answer), "f1": char_f1(text, q.answer),
+            "contains": float(contains_answer(text, q.answer)),
+            "ttft_s": None if service_refused else ttft, "total_s": total, "tokens": n_tokens,
+            "decode_tokens_per_s": (n_tokens - 1) / decode_s if decode_s and n_tokens > 1 and not service_refused
+            else None,
+            "sources": [getattr(s, "source", str(s)) for s in (getattr(stream, "sources", None) or [])][:5],
+        })
+    return summarize_answers(rows), rows
+
+
+def summarize_answers(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    ans = [r for r in rows if r["answerable"]]
+    una = [r for r in rows if not r["answerable"]]
+    ttft = [r["ttft_s"] for r in rows if r["ttft_s"] is not None]
+    speed = [r["decode_tokens_per_s"] for r in rows if r["decode_tokens_per_s"] is not None]
+    return {
+        "n_answerable": len(ans), "n_unanswerable": len(una),
+        "em": mean([r["em"] for r in ans]), "f1": mean([r["f1"] for r in ans]),
+        "contains": mean([r["contains"] for r in ans]),
+        "false_refusal_rate": mean([float(r["refused"]) for r in ans]),
+        "refusal_rate": mean([float(r["refused"]) for r in una]),
+        # EM/F1 over answered questions only: answer quality when the model does answer
+        "f1_when_answered": mean([r["f1"] for r in ans if not r["refused"]]),
+        "ttft_s_p50": percentile(ttft, 50), "ttft_s_p95": percentile(ttft, 95),
+        "tokens_per_s": mean(speed),
+        "total_s_mean": mean([r["total_s"] for r in rows]),
+    }

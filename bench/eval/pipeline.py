@@ -1,0 +1,181 @@
+"""One evaluation run: data → files → the product's ingest → retrieval per configuration → answers → report.
+
+Nothing here re-implements the product: files are ingested with `ingest.ingest`, searched with
+`retrieval.retriever.HybridSearcher` over `retrieval.store.KnowledgeBase`, and answered by `app.service.QAService`.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.eval.answer_eval import evaluate_answers
+from bench.eval.configs import EvalConfig
+from bench.eval.datasets import read_eval_set, sample_questions, split_for_eval, stratified_head
+from bench.eval.report import write_report
+from bench.eval.retrieval_eval import evaluate_retrieval
+from bench.eval.survival import survival_by_format
+from bench.eval.writers import FORMATS, write_corpus
+from bench.machine import describe_machine
+
+
+@dataclass
+class RunOptions:
+    data: Path
+    configs: list[EvalConfig]
+    out_dir: Path
+    stem: str = "report"
+    limit: int | None = 200                 # questions for retrieval
+    answer_limit: int | None = 20           # of those, questions sent through the LLM (per answering config)
+    unanswerable_share: float = 0.2
+    max_passages: int | None = None
+    seed: int = 0
+    formats: tuple[str, ...] = FORMATS
+    work_dir: Path | None = None            # None: a temporary folder, removed afterwards
+    command: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _say(msg: str) -> None:
+    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def _ask_fn(service: Any, kb_name: str) -> Callable[[str], Any]:
+    """How the evaluation asks the service one question with no history."""
+    return lambda question: service.answer(question, kb_name, [])
+
+
+def run(opts: RunOptions) -> dict[str, Any]:
+    """Run the whole evaluation and write <stem>.json/.md/_hit_at_k.png into opts.out_dir; returns the result."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ingest import ingest
+    from retrieval.retriever import HybridSearcher
+    from retrieval.store import KnowledgeBase
+
+    ds = read_eval_set(opts.data)
+    split = split_for_eval(ds, unanswerable_share=opts.unanswerable_share, max_passages=opts.max_passages,
+                           seed=opts.seed)
+    una_ids = {q.id for q in split.unanswerable}
+    questions = sample_questions(split, opts.limit, seed=opts.seed)
+    answer_qs = stratified_head(questions, una_ids, opts.answer_limit)
+    _say(f"{ds.name}: {len(ds.passages)} passages, {len(ds.questions)} questions; knowledge base "
+         f"{len(split.kb_passages)} passages, {len(split.unanswerable)} unanswerable; evaluating {len(questions)} "
+         f"({len(answer_qs)} through the LLM)")
+
+    temp = opts.work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="zhiwen-eval-")) if temp else opts.work_dir
+    corpus = work / "corpus"
+    if corpus.exists():
+        shutil.rmtree(corpus)
+    result: dict[str, Any] = {
+        "title": f"Zhiwen evaluation — {ds.name}", "command": opts.command, "machine": describe_machine(),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "dataset": {"path": str(opts.data), "name": ds.name, "passages": len(ds.passages),
+                    "questions": len(ds.questions), "skipped": ds.skipped, "kb_passages": len(split.kb_passages),
+                    "held_out": len(split.held_out), "split_questions": len(split.questions),
+                    "unanswerable": len(split.unanswerable), "unanswerable_share": opts.unanswerable_share,
+                    "sampled": len(questions), "answer_sampled": len(answer_qs), "seed": opts.seed,
+                    "formats": list(opts.formats)},
+        "configs": [], "questions": [], "notes": list(opts.notes),
+    }
+    try:
+        t0 = time.perf_counter()
+        files = write_corpus(split.kb_passages, corpus, opts.formats)
+        passage_of_file = {name: pid for name, (pid, _) in files.items()}
+        _say(f"wrote {len(files)} files in {time.perf_counter() - t0:.1f} s to {corpus}")
+
+        kbs: dict[tuple, tuple[str, Any]] = {}          # ingest key → (kb name, opened KB)
+        embedders: dict[tuple, Any] = {}
+        per_question: dict[str, dict[str, Any]] = {q.id: {"id": q.id, "query": q.query, "answerable": q.id not in una_ids}
+                                                   for q in questions}
+        for cfg in opts.configs:
+            settings = cfg.settings(work / "kb")
+            key = cfg.ingest_key()
+            if key not in kbs:
+                kb_name = f"eval-{len(kbs)}"
+                _say(f"[{cfg.name}] ingesting {len(files)} files into {kb_name} "
+                     f"(chunk {settings.ingest.chunk_size}/{settings.ingest.chunk_overlap})")
+                t0 = time.perf_counter()
+                report = ingest(corpus, kb_name, settings, rebuild=True)
+                ingest_s = time.perf_counter() - t0
+                kb = KnowledgeBase.open(kb_name, settings)
+                failed = [Path(f.path).name for f in report.files if f.status == "failed"]
+                _say(f"[{cfg.name}] {len(kb.chunks)} chunks in {ingest_s:.1f} s; {len(failed)} files failed")
+                surv = survival_by_format(corpus, files, {p.id: p for p in split.kb_passages}, split.answerable,
+                                          kb.chunks, settings, failed=failed)
+                kbs[key] = (kb_name, kb, {"seconds": ingest_s, "chunks": len(kb.chunks), "failed": failed,
+                                          "survival": surv})
+                if "parse" not in result:
+                    result["parse"] = {"by_format": surv, "config": cfg.name}
+            kb_name, kb, ingest_info = kbs[key]
+
+            mode = settings.retrieval.mode
+            emb_key = tuple(sorted(settings.embedding.model_dump().items()))
+            embedder = None
+            if mode != "bm25":
+                if emb_key not in embedders:
+                    from retrieval.embeddings import Embedder
+
+                    embedders[emb_key] = Embedder.from_settings(settings)
+                embedder = embedders[emb_key]
+            searcher = HybridSearcher(settings.retrieval, embedder)
+            _say(f"[{cfg.name}] retrieval on {len(questions)} questions ({mode})")
+            r_summary, r_rows = evaluate_retrieval(searcher, kb, questions, una_ids, passage_of_file, mode=mode,
+                                                   threshold=settings.retrieval.score_threshold)
+            entry: dict[str, Any] = {"name": cfg.name, "params": cfg.params(settings), "kb": kb_name,
+                                     "ingest": {k: v for k, v in ingest_info.items() if k != "survival"},
+                                     "retrieval": r_summary, "answers": None}
+            for row in r_rows:
+                per_question[row["id"]].setdefault("retrieval", {})[cfg.name] = {
+                    k: row[k] for k in ("strict_rank", "loose_rank", "evidence", "best_dense", "top_sources")}
+            s = r_summary["strict"]
+            _say(f"[{cfg.name}] strict hit@1 {s['hit@1']:.3f} hit@5 {s['hit@5']:.3f} MRR@10 {s['mrr@10']:.3f}; "
+                 f"p50 {r_summary['latency_ms']['p50']:.1f} ms")
+
+            if cfg.answer and answer_qs:
+                entry["answers"] = _answers(cfg, settings, kb_name, answer_qs, una_ids, per_question,
+                                            first=not any(c.get("answers") for c in result["configs"]))
+            result["configs"].append(entry)
+        result["questions"] = list(per_question.values())
+        result["models"] = {"embedding": ", ".join(sorted({c["params"]["embedding"] for c in result["configs"]}))}
+        llms = {c["answers"]["llm"].get("name", "") for c in result["configs"] if c["answers"] and c["answers"].get("llm")}
+        if llms:
+            result["models"]["llm"] = ", ".join(sorted(llms))
+    finally:
+        if temp:
+            shutil.rmtree(work, ignore_errors=True)
+    paths = write_report(result, opts.out_dir, opts.stem)
+    _say("wrote " + ", ".join(str(p) for p in paths.values()))
+    return result
+
+
+def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_ids: set[str],
+             per_question: dict[str, dict[str, Any]], first: bool) -> dict[str, Any]:
+    from app.service import QAService
+
+    _say(f"[{cfg.name}] answering {len(answer_qs)} questions through QAService")
+    service = QAService(settings)
+    count = getattr(getattr(service, "llm", None), "count_tokens", None)
+    summary, rows = evaluate_answers(_ask_fn(service, kb_name), answer_qs, una_ids, count_tokens=count)
+    info = getattr(getattr(service, "llm", None), "info", None)
+    if info is not None:
+        summary["llm"] = {k: str(getattr(info, k)) for k in ("name", "device", "quantization", "is_demo")
+                          if hasattr(info, k)}
+    for row in rows:
+        pq = per_question[row["id"]]
+        pq.setdefault("answers", {})[cfg.name] = {k: row[k] for k in ("prediction", "refused", "em", "f1",
+                                                                      "contains", "ttft_s", "tokens")}
+        if first:   # the Markdown's sample table shows the first answering configuration
+            pq.update(references=row["references"], prediction=row["prediction"], f1=row["f1"],
+                      refused=row["refused"])
+    _say(f"[{cfg.name}] EM {summary['em']} F1 {summary['f1']} refusal {summary['refusal_rate']} "
+         f"false refusal {summary['false_refusal_rate']}")
+    del service
+    gc.collect()  # one LLM in memory at a time
+    return summary

@@ -1,0 +1,82 @@
+"""Built-in evaluation: build a knowledge base from a QA data set and measure retrieval and answers.
+
+    .venv/bin/python -m bench.evaluate                                   # CMRC 2018 trial, default configurations
+    .venv/bin/python -m bench.evaluate --data my.jsonl --limit 100 --answer-limit 10 \\
+        --config name=small,chunk_size=200,overlap=40 --config name=bm25,mode=bm25,answer=false
+    .venv/bin/python -m bench.evaluate --out docs/eval --stem cmrc2018-trial     # the committed report
+
+Data: SQuAD/CMRC JSON (.json) or JSONL (.jsonl: query, answer, positive, negative). See docs/benchmarks.md for
+the metrics' definitions. Only argument parsing lives here; the run is bench.eval.pipeline.run.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from bench.corpus import CMRC_TRIAL
+from bench.eval.configs import DEFAULT_CONFIGS, ConfigSpecError, load_config_file, parse_config
+from bench.eval.datasets import DatasetError
+from bench.eval.writers import FORMATS
+from configs import PROJECT_ROOT, SettingsError
+
+
+def _limit(v: str) -> int | None:
+    n = int(v)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = all), got {n}")
+    return None if n == 0 else n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.evaluate", description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=CMRC_TRIAL, help="SQuAD/CMRC .json or .jsonl (default: CMRC trial)")
+    ap.add_argument("--config", action="append", default=[], metavar="SPEC",
+                    help="a configuration, e.g. name=c250,chunk_size=250,overlap=50,mode=hybrid,k=5,threshold=0.8,"
+                         "answer=false (repeat for several; default: " + "; ".join(DEFAULT_CONFIGS) + ")")
+    ap.add_argument("--configs-file", type=Path, help="YAML list of configurations ({name, answer, section: {...}})")
+    ap.add_argument("--limit", type=_limit, default=200, help="questions for retrieval (0 = all; default 200)")
+    ap.add_argument("--answer-limit", type=_limit, default=20,
+                    help="questions sent through the LLM per answering configuration (0 = all; default 20)")
+    ap.add_argument("--unanswerable-share", type=float, default=0.2,
+                    help="share of questions made unanswerable by leaving their passages out (default 0.2)")
+    ap.add_argument("--max-passages", type=_limit, default=0, help="use at most this many passages (0 = all)")
+    ap.add_argument("--formats", default=",".join(FORMATS), help=f"file formats to rotate over (default {','.join(FORMATS)})")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "artifacts" / "eval", help="report folder")
+    ap.add_argument("--stem", default="report", help="report file names: <stem>.md, <stem>.json, <stem>_hit_at_k.png")
+    ap.add_argument("--work-dir", type=Path, help="keep the written files and knowledge bases here (default: temp)")
+    ap.add_argument("--note", action="append", default=[], help="a line for the report's Notes section")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.eval.pipeline import RunOptions, run
+
+    args = build_parser().parse_args(argv)
+    try:
+        configs = [parse_config(s) for s in args.config]
+        if args.configs_file:
+            configs += load_config_file(args.configs_file)
+        configs = configs or [parse_config(s) for s in DEFAULT_CONFIGS]
+        names = [c.name for c in configs]
+        if len(set(names)) != len(names):
+            raise ConfigSpecError(f"configuration names must be unique, got {names}")
+        formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown or not formats:
+            raise ConfigSpecError(f"--formats: unknown {unknown}; choose from {', '.join(FORMATS)}")
+        argv_text = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        run(RunOptions(data=args.data, configs=configs, out_dir=args.out, stem=args.stem, limit=args.limit,
+                       answer_limit=args.answer_limit, unanswerable_share=args.unanswerable_share,
+                       max_passages=args.max_passages, seed=args.seed, formats=formats, work_dir=args.work_dir,
+                       command=f".venv/bin/python -m bench.evaluate {argv_text}".strip(), notes=args.note))
+    except (ConfigSpecError, DatasetError, SettingsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
