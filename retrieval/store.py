@@ -106,6 +106,8 @@ class FileEntry:
     duplicate_of the path that owns the chunks, for status "duplicate"
     ingested_at  ISO time (UTC) the content was last processed
     root         absolute folder the file was ingested from (used by --prune and rename detection)
+    hashed_at    epoch seconds when sha256 was computed from the file with this size/mtime (see ingest's
+                 stat shortcut: a file modified within a second or two of hashing is always re-hashed)
     """
 
     path: str
@@ -119,6 +121,7 @@ class FileEntry:
     ingested_at: str = ""
     mtime_ns: int = 0
     root: str = ""
+    hashed_at: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -549,7 +552,14 @@ class KBWriter:
         return len(c.chunks) if c else 0
 
     def live_paths(self, sha256: str) -> list[str]:
-        return [p for p, e in self._files.items() if e.sha256 == sha256 and e.status in LIVE_STATUSES]
+        """Live paths holding this content, the current owner (status ok) first."""
+        live = [e for e in self._files.values() if e.sha256 == sha256 and e.status in LIVE_STATUSES]
+        return [e.path for e in sorted(live, key=lambda e: (e.status != "ok", e.ingested_at, e.path))]
+
+    @property
+    def live_generation(self) -> str | None:
+        """The generation CURRENT names now (the last one this writer committed, or the one it started from)."""
+        return self._live_gen
 
     # -- changes -------------------------------------------------------------------------------------------
     def set_spec(self, spec: IndexSpec, *, rebuild: bool = False) -> None:
