@@ -7,6 +7,7 @@ Each job has an id; the page polls `JobManager.get(id)` for live progress and pe
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -64,12 +65,18 @@ class JobError(Exception):
     """A job could not run; the message is a sentence for the page."""
 
 
+PHASES = {"scan": "扫描", "parse": "解析", "embed": "计算向量", "write": "写入索引", "done": "完成"}
+
+
 def _event_text(event: Any) -> tuple[str, int | None, int | None]:
-    """(message, done, total) from an ingest ProgressEvent, read by attribute so the page survives new fields."""
-    get = (lambda k: event.get(k)) if isinstance(event, dict) else (lambda k: getattr(event, k, None))
-    phase, path = get("phase"), get("path") or get("file")
-    done, total = get("done"), get("total")
-    message = get("message") or " ".join(str(p) for p in (phase, Path(str(path)).name if path else None) if p)
+    """(message, done, total) from an ingest.report.ProgressEvent (phase, files_done, files_total, current, ...)."""
+    phase = getattr(event, "phase", "")
+    current = getattr(event, "current", None)
+    done, total = getattr(event, "files_done", None), getattr(event, "files_total", None)
+    message = getattr(event, "message", "") or " ".join(
+        p for p in (PHASES.get(phase, phase), Path(current).name if current else "") if p)
+    if phase == "embed" and getattr(event, "chunks_done", 0):
+        message += f"（已计算 {event.chunks_done} 段）"
     return message or "处理中…", done if isinstance(done, int) else None, total if isinstance(total, int) else None
 
 
@@ -99,12 +106,14 @@ class JobManager:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zhiwen-ingest")
 
     # --- public: what the handlers call ----------------------------------------------------------
-    def upload(self, kb_name: str, files: Iterable[tuple[Path, str]]) -> Job:
-        """Store uploaded (temp path, original name) pairs in the KB's sources/ and ingest them, in the background."""
+    def upload(self, kb_name: str, files: Iterable[tuple[Path, str]], cleanup: Path | None = None) -> Job:
+        """Store uploaded (temp path, original name) pairs in the KB's sources/ and ingest them, in the background.
+
+        `cleanup`: a temporary folder to delete once the files are stored (API uploads)."""
         files = [(Path(p), n) for p, n in files]
         if not files:
             raise JobError("没有选择文件：请先选择要上传的文件或 zip 压缩包。")
-        return self._submit("upload", kb_name, lambda job_id: self._run_upload(job_id, kb_name, files))
+        return self._submit("upload", kb_name, lambda job_id: self._run_upload(job_id, kb_name, files, cleanup))
 
     def reingest(self, kb_name: str, paths: list[str]) -> Job:
         """Ingest these manifest paths again (e.g. after a failure was fixed)."""
@@ -202,12 +211,16 @@ class JobManager:
         summary = f"完成：{len(rows)} 个文件" + (f"，其中 {bad} 个未能导入（原因见下表）" if bad else "")
         self._update(job_id, files=tuple(rows), message=summary, done=len(rows), total=len(rows))
 
-    def _run_upload(self, job_id: str, kb_name: str, files: list[tuple[Path, str]]) -> None:
+    def _run_upload(self, job_id: str, kb_name: str, files: list[tuple[Path, str]], cleanup: Path | None) -> None:
         from retrieval.store import KnowledgeBase
 
         self._update(job_id, message=f"保存 {len(files)} 个上传文件…")
-        sources = KnowledgeBase.sources_dir_for(kb_name, self.settings)
-        stored = store_uploads(files, sources, self._limits())
+        try:
+            sources = KnowledgeBase.open(kb_name, self.settings).sources_dir
+            stored = store_uploads(files, sources, self._limits())
+        finally:
+            if cleanup is not None:
+                shutil.rmtree(cleanup, ignore_errors=True)
         names = {str(p): p.name for p in stored.saved}
         self._run_ingest_files(job_id, kb_name, stored.saved, names, stored.rejected)
 

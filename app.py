@@ -1,0 +1,28 @@
+"""Start the Zhiwen web page and HTTP API: `python app.py` (host, port, root path and login from the settings).
+
+    python app.py                       # settings from configs/default.yaml (+ ZHIWEN_PROFILE / ZHIWEN_CONFIG / env)
+    python app.py --port 8080 --host 0.0.0.0
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python app.py", description="知问 Zhiwen: the intranet page and API.")
+    parser.add_argument("--host", help="listen address (default: app.host)")
+    parser.add_argument("--port", type=int, help="port (default: app.port)")
+    parser.add_argument("--config", help="a YAML file merged over configs/default.yaml")
+    parser.add_argument("--no-warm-up", action="store_true", help="load the models on the first question instead")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from app.server import run
+
+    return run(config=args.config, host=args.host, port=args.port, warm_up=not args.no_warm_up)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""HTTP API next to the page, for other intranet systems and the concurrency bench.
+
+    GET  /api/health                 service state, model, device
+    GET  /api/kbs                    knowledge bases with file and chunk counts
+    POST /api/ask                    {"question", "kb", "history"?: [[q, a], ...], "top_k"?, "threshold"?,
+                                      "temperature"?, "max_new_tokens"?}  -> NDJSON stream:
+                                     {"type":"token","text":...}* then {"type":"done","answer","refused","sources",...}
+    POST /api/search                 {"question", "kb", "top_k"?, "threshold"?} -> hits
+    POST /api/kbs/{kb}/files         multipart "files" -> {"job_id"}  (background ingestion, as on the page)
+    GET  /api/jobs/{job_id}          progress and per-file results
+
+When login is on, every route needs HTTP Basic credentials of an app.users entry (the same check as the page).
+Errors are JSON {"error": sentence} with a fitting status code.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, File, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from pydantic import BaseModel, Field
+
+from retrieval.types import Hit
+
+from . import library
+from .context import AppContext
+from .jobs import JobError
+from .web import friendly_error
+
+log = logging.getLogger(__name__)
+
+
+class AskRequest(BaseModel):
+    question: str = Field(min_length=1)
+    kb: str
+    history: list[tuple[str, str]] = []
+    top_k: int | None = Field(None, gt=0)
+    threshold: float | None = Field(None, ge=-1, le=1)
+    temperature: float | None = Field(None, ge=0)
+    max_new_tokens: int | None = Field(None, gt=0)
+
+
+class SearchRequest(BaseModel):
+    question: str = Field(min_length=1)
+    kb: str
+    top_k: int | None = Field(None, gt=0)
+    threshold: float | None = Field(None, ge=-1, le=1)
+
+
+def hit_json(hit: Hit) -> dict[str, Any]:
+    return {"source": hit.source, "page": hit.page, "heading": " > ".join(hit.heading_path), "score": hit.score,
+            "dense_score": hit.dense_score, "bm25_score": hit.bm25_score, "text": hit.text}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def build_router(ctx: AppContext) -> APIRouter:
+    basic = HTTPBasic(auto_error=False, realm="zhiwen")
+
+    def require_user(creds: HTTPBasicCredentials | None = Depends(basic)) -> str | None:
+        if not ctx.auth.enabled:
+            return None
+        if creds is None or not ctx.auth.verify(creds.username, creds.password):
+            raise HTTPException(401, "需要登录：请用 app.users 中的用户名和密码（HTTP Basic 认证）访问。",
+                                headers={"WWW-Authenticate": 'Basic realm="zhiwen"'})
+        return creds.username
+
+    router = APIRouter(prefix="/api", dependencies=[Depends(require_user)])
+    s = ctx.settings
+
+    @router.get("/health")
+    def health() -> dict[str, Any]:
+        try:
+            info = asdict(ctx.model_info())
+        except Exception as e:
+            return {"status": "degraded", "error": friendly_error(e)}
+        return {"status": "ok", "model": info, "knowledge_bases": len(library.names(s))}
+
+    @router.get("/kbs")
+    def kbs() -> list[dict[str, Any]]:
+        return [asdict(k) for k in library.sizes(s)]
+
+    @router.post("/search")
+    def search(req: SearchRequest) -> Any:
+        try:
+            result = ctx.search(req.question, req.kb, top_k=req.top_k or s.retrieval.top_k,
+                                threshold=s.retrieval.score_threshold if req.threshold is None else req.threshold)
+        except Exception as e:
+            log.exception("search failed")
+            return _error(400, friendly_error(e))
+        return {"evidence": result.evidence, "hits": [hit_json(h) for h in result.hits],
+                "low_relevance": [hit_json(h) for h in result.low_relevance]}
+
+    @router.post("/ask")
+    def ask(req: AskRequest, request: Request) -> StreamingResponse:
+        stop = threading.Event()
+        params = {k: v for k, v in req.model_dump(include={"top_k", "threshold", "temperature", "max_new_tokens"}).items()
+                  if v is not None}
+
+        def lines() -> Iterator[bytes]:
+            text, done = "", False
+            try:
+                stream = ctx.answer(req.question, req.kb, list(req.history), stop=stop, **params)
+                for piece in stream:
+                    text += piece
+                    yield _line({"type": "token", "text": piece})
+                done = True
+                yield _line({"type": "done", "answer": text, "refused": bool(stream.refused),
+                             "error": stream.error or "", "sources": [hit_json(h) for h in stream.sources or []],
+                             "low_relevance": [hit_json(h) for h in getattr(stream, "low_relevance", None) or []]})
+            except Exception as e:
+                log.exception("ask failed")
+                yield _line({"type": "error", "error": friendly_error(e), "answer": text})
+            finally:
+                if not done:  # client went away or an error: let the model stop instead of generating for nobody
+                    stop.set()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @router.post("/kbs/{kb}/files")
+    def upload(kb: str, files: list[UploadFile] = File(...)) -> Any:
+        tmp = Path(tempfile.mkdtemp(prefix="zhiwen-upload-"))
+        try:
+            pairs = []
+            for i, f in enumerate(files):
+                dest = tmp / f"{i}-{secrets.token_hex(4)}"
+                with dest.open("wb") as out:
+                    shutil.copyfileobj(f.file, out)
+                pairs.append((dest, f.filename or dest.name))
+            job = ctx.jobs.upload(kb, pairs, cleanup=tmp)
+        except (JobError, ValueError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return _error(400, friendly_error(e))
+        return {"job_id": job.id}
+
+    @router.get("/jobs/{job_id}")
+    def job(job_id: str) -> Any:
+        try:
+            j = ctx.jobs.get(job_id)
+        except JobError as e:
+            return _error(404, str(e))
+        return {"id": j.id, "kind": j.kind, "kb": j.kb_name, "state": j.state, "message": j.message,
+                "done": j.done, "total": j.total, "error": j.error, "files": [asdict(f) for f in j.files]}
+
+    return router
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")

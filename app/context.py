@@ -1,0 +1,103 @@
+"""What the page and the API share in one process: settings, the QA service, the ingestion jobs, the login check,
+and the gate that caps simultaneous generations across both faces.
+
+The QA service (and its models) is built once, on first use or by `warm_up()` at start, and kept for the life
+of the process.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from configs import Settings
+
+from . import library
+from .auth import Authenticator
+from .jobs import JobManager
+
+log = logging.getLogger(__name__)
+
+
+class AppContext:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.auth = Authenticator(settings)
+        self.jobs = JobManager(settings)
+        # The page queues generations in Gradio (showing the position); API callers wait here. Both paths take
+        # this gate, so page + API together never run more than app.concurrency_limit generations at once.
+        self.gate = threading.BoundedSemaphore(settings.app.concurrency_limit)
+        self._service: Any = None
+        self._service_lock = threading.Lock()
+
+    # --- the QA service ------------------------------------------------------------------------
+    @property
+    def service(self) -> Any:
+        if self._service is None:
+            with self._service_lock:
+                if self._service is None:
+                    from .service import QAService
+
+                    self._service = QAService(self.settings)
+        return self._service
+
+    def warm_up(self) -> None:
+        """Load the models now, so the first question does not wait for them."""
+        svc = self.service
+        if hasattr(svc, "warm_up"):
+            svc.warm_up()
+
+    def answer(self, question: str, kb_name: str, history: list, *, stop: threading.Event | None = None,
+               **params: Any) -> "GatedStream":
+        """One streamed answer, holding a generation slot from the first token wait to the end."""
+        return GatedStream(self, question, kb_name, history, params, stop)
+
+    def search(self, question: str, kb_name: str, *, top_k: int, threshold: float) -> Any:
+        return self.service.search(question, kb_name, top_k=top_k, threshold=threshold)
+
+    # --- page helpers --------------------------------------------------------------------------
+    def model_info(self) -> Any:
+        return self.service.info
+
+    def status_line(self, kb_name: str | None) -> str:
+        """模型 · 设备 · 量化 · 演示/正式 · 知识库大小, for the top of the page."""
+        try:
+            info = self.model_info()
+            kind = "演示模型" if info.is_demo else "正式模型"
+            model = f"模型 **{info.name}**（{kind}） · 设备 {info.device} · 量化 {info.quantization}"
+        except Exception as e:  # the page must still open so that people can read the reason
+            log.exception("model info unavailable")
+            model = f"模型未就绪：{getattr(e, 'reason', None) or e}"
+        if not kb_name:
+            return f"{model} · 尚无知识库"
+        try:
+            size = library.size(kb_name, self.settings)
+            return f"{model} · 知识库「{kb_name}」：{size.files} 个文件 / {size.chunks} 段"
+        except Exception as e:
+            return f"{model} · 知识库「{kb_name}」无法打开：{e}"
+
+    def upload_types(self) -> list[str]:
+        from ingest.loaders import SUPPORTED_EXTENSIONS
+
+        return sorted({*SUPPORTED_EXTENSIONS, ".zip"})
+
+
+class GatedStream:
+    """Iterate the service's AnswerStream while holding a generation slot; exposes .sources/.refused/.error after."""
+
+    def __init__(self, ctx: AppContext, question: str, kb_name: str, history: list, params: dict,
+                 stop: threading.Event | None) -> None:
+        self._ctx, self._args, self._stop = ctx, (question, kb_name, history, params), stop
+        self._inner: Any = None
+
+    def __iter__(self) -> Iterator[str]:
+        question, kb_name, history, params = self._args
+        with self._ctx.gate:
+            self._inner = self._ctx.service.answer(question, kb_name, history, params, stop_event=self._stop)
+            yield from self._inner
+
+    def __getattr__(self, name: str) -> Any:
+        if self._inner is None:
+            raise AttributeError(name)
+        return getattr(self._inner, name)

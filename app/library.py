@@ -1,0 +1,86 @@
+"""Knowledge-base administration shared by the page and the API: list with sizes, create, delete, file table.
+
+Thin wrappers over retrieval.store (the store owns the folder layout); this module only shapes the answers the
+two faces show.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from configs import Settings
+from retrieval.store import (
+    LIVE_STATUSES,
+    KnowledgeBase,
+    KBNotFoundError,
+    delete_knowledge_base,
+    list_knowledge_bases,
+)
+
+FILE_TABLE_HEADERS = ["文件名", "大小", "段落数", "状态", "原因", "导入时间"]
+
+
+@dataclass(frozen=True)
+class KBSize:
+    name: str
+    files: int     # live files (ok or duplicate)
+    chunks: int
+    failed: int    # files kept in the manifest with status failed/empty
+
+
+def names(settings: Settings) -> list[str]:
+    return list_knowledge_bases(settings)
+
+
+def size(name: str, settings: Settings) -> KBSize:
+    kb = KnowledgeBase.open(name, settings)
+    entries = kb.manifest.files.values()
+    live = sum(e.status in LIVE_STATUSES for e in entries)
+    return KBSize(name, live, len(kb.chunks), len(entries) - live)
+
+
+def sizes(settings: Settings) -> list[KBSize]:
+    out = []
+    for n in list_knowledge_bases(settings):
+        try:
+            out.append(size(n, settings))
+        except KBNotFoundError:  # deleted between listing and opening
+            continue
+    return out
+
+
+def create(name: str, settings: Settings) -> str:
+    """Create an empty knowledge base; the name is checked by the store (KBNameError says what is allowed)."""
+    name = name.strip()
+    if name in list_knowledge_bases(settings):
+        raise ValueError(f"知识库「{name}」已存在，请换一个名称，或直接在上方选择它。")
+    KnowledgeBase.create(name, settings, exist_ok=False)
+    return name
+
+
+def delete(name: str, settings: Settings) -> None:
+    delete_knowledge_base(name, settings, timeout=5)
+
+
+def _when(iso: str) -> str:
+    try:
+        return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return iso
+
+
+def file_table(name: str, settings: Settings) -> list[list]:
+    """Rows for the page's file table (FILE_TABLE_HEADERS), sorted by path."""
+    from .render import STATUS_NAMES, human_size
+
+    kb = KnowledgeBase.open(name, settings)
+    rows = []
+    for e in sorted(kb.manifest.files.values(), key=lambda e: e.path):
+        reason = e.reason or (f"与「{e.duplicate_of}」内容相同" if e.duplicate_of else "")
+        rows.append([e.path, human_size(e.size), len(e.chunk_ids), STATUS_NAMES.get(e.status, e.status), reason,
+                     _when(e.ingested_at) if e.ingested_at else ""])
+    return rows
+
+
+def file_paths(name: str, settings: Settings) -> list[str]:
+    return sorted(KnowledgeBase.open(name, settings).manifest.files)

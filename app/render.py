@@ -1,0 +1,144 @@
+"""HTML for the page: source cards with highlighted sentences, job progress, status line.
+
+Everything that came from a document or a person goes through html.escape: a document can never inject markup or
+script into the page. Pure functions of plain data, so they are tested without a browser.
+"""
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from typing import Any
+
+from retrieval.sentences import split_sentences
+from retrieval.types import Hit
+
+REFUSAL = "根据已知信息无法回答该问题"
+
+
+def _bigrams(text: str) -> set[str]:
+    t = "".join(ch for ch in text.lower() if ch.isalnum())
+    return {t[i:i + 2] for i in range(len(t) - 1)} or set(t)
+
+
+def supporting_sentences(passage: str, reference: str, top: int = 2) -> set[int]:
+    """Indices of the passage's sentences sharing the most character bigrams with `reference` (the answer, or the
+    question when there is no answer): the sentences a reader should check first. None when nothing overlaps.
+
+    >>> sorted(supporting_sentences("天气很好。上传文件请点击上传按钮。", "点击上传按钮"))
+    [1]
+    """
+    ref = _bigrams(reference)
+    if not ref:
+        return set()
+    scored = []
+    for i, s in enumerate(split_sentences(passage)):
+        grams = _bigrams(s)
+        shared = len(grams & ref)
+        if shared:
+            # shared bigrams, normalised a little by length so one long sentence does not always win
+            scored.append((shared / (len(grams) ** 0.5), i))
+    scored.sort(reverse=True)
+    return {i for _, i in scored[:top]}
+
+
+def highlighted_passage(passage: str, reference: str, top: int = 2) -> str:
+    """The passage as escaped HTML with its supporting sentences wrapped in <mark>."""
+    marks = supporting_sentences(passage, reference, top)
+    parts = []
+    for i, s in enumerate(split_sentences(passage)):
+        e = html.escape(s).replace("\n", "<br>")
+        parts.append(f"<mark>{e}</mark>" if i in marks else e)
+    return "".join(parts)
+
+
+def _where(hit: Hit) -> str:
+    bits = [html.escape(hit.source)]
+    if hit.page is not None:
+        bits.append(f"第 {hit.page} 页")
+    if hit.heading_path:
+        bits.append(html.escape(" > ".join(hit.heading_path)))
+    return " · ".join(bits)
+
+
+def _scores(hit: Hit) -> str:
+    s = [f"得分 {hit.score:.3f}"]
+    if hit.dense_score is not None:
+        s.append(f"相似度 {hit.dense_score:.3f}")
+    if hit.bm25_score is not None:
+        s.append(f"BM25 {hit.bm25_score:.2f}")
+    return " · ".join(s)
+
+
+def hits_html(hits: Sequence[Hit], reference: str, *, title: str, note: str = "", weak: bool = False) -> str:
+    """Cards for ranked hits: where (file, page, heading), scores, passage with highlighted sentences."""
+    cls = "zw-sources zw-weak" if weak else "zw-sources"
+    out = [f'<div class="{cls}"><div class="zw-sources-title">{html.escape(title)}</div>']
+    if note:
+        out.append(f'<div class="zw-note">{html.escape(note)}</div>')
+    if not hits:
+        out.append('<div class="zw-empty">没有找到相关段落。</div>')
+    for rank, hit in enumerate(hits, 1):
+        out.append(
+            f'<div class="zw-hit"><div class="zw-hit-head"><span class="zw-rank">[{rank}]</span> {_where(hit)}'
+            f'<span class="zw-score">{_scores(hit)}</span></div>'
+            f'<div class="zw-passage">{highlighted_passage(hit.text, reference)}</div></div>'
+        )
+    out.append("</div>")
+    return "".join(out)
+
+
+def answer_markdown(text: str, *, refused: bool = False, error: str = "") -> str:
+    """Chat bubble content. The answer is escaped (the model may repeat markup from a document); a refusal and an
+    error get their own styles so nobody mistakes them for an answer."""
+    body = html.escape(text).replace("\n", "<br>")
+    if error:
+        return f'<div class="zw-error">⚠ {html.escape(error)}</div>' + (f"<div>{body}</div>" if text else "")
+    if refused:
+        return f'<div class="zw-refusal">⊘ {body or html.escape(REFUSAL)}</div>'
+    return body
+
+
+def job_html(job: Any | None) -> str:
+    """Progress of an ingestion job (app.jobs.Job) with its per-file results."""
+    if job is None:
+        return '<div class="zw-job zw-idle">暂无导入任务。</div>'
+    state = {"queued": "排队中", "running": "进行中", "done": "已完成", "failed": "失败"}.get(job.state, job.state)
+    pct = ""
+    if job.total:
+        pct = f"（{job.done}/{job.total}）"
+    out = [f'<div class="zw-job zw-{job.state}" data-job-id="{html.escape(job.id)}" data-state="{job.state}">'
+           f'<b>导入任务 {html.escape(job.id)}</b>：{state}{pct} — {html.escape(job.message)}']
+    if job.total and job.active:
+        out.append(f'<progress max="{job.total}" value="{job.done}"></progress>')
+    if job.error:
+        out.append(f'<div class="zw-error">{html.escape(job.error)}</div>')
+    if job.files:
+        out.append("<table><tr><th>文件</th><th>状态</th><th>段落数</th><th>原因</th></tr>")
+        for f in job.files:
+            out.append(f'<tr class="zw-status-{html.escape(f.status)}"><td>{html.escape(f.name)}</td>'
+                       f"<td>{html.escape(STATUS_NAMES.get(f.status, f.status))}</td><td>{f.chunks}</td>"
+                       f"<td>{html.escape(f.reason)}</td></tr>")
+        out.append("</table>")
+    out.append("</div>")
+    return "".join(out)
+
+
+STATUS_NAMES = {
+    "ok": "成功", "unchanged": "未变化", "renamed": "改名", "duplicate": "重复", "empty": "空文件",
+    "failed": "失败", "removed": "已删除", "rejected": "已拒绝",
+}
+
+
+def human_size(n: int) -> str:
+    """human_size(2048) -> "2.0 KB"."""
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def escape_user(text: str) -> str:
+    """What a person typed, shown in a chat bubble as text (never as markup)."""
+    return html.escape(text).replace("\n", "<br>")
