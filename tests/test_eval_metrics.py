@@ -149,3 +149,63 @@ def test_cmrc_trial_reads(cmrc_trial):
     q = next(q for q in ds.questions if q.id == "TRIAL_800_QUERY_1")
     assert q.answer == (("4分钟",),) and q.positives == ("TRIAL_800",)
     assert contains_answer(ds.passages["TRIAL_800"].text, q.answer)
+
+
+# --- judging real Hit lists ------------------------------------------------------------------------
+
+def test_judge_hits_strict_and_loose_and_summary():
+    from bench.eval.datasets import Question
+    from bench.eval.retrieval_eval import judge_hits, summarize
+    from retrieval.types import Hit
+
+    q = Question("q", "若游戏中离，则多少分钟内不得进行配对？", (("4分钟",),), ("P1",))
+    files = {"P1.pdf": "P1", "P2.txt": "P2"}
+    hits = [
+        Hit(text="无关的段落。", score=0.9, source="/kb/P2.txt", chunk_ids=(3,)),
+        Hit(text="另一篇也说4分钟。", score=0.8, source="/kb/P2.txt", chunk_ids=(4,)),   # answer, wrong passage
+        Hit(text="P1 的开头，没有答案。", score=0.7, source="/kb/P1.pdf", chunk_ids=(0,)),  # gold passage, no answer
+        Hit(text="则4\n分钟内不得进行配对", score=0.6, source="/kb/P1.pdf", chunk_ids=(1,)),  # both
+    ]
+    ranks = judge_hits(hits, q, files)
+    assert ranks == {"strict_rank": 4, "loose_rank": 2}
+
+    rows = [
+        {"answerable": True, "strict_rank": 4, "loose_rank": 2, "latency_ms": 10.0, "evidence": True},
+        {"answerable": True, "strict_rank": 1, "loose_rank": 1, "latency_ms": 20.0, "evidence": True},
+        {"answerable": True, "strict_rank": None, "loose_rank": 3, "latency_ms": 30.0, "evidence": False},
+        {"answerable": False, "strict_rank": None, "loose_rank": None, "latency_ms": 40.0, "evidence": False},
+    ]
+    s = summarize(rows)
+    assert s["n"] == 3 and s["n_unanswerable"] == 1
+    assert s["strict"]["hit@1"] == pytest.approx(1 / 3)
+    assert s["strict"]["hit@5"] == pytest.approx(2 / 3)
+    assert s["strict"]["mrr@10"] == pytest.approx((0.25 + 1 + 0) / 3)
+    assert s["loose"]["hit@3"] == pytest.approx(1.0)
+    assert s["loose"]["mrr@10"] == pytest.approx((0.5 + 1 + 1 / 3) / 3)
+    assert s["latency_ms"]["p50"] == pytest.approx(25.0)
+    assert s["no_evidence_rate_answerable"] == pytest.approx(1 / 3)
+    assert s["no_evidence_rate_unanswerable"] == pytest.approx(1.0)
+
+
+def test_answer_rows_refusal_and_speed():
+    from bench.eval.answer_eval import evaluate_answers, looks_like_refusal
+    from bench.eval.datasets import Question
+
+    class Stream:
+        def __init__(self, pieces, refused=False):
+            self.pieces, self.refused, self.sources = pieces, refused, []
+
+        def __iter__(self):
+            return iter(self.pieces)
+
+    replies = {"甲?": Stream(["4", "分钟", "。"]), "乙?": Stream(["根据已知信息无法回答该问题。"]),
+               "丙?": Stream([], refused=True), "丁?": Stream(["北京"])}
+    qs = [Question("a", "甲?", (("4分钟",),), ("P",)), Question("b", "乙?", (("上海",),), ("P",)),
+          Question("c", "丙?", (("x",),), ("Q",)), Question("d", "丁?", (("北京市",),), ("Q",))]
+    summary, rows = evaluate_answers(lambda q: replies[q], qs, unanswerable_ids={"c", "d"})
+    assert looks_like_refusal("根据已知信息无法回答该问题。") and not looks_like_refusal("4分钟")
+    assert [r["refused"] for r in rows] == [False, True, True, False]
+    assert summary["em"] == pytest.approx(0.5)                    # "4分钟。" exact; the refusal is not
+    assert summary["false_refusal_rate"] == pytest.approx(0.5)
+    assert summary["refusal_rate"] == pytest.approx(0.5)          # answered 丁 although its passage is absent
+    assert rows[0]["tokens"] == 3 and rows[2]["ttft_s"] is None    # a service refusal has no first token
