@@ -90,7 +90,7 @@ def report_rows(report: Any, names: dict[str, str] | None = None) -> list[FileRe
         dup = getattr(f, "duplicate_of", None)
         if dup and not reason:
             reason = f"与「{Path(str(dup)).name}」内容相同"
-        rows.append(FileResult(names.get(path, Path(path).name), str(getattr(f, "status", "")),
+        rows.append(FileResult(names.get(path, path), str(getattr(f, "status", "")),
                                int(getattr(f, "chunks", 0) or 0), reason))
     return rows
 
@@ -98,8 +98,11 @@ def report_rows(report: Any, names: dict[str, str] | None = None) -> list[FileRe
 class JobManager:
     """Runs ingestion work in one background thread and keeps the last `keep` jobs for the page to show."""
 
-    def __init__(self, settings: Settings, keep: int = 50) -> None:
+    def __init__(self, settings: Settings, keep: int = 50, embedder: Callable[[], Any] | None = None) -> None:
         self.settings = settings
+        # One embedding model for every job (and shared with the QA service when the context passes it):
+        # ingest would otherwise load a fresh copy of the model for each upload.
+        self._embedder = embedder
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._keep = keep
@@ -119,7 +122,7 @@ class JobManager:
         """Ingest these manifest paths again (e.g. after a failure was fixed)."""
         if not paths:
             raise JobError("没有选择文件：请在文件表中先选择要重新导入的文件。")
-        return self._submit("reingest", kb_name, lambda job_id: self._run_ingest_files(job_id, kb_name, [Path(p) for p in paths], {}))
+        return self._submit("reingest", kb_name, lambda job_id: self._run_reingest(job_id, kb_name, paths))
 
     def rebuild(self, kb_name: str) -> Job:
         """Re-parse and re-embed every file of the knowledge base into a fresh generation."""
@@ -192,6 +195,14 @@ class JobManager:
             self._update(job_id, **changes)
         return on_progress
 
+    def _get_embedder(self) -> Any:
+        if self._embedder is not None:
+            return self._embedder()
+        from retrieval.embeddings import Embedder
+
+        self._embedder = (lambda e=Embedder.from_settings(self.settings): e)
+        return self._embedder()
+
     def _limits(self) -> UploadLimits:
         from ingest.loaders import SUPPORTED_EXTENSIONS  # the loaders decide what can be read
 
@@ -221,7 +232,7 @@ class JobManager:
         finally:
             if cleanup is not None:
                 shutil.rmtree(cleanup, ignore_errors=True)
-        names = {str(p): p.name for p in stored.saved}
+        names: dict[str, str] = {}
         self._run_ingest_files(job_id, kb_name, stored.saved, names, stored.rejected)
 
     def _run_ingest_files(self, job_id: str, kb_name: str, paths: list[Path], names: dict[str, str],
@@ -232,14 +243,40 @@ class JobManager:
             self._finish(job_id, None, names, rejected)
             return
         self._update(job_id, message=f"导入 {len(paths)} 个文件…", total=len(paths))
-        report = ingest_files(paths, kb_name, self.settings, on_progress=self._progress(job_id))
+        report = ingest_files(paths, kb_name, self.settings, on_progress=self._progress(job_id),
+                              embedder=self._get_embedder())
         self._finish(job_id, report, names, rejected)
 
-    def _run_rebuild(self, job_id: str, kb_name: str) -> None:
-        from ingest import rebuild
+    def _run_reingest(self, job_id: str, kb_name: str, keys: list[str]) -> None:
+        """Read these manifest entries' files again: changed bytes are re-parsed, unchanged ones reported as such."""
+        from retrieval.store import KnowledgeBase
 
-        report = rebuild(kb_name, self.settings, on_progress=self._progress(job_id))
-        self._finish(job_id, report, {})
+        files = KnowledgeBase.open(kb_name, self.settings).manifest.files
+        paths, missing = [], []
+        for key in keys:
+            fp = files[key].file_path if key in files else None
+            if fp is not None and fp.is_file():
+                paths.append(fp)
+            else:
+                missing.append(Rejected(key, "找不到这个文件的原始文件（已被移动或删除），请重新上传。"))
+        self._run_ingest_files(job_id, kb_name, paths, {}, missing)
+
+    def _run_rebuild(self, job_id: str, kb_name: str) -> None:
+        """Start the KB over: the first folder its files came from with rebuild=True, the others added back."""
+        from ingest import ingest
+        from retrieval.store import KnowledgeBase
+
+        kb = KnowledgeBase.open(kb_name, self.settings)
+        roots = sorted({e.root for e in kb.manifest.files.values() if e.root}) or [str(kb.sources_dir)]
+        rows: list[FileResult] = []
+        for i, root in enumerate(roots):
+            if not Path(root).is_dir():
+                rows.append(FileResult(root, "failed", 0, f"文件夹 {root} 已不存在，其中的文件无法重建。"))
+                continue
+            report = ingest(Path(root), kb_name, self.settings, rebuild=(i == 0), lock_timeout=600,
+                            on_progress=self._progress(job_id), embedder=self._get_embedder())
+            rows += report_rows(report)
+        self._update(job_id, files=tuple(rows), message=f"重建完成：{len(rows)} 个文件", done=len(rows), total=len(rows))
 
     def _run_remove(self, job_id: str, kb_name: str, paths: list[str]) -> None:
         from ingest import remove_files
