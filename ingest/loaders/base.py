@@ -1,0 +1,165 @@
+"""What every loader shares: the error type, the Document builders and the table-row format.
+
+Table rows are written as `列名: 值 | 列名: 值`, one row per line (after an optional title line, see
+table_document), and the header line goes to metadata["table_header"]. Why not a markdown row (`| 值 | 值 |`)? The splitter cuts long tables between rows;
+a chunk of rows 40-45 must still say what each value means, both to the embedding model and to the LLM
+reading the 「已知信息」. "name: value" pairs do that on every line; bare markdown cells do not. Empty cells are
+left out so that sparse rows stay short.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from langchain_core.documents import Document
+
+from configs.settings import IngestSettings
+
+
+class LoadError(Exception):
+    """A file that gives no Documents, with a kind for programs and a Chinese reason for people.
+
+    kind: "encrypted" | "empty" | "unsupported" | "corrupt" | "too_large" | "no_text"
+    """
+
+    KINDS = frozenset({"encrypted", "empty", "unsupported", "corrupt", "too_large", "no_text"})
+
+    def __init__(self, kind: str, reason: str) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"LoadError kind must be one of {sorted(self.KINDS)}, got {kind!r}")
+        # Both go to Exception.args so that the error pickles across ProcessPoolExecutor workers.
+        super().__init__(kind, reason)
+        self.kind = kind
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass
+class Ctx:
+    """One load_file call: the file, the settings and the per-file OCR allowance (settings.ocr_max_pages)."""
+
+    path: Path
+    settings: IngestSettings
+    ocr_left: int = 0
+    ocr_skipped: int = 0
+    docs: list[Document] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def base_meta(self) -> dict[str, Any]:
+        return {"source": str(self.path)}
+
+    def add_text(self, text: str, **meta: Any) -> None:
+        """Append a kind="text" Document unless `text` is blank."""
+        text = tidy(text)
+        if text:
+            self.docs.append(Document(page_content=text, metadata={**self.base_meta(), "kind": "text", **meta}))
+
+    def add_ocr(self, text: str, **meta: Any) -> None:
+        text = tidy(text)
+        if text:
+            self.docs.append(Document(page_content=text, metadata={**self.base_meta(), "kind": "ocr", **meta}))
+
+    def add_table(self, rows: Sequence[Sequence[Any]], **meta: Any) -> None:
+        """Append a kind="table" Document from rows of cells; the first non-empty row is the header."""
+        doc = table_document(rows, {**self.base_meta(), **meta})
+        if doc is not None:
+            self.docs.append(doc)
+
+    def take_ocr_slot(self) -> bool:
+        """True while this file may OCR one more page/image; counts what had to be skipped."""
+        if not self.settings.ocr:
+            return False
+        if self.ocr_left <= 0:
+            self.ocr_skipped += 1
+            return False
+        self.ocr_left -= 1
+        return True
+
+
+def tidy(text: str) -> str:
+    """Normalise newlines, drop trailing spaces and NULs, collapse runs of blank lines; keep indentation."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "").replace("\u000c", "\n")
+    lines = [ln.rstrip() for ln in text.split("\n")]
+    out: list[str] = []
+    for ln in lines:
+        if not ln and (not out or not out[-1]):
+            continue
+        out.append(ln)
+    return "\n".join(out).strip("\n")
+
+
+def cell_text(value: Any) -> str:
+    """A cell as one line: floats that are whole numbers lose '.0', newlines become spaces."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if hasattr(value, "isoformat") and not isinstance(value, str):
+        s = value.isoformat(sep=" ") if hasattr(value, "hour") else value.isoformat()
+        return s.removesuffix(" 00:00:00")
+    return " ".join(str(value).split())
+
+
+def table_document(rows: Iterable[Sequence[Any]], meta: dict[str, Any]) -> Document | None:
+    """rows -> Document(kind="table") in the `列名: 值 | 列名: 值` format, or None when no row has a value.
+
+    Leading rows with a single filled cell above a wider table are its title (「2023 年销售表」): they go to
+    metadata["table_title"] and head the page_content. A first row with a number in it is data, not a header:
+    columns are then named 列1, 列2, ...
+    """
+    cleaned = [[cell_text(c) for c in row] for row in rows]
+    cleaned = [r for r in cleaned if any(r)]
+    if not cleaned:
+        return None
+    width = max(sum(1 for c in r if c) for r in cleaned)
+    titles: list[str] = []
+    # A title needs a header and at least one data row below it; otherwise it is a short (incomplete) row.
+    while len(cleaned) > 2 and width > 1 and sum(1 for c in cleaned[0] if c) == 1:
+        titles.append(next(c for c in cleaned[0] if c))
+        cleaned = cleaned[1:]
+    ncols = max(len(r) for r in cleaned)
+    if len(cleaned) > 1 and any(_is_number(c) for c in cleaned[0]):
+        header = [f"列{i + 1}" for i in range(ncols)]
+        data = cleaned
+    else:
+        first = cleaned[0] + [""] * (ncols - len(cleaned[0]))
+        # Unnamed columns get a position name so that "列3: 值" still tells the reader which column it was.
+        header = [h or f"列{i + 1}" for i, h in enumerate(first)]
+        data = cleaned[1:]
+    lines = []
+    for r in data:
+        pairs = [f"{header[i]}: {v}" for i, v in enumerate(r) if v]
+        if pairs:
+            lines.append(" | ".join(pairs))
+    if not lines:
+        # A lone header row (a one-line table) is still content: keep it as the only line.
+        lines = [" | ".join(h for h in cleaned[0] if h)]
+    extra: dict[str, Any] = {}
+    if titles:
+        extra["table_title"] = " ".join(titles)
+        lines.insert(0, extra["table_title"])
+    return Document(
+        page_content="\n".join(lines),
+        metadata={**meta, "kind": "table", "table_header": " | ".join(header), **extra},
+    )
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s.replace(",", ""))
+    except ValueError:
+        return False
+    return True
+
+
+def heading(level: int, text: str) -> str:
+    """A markdown heading line ('## 标题'), the form the splitter tracks heading paths by."""
+    text = " ".join(text.split())
+    return f"{'#' * max(1, min(level, 6))} {text}" if text else ""
