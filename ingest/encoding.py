@@ -4,7 +4,7 @@ Order (first that applies wins):
   1. a byte-order mark: UTF-8, UTF-16 LE/BE, UTF-32 LE/BE (UTF-32 is checked first: its LE mark starts like UTF-16's);
   2. strict UTF-8 (most files today; cheap and never wrong when it succeeds on non-ASCII bytes);
   3. a charset the file declares itself (HTML <meta>, XML prolog), when the bytes decode cleanly with it;
-  4. charset-normalizer's best guess — but when that guess is not a Chinese codec and the bytes also read
+  4. charset-normalizer's best guess (near-ties between Western code pages go to cp1252) — but when that guess is not a Chinese codec and the bytes also read
      cleanly as GB18030 or Big5, the Chinese reading wins if charset-normalizer, limited to Chinese codecs,
      finds it no messier. Short GBK text is otherwise often taken for Korean (cp949) and Chinese in
      single-byte codecs for Latin-1 mojibake; this product ingests Chinese documents first.
@@ -75,7 +75,13 @@ def _mostly_chinese(text: str) -> bool:
 
 
 def _detect(data: bytes) -> Decoded | None:
-    best = charset_normalizer.from_bytes(data).best()
+    results = charset_normalizer.from_bytes(data)
+    best = results.best()
+    if best is not None:
+        # Near-ties among Western single-byte codecs (cp1250 vs cp1252 on Spanish 'ñ') go to windows-1252,
+        # the legacy Western default browsers also use for unlabelled pages.
+        tied = [r for r in results if r.chaos <= best.chaos + 0.01 and canonical(r.encoding) == "cp1252"]
+        best = tied[0] if tied and canonical(best.encoding) not in _CHINESE else best
     best_enc = (canonical(best.encoding) or best.encoding) if best is not None else None
     # Second opinion limited to Chinese codecs, ranked by charset-normalizer's "chaos" (mess) score.
     # Ties (very short text) go to GB18030: Simplified Chinese is this product's common case.
