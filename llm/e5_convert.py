@@ -205,6 +205,12 @@ def convert_e5(bin_path: Path, tokenizer_json: Path, out_dir: Path) -> Path:
     )
     st.save(str(out_dir))
     del st
+    # sentence-transformers would otherwise build BertModel with a freshly *random* pooler on every load (and warn
+    # about it); the pooler is unused by mean pooling, so tell it not to build one.
+    sbc = out_dir / "sentence_bert_config.json"
+    cfg = json.loads(sbc.read_text(encoding="utf-8"))
+    cfg["model_kwargs"] = {"add_pooling_layer": False}
+    sbc.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     shutil.rmtree(hf_dir)
     # transformers re-serialises the tokenizer; keep the pinned original bytes instead (same ids, checked in tests).
     shutil.copyfile(tokenizer_json, out_dir / "tokenizer.json")
@@ -238,8 +244,8 @@ def similarity_report(folder: Path) -> tuple[bool, str]:
                      prompt_name="passage", normalize_embeddings=False)
     scores = (p @ q).tolist()
     norms = np.linalg.norm(p, axis=1)
-    ok = q.shape == (h := (model.get_sentence_embedding_dimension() or 0),) and h == 384 \
-        and bool(np.allclose(norms, 1.0, atol=1e-4)) and scores[0] > max(scores[1:])
+    h = model.get_embedding_dimension() or 0
+    ok = q.shape == (h,) and h == 384 and bool(np.allclose(norms, 1.0, atol=1e-4)) and scores[0] > max(scores[1:])
     return ok, f"e5: dim {h}, norms {norms.round(4).tolist()}, scores paraphrase/unrelated {np.round(scores, 3).tolist()}"
 
 
