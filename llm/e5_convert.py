@@ -196,11 +196,12 @@ def convert_e5(bin_path: Path, tokenizer_json: Path, out_dir: Path) -> Path:
     del state
     model.save_pretrained(hf_dir, safe_serialization=True)
     del model
-    tok = XLMRobertaTokenizer(tokenizer_file=str(tokenizer_json), model_max_length=MAX_SEQ_LENGTH)
+    max_len = min(MAX_SEQ_LENGTH, h.max_positions)       # 512 for the real model
+    tok = XLMRobertaTokenizer(tokenizer_file=str(tokenizer_json), model_max_length=max_len)
     tok.save_pretrained(hf_dir)
 
     st = SentenceTransformer(
-        modules=[Transformer(str(hf_dir), max_seq_length=MAX_SEQ_LENGTH, model_kwargs={"add_pooling_layer": False}), Pooling(h.hidden, "mean"), Normalize()],
+        modules=[Transformer(str(hf_dir), max_seq_length=max_len, model_kwargs={"add_pooling_layer": False}), Pooling(h.hidden, "mean"), Normalize()],
         prompts=dict(PROMPTS), device="cpu",
     )
     st.save(str(out_dir))
