@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prompts.template_files import check_template, load_template
-from retrieval.sentences import split_sentences
+from retrieval.sentences import sentence_ends
 from retrieval.types import Hit
 
 Message = dict[str, str]
@@ -189,17 +189,18 @@ def _fit_hits(hits: list[Hit], room: int, count_tokens: Callable[[str], int]) ->
 
 def _trim_to_sentences(hit: Hit, room: int, count_tokens: Callable[[str], int]) -> Hit | None:
     """`hit` cut after the last whole sentence that fits `room` tokens with its label; None if not even one fits."""
-    sentences = split_sentences(hit.text)
-    lo, hi = 0, len(sentences)  # binary search for the most sentences that fit: counting tokens is the slow part
+    ends = sentence_ends(hit.text)
+    lo, hi = 0, len(ends)  # binary search for the most sentences that fit: counting tokens is the slow part
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if count_tokens(format_hit(1, hit, "".join(sentences[:mid]).rstrip())) <= room:
+        if count_tokens(format_hit(1, hit, hit.text[: ends[mid - 1]].rstrip())) <= room:
             lo = mid
         else:
             hi = mid - 1
     if lo == 0:
         return None
-    return dataclasses.replace(hit, text="".join(sentences[:lo]).rstrip(), metadata={**hit.metadata, "trimmed": True})
+    kept = hit.text[: ends[lo - 1]].rstrip()
+    return dataclasses.replace(hit, text=kept, metadata={**hit.metadata, "trimmed": True})
 
 
 def build_prompt_from_settings(question: str, hits: Sequence[Hit], history: Sequence[Any] | None, settings: Any,
