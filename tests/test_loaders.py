@@ -293,6 +293,24 @@ def test_docx_headings_lists_tables(tmp_path):
     assert docs[3].page_content == "内部资料 注意保密" and docs[3].metadata["part"] == "header_footer"
 
 
+def test_docx_text_boxes_once(tmp_path):
+    import docx
+    from docx.oxml import parse_xml
+
+    d = docx.Document()
+    p = d.add_paragraph("流程如下：")
+    w = "http://schemas.openxmlformats.org/wordprocessingml/2006/main"
+    box = f'<w:txbxContent xmlns:w="{w}"><w:p><w:r><w:t>提交申请</w:t></w:r></w:p></w:txbxContent>'
+    # Word's shape: DrawingML text box in mc:Choice, the same text again as VML in mc:Fallback.
+    p._p.append(parse_xml(
+        f'<w:r xmlns:w="{w}" xmlns:mc="http://schemas.openxmlformats.org/markup-compatibility/2006">'
+        f"<mc:AlternateContent><mc:Choice Requires=\"wps\"><w:drawing>{box}</w:drawing></mc:Choice>"
+        f"<mc:Fallback><w:pict>{box}</w:pict></mc:Fallback></mc:AlternateContent></w:r>"))
+    f = tmp_path / "流程.docx"
+    d.save(f)
+    assert text_of(load_file(f, settings())).splitlines() == ["流程如下：", "提交申请"]
+
+
 def test_encrypted_docx(tmp_path):
     import docx
     from msoffcrypto.format.ooxml import OOXMLFile
@@ -322,6 +340,7 @@ def test_xlsx_sheets_title_rows_dates(tmp_path):
     ws.append(["笔记本", 3.0, datetime.date(2024, 1, 5)])
     ws.append(["显示器", 12, None])
     ws.append([None, None, None])
+    ws.cell(row=2, column=40).value = ""  # a formatted-but-empty far column must not widen the header
     other = wb.create_sheet("空表")
     other["A1"] = None
     third = wb.create_sheet("库存")
@@ -464,9 +483,10 @@ def test_gbk_csv_with_semicolons_and_md_table(tmp_path):
     docs = load_file(f, settings())
     assert docs[0].page_content == "姓名: 王五 | 城市: 杭州\n姓名: 赵六 | 城市: 成都"
     md = tmp_path / "说明.md"
-    md.write_text("# 价格\n\n| 商品 | 价格 |\n|---|---:|\n| 苹果 | 5 |\n\n```\n| 不是 | 表格 |\n|---|---|\n```\n", encoding="utf-8")
+    md.write_text("价格表\n===\n\n| 商品 | 价格 |\n|---|---:|\n| 苹果 | 5 |\n\n```\n| 不是 | 表格 |\n|---|---|\n```\n", encoding="utf-8")
     docs = load_file(md, settings())
     assert [d.metadata["kind"] for d in docs] == ["text", "table", "text"]
+    assert docs[0].page_content == "# 价格表"  # setext heading rewritten for the splitter
     assert docs[1].page_content == "商品: 苹果 | 价格: 5"
     assert "| 不是 | 表格 |" in docs[2].page_content
 

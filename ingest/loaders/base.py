@@ -72,6 +72,25 @@ class Ctx:
         if doc is not None:
             self.docs.append(doc)
 
+    def ocr_images(self, blobs: Iterable[bytes], **meta: Any) -> None:
+        """OCR pictures embedded in a document (within the OCR allowance) into kind="ocr" Documents.
+
+        Formats PIL cannot decode (EMF/WMF drawings), icons under 32 px and blank images are skipped.
+        """
+        from ingest import ocr
+
+        for blob in blobs:
+            if not self.settings.ocr:
+                return
+            try:
+                image = ocr.open_image(blob)
+            except Exception:  # not a raster image PIL knows, or a broken one: nothing to read in it
+                continue
+            if min(image.size) < 32 or ocr.is_blank(image):
+                continue
+            if self.take_ocr_slot():
+                self.add_ocr(ocr.ocr_image(image), **meta)
+
     def take_ocr_slot(self) -> bool:
         """True while this file may OCR one more page/image; counts what had to be skipped."""
         if not self.settings.ocr:
@@ -114,8 +133,8 @@ def table_document(rows: Iterable[Sequence[Any]], meta: dict[str, Any]) -> Docum
     metadata["table_title"] and head the page_content. A first row with a number in it is data, not a header:
     columns are then named 列1, 列2, ...
     """
-    cleaned = [[cell_text(c) for c in row] for row in rows]
-    cleaned = [r for r in cleaned if any(r)]
+    cleaned = [_rstrip_cells([cell_text(c) for c in row]) for row in rows]
+    cleaned = [r for r in cleaned if r]
     if not cleaned:
         return None
     width = max(sum(1 for c in r if c) for r in cleaned)
@@ -149,6 +168,14 @@ def table_document(rows: Iterable[Sequence[Any]], meta: dict[str, Any]) -> Docum
         page_content="\n".join(lines),
         metadata={**meta, "kind": "table", "table_header": " | ".join(header), **extra},
     )
+
+
+def _rstrip_cells(row: list[str]) -> list[str]:
+    """Drop empty cells at the end of a row: formatted-but-empty spreadsheet columns would widen every header."""
+    end = len(row)
+    while end and not row[end - 1]:
+        end -= 1
+    return row[:end]
 
 
 def _is_number(s: str) -> bool:

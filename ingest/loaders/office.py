@@ -1,6 +1,6 @@
 """Word documents: .docx (python-docx), legacy .doc (antiword / catdoc, or LibreOffice converting to .docx).
 
-docx: paragraphs and tables in body order; headings (built-in "Heading N"/"标题 N" styles, "Title", or any style
+docx: paragraphs (and their text boxes) and tables in body order; headings (built-in "Heading N"/"标题 N" styles, "Title", or any style
 with an outline level) become '#' lines; list paragraphs get '- '; tables become table Documents; header and
 footer text is kept once at the end; embedded pictures are OCRed (counted against settings.ocr_max_pages).
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import docx
 from docx.opc.constants import RELATIONSHIP_TYPE as RT
+from docx.oxml.ns import qn
 from docx.table import Table
 from docx.text.paragraph import Paragraph
 
-from ingest import ocr
 from ingest.loaders.base import Ctx, LoadError, heading
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,15 @@ def load_docx(ctx: Ctx) -> None:
             line = _paragraph_line(block)
             if line:
                 lines.append(line)
+            lines.extend(_text_boxes(block))
         elif isinstance(block, Table):
             ctx.add_text("\n".join(lines))
             lines = []
             ctx.add_table(_table_rows(block))
     ctx.add_text("\n".join(lines))
     _headers_footers(ctx, document)
-    _ocr_pictures(ctx, [rel.target_part.blob for rel in document.part.rels.values()
-                        if rel.reltype == RT.IMAGE and not rel.is_external])
+    ctx.ocr_images([rel.target_part.blob for rel in document.part.rels.values()
+                    if rel.reltype == RT.IMAGE and not rel.is_external])
 
 
 def _paragraph_line(p: Paragraph) -> str:
@@ -77,6 +78,25 @@ def _paragraph_line(p: Paragraph) -> str:
     if "list" in style.lower() or p._p.xpath("./w:pPr/w:numPr"):
         return f"- {text}"
     return text
+
+
+_MC_FALLBACK = "{http://schemas.openxmlformats.org/markup-compatibility/2006}Fallback"
+
+
+def _text_boxes(p: Paragraph) -> list[str]:
+    """Text in text boxes anchored to `p` (python-docx's p.text skips them; flowchart labels live there).
+
+    Word stores each modern text box twice (DrawingML choice + VML fallback): the fallback copy is skipped.
+    """
+    out = []
+    for box in p._p.iter(qn("w:txbxContent")):
+        if any(anc.tag == _MC_FALLBACK for anc in box.iterancestors()):
+            continue
+        for para in box.iter(qn("w:p")):
+            text = "".join(t.text or "" for t in para.iter(qn("w:t"))).strip()
+            if text:
+                out.append(text)
+    return out
 
 
 def _heading_level(p: Paragraph) -> int:
@@ -124,22 +144,6 @@ def _headers_footers(ctx: Ctx, document: docx.document.Document) -> None:
                 seen.append(text)
     if seen:
         ctx.add_text("\n".join(seen), part="header_footer")
-
-
-def _ocr_pictures(ctx: Ctx, blobs: list[bytes], **meta: object) -> None:
-    """OCR embedded pictures (bounded by ctx's OCR allowance); formats PIL cannot read (EMF/WMF) are skipped."""
-    for blob in blobs:
-        if not ctx.settings.ocr:
-            return
-        try:
-            image = ocr.open_image(blob)
-        except Exception:
-            continue
-        if min(image.size) < 32 or ocr.is_blank(image):
-            continue
-        if not ctx.take_ocr_slot():
-            continue
-        ctx.add_ocr(ocr.ocr_image(image), **meta)
 
 
 def load_doc(ctx: Ctx) -> None:

@@ -12,7 +12,7 @@ from pptx.enum.shapes import MSO_SHAPE_TYPE
 from pptx.exc import PackageNotFoundError
 
 from ingest.loaders.base import Ctx, LoadError, heading
-from ingest.loaders.office import _ocr_pictures, check_encrypted_office
+from ingest.loaders.office import check_encrypted_office
 
 
 def load_pptx(ctx: Ctx) -> None:
@@ -36,7 +36,7 @@ def load_pptx(ctx: Ctx) -> None:
         ctx.add_text("\n".join(lines), page=number)
         for rows in tables:
             ctx.add_table(rows, page=number)
-        _ocr_pictures(ctx, pictures, page=number)
+        ctx.ocr_images(pictures, page=number)
 
 
 def _walk(shapes, title_shape, lines: list[str], tables: list, pictures: list[bytes]) -> None:

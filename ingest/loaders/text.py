@@ -8,11 +8,12 @@ import re
 from typing import Any
 
 from ingest.encoding import decode_bytes
-from ingest.loaders.base import Ctx, LoadError
+from ingest.loaders.base import Ctx, LoadError, heading
 
 # A markdown pipe table: a row with pipes followed by a |---|:---:| separator line.
 _MD_SEPARATOR = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
 _FENCE = re.compile(r"^\s*(```|~~~)")
+_SETEXT = re.compile(r"^\s{0,3}(=+|-+)\s*$")
 
 
 def load_txt(ctx: Ctx) -> None:
@@ -46,6 +47,12 @@ def load_md(ctx: Ctx) -> None:
             ctx.add_text("\n".join(buf), encoding=decoded.encoding)
             buf = []
             ctx.add_table(rows, encoding=decoded.encoding)
+            continue
+        prev = buf[-1].strip() if buf else ""
+        if not in_fence and prev and _SETEXT.match(line) and not prev.startswith(("#", "-", "*", "|", ">")):
+            # "Title\n=====" is a level-1 heading, "Title\n-----" level 2: rewrite as '#' lines for the splitter.
+            buf[-1] = heading(1 if line.strip().startswith("=") else 2, buf[-1])
+            i += 1
             continue
         buf.append(line)
         i += 1
