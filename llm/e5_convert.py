@@ -171,6 +171,8 @@ def convert_e5(bin_path: Path, tokenizer_json: Path, out_dir: Path) -> Path:
 
     out_dir must not exist yet; the caller renames it into place when this returns.
     """
+    import os
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")         # everything below reads local files only
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer

