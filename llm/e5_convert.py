@@ -203,7 +203,8 @@ def convert_e5(bin_path: Path, tokenizer_json: Path, out_dir: Path) -> Path:
     tok.save_pretrained(hf_dir)
 
     st = SentenceTransformer(
-        modules=[Transformer(str(hf_dir), max_seq_length=max_len, model_kwargs={"add_pooling_layer": False}), Pooling(h.hidden, "mean"), Normalize()],
+        modules=[Transformer(str(hf_dir), max_seq_length=max_len, model_kwargs={"add_pooling_layer": False}),
+                 Pooling(h.hidden, "mean"), Normalize()],
         prompts=dict(PROMPTS), device="cpu",
     )
     st.save(str(out_dir))
@@ -226,12 +227,6 @@ def convert_e5(bin_path: Path, tokenizer_json: Path, out_dir: Path) -> Path:
         encoding="utf-8",
     )
     return out_dir
-
-
-def describe(path: Path) -> str:
-    """One line about an E5S1 file (for `python -m llm.models list -v` and debugging)."""
-    f = E5S1File(path)
-    return json.dumps(f.header.__dict__) + f", {len(f.tensors)} tensors"
 
 
 def similarity_report(folder: Path) -> tuple[bool, str]:

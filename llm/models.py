@@ -279,7 +279,7 @@ def check_folder(folder: Path, model: PackModel, *, hashes: bool = True) -> list
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         return [f"{mpath} is unreadable: {e}"]
-    problems = []
+    problems = [] if manifest.get("files") else [f"{mpath} lists no files"]
     if manifest.get("pack_format") != PACK_FORMAT or manifest.get("model") != model.key:
         problems.append(f"{mpath} is from another pack version or model (format {manifest.get('pack_format')}, "
                         f"model {manifest.get('model')!r}); it will be rebuilt")
@@ -298,6 +298,8 @@ def check_folder(folder: Path, model: PackModel, *, hashes: bool = True) -> list
 
 # --------------------------------------------------------------------------------------------- pull
 def _convert(model: PackModel, inputs: dict[str, Path], out_dir: Path) -> None:
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()                # our own tqdm bars say what is happening; theirs repeat it
     if model.converter == "e5":
         from llm.e5_convert import convert_e5
         convert_e5(inputs["e5-small-q4.bin"], inputs["e5-tokenizer.json"], out_dir)
