@@ -120,7 +120,8 @@ EXPECT: dict[str, tuple] = {
     "unstructured/rotated-page-90.pdf": ("ok", {"text": ["Rotated page fixture"]}),
     "unstructured/semicolon-delimited.csv": ("ok", {"table": ["dolor sit: adipiscing"]}),
     "unstructured/simple-table.md": ("ok", {"table": ["Item: Bananas"]}),
-    "unstructured/stanley-cups-utf-16.csv": ("ok", {"table": ["Team: Blues | Location: STL | Stanley Cups: 1"]}),
+    "unstructured/stanley-cups-utf-16.csv": ("ok", {"text": ["# Stanley Cups"],
+                                                    "table": ["Team: Blues | Location: STL | Stanley Cups: 1"]}),
     "unstructured/tables-with-incomplete-rows.docx": ("ok", {"table": ["a: c | b: d"]}),
     "unstructured/umlauts-non-utf8.md": ("ok", {"text": ["## können", "äöüß"]}),
 }
@@ -349,12 +350,14 @@ def test_xlsx_sheets_title_rows_dates(tmp_path):
     f = tmp_path / "报表.xlsx"
     wb.save(f)
     docs = load_file(f, settings())
-    assert [(d.metadata["sheet"], d.metadata["page"]) for d in docs] == [("销售", 1), ("库存", 3)]
-    assert docs[0].page_content.splitlines() == [
-        "2024 年一季度销售表", "产品: 笔记本 | 数量: 3 | 日期: 2024-01-05", "产品: 显示器 | 数量: 12"]
-    assert docs[0].metadata["table_header"] == "产品 | 数量 | 日期"
-    assert docs[0].metadata["table_title"] == "2024 年一季度销售表"
-    assert docs[1].page_content == "品名: 键盘 | 库存: 40"
+    assert [(d.metadata["kind"], d.metadata["sheet"], d.metadata["page"]) for d in docs] == [
+        ("text", "销售", 1), ("table", "销售", 1), ("table", "库存", 3)]
+    # The title row becomes a heading before the table (the splitter puts it in every row chunk's heading path).
+    assert docs[0].page_content == "# 2024 年一季度销售表"
+    assert docs[1].page_content.splitlines() == ["产品: 笔记本 | 数量: 3 | 日期: 2024-01-05", "产品: 显示器 | 数量: 12"]
+    assert docs[1].metadata["table_header"] == "产品 | 数量 | 日期"
+    assert docs[1].metadata["table_title"] == "2024 年一季度销售表"
+    assert docs[2].page_content == "品名: 键盘 | 库存: 40"
 
 
 def test_pptx_slides_titles_tables_notes(tmp_path):

@@ -1,7 +1,7 @@
 """What every loader shares: the error type, the Document builders and the table-row format.
 
-Table rows are written as `列名: 值 | 列名: 值`, one row per line (after an optional title line, see
-table_document), and the header line goes to metadata["table_header"]. Why not a markdown row (`| 值 | 值 |`)? The splitter cuts long tables between rows;
+Table rows are written as `列名: 值 | 列名: 值`, one row per line, and the header line goes to
+metadata["table_header"]. Why not a markdown row (`| 值 | 值 |`)? The splitter cuts long tables between rows;
 a chunk of rows 40-45 must still say what each value means, both to the embedding model and to the LLM
 reading the 「已知信息」. "name: value" pairs do that on every line; bare markdown cells do not. Empty cells are
 left out so that sparse rows stay short.
@@ -66,11 +66,21 @@ class Ctx:
         if text:
             self.docs.append(Document(page_content=text, metadata={**self.base_meta(), "kind": "ocr", **meta}))
 
-    def add_table(self, rows: Sequence[Sequence[Any]], **meta: Any) -> None:
-        """Append a kind="table" Document from rows of cells; the first non-empty row is the header."""
+    def add_table(self, rows: Sequence[Sequence[Any]], *, title_as_heading: bool = False, **meta: Any) -> None:
+        """Append a kind="table" Document from rows of cells; the first non-empty row is the header.
+
+        A title row found above the table (see table_document) is also put just before it as a kind="text"
+        Document: as a '#' heading when the table is the whole file or sheet (title_as_heading, CSV and
+        spreadsheets), so that the splitter puts it in the heading path of every chunk of rows; as a plain line
+        inside documents, where a heading would also claim the text after the table.
+        """
         doc = table_document(rows, {**self.base_meta(), **meta})
-        if doc is not None:
-            self.docs.append(doc)
+        if doc is None:
+            return
+        title = doc.metadata.get("table_title")
+        if title:
+            self.add_text(heading(1, title) if title_as_heading else title, **meta)
+        self.docs.append(doc)
 
     def ocr_images(self, blobs: Iterable[bytes], **meta: Any) -> None:
         """OCR pictures embedded in a document (within the OCR allowance) into kind="ocr" Documents.
@@ -130,7 +140,7 @@ def table_document(rows: Iterable[Sequence[Any]], meta: dict[str, Any]) -> Docum
     """rows -> Document(kind="table") in the `列名: 值 | 列名: 值` format, or None when no row has a value.
 
     Leading rows with a single filled cell above a wider table are its title (「2023 年销售表」): they go to
-    metadata["table_title"] and head the page_content. A first row with a number in it is data, not a header:
+    metadata["table_title"], not into page_content (one row per line). A first row with a number in it is data, not a header:
     columns are then named 列1, 列2, ...
     """
     cleaned = [_rstrip_cells([cell_text(c) for c in row]) for row in rows]
@@ -163,7 +173,6 @@ def table_document(rows: Iterable[Sequence[Any]], meta: dict[str, Any]) -> Docum
     extra: dict[str, Any] = {}
     if titles:
         extra["table_title"] = " ".join(titles)
-        lines.insert(0, extra["table_title"])
     return Document(
         page_content="\n".join(lines),
         metadata={**meta, "kind": "table", "table_header": " | ".join(header), **extra},

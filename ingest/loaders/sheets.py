@@ -23,7 +23,7 @@ def load_xlsx(ctx: Ctx) -> None:
     try:
         for number, ws in enumerate(wb.worksheets, start=1):
             rows = ws.iter_rows(values_only=True) if hasattr(ws, "iter_rows") else []
-            ctx.add_table(list(rows), sheet=ws.title, page=number)
+            ctx.add_table(list(rows), title_as_heading=True, sheet=ws.title, page=number)
     finally:
         wb.close()
 
@@ -38,7 +38,7 @@ def load_xls(ctx: Ctx) -> None:
         for number in range(book.nsheets):
             sheet = book.sheet_by_index(number)
             rows = [[_xls_cell(book, c) for c in sheet.row(r)] for r in range(sheet.nrows)]
-            ctx.add_table(rows, sheet=sheet.name, page=number + 1)
+            ctx.add_table(rows, title_as_heading=True, sheet=sheet.name, page=number + 1)
             book.unload_sheet(number)
     finally:
         book.release_resources()

@@ -83,7 +83,7 @@ def load_csv(ctx: Ctx) -> None:
         rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
     except csv.Error as e:
         raise LoadError("corrupt", f"表格文件「{ctx.name}」格式有误（{e}）：请用 Excel 打开另存为 CSV 后重新导入") from e
-    ctx.add_table(rows, encoding=decoded.encoding)
+    ctx.add_table(rows, title_as_heading=True, encoding=decoded.encoding)
 
 
 def load_json(ctx: Ctx) -> None:
