@@ -90,7 +90,7 @@ EXPECT: dict[str, tuple] = {
     "unstructured/example-steelJIS-datasheet-utf-16.html": ("ok", {"text": ["# SteelJIS"], "table": ["Cr: 0.75 - 1.2"]}),
     "unstructured/example-with-scripts.html": ("ok", {"any": ["Who We Are"]}),
     "unstructured/fake-doc.rtf": ("ok", {"text": ["My first paragraph.", "Row 2, Cell 2"]}),
-    "unstructured/fake-html-cp1252.html": ("ok", {"text": ["# My First Heading", "El niño comió paella", "15,50 €"]}),
+    "unstructured/fake-html-cp1252.html": ("ok", {"text": ["# My First Heading", "\nEl niño comió paella", "15,50 €"]}),
     "unstructured/fake-html-with-base64-image.html": ("ok", {"text": ["Test page"]}),
     "unstructured/fake-text-all-whitespace.txt": ("error", "empty"),
     "unstructured/fake-text-utf-16-be.txt": ("ok", {"text": ["This is a test document to use for unit tests.", "Doylestown, PA 18901"]}),
@@ -259,6 +259,15 @@ def test_html_gb2312_label_with_gbk_only_characters(tmp_path):
     assert [d.metadata["kind"] for d in docs] == ["text", "table", "text"]  # page order kept
     assert docs[-1].page_content == "表后文字"
     assert {d.metadata["encoding"] for d in docs} == {"gb18030"}
+
+
+def test_html_declared_charset_is_honoured_and_pre_keeps_lines(tmp_path):
+    f = tmp_path / "繁體.html"
+    # Two Big5 characters alone are ambiguous (they also decode as GB18030); the page's label settles it.
+    f.write_bytes('<meta charset="big5"><p>中文</p><pre>第一行\n  第二行</pre>'.encode("big5"))
+    docs = load_file(f, settings())
+    assert docs[0].page_content.splitlines() == ["中文", "第一行", "  第二行"]
+    assert docs[0].metadata["encoding"] == "cp950"
 
 
 def test_html_wrong_latin1_label_on_gbk_bytes(tmp_path):

@@ -17,7 +17,7 @@ from ingest.encoding import Decoded, decode_bytes
 from ingest.loaders.base import Ctx, heading
 
 _DROP = {"script", "style", "noscript", "template", "head", "svg", "iframe", "object", "canvas", "button",
-         "select", "option", "input", "textarea", "form"}
+         "select", "option", "input", "form"}
 _BLOCK = {"address", "article", "aside", "blockquote", "body", "center", "dd", "details", "dialog", "dir",
           "div", "dl", "dt", "fieldset", "figcaption", "figure", "footer", "header", "hr", "li", "main",
           "menu", "nav", "ol", "p", "pre", "section", "summary", "table", "tbody", "td", "tfoot", "th",
@@ -84,6 +84,11 @@ class _Walker:
             if m:
                 self.newline()
                 self.lines.append(heading(int(m.group(1)), child.get_text(" ", strip=True)))
+                continue
+            if name in ("pre", "textarea") or (name == "code" and "\n" in child.get_text()):
+                # Preformatted text keeps its line breaks (code, poems, fixed-width tables).
+                self.newline()
+                self.lines.extend(ln.rstrip() for ln in child.get_text().strip("\n").split("\n") if ln.strip())
                 continue
             if name == "table" and _is_data_table(child):
                 self.flush()
