@@ -220,3 +220,41 @@ def test_api_requires_login_when_enabled(tmp_path, monkeypatch):
         assert r.status_code == 200 and r.json() == []
         # the page itself is behind Gradio's login form
         assert client.get("/config").status_code == 401
+
+
+# --- background jobs against the real pipeline --------------------------------------------------------------------
+def test_upload_job_ingests_reports_and_removes(tmp_settings, tmp_path, models_dir):
+    from tests.conftest import require_model
+
+    from app import library
+    from app.jobs import JobManager
+
+    require_model(models_dir, tmp_settings.embedding.model)
+    library.create("手册", tmp_settings)
+    guide = PROJECT_ROOT / "docs" / "guide" / "02-导入文件.md"
+    z = _file(tmp_path, "z.zip", _zip([("faq.md", (PROJECT_ROOT / "docs/guide/06-常见问题.md").read_bytes()),
+                                       ("../x.md", b"bad")]))
+    jobs = JobManager(tmp_settings)
+    try:
+        job = jobs.upload("手册", [(guide, guide.name), (z, "包.zip"), (guide, "bad.exe")])
+        assert job.state == "queued"
+        done = jobs.wait(job.id, timeout=300)
+        assert done.state == "done", done.error
+        rows = {f.name: f for f in done.files}
+        assert rows["sources/02-导入文件.md"].status == "ok" and rows["sources/02-导入文件.md"].chunks > 0
+        assert rows["sources/faq.md"].status == "ok"
+        assert rows["包.zip/../x.md"].status == "rejected" and rows["bad.exe"].status == "rejected"
+        assert library.size("手册", tmp_settings).files == 2
+        table = library.file_table("手册", tmp_settings)
+        assert [r[0] for r in table] == ["sources/02-导入文件.md", "sources/faq.md"] and table[0][3] == "成功"
+
+        gone = jobs.wait(jobs.remove("手册", ["sources/faq.md"]).id, timeout=120)
+        assert [(f.name, f.status) for f in gone.files] == [("sources/faq.md", "removed")]
+        assert library.file_paths("手册", tmp_settings) == ["sources/02-导入文件.md"]
+        kb_sources = tmp_settings.kb_root / "手册" / "sources"
+        assert sorted(p.name for p in kb_sources.iterdir()) == ["02-导入文件.md"]
+
+        failed = jobs.wait(jobs.upload("不存在", [(guide, guide.name)]).id, timeout=60)
+        assert failed.state == "failed" and "不存在" in failed.error
+    finally:
+        jobs.shutdown()
