@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from configs import PROJECT_ROOT, load_settings  # noqa: E402
-from ingest.loaders import SUPPORTED_EXTENSIONS, LoadError, load_file  # noqa: E402
+from configs import PROJECT_ROOT, load_settings
+from ingest.loaders import SUPPORTED_EXTENSIONS, LoadError, load_file
 
 DEFAULT_FOLDER = PROJECT_ROOT.parent / "shared" / "data" / "messy_docs"
 

@@ -25,7 +25,7 @@ from ingest.loaders.base import Ctx, LoadError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadError", "SUPPORTED_EXTENSIONS", "load_file"]
+__all__ = ["SUPPORTED_EXTENSIONS", "LoadError", "load_file"]
 
 
 def _loader(module: str, func: str) -> Callable[[Ctx], None]:

@@ -8,14 +8,18 @@ left out so that sparse rows stay short.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from langchain_core.documents import Document
+from PIL import Image
 
 from configs.settings import IngestSettings
+
+log = logging.getLogger(__name__)
 
 
 class LoadError(Exception):
@@ -94,7 +98,9 @@ class Ctx:
                 return
             try:
                 image = ocr.open_image(blob)
-            except Exception:  # not a raster image PIL knows, or a broken one: nothing to read in it
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                # Not a raster image PIL knows (EMF/WMF), or a broken one: nothing to read in it.
+                log.debug("%s: embedded picture skipped (%s)", self.path, e)
                 continue
             if min(image.size) < 32 or ocr.is_blank(image):
                 continue

@@ -33,13 +33,14 @@ def check_encrypted_office(ctx: Ctx, what: str) -> None:
     with open(ctx.path, "rb") as f:
         if f.read(8) != _OLE_MAGIC:
             return
-    try:
-        import msoffcrypto
+    import msoffcrypto
+    from msoffcrypto.exceptions import FileFormatError, ParseError
 
+    try:
         with open(ctx.path, "rb") as f:
             encrypted = msoffcrypto.OfficeFile(f).is_encrypted()
-    except Exception:  # not an Office container msoffcrypto knows: let the real parser report it
-        return
+    except (FileFormatError, ParseError, OSError, ValueError, KeyError, IndexError):
+        return  # not an Office container msoffcrypto knows: the format's own parser reports it
     if encrypted:
         raise LoadError("encrypted", f"{what}「{ctx.name}」设置了打开密码，无法读取：请在 Office 中去除密码后重新导入")
 

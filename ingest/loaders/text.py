@@ -61,8 +61,7 @@ def load_md(ctx: Ctx) -> None:
 
 def _md_cells(line: str) -> list[str]:
     line = line.strip()
-    if line.startswith("|"):
-        line = line[1:]
+    line = line.removeprefix("|")
     if line.endswith("|") and not line.endswith("\\|"):
         line = line[:-1]
     return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)]
