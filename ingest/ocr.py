@@ -22,6 +22,8 @@ from PIL import Image
 MAX_SIDE = 2000
 # Below this on the shorter side, an image cannot hold a readable line of text (icons, bullets, spacers).
 MIN_SIDE = 16
+# RapidOCR's text detector (config Det.limit_side_len, limit_type "min") enlarges images to this shorter side.
+DET_MIN_SIDE = 736
 # Refuse to decode images above this many pixels (a "decompression bomb" would take gigabytes).
 MAX_PIXELS = 80_000_000
 
@@ -106,12 +108,30 @@ def ocr_image(img: Image.Image) -> str:
     if max(img.size) > MAX_SIDE:
         img = img.copy()
         img.thumbnail((MAX_SIDE, MAX_SIDE))
+    img = _pad_short_side(img)
     # RapidOCR expects OpenCV's BGR channel order for ndarray input.
     arr = np.ascontiguousarray(np.asarray(img)[:, :, ::-1])
     result, _elapsed = get_engine()(arr)
     if not result:
         return ""
     return _join_lines(result)
+
+
+def _pad_short_side(img: Image.Image) -> Image.Image:
+    """Pad a wide or tall strip (a line of text, a banner) with white so that its short side reaches
+    min(long side, DET_MIN_SIDE).
+
+    RapidOCR's detector scales an image up until its *shorter* side is DET_MIN_SIDE: a 1600x280 strip would
+    become 4200x736 and a 449x110 label 3000x736, several times the pixels for no gain. White padding
+    below/right keeps box coordinates; small images are still enlarged (as squares), which helps small text.
+    """
+    w, h = img.size
+    target = min(max(w, h), DET_MIN_SIDE)
+    if min(w, h) >= target:
+        return img
+    padded = Image.new("RGB", (max(w, target), max(h, target)), (255, 255, 255))
+    padded.paste(img, (0, 0))
+    return padded
 
 
 def _join_lines(result: list) -> str:
