@@ -82,7 +82,7 @@ def plan_tensors(reader, model, n_layers: int) -> list[_Planned]:
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))     # GGUF lists dims innermost first
         if len(shape) == 2 and shape[0] == 1 and len(hf_shapes[hf]) == 1:
             shape = shape[1:]
-        if int(np.prod(shape)) != int(np.prod(hf_shapes[hf])):
+        if shape != hf_shapes[hf]:                                         # a transposed tensor fails here too
             raise GGUFConvertError(f"GGUF tensor {t.name} has shape {shape}, {hf} expects {hf_shapes[hf]}")
         plan.append(_Planned(t.name, hf, hf_shapes[hf], int(np.prod(hf_shapes[hf])) * 2))
         seen.add(hf)

@@ -407,9 +407,14 @@ def pull_model(model: PackModel, models_dir: Path, *, downloader: Downloader = p
             "fetch_seconds": round(t_fetch, 1), "convert_seconds": round(time.monotonic() - t1, 1),
             "convert_peak_rss_mb": round(peak)}
     write_manifest(part, model, info)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(part, folder)
+    if folder.exists():                              # swap with two renames: readers see the folder all along
+        old = models_dir / (model.folder + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(part, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(part, folder)
     print(f"{model.key}: ready in {folder} (convert {info['convert_seconds']} s, peak RSS {info['convert_peak_rss_mb']} MB)",
           flush=True)
     return folder
