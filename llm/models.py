@@ -451,6 +451,12 @@ def _cmd_list(models_dir: Path) -> int:
         if state == "pulled":
             state += f" ({sum(p.stat().st_size for p in folder.rglob('*') if p.is_file()) / 1e6:.0f} MB)"
         print(f"  {m.key:<10} {m.folder:<24} ~{m.approx_mb:>5} MB  {state:<16}  {m.description}")
+    pack_folders = {m.folder for m in MODELS.values()}
+    own = sorted(p.name for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                 and p.name not in pack_folders and not p.name.endswith((".part", ".hf", ".old"))) \
+        if models_dir.is_dir() else []
+    if own:
+        print("other folders (use them with embedding.model / llm.model): " + ", ".join(own))
     return 0
 
 
