@@ -261,10 +261,15 @@ def _default_embedder(settings: "Settings") -> "Embedder":
     return Embedder.from_settings(settings)
 
 
-def _spec(embedder: "Embedder", settings: "Settings") -> IndexSpec:
+def _spec(embedder: "Embedder", settings: "Settings", stored: IndexSpec | None) -> IndexSpec:
+    """The spec this run would write. The model id is a fingerprint of the model folder's files and configs, so
+    when it matches the stored one so does the dimension: reuse it instead of loading the model (an unchanged
+    rerun then never loads the model at all)."""
+    model_id = embedder.model_id
+    dim = stored.dim if stored is not None and stored.model_id == model_id and stored.dim else int(embedder.dim)
     return IndexSpec(
-        model_id=embedder.model_id, dim=int(embedder.dim), passage_prefix=settings.embedding.passage_prefix,
-        max_tokens=int(embedder.max_tokens), chunk_size=settings.ingest.chunk_size,
+        model_id=model_id, dim=dim, passage_prefix=settings.embedding.passage_prefix,
+        max_seq_length=settings.embedding.max_seq_length, chunk_size=settings.ingest.chunk_size,
         chunk_overlap=settings.ingest.chunk_overlap,
     )
 
@@ -286,7 +291,7 @@ def _run(files: list[_File], kb_name: str, settings: "Settings", embedder: "Embe
     kb = KnowledgeBase.open_or_create(kb_name, settings)
     with kb.writer(timeout=lock_timeout) as w:
         t0 = time.perf_counter()
-        w.set_spec(_spec(embedder, settings), rebuild=rebuild)  # KBIncompatibleError before anything changes
+        w.set_spec(_spec(embedder, settings, None if rebuild else w.spec), rebuild=rebuild)  # KBIncompatibleError before anything changes
         to_parse = _diff(files, w, report, prune_roots)
         report.phase_seconds["scan"] += time.perf_counter() - t0
         _emit(on_progress, ProgressEvent("scan", 0, len(to_parse), message=f"{len(files)} files scanned"))

@@ -150,7 +150,7 @@ class IndexSpec:
     model_id: str
     dim: int
     passage_prefix: str
-    max_tokens: int
+    max_seq_length: int       # embedding.max_seq_length: with the model it fixes the chunk token limit
     chunk_size: int
     chunk_overlap: int
 

@@ -16,7 +16,7 @@ from retrieval.store import (
 from retrieval.types import Chunk
 
 DIM = 8
-SPEC = IndexSpec(model_id="tiny@abc", dim=DIM, passage_prefix="passage: ", max_tokens=128, chunk_size=250,
+SPEC = IndexSpec(model_id="tiny@abc", dim=DIM, passage_prefix="passage: ", max_seq_length=128, chunk_size=250,
                  chunk_overlap=50)
 
 
