@@ -369,6 +369,25 @@ def test_xlsx_sheets_title_rows_dates(tmp_path):
     assert docs[2].page_content == "品名: 键盘 | 库存: 40"
 
 
+def test_xls_legacy_workbook(tmp_path):
+    import datetime
+
+    xlwt = pytest.importorskip("xlwt", reason="xlwt (requirements-dev.txt) writes the .xls fixture")
+    wb = xlwt.Workbook(encoding="utf-8")
+    ws = wb.add_sheet("人员")
+    date_style = xlwt.easyxf(num_format_str="YYYY-MM-DD")
+    for c, v in enumerate(["姓名", "工号", "入职"]):
+        ws.write(0, c, v)
+    ws.write(1, 0, "王五")
+    ws.write(1, 1, 1024)
+    ws.write(1, 2, datetime.date(2022, 3, 1), date_style)
+    f = tmp_path / "旧表.xls"
+    wb.save(str(f))
+    docs = load_file(f, settings())
+    assert [(d.metadata["kind"], d.metadata["sheet"], d.metadata["page"]) for d in docs] == [("table", "人员", 1)]
+    assert docs[0].page_content == "姓名: 王五 | 工号: 1024 | 入职: 2022-03-01"
+
+
 def test_pptx_slides_titles_tables_notes(tmp_path):
     from pptx import Presentation
     from pptx.util import Inches
