@@ -53,7 +53,9 @@ def stream_generate(
                 generate(**inputs, **generate_kwargs, streamer=streamer,
                          stopping_criteria=StoppingCriteriaList([StopOnEvent(*events)]))
         except BaseException as e:  # noqa: BLE001 - carried to the consumer thread and raised there
-            failure.append(e)
+            # Drop the traceback: its frames hold the failed step's GPU tensors, which must be freed before
+            # empty_cache() can hand the memory back (the model must stay usable after an OOM).
+            failure.append(e.with_traceback(None))
             streamer.end()          # unblock the consumer; generate() did not reach its own end()
 
     thread = threading.Thread(target=worker, name="llm-generate", daemon=True)

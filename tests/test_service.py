@@ -1,0 +1,248 @@
+"""QA service: real ingest into a real KB (FAISS + real multilingual-e5-small), real retrieval, real prompt builder,
+and a tiny random GLM as the LLM (fast); the end-to-end test at the bottom uses the real demo LLM (slow).
+
+CMRC 2018 trial passages are read from /work/shared/data (never copied into the repo).
+"""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from app.service import AnswerParams, QAError, QAService
+from configs import load_settings
+from ingest import ingest
+from llm import load_llm
+from prompts import REFUSAL
+from tests.conftest import require_model
+from tests.support.tiny_glm import build_tiny_glm
+
+UNRELATED = "如何给汽车更换轮胎的气门芯？"
+
+
+def cmrc_paragraphs(cmrc_trial: Path, n: int) -> list[dict]:
+    """The first n paragraphs with their first question and answers."""
+    data = json.loads(cmrc_trial.read_text(encoding="utf-8"))["data"]
+    out = []
+    for article in data:
+        for para in article["paragraphs"]:
+            qa = para["qas"][0]
+            out.append({"context": para["context"], "question": qa["question"],
+                        "answers": [a["text"] for a in qa["answers"]]})
+            if len(out) == n:
+                return out
+    return out
+
+
+def write_docs(folder: Path, paragraphs: list[dict], prefix: str = "cmrc") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(paragraphs):
+        (folder / f"{prefix}_{i:02d}.txt").write_text(p["context"], encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, cmrc_trial, models_dir):
+    """A KB 'cmrc' of 6 CMRC passages, and a service with a tiny GLM (float32 on CPU)."""
+    require_model(models_dir, "multilingual-e5-small")
+    root = tmp_path_factory.mktemp("svc")
+    glm = build_tiny_glm(root / "tiny-glm", "glm")
+    settings = load_settings(paths={"kb_root": str(root / "kb"), "models_dir": str(models_dir)},
+                             llm={"model": str(glm), "device": "cpu", "dtype": "float32", "temperature": 0.0,
+                                  "max_new_tokens": 16})
+    paragraphs = cmrc_paragraphs(cmrc_trial, 7)      # the 7th is added later, by the stale-KB test
+    report = ingest(write_docs(root / "docs", paragraphs[:6]), "cmrc", settings)
+    assert report.exit_code == 0, report
+    service = QAService(settings)
+    return {"settings": settings, "service": service, "paragraphs": paragraphs, "root": root}
+
+
+class GenerateSpy:
+    """Wraps the real model.generate and records each call's prompt length (the generation still runs)."""
+
+    def __init__(self, model):
+        self.model, self.real, self.calls = model, model.generate, []
+
+    def __enter__(self):
+        def spy(*args, **kwargs):
+            self.calls.append(kwargs["input_ids"].shape[1])
+            return self.real(*args, **kwargs)
+
+        self.model.generate = spy
+        return self
+
+    def __exit__(self, *exc):
+        self.model.generate = self.real
+
+
+def test_answer_streams_and_cites_the_right_passage(world):
+    service, para = world["service"], world["paragraphs"][0]
+    with GenerateSpy(service.llm.model) as spy:
+        stream = service.answer(para["question"], "cmrc", [])
+        assert stream.refused is False and stream.low_relevance == []
+        pieces = list(stream)
+    assert pieces and stream.error == "" and stream.text == "".join(pieces)
+    assert len(spy.calls) == 1
+    assert stream.sources, "an answered question has sources"
+    top = stream.sources[0]
+    assert top.source.endswith("cmrc_00.txt") and top.text in para["context"]
+    assert top.dense_score >= world["settings"].retrieval.score_threshold
+
+
+def test_no_evidence_means_no_llm_call(world):
+    service = world["service"]
+    with GenerateSpy(service.llm.model) as spy:
+        stream = service.answer(UNRELATED, "cmrc", [])
+        assert list(stream) == [REFUSAL]
+    assert spy.calls == []                       # the model's generate was never invoked
+    assert stream.refused is True and stream.sources == []
+    assert stream.low_relevance, "the closest passages are offered"
+    assert all(h.dense_score < world["settings"].retrieval.score_threshold for h in stream.low_relevance)
+
+
+def test_threshold_parameter_decides_abstention(world):
+    service, question = world["service"], world["paragraphs"][1]["question"]
+    best = service.search(question, "cmrc", threshold=-1.0).best_dense
+    assert best is not None
+    strict = service.answer(question, "cmrc", [], {"threshold": min(best + 0.01, 1.0)})
+    assert strict.refused and list(strict) == [REFUSAL]
+    loose = service.answer(question, "cmrc", [], {"threshold": best - 0.01, "max_new_tokens": 3})
+    assert not loose.refused and loose.sources
+    list(loose)
+    # UNRELATED is evidence only when the threshold is lowered below its best cosine.
+    assert service.answer(UNRELATED, "cmrc", [], AnswerParams(threshold=-1.0, max_new_tokens=2)).refused is False
+
+
+def test_history_goes_into_the_prompt_up_to_history_turns(world):
+    service, para = world["service"], world["paragraphs"][0]
+    history = [("第一轮问题甲", "第一轮回答甲"), ("第二轮问题乙", "第二轮回答乙")]
+    seen = []
+    real_stream = service.llm.stream
+
+    def spy(messages, params=None, stop_event=None):
+        seen.append(messages)
+        return real_stream(messages, params, stop_event)
+
+    service.llm.stream = spy
+    try:
+        list(service.answer(para["question"], "cmrc", history, {"history_turns": 1}))
+        list(service.answer(para["question"], "cmrc", history, {"history_turns": 0}))
+    finally:
+        del service.llm.stream
+    one, none = seen
+    assert [m["content"] for m in one[:-1]] == ["第二轮问题乙", "第二轮回答乙"]   # newest turn kept, oldest dropped
+    assert [m["role"] for m in one] == ["user", "assistant", "user"]
+    assert len(none) == 1 and para["question"] in none[0]["content"]
+
+
+def test_prompt_budget_trims_passages_to_fit_the_window(world, tmp_path):
+    base = world["settings"]
+    settings = load_settings(paths={"kb_root": str(base.kb_root), "models_dir": str(base.models_dir)},
+                             llm={**base.llm.model_dump(), "max_context_tokens": 700, "max_new_tokens": 50},
+                             prompt={"context_tokens": 200})
+    service = QAService(settings, llm=world["service"].llm, embedder=world["service"].searcher.embedder)
+    question = world["paragraphs"][0]["question"]
+    wide = service.search(question, "cmrc", top_k=5, threshold=-1.0)
+    assert len(wide.hits) >= 2
+    with GenerateSpy(service.llm.model) as spy:
+        stream = service.answer(question, "cmrc", [], {"top_k": 5, "threshold": -1.0})
+        list(stream)
+    # The context budget (200 tokens) cannot hold every hit: the lower-ranked ones are dropped or trimmed ...
+    assert stream.dropped or any(h.metadata.get("trimmed") for h in stream.sources)
+    assert stream.sources[0].text in wide.hits[0].text      # ... but never the best one
+    # ... and the real tokenized prompt (chat template included) leaves room for the answer.
+    assert spy.calls[0] <= 700 - 50
+
+
+def test_missing_kb_is_a_clear_error_never_plain_chat(world):
+    service = world["service"]
+    with GenerateSpy(service.llm.model) as spy:
+        with pytest.raises(QAError, match=r"knowledge base 'nope' does not exist \(existing ones: cmrc\).*ingest.py"):
+            service.answer("你好", "nope", [])
+        with pytest.raises(QAError, match="no knowledge base chosen"):
+            service.answer("你好", "", [])
+    assert spy.calls == []
+
+
+def test_bad_parameters_are_sentences(world):
+    service = world["service"]
+    with pytest.raises(QAError, match="top_k must be > 0, got 0"):
+        service.answer("问题", "cmrc", [], {"top_k": 0})
+    with pytest.raises(QAError, match="unknown answer parameter.*colour"):
+        service.answer("问题", "cmrc", [], {"colour": "red"})
+    with pytest.raises(QAError, match="question is empty"):
+        service.answer("  ", "cmrc", [])
+
+
+def test_stop_event_ends_the_answer(world):
+    service, para = world["service"], world["paragraphs"][0]
+    stop = threading.Event()
+    stream = service.answer(para["question"], "cmrc", [], {"max_new_tokens": 200, "threshold": -1.0},
+                            stop_event=stop)
+    got = []
+    for piece in stream:
+        got.append(piece)
+        stop.set()
+    assert len(got) <= 2 and stream.error == "" and stream.done
+    full = "".join(service.answer(para["question"], "cmrc", [], {"max_new_tokens": 200, "threshold": -1.0}))
+    assert len(full) > len("".join(got))
+
+
+def test_new_generation_of_the_kb_is_seen_without_restart(world):
+    service, settings, root = world["service"], world["settings"], world["root"]
+    extra = world["paragraphs"][6]
+    before = service.knowledge_base("cmrc").generation
+    assert not service.search(extra["question"], "cmrc", threshold=-1.0).hits[0].source.endswith("extra_00.txt")
+    docs = root / "docs2"
+    write_docs(docs, [extra], prefix="extra")
+    assert ingest(docs, "cmrc", settings, embedder=service.searcher.embedder).exit_code == 0
+    after = service.knowledge_base("cmrc")        # the same service, no restart
+    assert after.generation != before
+    assert service.search(extra["question"], "cmrc", threshold=-1.0).hits[0].source.endswith("extra_00.txt")
+
+
+def test_generation_failure_lands_in_error(world):
+    """An LLM that fails mid-request (here: an OpenAI-compatible server that is not running) gives .error."""
+    settings = load_settings(paths={"kb_root": str(world["settings"].kb_root)},
+                             llm={"backend": "openai", "openai_base_url": "http://127.0.0.1:9/v1",
+                                  "openai_model": "glm-4"})
+    service = QAService(settings, llm=load_llm(settings), embedder=world["service"].searcher.embedder)
+    stream = service.answer(world["paragraphs"][0]["question"], "cmrc", [], {"threshold": -1.0})
+    assert list(stream) == []
+    assert "cannot reach" in stream.error and "llm.openai_base_url" in stream.error
+
+
+def test_demo_notice_reaches_the_service(world, tmp_path):
+    models = tmp_path / "models"
+    build_tiny_glm(models / "tiny-demo", "glm4")
+    settings = load_settings(paths={"kb_root": str(world["settings"].kb_root), "models_dir": str(models)},
+                             llm={"model": "chatglm3-6b", "demo_model": "tiny-demo", "device": "cpu",
+                                  "dtype": "float32"})
+    service = QAService(settings, embedder=world["service"].searcher.embedder)
+    assert service.info.is_demo and "演示模式" in service.info.notice
+
+
+# --- end to end with the real demo model ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_end_to_end_real_models(tmp_path, cmrc_trial, models_dir):
+    """Real qwen2.5-1.5b-instruct (CPU, bf16) + real e5 on 4 CMRC passages: one answer in the documents,
+    one question whose answer is not there (refused without calling the LLM)."""
+    require_model(models_dir, "qwen2.5-1.5b-instruct")
+    require_model(models_dir, "multilingual-e5-small")
+    paragraphs = cmrc_paragraphs(cmrc_trial, 4)
+    settings = load_settings(paths={"kb_root": str(tmp_path / "kb"), "models_dir": str(models_dir)},
+                             llm={"model": "qwen2.5-1.5b-instruct", "device": "cpu", "temperature": 0.0,
+                                  "max_new_tokens": 48, "max_context_tokens": 2048},
+                             retrieval={"top_k": 2}, prompt={"context_tokens": 600})
+    assert ingest(write_docs(tmp_path / "docs", paragraphs), "e2e", settings).exit_code == 0
+    service = QAService(settings)
+    para = paragraphs[0]                        # 生命数耗完即算为什么？ → 踢爆
+    stream = service.answer(para["question"], "e2e", [])
+    answer = "".join(stream)
+    assert not stream.refused and stream.error == ""
+    assert any(ref in answer for ref in para["answers"]), (answer, para["answers"])
+    assert stream.sources[0].source.endswith("cmrc_00.txt")
+    missing = service.answer(UNRELATED, "e2e", [])
+    assert missing.refused and "".join(missing) == REFUSAL
