@@ -542,6 +542,20 @@ def test_scanned_pdf_is_ocred_within_the_page_bound(tmp_path):
     assert e.value.kind == "no_text" and "ingest.ocr" in e.value.reason
 
 
+def test_pdf_text_quality_flags_garbled_layers():
+    from ingest.loaders.pdf import text_quality
+
+    assert text_quality("第一章 总则\n为规范管理") == (10, False)
+    assert text_quality("\ue001\ue002\ue003\ue004 \ue005\ue006\ue007\ufffd 第一章") == (3, True)
+    assert text_quality("\ue001\ue002") == (0, False)  # too short to judge: the page is OCRed as sparse anyway
+
+
+def test_control_characters_are_dropped(tmp_path):
+    f = tmp_path / "控制符.txt"
+    f.write_bytes("排版\x02软连字符\x00与\x07响铃\x0c换页\t制表".encode())
+    assert text_of(load_file(f, settings())) == "排版软连字符与响铃\n换页\t制表"
+
+
 def test_password_pdf_and_owner_only_pdf(tmp_path, messy_docs):
     from pypdf import PdfReader, PdfWriter
 

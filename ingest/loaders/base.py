@@ -9,6 +9,7 @@ left out so that sparse rows stay short.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,9 +119,14 @@ class Ctx:
         return True
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+
+
 def tidy(text: str) -> str:
-    """Normalise newlines, drop trailing spaces and NULs, collapse runs of blank lines; keep indentation."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "").replace("\u000c", "\n")
+    """Normalise newlines, drop control characters and trailing spaces, collapse blank lines; keep indentation."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u000c", "\n").replace("\u000b", "\n")
+    # Other control characters (PDFium's \x02 for a hyphen at a line end, NULs, BELs) are never content.
+    text = _CONTROL.sub("", text)
     lines = [ln.rstrip() for ln in text.split("\n")]
     out: list[str] = []
     for ln in lines:

@@ -1,6 +1,7 @@
 """PDF: the text layer of every page (pypdfium2), OCR for pages that have (almost) none.
 
-A page whose text layer has fewer than settings.ocr_min_chars non-space characters is rendered (longer side
+A page whose text layer has fewer than settings.ocr_min_chars non-space characters, or is garbled (fonts
+without a Unicode map give private-use/replacement characters, see text_quality), is rendered (longer side
 ~1600 px) and OCRed as a whole: that covers scans, pictures of text and pages drawn as vector outlines in one
 way. Its text-layer characters, if any, are kept too (kind "text"); the OCR result is a separate kind "ocr"
 Document of the same page. At most settings.ocr_max_pages pages are OCRed per file; the rest are skipped
@@ -64,9 +65,15 @@ def _load_page(ctx: Ctx, pdf: pdfium.PdfDocument, i: int) -> int:
             text = textpage.get_text_bounded()
         finally:
             textpage.close()
-        ctx.add_text(text, page=i + 1)
-        if sum(1 for c in text if not c.isspace()) >= ctx.settings.ocr_min_chars:
-            return 0
+        usable, garbled = text_quality(text)
+        if garbled:
+            # Fonts without a Unicode map (common in old Chinese PDFs) give private-use or replacement
+            # characters: worthless for search, so the page is treated as having no text layer.
+            log.info("%s: page %d text layer is garbled; OCR instead", ctx.path, i + 1)
+        else:
+            ctx.add_text(text, page=i + 1)
+            if usable >= ctx.settings.ocr_min_chars:
+                return 0
         if not ctx.take_ocr_slot():
             return 0
         w, h = page.get_size()
@@ -80,6 +87,20 @@ def _load_page(ctx: Ctx, pdf: pdfium.PdfDocument, i: int) -> int:
         return 1
     finally:
         page.close()
+
+
+def text_quality(text: str) -> tuple[int, bool]:
+    """(number of usable non-space characters, whether the text layer is garbled).
+
+    Garbled: at least 10 non-space characters and over 30% of them private-use (U+E000-U+F8FF) or
+    replacement/non-characters (U+FFFD, U+FFFE, U+FFFF).
+
+    >>> text_quality("第一章 总则")
+    (5, False)
+    """
+    chars = [c for c in text if not c.isspace()]
+    bad = sum(1 for c in chars if "\ue000" <= c <= "\uf8ff" or c in "\ufffd\ufffe\uffff")
+    return len(chars) - bad, len(chars) >= 10 and bad > 0.3 * len(chars)
 
 
 def _summary(e: Exception) -> str:
