@@ -78,7 +78,7 @@ class Embedder(Embeddings):
     def __init__(self, settings: EmbeddingSettings, folder: Path) -> None:
         self.settings = settings
         self.folder = Path(folder)
-        self._lock = threading.RLock()  # re-entrant: loading the model reads max_tokens, which loads the tokenizer under the same lock
+        self._lock = threading.RLock()  # re-entrant: loading the model loads the tokenizer
         self._model: SentenceTransformer | None = None
         self._tokenizer: Any = None
         self._max_tokens: int | None = None
