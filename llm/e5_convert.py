@@ -175,7 +175,11 @@ def convert_e5(bin_path: Path, tokenizer_json: Path, out_dir: Path) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")         # everything below reads local files only
     import torch
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from sentence_transformers.sentence_transformer.modules import (
+        Normalize,
+        Pooling,
+        Transformer,
+    )
     from transformers import BertConfig, BertModel, XLMRobertaTokenizer
 
     src = E5S1File(bin_path)

@@ -145,10 +145,14 @@ def _progress(total: int, desc: str):
 
 
 def _wheel_key(filename: str) -> tuple[str, str] | None:
-    from packaging.utils import canonicalize_name, parse_wheel_filename
+    from packaging.utils import (
+        InvalidWheelFilename,
+        canonicalize_name,
+        parse_wheel_filename,
+    )
     try:
         name, version, _build, _tags = parse_wheel_filename(filename)
-    except Exception:
+    except InvalidWheelFilename:
         return None
     return canonicalize_name(name), str(version)
 
@@ -181,7 +185,7 @@ def pip_download(requirements: list[str], dest: Path) -> None:
            "--platform", "manylinux2014_x86_64", "--platform", "any",
            "-d", str(dest), *requirements]
     print(f"downloading {len(requirements)} wheel(s) with pip: {', '.join(requirements)}", flush=True)
-    proc = subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, check=False, stdout=None, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         tail = "\n    ".join((proc.stderr or "").strip().splitlines()[-6:])
         raise DownloadError(
@@ -330,7 +334,7 @@ def convert_in_child(model: PackModel, inputs: dict[str, Path], out_dir: Path) -
     peak is its own; returns that peak RSS in MB."""
     cmd = [sys.executable, "-m", "llm.models", "_convert", model.converter, str(out_dir.resolve()),
            *[f"{k}={v.resolve()}" for k, v in inputs.items()]]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.run(cmd, check=False, cwd=Path(__file__).resolve().parent.parent)
     if proc.returncode != 0:
         raise ModelPackError(_conversion_failed(model, inputs, f"exit code {proc.returncode}; the lines above say why"))
     stats_file = out_dir / STATS

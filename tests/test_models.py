@@ -6,7 +6,6 @@ wheels from a local folder). Tests at the end check the pulled pack itself (CI p
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import struct
@@ -216,7 +215,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 def write_tiny_gguf(path: Path, *, tie: bool = False) -> dict[str, tuple[str, np.ndarray]]:
     """A 2-layer qwen2 GGUF (Q8_0 / Q4_0 / F16 / F32 tensors, byte-level BPE tokenizer, chat template).
     Returns gguf name -> (quant type name, raw stored array)."""
-    from gguf import GGMLQuantizationType as Q, GGUFWriter, TokenType, quantize
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFWriter, TokenType, quantize
     tokens = _byte_level_vocab() + ["Ġh", "Ġhe", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     merges = ["Ġ h", "Ġh e"]
     vocab, hidden, ff, heads, kv, layers = len(tokens), 64, 128, 4, 2, 2
@@ -540,6 +540,7 @@ def test_pulled_qwen_folders_have_config_and_chat_tokenizer(models_dir, name):
 def test_pulled_qwen_1_5b_answers_the_capital_question(models_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from llm.gguf_convert import greedy_answer
     folder = require_model(models_dir, "qwen2.5-1.5b-instruct")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
