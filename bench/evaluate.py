@@ -23,10 +23,16 @@ from configs import PROJECT_ROOT, SettingsError
 
 
 def _limit(v: str) -> int | None:
-    n = int(v)
+    """A count, or "all" (None)."""
+    if v.strip().lower() == "all":
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {v!r}") from None
     if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = all), got {n}")
-    return None if n == 0 else n
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,12 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a configuration, e.g. name=c250,chunk_size=250,overlap=50,mode=hybrid,k=5,threshold=0.8,"
                          "answer=false (repeat for several; default: " + "; ".join(DEFAULT_CONFIGS) + ")")
     ap.add_argument("--configs-file", type=Path, help="YAML list of configurations ({name, answer, section: {...}})")
-    ap.add_argument("--limit", type=_limit, default=200, help="questions for retrieval (0 = all; default 200)")
+    ap.add_argument("--limit", type=_limit, default=200, help="questions for retrieval (a number or all; default 200)")
     ap.add_argument("--answer-limit", type=_limit, default=20,
-                    help="questions sent through the LLM per answering configuration (0 = all; default 20)")
+                    help="questions sent through the LLM per answering configuration (0 = no LLM, all; default 20)")
+    ap.add_argument("--max-new-tokens", type=int, default=64,
+                    help="answer length limit for the LLM (default 64: CMRC answers are short, CPU decoding is slow)")
     ap.add_argument("--unanswerable-share", type=float, default=0.2,
                     help="share of questions made unanswerable by leaving their passages out (default 0.2)")
-    ap.add_argument("--max-passages", type=_limit, default=0, help="use at most this many passages (0 = all)")
+    ap.add_argument("--max-passages", type=_limit, default=None, help="use at most this many passages (default all)")
     ap.add_argument("--formats", default=",".join(FORMATS), help=f"file formats to rotate over (default {','.join(FORMATS)})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "artifacts" / "eval", help="report folder")
@@ -60,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.configs_file:
             configs += load_config_file(args.configs_file)
         configs = configs or [parse_config(s) for s in DEFAULT_CONFIGS]
+        if args.limit == 0 or args.max_new_tokens <= 0:
+            raise ConfigSpecError("--limit and --max-new-tokens must be > 0")
         names = [c.name for c in configs]
         if len(set(names)) != len(names):
             raise ConfigSpecError(f"configuration names must be unique, got {names}")
@@ -69,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigSpecError(f"--formats: unknown {unknown}; choose from {', '.join(FORMATS)}")
         argv_text = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
         run(RunOptions(data=args.data, configs=configs, out_dir=args.out, stem=args.stem, limit=args.limit,
-                       answer_limit=args.answer_limit, unanswerable_share=args.unanswerable_share,
+                       answer_limit=args.answer_limit, max_new_tokens=args.max_new_tokens,
+                       unanswerable_share=args.unanswerable_share,
                        max_passages=args.max_passages, seed=args.seed, formats=formats, work_dir=args.work_dir,
                        command=f".venv/bin/python -m bench.evaluate {argv_text}".strip(), notes=args.note))
     except (ConfigSpecError, DatasetError, SettingsError, ValueError) as e:

@@ -17,8 +17,9 @@ from typing import Any
 from bench.eval.datasets import Question
 from bench.eval.metrics import char_f1, contains_answer, exact_match, mean, percentile, references
 
-REFUSAL_MARKERS: tuple[str, ...] = ("无法回答", "不能回答", "无法根据已知信息", "没有提供相关信息", "没有相关信息",
-                                    "未提及", "没有提及")
+# The template's two refusal sentences (「根据已知信息无法回答该问题」「没有提供足够的相关信息」) and close variants.
+REFUSAL_MARKERS: tuple[str, ...] = ("无法回答", "不能回答", "无法根据已知信息", "没有提供足够的相关信息", "没有提供相关信息",
+                                    "没有足够的相关信息", "没有相关信息", "未提及", "没有提及")
 
 
 def looks_like_refusal(text: str) -> bool:
@@ -47,10 +48,11 @@ def timed_stream(pieces: Iterable[str], t0: float | None = None) -> tuple[str, f
 
 def evaluate_answers(ask: Callable[[str], Any], questions: Sequence[Question], unanswerable_ids: set[str],
                      count_tokens: Callable[[str], int] | None = None,
+                     progress: Callable[[str], None] | None = None,
                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """`ask(question)` returns the service's AnswerStream (iterable of text pieces, with `.refused`)."""
     rows = []
-    for q in questions:
+    for i, q in enumerate(questions, start=1):
         t0 = time.perf_counter()
         stream = ask(q.query)
         text, ttft, decode_s, pieces = timed_stream(stream, t0)
@@ -68,7 +70,11 @@ def evaluate_answers(ask: Callable[[str], Any], questions: Sequence[Question], u
             "decode_tokens_per_s": (n_tokens - 1) / decode_s if decode_s and n_tokens > 1 and not service_refused
             else None,
             "sources": [getattr(s, "source", str(s)) for s in (getattr(stream, "sources", None) or [])][:5],
+            "error": getattr(stream, "error", "") or "",
         })
+        if progress:
+            r = rows[-1]
+            progress(f"  {i}/{len(questions)} {q.query[:30]} → {text[:40]!r} (F1 {r['f1']:.2f}, {total:.1f} s)")
     return summarize_answers(rows), rows
 
 

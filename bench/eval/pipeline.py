@@ -33,6 +33,7 @@ class RunOptions:
     stem: str = "report"
     limit: int | None = 200                 # questions for retrieval
     answer_limit: int | None = 20           # of those, questions sent through the LLM (per answering config)
+    max_new_tokens: int = 64                # CMRC answers are short; 512 would make a CPU run take hours
     unanswerable_share: float = 0.2
     max_passages: int | None = None
     seed: int = 0
@@ -46,9 +47,9 @@ def _say(msg: str) -> None:
     print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
 
 
-def _ask_fn(service: Any, kb_name: str) -> Callable[[str], Any]:
-    """How the evaluation asks the service one question with no history."""
-    return lambda question: service.answer(question, kb_name, [])
+def _ask_fn(service: Any, kb_name: str, max_new_tokens: int) -> Callable[[str], Any]:
+    """How the evaluation asks the service one question: no history, the run's answer length."""
+    return lambda question: service.answer(question, kb_name, [], {"max_new_tokens": max_new_tokens})
 
 
 def run(opts: RunOptions) -> dict[str, Any]:
@@ -92,6 +93,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
 
         kbs: dict[tuple, tuple[str, Any]] = {}          # ingest key → (kb name, opened KB)
         embedders: dict[tuple, Any] = {}
+        llms: dict[tuple, Any] = {}                     # LLM settings → loaded ChatModel, shared by configurations
         per_question: dict[str, dict[str, Any]] = {q.id: {"id": q.id, "query": q.query, "answerable": q.id not in una_ids}
                                                    for q in questions}
         for cfg in opts.configs:
@@ -123,6 +125,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
                     from retrieval.embeddings import Embedder
 
                     embedders[emb_key] = Embedder.from_settings(settings)
+                    embedders[emb_key].warm_up()        # model loading is not query latency
                 embedder = embedders[emb_key]
             searcher = HybridSearcher(settings.retrieval, embedder)
             _say(f"[{cfg.name}] retrieval on {len(questions)} questions ({mode})")
@@ -139,7 +142,8 @@ def run(opts: RunOptions) -> dict[str, Any]:
                  f"p50 {r_summary['latency_ms']['p50']:.1f} ms")
 
             if cfg.answer and answer_qs:
-                entry["answers"] = _answers(cfg, settings, kb_name, answer_qs, una_ids, per_question,
+                entry["answers"] = _answers(cfg, settings, kb_name, answer_qs, una_ids, per_question, embedder,
+                                            llms, opts.max_new_tokens,
                                             first=not any(c.get("answers") for c in result["configs"]))
             result["configs"].append(entry)
         result["questions"] = list(per_question.values())
@@ -156,26 +160,34 @@ def run(opts: RunOptions) -> dict[str, Any]:
 
 
 def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_ids: set[str],
-             per_question: dict[str, dict[str, Any]], first: bool) -> dict[str, Any]:
+             per_question: dict[str, dict[str, Any]], embedder: Any, llms: dict[tuple, Any], max_new_tokens: int,
+             first: bool) -> dict[str, Any]:
     from app.service import QAService
+    from llm import load_llm
 
-    _say(f"[{cfg.name}] answering {len(answer_qs)} questions through QAService")
-    service = QAService(settings)
-    count = getattr(getattr(service, "llm", None), "count_tokens", None)
-    summary, rows = evaluate_answers(_ask_fn(service, kb_name), answer_qs, una_ids, count_tokens=count)
-    info = getattr(getattr(service, "llm", None), "info", None)
-    if info is not None:
-        summary["llm"] = {k: str(getattr(info, k)) for k in ("name", "device", "quantization", "is_demo")
-                          if hasattr(info, k)}
+    llm_key = tuple(sorted(settings.llm.model_dump().items()))
+    if llm_key not in llms:
+        llms.clear()
+        gc.collect()            # one LLM in memory at a time
+        t0 = time.perf_counter()
+        llms[llm_key] = load_llm(settings)
+        _say(f"[{cfg.name}] loaded LLM {llms[llm_key].info.name} in {time.perf_counter() - t0:.1f} s")
+    llm = llms[llm_key]
+    service = QAService(settings, llm=llm, embedder=embedder)
+    _say(f"[{cfg.name}] answering {len(answer_qs)} questions through QAService (max {max_new_tokens} new tokens)")
+    summary, rows = evaluate_answers(_ask_fn(service, kb_name, max_new_tokens), answer_qs, una_ids,
+                                     count_tokens=llm.count_tokens, progress=_say)
+    info = llm.info
+    summary["llm"] = {k: str(getattr(info, k)) for k in ("name", "device", "quantization", "is_demo")
+                      if hasattr(info, k)}
+    summary["max_new_tokens"] = max_new_tokens
     for row in rows:
         pq = per_question[row["id"]]
         pq.setdefault("answers", {})[cfg.name] = {k: row[k] for k in ("prediction", "refused", "em", "f1",
-                                                                      "contains", "ttft_s", "tokens")}
+                                                                      "contains", "ttft_s", "tokens", "error")}
         if first:   # the Markdown's sample table shows the first answering configuration
             pq.update(references=row["references"], prediction=row["prediction"], f1=row["f1"],
                       refused=row["refused"])
     _say(f"[{cfg.name}] EM {summary['em']} F1 {summary['f1']} refusal {summary['refusal_rate']} "
          f"false refusal {summary['false_refusal_rate']}")
-    del service
-    gc.collect()  # one LLM in memory at a time
     return summary

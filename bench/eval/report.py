@@ -19,7 +19,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
-        return f"{v:.{digits}f}"
+        return f"{v:.1f}" if abs(v) >= 10 else f"{v:.{digits}f}"
     return str(v)
 
 
@@ -68,15 +68,19 @@ def render_markdown(result: dict[str, Any], plot_name: str | None = None) -> str
             "strict: the result is a chunk (or merged hit) of a gold passage *and* contains a gold answer. "
             "loose: the result contains a gold answer, whatever file it came from. Answerable questions only; "
             "the searcher is asked for 10 results with the configuration's mode and fusion, threshold ignored "
-            "(ranking quality), latency is one `search` call (query embedding included).", ""]
+            "(ranking quality), latency is one `search` call (query embedding included). no evidence: share of "
+            "questions whose best dense score stays under the configuration's threshold, so the service refuses "
+            "without calling the LLM (wanted for unanswerable questions, a false refusal for answerable ones).", ""]
     head = ["config", "n"] + [f"hit@{k}" for k in HIT_KS] + ["MRR@10"] + [f"loose hit@{k}" for k in HIT_KS] + \
-           ["loose MRR@10", "p50 ms", "p95 ms"]
+           ["loose MRR@10", "no evidence: answerable", "no evidence: unanswerable", "p50 ms", "p95 ms"]
     rows = []
     for c in configs:
         r = c.get("retrieval") or {}
         s, lo, lat = r.get("strict", {}), r.get("loose", {}), r.get("latency_ms", {})
         rows.append([c["name"], r.get("n")] + [s.get(f"hit@{k}") for k in HIT_KS] + [s.get("mrr@10")] +
-                    [lo.get(f"hit@{k}") for k in HIT_KS] + [lo.get("mrr@10"), lat.get("p50"), lat.get("p95")])
+                    [lo.get(f"hit@{k}") for k in HIT_KS] + [lo.get("mrr@10"), r.get("no_evidence_rate_answerable"),
+                                                            r.get("no_evidence_rate_unanswerable"), lat.get("p50"),
+                                                            lat.get("p95")])
     out += [_table(head, rows), ""]
     if plot_name:
         out += [f"![hit@k per configuration]({plot_name})", ""]
