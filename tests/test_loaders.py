@@ -5,6 +5,7 @@ LoadError cross process boundaries. OCR dominates the time (a dozen images/pages
 """
 from __future__ import annotations
 
+import base64
 import email.message
 import json
 import pickle
@@ -444,6 +445,12 @@ def test_eml_headers_gbk_body_and_attachment(tmp_path):
     msg.add_attachment(b"PK\x03\x04", maintype="application", subtype="zip", filename="议程.zip")
     f = tmp_path / "通知.eml"
     f.write_bytes(msg.as_bytes())
+    # What a Chinese mail client writes: a "gb2312"-labelled encoded word holding a GBK-only character (镕).
+    gbk_subject = "=?gb2312?B?" + base64.b64encode("朱镕基讲话".encode("gbk")).decode() + "?="
+    other = tmp_path / "讲话.eml"
+    other.write_bytes(f"Subject: {gbk_subject}\nContent-Type: text/plain; charset=gb2312\n"
+                      "Content-Transfer-Encoding: 8bit\n\n".encode() + "正文：镕".encode("gbk"))
+    assert text_of(load_file(other, settings())).splitlines() == ["# 朱镕基讲话", "正文：镕"]
     body = text_of(load_file(f, settings()))
     lines = body.splitlines()
     assert lines[0] == "# 关于下周例会的通知"

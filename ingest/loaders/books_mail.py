@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import email
+import email.header
+import email.message
 import email.policy
 import warnings
 import zipfile
@@ -35,16 +37,15 @@ def load_eml(ctx: Ctx) -> None:
 
     Attachments are listed by name, not parsed: import them as files of their own.
     """
-    try:
-        msg = email.message_from_bytes(ctx.path.read_bytes(), policy=email.policy.default)
-    except Exception as e:  # the email parser is lenient; this is a last resort
-        raise LoadError("corrupt", f"邮件「{ctx.name}」无法解析（{e}）：请从邮件客户端重新导出 .eml") from e
+    data = ctx.path.read_bytes()
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    raw = email.message_from_bytes(data, policy=email.policy.compat32)  # headers as written, for _header
     lines = []
-    subject = str(msg.get("subject", "") or "").strip()
+    subject = _header(raw, "subject")
     if subject:
         lines.append(heading(1, subject))
     for key, label in (("from", "发件人"), ("to", "收件人"), ("cc", "抄送"), ("date", "日期")):
-        value = str(msg.get(key, "") or "").strip()
+        value = _header(raw, key)
         if value:
             lines.append(f"{label}: {value}")
     plain = msg.get_body(preferencelist=("plain",))
@@ -60,6 +61,20 @@ def load_eml(ctx: Ctx) -> None:
         ctx.add_text("\n".join(lines))
     if attachments:
         ctx.add_text("附件: " + "、".join(attachments))
+
+
+def _header(raw: email.message.Message, key: str) -> str:
+    """A header's text. Encoded words are decoded by us: the standard library decodes "=?gb2312?...?=" with
+    the strict GB2312 codec and garbles GBK-only characters (镕, 堃) that real mail clients put there."""
+    value = raw.get(key)
+    if value is None:
+        return ""
+    parts = []
+    for chunk, charset in email.header.decode_header(str(value)):
+        if isinstance(chunk, bytes):
+            chunk = decode_bytes(chunk, charset).text if charset else decode_bytes(chunk).text
+        parts.append(chunk)
+    return " ".join("".join(parts).split())
 
 
 def _part_text(part: email.message.EmailMessage) -> str:
