@@ -94,7 +94,7 @@ _DI_RANK = {"编": 0, "部分": 0, "章": 1, "节": 2, "条": 3}
 _CN_ENUM_RANK, _CN_PAREN_RANK, _NUMBERED_RANK0 = 3, 4, 4
 _MAX_MD_HEADING = 100  # longer "# ..." lines are body text: real titles are short
 _MAX_HEADING = 50  # the same for 第X章 / 一、 / 1.1 style headings, which are easily confused with body text
-_NOT_TITLE_END = tuple("。！？；…!?;，,：:、.")
+_NOT_TITLE_END = tuple("。！；…!;，,：:、.")  # a title may ask a question ("1. 如何申请？"), not end a statement
 
 
 @dataclass(frozen=True)
@@ -297,9 +297,13 @@ class _FileSplitter:
         """Rows packed whole under a repeated header; a row that cannot fit alone is cut (each piece keeps it)."""
         path = self._token_safe_path()
         header = header.strip()
+        if header and (2 * len(header) > self.chunk_size or not self._fits_tokens(path, header * 2)):
+            # A header that would take half of every chunk is not repeated: it becomes text of its own.
+            self._add_body(header, 0, len(header), page, meta)
+            header = ""
 
         def fits(body: str) -> bool:
-            t = f"{header}\n{body}"
+            t = f"{header}\n{body}" if header else body
             return len(t) <= self.chunk_size and self._fits_tokens(path, t)
 
         rows = [r for r in rows if r.strip()]
@@ -316,10 +320,10 @@ class _FileSplitter:
         current: list[str] = []
         for piece in pieces:
             if current and not fits("\n".join(current + [piece])):
-                self._emit(f"{header}\n" + "\n".join(current), path, page, meta)
+                self._emit("\n".join([header, *current] if header else current), path, page, meta)
                 current = []
             current.append(piece)
-        self._emit(f"{header}\n" + "\n".join(current), path, page, meta)
+        self._emit("\n".join([header, *current] if header else current), path, page, meta)
 
     def finish(self, page: int | None, meta: dict[str, Any]) -> list[Chunk]:
         self._close_until(None, page, meta)

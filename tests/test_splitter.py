@@ -112,6 +112,14 @@ def test_numbered_list_and_sentences_are_not_headings() -> None:
     assert len(chunks) == 1 and "1. 苹果\n2. 香蕉\n3. 橙子" in chunks[0].text
 
 
+def test_a_numbered_question_is_a_heading() -> None:
+    chunks = split("## 常见问题\n1. 如何申请？\n填写申请表并交给主管。\n2. 多久批复？\n三个工作日内。")
+    assert [(c.heading_path, c.text) for c in chunks] == [
+        (("常见问题", "1. 如何申请？"), "填写申请表并交给主管。"),
+        (("常见问题", "2. 多久批复？"), "三个工作日内。"),
+    ]
+
+
 def test_heading_without_body_is_kept_as_a_chunk() -> None:
     chunks = split("# 总标题\n## 空的一节\n## 有内容的一节\n内容。\n## 结语")
     assert [(c.heading_path, c.text) for c in chunks] == [
@@ -212,6 +220,15 @@ def test_table_documents_keep_whole_rows_under_the_header() -> None:
     assert body[:40] == rows, "rows whole, in order, each once"
     assert "".join(body[40:]) == long_row and len(body) > 41, "only the over-long row is cut"
     assert all(c.page == 2 and c.metadata["sheet"] == "通讯录" for c in chunks)
+
+
+def test_a_header_too_long_to_repeat_is_kept_once_as_text() -> None:
+    header = ",".join(f"第{i}列的名称" for i in range(12))
+    rows = [",".join(str(i * j) for j in range(12)) for i in range(20)]
+    chunks = split("\n".join(rows), size=100, overlap=0, meta={"kind": "table", "table_header": header})
+    assert all(len(c.text) <= 100 for c in chunks)
+    assert "".join(c.text for c in chunks).replace("\n", "") == header + "".join(rows)
+    assert [r for c in chunks[1:] for r in c.text.split("\n")] == rows
 
 
 def test_markdown_table_in_text() -> None:
