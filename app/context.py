@@ -24,11 +24,16 @@ class AppContext:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.auth = Authenticator(settings)
-        self.jobs = JobManager(settings)
+        from retrieval.embeddings import Embedder
+
+        # One embedding model in memory for questions and for ingestion jobs (it loads on first use).
+        self.embedder = Embedder.from_settings(settings)
+        self.jobs = JobManager(settings, embedder=lambda: self.embedder)
         # The page queues generations in Gradio (showing the position); API callers wait here. Both paths take
         # this gate, so page + API together never run more than app.concurrency_limit generations at once.
         self.gate = threading.BoundedSemaphore(settings.app.concurrency_limit)
         self._service: Any = None
+        self.models_loaded = False  # the status line never triggers a model load (that takes a minute on CPU)
         self._service_lock = threading.Lock()
 
     # --- the QA service ------------------------------------------------------------------------
@@ -39,14 +44,13 @@ class AppContext:
                 if self._service is None:
                     from .service import QAService
 
-                    self._service = QAService(self.settings)
+                    self._service = QAService(self.settings, embedder=self.embedder)
         return self._service
 
     def warm_up(self) -> None:
         """Load the models now, so the first question does not wait for them."""
-        svc = self.service
-        if hasattr(svc, "warm_up"):
-            svc.warm_up()
+        self.service.warm_up()
+        self.models_loaded = True
 
     def answer(self, question: str, kb_name: str, history: list, *, stop: threading.Event | None = None,
                **params: Any) -> "GatedStream":
@@ -63,11 +67,12 @@ class AppContext:
     def status_line(self, kb_name: str | None) -> str:
         """模型 · 设备 · 量化 · 演示/正式 · 知识库大小, for the top of the page."""
         try:
+            if not self.models_loaded:
+                raise RuntimeError("模型尚未加载，第一次提问时加载（需要约一分钟）")
             info = self.model_info()
             kind = "演示模型" if info.is_demo else "正式模型"
             model = f"模型 **{info.name}**（{kind}） · 设备 {info.device} · 量化 {info.quantization}"
         except Exception as e:  # the page must still open so that people can read the reason
-            log.exception("model info unavailable")
             model = f"模型未就绪：{getattr(e, 'reason', None) or e}"
         if not kb_name:
             return f"{model} · 尚无知识库"
@@ -95,7 +100,10 @@ class GatedStream:
         question, kb_name, history, params = self._args
         with self._ctx.gate:
             self._inner = self._ctx.service.answer(question, kb_name, history, params, stop_event=self._stop)
-            yield from self._inner
+            for piece in self._inner:
+                if not self._inner.refused:  # a refusal never touches the LLM
+                    self._ctx.models_loaded = True
+                yield piece
 
     def __getattr__(self, name: str) -> Any:
         if self._inner is None:
