@@ -290,8 +290,10 @@ def _run(files: list[_File], kb_name: str, settings: "Settings", embedder: "Embe
          show_progress: bool) -> IngestReport:
     kb = KnowledgeBase.open_or_create(kb_name, settings)
     with kb.writer(timeout=lock_timeout) as w:
+        t0 = time.perf_counter()  # may load the model (counted as embedding): KBIncompatibleError before any change
+        w.set_spec(_spec(embedder, settings, None if rebuild else w.spec), rebuild=rebuild)
+        report.phase_seconds["embed"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        w.set_spec(_spec(embedder, settings, None if rebuild else w.spec), rebuild=rebuild)  # KBIncompatibleError before anything changes
         to_parse = _diff(files, w, report, prune_roots)
         report.phase_seconds["scan"] += time.perf_counter() - t0
         _emit(on_progress, ProgressEvent("scan", 0, len(to_parse), message=f"{len(files)} files scanned"))
@@ -333,7 +335,10 @@ def _diff(files: list[_File], w: KBWriter, report: IngestReport, prune_roots: se
                 report.files.append(FileResult(f.key, "failed", reason=reason))
                 continue
         if e is not None and e.sha256 == f.sha256:  # same bytes as recorded for this path
-            if (e.size, e.mtime_ns, e.root, e.hashed_at) != (f.size, f.mtime_ns, str(f.root), f.hashed_at):
+            # Record a new stat; or a fresh hash time when it makes the stat shortcut usable next time
+            # (re-recording a hash that is still "racy" would only rewrite the KB for nothing).
+            became_trustworthy = f.hashed_at != e.hashed_at and f.mtime_ns / 1e9 < f.hashed_at - RACY_WINDOW_S
+            if (e.size, e.mtime_ns, e.root) != (f.size, f.mtime_ns, str(f.root)) or became_trustworthy:
                 w.put(replace(e, size=f.size, mtime=f.mtime_ns / 1e9, mtime_ns=f.mtime_ns, root=str(f.root),
                               hashed_at=f.hashed_at))
             status = "unchanged" if e.status in LIVE_STATUSES else e.status
@@ -499,7 +504,8 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
 
 
-def _parse_all(groups: Sequence[list[_File]], settings: "Settings", report: IngestReport):
+def _parse_all(groups: Sequence[list[_File]], settings: "Settings", report: IngestReport,
+               parse: Callable[[str, "IngestSettings"], tuple] = _parse_in_worker):
     """Yield (group, outcome) as parses finish; the time spent waiting on workers is the parse phase.
 
     After a worker dies the remaining files run one at a time until the culprit (the file the lone worker was
@@ -519,7 +525,7 @@ def _parse_all(groups: Sequence[list[_File]], settings: "Settings", report: Inge
                 # Bounded submission keeps memory flat: parsed documents wait in at most 2×workers results.
                 while queue and len(running) < 2 * workers:
                     i = queue.pop()
-                    running[pool.submit(_parse_in_worker, str(groups[i][0].path), settings.ingest)] = i
+                    running[pool.submit(parse, str(groups[i][0].path), settings.ingest)] = i
                 t0 = time.perf_counter()
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 report.phase_seconds["parse"] += time.perf_counter() - t0
