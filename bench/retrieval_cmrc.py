@@ -33,7 +33,7 @@ import faiss
 import numpy as np
 
 from configs import PROJECT_ROOT, Settings, load_settings
-from retrieval.retriever import HybridSearcher
+from retrieval.retriever import HybridSearcher, prepare
 from retrieval.types import Chunk
 
 CMRC_TRIAL = PROJECT_ROOT.parent / "shared" / "data" / "cmrc2018" / "squad-style-data_cmrc2018_trial.json"
@@ -75,6 +75,37 @@ def read_cmrc(path: Path = CMRC_TRIAL, limit: int | None = None) -> tuple[list[P
 
 
 # ----------------------------------------------------------------------------------------------- the knowledge base
+class CachedQueries:
+    """The Embedder with query vectors remembered: each question is embedded once for all modes and configs, and,
+    with a cache file, once across runs (tuning fusion settings then needs no model time at all)."""
+
+    def __init__(self, embedder: Any, cache_file: Path | None = None) -> None:
+        self._embedder = embedder
+        self._file = cache_file
+        self._queries: dict[str, np.ndarray] = {}
+        self._dirty = False
+        if cache_file is not None and cache_file.is_file():
+            data = json.loads(cache_file.read_text(encoding="utf-8"))
+            self._queries = {q: np.asarray(v, dtype=np.float32) for q, v in data.items()}
+
+    def encode_query(self, text: str) -> np.ndarray:
+        if text not in self._queries:
+            self._queries[text] = self._embedder.encode_query(text)
+            self._dirty = True
+        return self._queries[text]
+
+    def save(self) -> None:
+        if self._file is not None and self._dirty:
+            self._file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({q: v.tolist() for q, v in self._queries.items()}), encoding="utf-8")
+            os.replace(tmp, self._file)
+            self._dirty = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._embedder, name)
+
+
 @dataclass
 class BenchKB:
     chunks: list[Chunk]
@@ -83,6 +114,13 @@ class BenchKB:
     embedder: Any
     build_seconds: float
     cached: bool
+    _prepared: Any = None
+
+    def prepared(self) -> Any:
+        """BM25 + neighbour map, built once (the product caches them per KB generation the same way)."""
+        if self._prepared is None:
+            self._prepared = prepare(self.chunks)
+        return self._prepared
 
 
 def _embedder(settings: Settings) -> Any:
@@ -132,7 +170,9 @@ def build_kb(passages: Sequence[Passage], settings: Settings, *, cache_root: Pat
         np.save(cache, vectors)
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
-    return BenchKB(chunks, index, vectors, embedder, time.perf_counter() - t0, cached)
+    model_key = hashlib.sha256(f"{embedder.model_id}|{settings.embedding.query_prefix}".encode()).hexdigest()[:12]
+    queries = CachedQueries(embedder, cache_root / f"queries-{model_key}.json")
+    return BenchKB(chunks, index, vectors, queries, time.perf_counter() - t0, cached)
 
 
 # ------------------------------------------------------------------------------------------------------- metrics
@@ -156,13 +196,17 @@ def evaluate(kb: BenchKB, questions: Sequence[Question], settings: Settings, mod
              depth: int = 10, on_progress: Callable[[int], None] | None = None) -> dict[str, dict[str, float]]:
     """hit@k / MRR@10 per mode (threshold off, so abstention does not hide the ranking)."""
     searcher = HybridSearcher(settings.retrieval, kb.embedder)
+    prepared = kb.prepared()
     ranks: dict[str, list[int | None]] = {m: [] for m in modes}
     for i, q in enumerate(questions):
         for m in modes:
-            res = searcher.search_chunks(q.text, kb.chunks, kb.index, k=depth, mode=m, threshold=-1.0)
+            res = searcher.search_chunks(q.text, kb.chunks, kb.index, prepared=prepared, k=depth, mode=m,
+                                         threshold=-1.0)
             ranks[m].append(first_hit_rank(res.hits, kb.chunks, q))
         if on_progress:
             on_progress(i + 1)
+    if isinstance(kb.embedder, CachedQueries):
+        kb.embedder.save()
     return {m: summarise(r) for m, r in ranks.items()}
 
 
@@ -174,6 +218,8 @@ def calibrate(kb: BenchKB, questions: Sequence[Question]) -> dict[str, list[floa
         cos = kb.vectors @ np.asarray(kb.embedder.encode_query(q.text), dtype=np.float32)
         present.append(float(cos.max()))
         removed.append(float(cos[src != q.passage_id].max()))
+    if isinstance(kb.embedder, CachedQueries):
+        kb.embedder.save()
     return {"answerable": present, "passage_removed": removed}
 
 
