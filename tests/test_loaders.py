@@ -625,6 +625,19 @@ def test_too_large(tmp_path):
     assert e.value.kind == "too_large" and "ingest.max_file_mb" in e.value.reason
 
 
+def test_zip_bomb_office_file_is_refused_before_parsing(tmp_path):
+    import zipfile
+
+    f = tmp_path / "炸弹.docx"
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("[Content_Types].xml", "<Types/>")
+        z.writestr("word/document.xml", b" " * (6 * 1024 * 1024))  # 6 MB of spaces deflate to a few KB
+    assert f.stat().st_size < 100_000
+    with pytest.raises(LoadError) as e:
+        load_file(f, settings(max_file_mb=1))
+    assert e.value.kind == "too_large" and "解压后" in e.value.reason
+
+
 @pytest.mark.skipif(HAS_DOC_CONVERTER, reason="a .doc converter is installed here")
 def test_doc_without_converter_says_what_to_install(messy_docs):
     with pytest.raises(LoadError) as e:

@@ -15,6 +15,7 @@ ODT and RTF ones need pandoc: neither works offline. The libraries below are wha
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,6 +75,26 @@ _LOADERS: dict[str, Callable[[Ctx], None]] = {
 
 SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(_LOADERS)
 
+# Formats that are zip archives of XML. Their parsers inflate whole parts in memory, so a "zip bomb" (a few MB
+# that unpack to many GB) is refused by its declared unpacked size before any parser sees it.
+_ZIP_FORMATS = frozenset({".docx", ".pptx", ".xlsx", ".xlsm", ".odt", ".epub"})
+UNPACKED_SIZE_FACTOR = 5  # unpacked size allowed: this many times ingest.max_file_mb
+
+
+def _check_unpacked_size(path: Path, settings: IngestSettings) -> None:
+    try:
+        with zipfile.ZipFile(path) as z:
+            unpacked = sum(info.file_size for info in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip (e.g. an encrypted Office file): the format's loader gives the specific error
+    limit = settings.max_file_mb * UNPACKED_SIZE_FACTOR * 1024 * 1024
+    if unpacked > limit:
+        raise LoadError(
+            "too_large",
+            f"文件「{path.name}」解压后有 {unpacked / 1048576:.0f} MB，超过上限 {limit / 1048576:.0f} MB"
+            f"（ingest.max_file_mb 的 {UNPACKED_SIZE_FACTOR} 倍）：请拆分文件，或调大设置 ingest.max_file_mb",
+        )
+
 
 def load_file(path: Path, settings: IngestSettings) -> list[Document]:
     """Read one file into Documents (metadata: kind, source, and page/encoding/sheet/table_header where known).
@@ -100,6 +121,13 @@ def load_file(path: Path, settings: IngestSettings) -> list[Document]:
         )
     if size == 0:
         raise LoadError("empty", f"文件「{path.name}」是空文件（0 字节）：请确认文件内容后重新导入")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise LoadError("corrupt", f"无法读取文件「{path.name}」（{e.strerror or e}）：请检查文件权限后重新导入") from e
+    if ext in _ZIP_FORMATS:
+        _check_unpacked_size(path, settings)
     ctx = Ctx(path=path, settings=settings, ocr_left=settings.ocr_max_pages)
     try:
         loader(ctx)
