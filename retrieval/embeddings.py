@@ -89,6 +89,14 @@ class Embedder(Embeddings):
         """Store the settings only; nothing is read until first use (or `warm_up()`)."""
         return cls(settings.embedding, settings.model_path(settings.embedding.model))
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle settings and folder only (parser processes get `count_tokens` this way); each process loads
+        what it uses itself."""
+        return {"settings": self.settings, "folder": self.folder}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["settings"], state["folder"])
+
     def __repr__(self) -> str:
         state = "loaded" if self._model is not None else "not loaded"
         return f"Embedder({str(self.folder)!r}, device={self.settings.device!r}, {state})"

@@ -64,6 +64,14 @@ def test_concurrent_first_use_loads_once(tiny_folder: Path) -> None:
     assert all(m is models[0] for m in models)
 
 
+def test_pickles_without_its_model_for_worker_processes(tiny: Embedder) -> None:
+    import pickle
+
+    count = pickle.loads(pickle.dumps(tiny.count_tokens))  # what ingest hands to its parser processes
+    assert count.__self__._model is None and count.__self__.folder == tiny.folder
+    assert count("你好") == tiny.count_tokens("你好")
+
+
 def test_device_setting(tiny_folder: Path) -> None:
     assert make(tiny_folder, device="cpu").device == "cpu"
     assert make(tiny_folder, device="auto").device == ("cuda" if torch.cuda.is_available() else "cpu")
