@@ -267,15 +267,36 @@ def write_manifest(folder: Path, model: PackModel, info: dict) -> dict:
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            st = p.stat()
+            files[p.relative_to(folder).as_posix()] = {"size": st.st_size, "sha256": sha256_file(p),
+                                                       "mtime_ns": st.st_mtime_ns}
     manifest = {"pack_format": PACK_FORMAT, "model": model.key, "folder": model.folder,
                 "sources": {s.name: s.sha256 for s in model.sources}, "files": files, **info}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
     return manifest
 
 
-def check_folder(folder: Path, model: PackModel, *, hashes: bool = True) -> list[str]:
-    """Problems with a built folder (empty list = complete and intact)."""
+def _record_mtimes(folder: Path) -> None:
+    """After a successful check: store the current modification times in the manifest (atomically)."""
+    mpath = folder / MANIFEST
+    manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    changed = False
+    for rel, meta in manifest["files"].items():
+        mtime = (folder / rel).stat().st_mtime_ns
+        if meta.get("mtime_ns") != mtime:
+            meta["mtime_ns"], changed = mtime, True
+    if changed:
+        tmp = mpath.with_name(MANIFEST + ".part")
+        tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, mpath)
+
+
+def check_folder(folder: Path, model: PackModel, *, hashes: bool | None = True) -> list[str]:
+    """Problems with a built folder (empty list = complete and intact).
+
+    hashes=True re-hashes every file; None hashes only files whose modification time differs from the one recorded
+    at build time (a quick check for `pull`, still catching any rewrite); False checks sizes only.
+    """
     mpath = folder / MANIFEST
     if not mpath.is_file():
         return [f"{mpath} is missing"]
@@ -295,7 +316,8 @@ def check_folder(folder: Path, model: PackModel, *, hashes: bool = True) -> list
             problems.append(f"{p} is missing")
         elif p.stat().st_size != meta["size"]:
             problems.append(f"{p}: size {p.stat().st_size}, expected {meta['size']}")
-        elif hashes and (got := sha256_file(p)) != meta["sha256"]:
+        elif (hashes or (hashes is None and p.stat().st_mtime_ns != meta.get("mtime_ns"))) \
+                and (got := sha256_file(p)) != meta["sha256"]:
             problems.append(f"{p}: sha256 {got}, expected {meta['sha256']}")
     return problems
 
@@ -361,9 +383,10 @@ def pull_model(model: PackModel, models_dir: Path, *, downloader: Downloader = p
     """Make models_dir/<folder> complete and verified; returns its path. Cheap when it already is."""
     folder = models_dir / model.folder
     if folder.exists() and not force:
-        problems = check_folder(folder, model)
+        problems = check_folder(folder, model, hashes=None)
         if not problems:
-            print(f"{model.key}: {folder} is complete (sha256 of every file checked)", flush=True)
+            _record_mtimes(folder)       # files that had to be re-hashed (copied folder, old manifest) are quick next time
+            print(f"{model.key}: {folder} is complete (`python -m llm.models verify` re-hashes every file)", flush=True)
             return folder
         if not (folder / MANIFEST).exists():
             raise ModelPackError(

@@ -455,6 +455,20 @@ def test_failed_conversion_says_so_and_keeps_verified_inputs(tmp_path):
     assert not (tmp_path / "models" / "bad-model").exists()
 
 
+def test_quick_check_rehashes_only_touched_files_and_verify_rehashes_all(split_gguf_model, tmp_path):
+    model, index = split_gguf_model
+    folder = mp.pull_model(model, tmp_path / "models", downloader=index, isolate=False)
+    cfg = folder / "config.json"
+    st = cfg.stat()
+    os.utime(cfg, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))          # touched (e.g. copied), content intact
+    assert mp.check_folder(folder, model, hashes=None) == []
+    text = cfg.read_text()
+    cfg.write_text(text.replace("qwen2", "qwen3"))                        # same size, different bytes ...
+    os.utime(cfg, ns=(st.st_atime_ns, st.st_mtime_ns))                    # ... and the recorded time put back
+    assert mp.check_folder(folder, model, hashes=None) == []              # the quick check trusts size + time
+    assert any("config.json: sha256" in p for p in mp.check_folder(folder, model))   # a full verify does not
+
+
 def test_users_own_folder_is_never_replaced(split_gguf_model, tmp_path):
     model, index = split_gguf_model
     mine = tmp_path / "models" / "tiny-qwen"
