@@ -24,8 +24,6 @@ MAX_SIDE = 2000
 MIN_SIDE = 16
 # RapidOCR's text detector (config Det.limit_side_len, limit_type "min") enlarges images to this shorter side.
 DET_MIN_SIDE = 736
-# Refuse to decode images above this many pixels (a "decompression bomb" would take gigabytes).
-MAX_PIXELS = 80_000_000
 
 _engine: Any = None
 _lock = threading.Lock()
@@ -77,8 +75,8 @@ def get_engine() -> Any:
 
 
 def open_image(data: bytes) -> Image.Image:
-    """Decode image bytes to RGB, refusing decompression bombs. Raises PIL/OSError errors for broken data."""
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    """Decode image bytes to RGB. Raises OSError/ValueError for broken data and PIL's DecompressionBombError
+    for images over ~179 million pixels (PIL's own limit)."""
     img = Image.open(io.BytesIO(data))
     img.load()
     return to_rgb(img)

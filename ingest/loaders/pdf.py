@@ -38,27 +38,28 @@ def load_pdf(ctx: Ctx) -> None:
         n = len(pdf)
         if n == 0:
             raise LoadError("empty", f"PDF「{ctx.name}」没有任何页面：请检查文件后重新导入")
-        ocr_pages = 0
         for i in range(n):
-            ocr_pages += _load_page(ctx, pdf, i)
+            _load_page(ctx, pdf, i)
         if ctx.ocr_skipped:
             log.warning("%s: OCR limit reached (ingest.ocr_max_pages=%d); %d page(s) without a text layer skipped",
                         ctx.path, ctx.settings.ocr_max_pages, ctx.ocr_skipped)
         if not ctx.docs:
             if not ctx.settings.ocr:
                 raise LoadError("no_text", f"PDF「{ctx.name}」没有文字层（可能是扫描件），而 OCR 已关闭：请在设置中开启 ingest.ocr 后重新导入")
+            if ctx.ocr_skipped:
+                raise LoadError("no_text", f"PDF「{ctx.name}」没有文字层，且超过了每个文件的 OCR 页数上限 ingest.ocr_max_pages：请调大该设置")
             raise LoadError("no_text", f"PDF「{ctx.name}」没有文字层，OCR 也未识别出文字：请确认扫描件清晰，或提供带文字的版本")
     finally:
         pdf.close()
 
 
-def _load_page(ctx: Ctx, pdf: pdfium.PdfDocument, i: int) -> int:
-    """Read page i into ctx; returns 1 if the page was OCRed."""
+def _load_page(ctx: Ctx, pdf: pdfium.PdfDocument, i: int) -> None:
+    """Read page i into ctx: its text layer, and OCR when the layer is (almost) empty or garbled."""
     try:
         page = pdf[i]
     except pdfium.PdfiumError as e:
         log.warning("%s: page %d cannot be read (%s); skipped", ctx.path, i + 1, e)
-        return 0
+        return
     try:
         textpage = page.get_textpage()
         try:
@@ -73,9 +74,9 @@ def _load_page(ctx: Ctx, pdf: pdfium.PdfDocument, i: int) -> int:
         else:
             ctx.add_text(text, page=i + 1)
             if usable >= ctx.settings.ocr_min_chars:
-                return 0
+                return
         if not ctx.take_ocr_slot():
-            return 0
+            return
         w, h = page.get_size()
         scale = max(1.0, min(4.0, _RENDER_LONG_SIDE / max(w, h, 1)))
         bitmap = page.render(scale=scale)
@@ -84,7 +85,6 @@ def _load_page(ctx: Ctx, pdf: pdfium.PdfDocument, i: int) -> int:
             ctx.add_ocr(ocr.ocr_image(image), page=i + 1)
         finally:
             bitmap.close()
-        return 1
     finally:
         page.close()
 
