@@ -7,6 +7,9 @@ way. Its text-layer characters, if any, are kept too (kind "text"); the OCR resu
 Document of the same page. At most settings.ocr_max_pages pages are OCRed per file; the rest are skipped
 with a warning, so a 900-page scan takes minutes, not hours.
 
+Pictures on pages that do have a text layer are not OCRed (charts and photos would cost seconds a page for
+little text); pictures in .docx/.pptx files are, within the same per-file limit.
+
 Permissions ("copy-protected" PDFs) are not enforced by PDFium: such files give their text like any other.
 """
 from __future__ import annotations
