@@ -22,8 +22,9 @@ but whitespace and Markdown heading marks (`##`) is dropped: a heading with no b
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from langchain_core.documents import Document
 from langchain_text_splitters import TextSplitter
@@ -41,7 +42,7 @@ _SENTENCE_END = re.compile(
     | (?<!\d)\.[{_CLOSERS}]*(?=\s|$)                  # an English full stop before whitespace (not "3.14", "1. ")
     | \n                                              # a line break always ends a sentence
     """,
-    re.X,
+    re.VERBOSE,
 )
 _CLAUSE_END = re.compile(rf"[，、：,:]+[{_CLOSERS}]*")
 
@@ -312,7 +313,7 @@ class _FileSplitter:
             if fits(row):
                 pieces.append(row)
             else:
-                pieces.extend(row[a:b] for a, b in _hard_cut(row, 0, len(row), lambda x, y: fits(row[x:y])))
+                pieces.extend(row[a:b] for a, b in _hard_cut(row, 0, len(row), lambda x, y, row=row: fits(row[x:y])))
         if not pieces:  # a header with no rows is still text of the file
             if header:
                 self._emit(header, path, page, meta)
@@ -431,7 +432,8 @@ def split_documents(
     page, meta = None, {}
     for text, full_meta in _streams(docs):
         page = _page_of(full_meta)
-        meta = {k: v for k, v in full_meta.items() if k != "page"}
+        # page has its own field; so has source, and a loader's copy of it would go stale when the file is renamed.
+        meta = {k: v for k, v in full_meta.items() if k not in ("page", "source")}
         if meta.get("kind") == "table":
             lines = [ln for ln in text.splitlines() if ln.strip()]
             header = str(meta.get("table_header") or (lines[0] if lines else ""))
@@ -465,8 +467,9 @@ class ChineseTextSplitter(TextSplitter):
         self._max_tokens = max_tokens
 
     def _chunks(self, docs: list[Document]) -> list[Chunk]:
+        source = str(docs[0].metadata.get("source", "")) if docs else ""
         return split_documents(
-            docs, source="", sha256="", chunk_size=self._chunk_size, chunk_overlap=self._chunk_overlap,
+            docs, source=source, sha256="", chunk_size=self._chunk_size, chunk_overlap=self._chunk_overlap,
             count_tokens=self._count_tokens, max_tokens=self._max_tokens,
         )
 
@@ -478,7 +481,8 @@ class ChineseTextSplitter(TextSplitter):
         return [
             Document(
                 page_content=c.text,
-                metadata={**c.metadata, **({"page": c.page} if c.page is not None else {}),
+                metadata={**c.metadata, **({"source": c.source} if c.source else {}),
+                          **({"page": c.page} if c.page is not None else {}),
                           "heading_path": list(c.heading_path), "position": c.position},
             )
             for c in self._chunks(list(documents))

@@ -13,8 +13,9 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from langchain_core.embeddings import Embeddings
@@ -85,7 +86,7 @@ class Embedder(Embeddings):
         self._model_id: str | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Embedder":
+    def from_settings(cls, settings: Settings) -> Embedder:
         """Store the settings only; nothing is read until first use (or `warm_up()`)."""
         return cls(settings.embedding, settings.model_path(settings.embedding.model))
 
@@ -129,19 +130,19 @@ class Embedder(Embeddings):
             )
         return want
 
-    def warm_up(self) -> "Embedder":
+    def warm_up(self) -> Embedder:
         """Load the model now (otherwise the first encode does). Returns self."""
         self._get_model()
         return self
 
-    def _get_model(self) -> "SentenceTransformer":
+    def _get_model(self) -> SentenceTransformer:
         if self._model is None:
             with self._lock:
                 if self._model is None:
                     self._model = self._load_model()
         return self._model
 
-    def _load_model(self) -> "SentenceTransformer":
+    def _load_model(self) -> SentenceTransformer:
         self._check_folder()
         os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for a hub, whatever the folder's config names
         from sentence_transformers import SentenceTransformer

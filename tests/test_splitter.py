@@ -2,12 +2,14 @@
 CMRC passages) and on generated text (hypothesis)."""
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from langchain_core.documents import Document
 from langchain_text_splitters import TextSplitter
 
@@ -131,9 +133,9 @@ def test_heading_without_body_is_kept_as_a_chunk() -> None:
 
 def test_heading_path_carries_across_pages_and_chunks_keep_their_page() -> None:
     docs = [
-        Document("第一章 总则\n第一页的正文。", metadata={"kind": "text", "page": 1, "encoding": "utf-8"}),
-        Document("第二页接着写。", metadata={"kind": "text", "page": 2, "encoding": "utf-8"}),
-        Document("第二页还有一段。", metadata={"kind": "text", "page": 2, "encoding": "utf-8"}),
+        Document("第一章 总则\n第一页的正文。", metadata={"kind": "text", "page": 1, "encoding": "utf-8", "source": "/x/a.pdf"}),
+        Document("第二页接着写。", metadata={"kind": "text", "page": 2, "encoding": "utf-8", "source": "/x/a.pdf"}),
+        Document("第二页还有一段。", metadata={"kind": "text", "page": 2, "encoding": "utf-8", "source": "/x/a.pdf"}),
         Document("第二章 附则\n第三页。", metadata={"kind": "ocr", "page": 3, "ocr": True}),
     ]
     chunks = split_documents(docs, source="a.pdf", sha256="f" * 64, chunk_size=250, chunk_overlap=50)
@@ -142,7 +144,7 @@ def test_heading_path_carries_across_pages_and_chunks_keep_their_page() -> None:
         (2, ("第一章 总则",), "第二页接着写。\n\n第二页还有一段。"),
         (3, ("第二章 附则",), "第三页。"),
     ]
-    assert chunks[0].metadata == {"kind": "text", "encoding": "utf-8"}  # page moved to Chunk.page
+    assert chunks[0].metadata == {"kind": "text", "encoding": "utf-8"}  # page moved to Chunk.page, source dropped
     assert chunks[2].metadata == {"kind": "ocr", "ocr": True}
     assert {(c.source, c.sha256) for c in chunks} == {("a.pdf", "f" * 64)}
 
@@ -157,7 +159,7 @@ def test_whole_sentences_packed_with_trailing_sentence_overlap() -> None:
     assert_invariants(text, chunks, 80)
     for c in chunks:
         assert split_sentences(c.text) and all(s in SENTENCES for s in split_sentences(c.text)), "a sentence was cut"
-    for prev, cur in zip(chunks, chunks[1:]):
+    for prev, cur in itertools.pairwise(chunks):
         prev_s, cur_s = split_sentences(prev.text), split_sentences(cur.text)
         k = next(i for i in range(len(cur_s) + 1) if i == len(cur_s) or cur_s[i] not in prev_s)
         overlap = cur_s[:k]
