@@ -32,6 +32,26 @@ CHATGLM3_6B = dict(vocab_size=65024, hidden_size=4096, num_hidden_layers=28, num
                    num_key_value_heads=2, head_dim=128, intermediate_size=13696)
 
 
+class TokenClock:
+    """A generate() streamer that timestamps each new token (the first put() is the prompt itself).
+
+    Text streamers cannot be used here: random weights pick ids beyond the small tokenizer, which decode to ""."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 def build_folder(work: Path) -> Path:
     """Random GlmForCausalLM of ChatGLM3-6B dimensions + tiny GLM tokenizer, saved in bf16 safetensors."""
     from transformers import GlmConfig, GlmForCausalLM
@@ -66,19 +86,27 @@ def measure(folder: Path, quant: str, prompts: list[int], new_tokens: int) -> li
     from configs import load_settings
     from llm import load_llm
     from llm.planner import plan_memory
-    from llm.streaming import stream_generate
 
     settings = load_settings(llm={"model": str(folder), "device": "cuda", "quantization": quant,
                                   "max_context_tokens": max(prompts) + new_tokens})
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     chat = load_llm(settings)
     load_s = time.perf_counter() - t
     weights = torch.cuda.memory_allocated() - before
+    load_peak = torch.cuda.max_memory_reserved()          # loading quantizes tensor by tensor: its own peak
+    torch.cuda.empty_cache()
+    print(json.dumps({"quant": quant, "load_s": round(load_s, 1), "weights_gib": round(weights / GiB, 3),
+                      "load_peak_reserved_gib": round(load_peak / GiB, 3),
+                      "load_peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GiB, 3),
+                      "reserved_after_load_gib": round(torch.cuda.memory_reserved() / GiB, 3)}), flush=True)
     model, tok = chat.model, chat.tokenizer
     rows = []
+    # Warm-up: the first generation pays for CUDA kernel loading and bitsandbytes set-up, not for the model.
+    model.generate(input_ids=torch.tensor([[20, 21, 22]], device="cuda"), max_new_tokens=2, do_sample=False)
     for n in prompts:
         ids = torch.randint(20, len(tok) - 1, (1, n), generator=torch.Generator().manual_seed(n))
         inputs = {"input_ids": ids.cuda(), "attention_mask": torch.ones_like(ids).cuda()}
@@ -87,28 +115,25 @@ def measure(folder: Path, quant: str, prompts: list[int], new_tokens: int) -> li
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        clock = TokenClock()
         t0 = time.perf_counter()
-        first = last = None
-        count = 0
-        for _ in stream_generate(model.generate, tok, inputs, {"generation_config": cfg}):
-            now = time.perf_counter()
-            first = first or now
-            last = now
-            count += 1
-        gen_tokens = new_tokens
-        ttft = first - t0
-        decode_s = last - first
+        model.generate(**inputs, generation_config=cfg, streamer=clock)
+        torch.cuda.synchronize()
+        gen_tokens = len(clock.times)
+        ttft = clock.times[0] - t0
+        decode_s = clock.times[-1] - clock.times[0]
         peak_reserved = torch.cuda.max_memory_reserved()
         peak_alloc = torch.cuda.max_memory_allocated()
         plan = plan_memory(model.config, "cuda", quant, n + new_tokens)
         rows.append({
             "quant": quant, "prompt_tokens": n, "new_tokens": gen_tokens, "load_s": round(load_s, 1),
+            "load_peak_reserved_gib": round(load_peak / GiB, 3),
             "weights_gib": round(weights / GiB, 3), "plan_weights_gib": round(plan.weights_bytes / GiB, 3),
             "peak_allocated_gib": round(peak_alloc / GiB, 3), "peak_reserved_gib": round(peak_reserved / GiB, 3),
             "plan_total_gib": round(plan.total_bytes / GiB, 3),
             "plan_error_pct": round(100 * (plan.total_bytes - peak_reserved) / peak_reserved, 1),
             "ttft_s": round(ttft, 3),
-            # the streamer groups tokens into text pieces, so speed comes from the fixed token count
+            # decode speed at batch 1: tokens after the first, over the time after the first
             "decode_tok_s": round((gen_tokens - 1) / decode_s, 1) if decode_s > 0 else None,
         })
         print(json.dumps(rows[-1]), flush=True)
@@ -126,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "zhiwen-gpu-bench")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
+    from llm.transformers_backend import configure_cuda_allocator
+
+    configure_cuda_allocator()            # the product's allocator setting, before this process touches CUDA
     if not torch.cuda.is_available():
         print("no CUDA GPU visible: this benchmark measures GPU memory; run it on a machine with an NVIDIA GPU")
         return 2

@@ -3,20 +3,23 @@
     plan = plan_memory(config, "cuda", "nf4", context_tokens=4096, free_bytes=6 * 2**30)
     plan.fits, plan.advice        # False / True, and a sentence saying what to change
 
-The estimate has four terms:
+The estimate has four terms (calibrated on an H100 with ChatGLM3-6B's shapes; docs/gpu.md has the measurements):
   weights      from the parameter count: embeddings, per layer (attention with GQA KV heads, gated FF, norms), lm_head.
                bitsandbytes quantizes only the Linear layers inside the transformer blocks; the token embedding and
                lm_head stay 16-bit. nf4 = 4 bits a parameter + its quantization state (one absmax per 64-weight
                block; with double quantization that absmax is itself 8-bit, with fp32 scales per 256 blocks); int8
-               (LLM.int8) = 1 byte a parameter + one fp32 scale per output row.
+               (LLM.int8) = 1 byte a parameter + one fp32 scale per output row. Matches the measured bytes to 0.1 %.
   kv_cache     2 (K and V) × layers × kv_heads × head_dim × tokens × 2 bytes (16-bit cache).
-  activations  the prefill of a `context_tokens`-long prompt is the peak: per token, the residual stream and the
-               normed copy (2 × hidden) plus the gated FF's gate/up output (2 × FF) and its product (FF) live at
-               once, 16-bit, with the next layer's input (hidden); see ACTIVATION_* below. 4-bit/8-bit layers also
-               need one layer's weight dequantized to 16 bits during the matmul (the largest: gate_up).
-  overhead     the CUDA caching allocator's rounding and fragmentation, cuBLAS workspaces: a fixed slice plus a
-               fraction of the rest (calibrated on an H100, see docs/gpu.md).
+  activations  the prefill of the whole context is the peak. Per token, 16-bit: the residual stream and its normed
+               copy (2 × hidden) and the gated FF's gate/up output, activation and product (3.6 × FF measured for
+               nf4 and 16-bit; 5.1 × FF for int8, which also holds int8 copies of the inputs and int32 matmul
+               outputs). Fixed: nf4 dequantizes one weight at a time to 16 bits (the largest, gate_up: 2·hidden·FF
+               elements); int8 keeps ~9 bytes per hidden·FF of outlier/matmul buffers (measured 0.47 GiB).
+  overhead     the CUDA caching allocator's reserve above what is allocated: 128 MiB + 3 % (nf4, 16-bit) or 7 %
+               (int8, many odd-sized temporaries), with expandable segments on (the loader sets them).
 The CUDA context itself (~0.5 GiB) is not counted: `free_bytes` from torch.cuda.mem_get_info() is read after it exists.
+Loading peaks below generation (measured: nf4 4.09 GiB, int8 7.33 GiB reserved), so generation sizes the plan.
+16-bit (quantization none) uses the nf4 per-token terms without the dequantization buffer: not measured on a GPU here.
 """
 from __future__ import annotations
 
@@ -26,9 +29,11 @@ from typing import Any, Literal, Mapping
 GiB = 1024**3
 
 # Calibration constants (docs/gpu.md has the measurements behind them).
-ACTIVATION_ELEMENTS_PER_TOKEN = ("hidden", 3.0, "ff", 4.0)   # 3·hidden + 4·FF elements/token of 16-bit live at the peak
-ALLOCATOR_FIXED_BYTES = 256 * 1024**2                          # cuBLAS workspace + allocator blocks
-ALLOCATOR_FRACTION = 0.03                                      # rounding/fragmentation over everything else
+ACT_HIDDEN_PER_TOKEN = 2.0                                  # residual + normed copy, 16-bit elements per token
+ACT_FF_PER_TOKEN = {"nf4": 3.6, "none": 3.6, "int8": 5.1}    # × intermediate_size, 16-bit elements per token
+INT8_FIXED_BYTES_PER_HIDDEN_FF = 9.0                        # int8 outlier/matmul buffers: 0.47 GiB at 4096 × 13696
+ALLOCATOR_FIXED_BYTES = 128 * 1024**2                       # allocator reserve + cuBLAS workspace
+ALLOCATOR_FRACTION = {"nf4": 0.03, "none": 0.03, "int8": 0.07}
 NF4_BLOCK = 64                                                 # bitsandbytes' default blocksize for 4-bit
 NF4_DOUBLE_QUANT_BLOCK = 256
 
@@ -174,14 +179,16 @@ def kv_cache_bytes(dims: ModelDims, tokens: int, dtype_bytes: int = 2) -> int:
 
 def activation_bytes(dims: ModelDims, tokens: int, quantization: str, dtype_bytes: int = 2) -> int:
     """Peak prefill activations for one `tokens`-long prompt (see the module docstring)."""
-    _, per_hidden, _, per_ff = ACTIVATION_ELEMENTS_PER_TOKEN
-    per_token = per_hidden * dims.hidden_size + per_ff * dims.intermediate_size
+    per_token = ACT_HIDDEN_PER_TOKEN * dims.hidden_size + ACT_FF_PER_TOKEN[quantization] * dims.intermediate_size
     act = tokens * per_token * dtype_bytes
-    # Quantized layers dequantize one weight at a time; the biggest is the fused gate_up (hidden × 2·FF).
-    dequant = 2 * dims.hidden_size * dims.intermediate_size * dtype_bytes if quantization != "none" else 0
-    # Last-position logits in fp32 (generate keeps only the last position's logits during prefill).
-    logits = dims.vocab_size * 4 * 2
-    return int(act + dequant + logits)
+    if quantization == "nf4":     # one weight dequantized at a time; the biggest is the fused gate_up (hidden × 2·FF)
+        fixed = 2 * dims.hidden_size * dims.intermediate_size * dtype_bytes
+    elif quantization == "int8":
+        fixed = INT8_FIXED_BYTES_PER_HIDDEN_FF * dims.hidden_size * dims.intermediate_size
+    else:
+        fixed = 0
+    logits = dims.vocab_size * 4 * 2   # last-position logits in fp32 (generate keeps only the last position's)
+    return int(act + fixed + logits)
 
 
 def _estimate(dims: ModelDims, device: str, quant: str, tokens: int, dtype_bytes: int) -> tuple[int, int, int, int]:
@@ -189,7 +196,7 @@ def _estimate(dims: ModelDims, device: str, quant: str, tokens: int, dtype_bytes
     w = weights_bytes(dims, quant, dtype_bytes)
     kv = kv_cache_bytes(dims, tokens, 2 if device == "cuda" else dtype_bytes)
     act = activation_bytes(dims, tokens, quant, dtype_bytes)
-    overhead = int(ALLOCATOR_FIXED_BYTES + ALLOCATOR_FRACTION * (w + kv + act)) if device == "cuda" else 0
+    overhead = int(ALLOCATOR_FIXED_BYTES + ALLOCATOR_FRACTION[quant] * (w + kv + act)) if device == "cuda" else 0
     return w, kv, act, overhead
 
 

@@ -35,6 +35,17 @@ def _offline() -> None:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
+def configure_cuda_allocator() -> None:
+    """Let PyTorch's CUDA caching allocator grow segments in place (expandable_segments) unless the user chose.
+
+    Measured on an H100 with ChatGLM3-6B dimensions (docs/gpu.md): with fixed-size segments the bitsandbytes
+    int8 path reserved up to 2 GiB more than it ever had allocated (fragmentation by its many odd-sized
+    temporaries) — on a 6 GB card that is the difference between fitting and not. Only effective before the
+    process's first CUDA allocation, which is why it runs before anything touches the GPU.
+    """
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
 def read_config_json(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     try:
@@ -73,10 +84,13 @@ def pick_device(requested: str) -> str:
     return "cpu"
 
 
-def pick_dtype(requested: str, device: str) -> torch.dtype:
+def pick_dtype(requested: str, device: str, quantization: str = "none") -> torch.dtype:
     if requested != "auto":
         return _DTYPES[requested]
     if device == "cuda":
+        if quantization == "int8":
+            # LLM.int8 kernels take fp16 inputs: bf16 activations would be cast (an extra copy) at every matmul.
+            return torch.float16
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # CPUs without any SIMD level gain nothing from bf16; everything x86-64 with AVX2/AVX-512 (or Arm NEON) runs it.
     return torch.float32 if torch.backends.cpu.get_cpu_capability() == "DEFAULT" else torch.bfloat16
@@ -178,6 +192,7 @@ class TransformersChatModel(ChatModel):
 def load_transformers_model(settings: Any) -> TransformersChatModel:
     """Resolve the folder (demo fallback), check remote code, plan memory, then load model and tokenizer."""
     _offline()
+    configure_cuda_allocator()
     llm = settings.llm
     folder, is_demo, notice = resolve_model_folder(settings)
     raw = read_config_json(folder)
@@ -185,8 +200,8 @@ def load_transformers_model(settings: Any) -> TransformersChatModel:
     notes: list[str] = [notice] if notice else []
 
     device = pick_device(llm.device)
-    dtype = pick_dtype(llm.dtype, device)
     quant = llm.quantization if device == "cuda" else "none"
+    dtype = pick_dtype(llm.dtype, device, quant)
     if device == "cpu" and llm.quantization != "none":
         notes.append(f"llm.quantization={llm.quantization!r} is ignored on CPU (bitsandbytes 4/8-bit needs an "
                      f"NVIDIA GPU); running {str(dtype).removeprefix('torch.')} weights instead. / "
