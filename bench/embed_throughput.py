@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -27,17 +26,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
 
 import numpy as np
-import psutil
 import torch
 
 from bench.corpus import cmrc_chunks
+from bench.machine import describe_machine
 from configs import load_settings
-
-
-def _machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {psutil.cpu_count(logical=True)} CPU threads "
-            f"(torch uses {torch.get_num_threads()}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
-            f"torch {torch.__version__}")
 
 
 def _time(fn, repeat: int) -> tuple[float, np.ndarray]:
@@ -111,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     chunks, _ = cmrc_chunks(settings)
     texts = [c.embedding_text() for c in chunks[: args.chunks]]
     chars = sum(map(len, texts))
-    print(f"machine: {_machine()}")
+    print(f"machine: {describe_machine()}")
     print(f"texts: {len(texts)} CMRC chunks ({settings.ingest.chunk_size}/{settings.ingest.chunk_overlap} chars, "
           f"mean {chars / len(texts):.0f} chars), batch {args.batch_size}, best of {args.repeat}")
     folders = _st_folders(settings.models_dir, args.model)

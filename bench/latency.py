@@ -5,7 +5,8 @@
 
 How the large knowledge bases are built (embedding 100k chunks with e5-small on 2 cores would take ~2 hours):
   1. The CMRC 2018 trial passages are cut by the product's splitter (250/50 characters) and embedded once with
-     the product's Embedder — a few hundred real chunks (cached under artifacts/bench/).
+     the product's Embedder — a few hundred real chunks (cached under artifacts/bench/; --real-chunks N takes
+     only the first N).
   2. Replica r > 0 of each chunk gets a perturbed copy: 10% of its characters are replaced by characters drawn
      from the corpus (so BM25 sees new token statistics, not exact duplicates), and its vector gets Gaussian
      noise (σ = 0.025 per dimension, cosine ≈ 0.9 to the original — below the searcher's 0.95 de-duplication
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +39,7 @@ import psutil
 
 from bench.corpus import cmrc_chunks
 from bench.eval.metrics import mean, percentile
+from bench.machine import describe_machine
 from configs import PROJECT_ROOT, load_settings
 from configs.settings import Settings
 from retrieval.types import Chunk
@@ -125,16 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="knowledge-base sizes in chunks")
     ap.add_argument("--queries", type=int, default=200, help="questions timed per size (default 200)")
     ap.add_argument("--mode", default="hybrid", choices=["hybrid", "dense", "bm25"])
+    ap.add_argument("--real-chunks", type=int, default=0,
+                    help="embed only the first N real chunks and replicate those (0 = all; saves time on a busy CPU)")
     args = ap.parse_args(argv)
 
     settings = load_settings()
     s = settings.retrieval
     real, questions = cmrc_chunks(settings)
+    if args.real_chunks:
+        real = real[: args.real_chunks]
     questions = questions[: args.queries]
     emb, real_vecs = real_vectors(settings, real)
     qvecs = {q: np.asarray(emb.encode_query(q), dtype=np.float32) for q in questions}
-    print(f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} CPU threads, "
-          f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, faiss {faiss.__version__}")
+    print(f"machine: {describe_machine()}, faiss {faiss.__version__}")
     print(f"real chunks: {len(real)} from CMRC trial ({settings.ingest.chunk_size}/{settings.ingest.chunk_overlap}); "
           f"queries: {len(questions)}; mode {args.mode}, fusion {s.fusion}, fetch_k {s.fetch_k}, top_k {s.top_k}, "
           f"merge_neighbors {s.merge_neighbors}")

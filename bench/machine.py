@@ -24,4 +24,7 @@ def describe_machine() -> str:
             parts.insert(1, model)
     except OSError:
         pass
+    # The development machine is shared: a number taken under load says so.
+    load1, _, load15 = psutil.getloadavg()
+    parts.append(f"load average {load1:.1f} (15 min {load15:.1f}) at measurement")
     return ", ".join(parts)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import json
 import os
 import shutil
 import tempfile
@@ -47,6 +48,19 @@ def _say(msg: str) -> None:
     print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
 
 
+def _reuse_corpus(corpus: Path, index: Path, passages: list, formats: tuple[str, ...]) -> dict | None:
+    """The files of an earlier run in the same --work-dir when they hold the same passages in the same formats
+    (so the product's incremental ingest skips them), else None."""
+    try:
+        saved = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = {name: tuple(v) for name, v in saved.get("files", {}).items()}
+    same = (saved.get("formats") == list(formats) and sorted(pid for pid, _ in files.values()) ==
+            sorted(p.id for p in passages) and all((corpus / name).is_file() for name in files))
+    return files if same else None
+
+
 def _ask_fn(service: Any, kb_name: str, max_new_tokens: int) -> Callable[[str], Any]:
     """How the evaluation asks the service one question: no history, the run's answer length."""
     return lambda question: service.answer(question, kb_name, [], {"max_new_tokens": max_new_tokens})
@@ -72,8 +86,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
     temp = opts.work_dir is None
     work = Path(tempfile.mkdtemp(prefix="zhiwen-eval-")) if temp else opts.work_dir
     corpus = work / "corpus"
-    if corpus.exists():
-        shutil.rmtree(corpus)
+    corpus_index = work / "corpus.json"
     result: dict[str, Any] = {
         "title": f"Zhiwen evaluation — {ds.name}", "command": opts.command, "machine": describe_machine(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -87,13 +100,23 @@ def run(opts: RunOptions) -> dict[str, Any]:
     }
     try:
         t0 = time.perf_counter()
-        files = write_corpus(split.kb_passages, corpus, opts.formats)
+        files = _reuse_corpus(corpus, corpus_index, split.kb_passages, opts.formats)
+        reused = files is not None
+        if files is None:
+            if corpus.exists():
+                shutil.rmtree(corpus)
+            files = write_corpus(split.kb_passages, corpus, opts.formats)
+            corpus_index.write_text(json.dumps({"formats": list(opts.formats), "files": files}, ensure_ascii=False),
+                                    encoding="utf-8")
+            _say(f"wrote {len(files)} files in {time.perf_counter() - t0:.1f} s to {corpus}")
+        else:
+            _say(f"reusing the {len(files)} files already in {corpus} (same passages and formats)")
         passage_of_file = {name: pid for name, (pid, _) in files.items()}
-        _say(f"wrote {len(files)} files in {time.perf_counter() - t0:.1f} s to {corpus}")
 
         kbs: dict[tuple, tuple[str, Any]] = {}          # ingest key → (kb name, opened KB)
         embedders: dict[tuple, Any] = {}
         llms: dict[tuple, Any] = {}                     # LLM settings → loaded ChatModel, shared by configurations
+        pending: list[tuple] = []                       # configurations whose answers come after all retrieval
         per_question: dict[str, dict[str, Any]] = {q.id: {"id": q.id, "query": q.query, "answerable": q.id not in una_ids}
                                                    for q in questions}
         for cfg in opts.configs:
@@ -104,7 +127,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
                 _say(f"[{cfg.name}] ingesting {len(files)} files into {kb_name} "
                      f"(chunk {settings.ingest.chunk_size}/{settings.ingest.chunk_overlap})")
                 t0 = time.perf_counter()
-                report = ingest(corpus, kb_name, settings, rebuild=True)
+                report = ingest(corpus, kb_name, settings, rebuild=not reused)
                 ingest_s = time.perf_counter() - t0
                 kb = KnowledgeBase.open(kb_name, settings)
                 failed = [Path(f.path).name for f in report.files if f.status == "failed"]
@@ -141,12 +164,19 @@ def run(opts: RunOptions) -> dict[str, Any]:
             _say(f"[{cfg.name}] strict hit@1 {s['hit@1']:.3f} hit@5 {s['hit@5']:.3f} MRR@10 {s['mrr@10']:.3f}; "
                  f"p50 {r_summary['latency_ms']['p50']:.1f} ms")
 
+            result["configs"].append(entry)
+            pending.append((entry, cfg, settings, kb_name, embedder))
+            result["questions"] = list(per_question.values())
+            write_report(result, opts.out_dir, opts.stem)   # a long run leaves a report after every step
+
+        # The LLM last: on a slow CPU it dominates, and the retrieval numbers are already on disk by then.
+        for entry, cfg, settings, kb_name, embedder in pending:
             if cfg.answer and answer_qs:
                 entry["answers"] = _answers(cfg, settings, kb_name, answer_qs, una_ids, per_question, embedder,
                                             llms, opts.max_new_tokens,
                                             first=not any(c.get("answers") for c in result["configs"]))
-            result["configs"].append(entry)
-        result["questions"] = list(per_question.values())
+                result["questions"] = list(per_question.values())
+                write_report(result, opts.out_dir, opts.stem)
         result["models"] = {"embedding": ", ".join(sorted({c["params"]["embedding"] for c in result["configs"]}))}
         llms = {c["answers"]["llm"].get("name", "") for c in result["configs"] if c["answers"] and c["answers"].get("llm")}
         if llms:
