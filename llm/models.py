@@ -287,8 +287,11 @@ def _record_mtimes(folder: Path) -> None:
             meta["mtime_ns"], changed = mtime, True
     if changed:
         tmp = mpath.with_name(MANIFEST + ".part")
-        tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, mpath)
+        try:
+            tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+            os.replace(tmp, mpath)
+        except OSError:
+            pass                         # a read-only models folder: the next check simply hashes again
 
 
 def check_folder(folder: Path, model: PackModel, *, hashes: bool | None = True) -> list[str]:
