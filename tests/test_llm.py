@@ -77,7 +77,7 @@ def test_control_tokens_inside_documents_stay_text(glm_model):
 
 
 def test_stop_event_stops_generation_early(glm_model):
-    params = GREEDY.merged(max_new_tokens=400)
+    params = GREEDY.merged(max_new_tokens=120)
     full = glm_model.generate(CHAT, params)
     event = threading.Event()
     got = []
