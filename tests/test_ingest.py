@@ -350,7 +350,7 @@ def _write_corpus(folder: Path, cmrc_trial: Path, copies: int) -> int:
 
 def test_kill_9_mid_ingest_then_resume_matches_a_clean_run(tmp_path, settings, cmrc_trial):
     folder = tmp_path / "corpus"
-    n_files = _write_corpus(folder, cmrc_trial, copies=3)
+    n_files = _write_corpus(folder, cmrc_trial, copies=1)
     env = {"ZHIWEN_INGEST__COMMIT_EVERY_S": "0.2"}
     p = _cli([str(folder), "--kb", "crash", "--quiet"], settings, extra_env=env)
     kb_path = settings.kb_root / "crash"
