@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
     from configs import SettingsError, load_settings
     from ingest import ingest
+    from retrieval.embeddings import EmbedderError
     from retrieval.store import KBError
 
     try:
@@ -33,12 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"设置有误：{e}", file=sys.stderr)
         return 2
-    except KBError as e:  # bad folder / KB name, lock held, KB needs --rebuild, damaged KB
-        print(f"错误：{e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        if type(e).__name__ != "ModelMissingError":
-            raise
+    except (KBError, EmbedderError) as e:  # bad folder / KB name, lock held, needs --rebuild; model missing
         print(f"错误：{e}", file=sys.stderr)
         return 2
     print(report.to_table(only_problems=args.quiet))
