@@ -22,8 +22,12 @@ from PIL import Image
 MAX_SIDE = 2000
 # Below this on the shorter side, an image cannot hold a readable line of text (icons, bullets, spacers).
 MIN_SIDE = 16
-# RapidOCR's text detector (config Det.limit_side_len, limit_type "min") enlarges images to this shorter side.
-DET_MIN_SIDE = 736
+# Grey-level distance from the background that counts as drawn content, and the border kept around it.
+CONTENT_DIFF = 32
+CROP_MARGIN = 24
+# RapidOCR's text detector (config Det.limit_side_len, limit_type "min") enlarges images to a 736-px shorter
+# side; thinner images are padded to at most this long/short ratio first (see _pad_short_side).
+MAX_ASPECT = 2
 
 _engine: Any = None
 _lock = threading.Lock()
@@ -106,7 +110,7 @@ def ocr_image(img: Image.Image) -> str:
     if max(img.size) > MAX_SIDE:
         img = img.copy()
         img.thumbnail((MAX_SIDE, MAX_SIDE))
-    img = _pad_short_side(img)
+    img = _pad_short_side(_crop_to_content(img))
     # RapidOCR expects OpenCV's BGR channel order for ndarray input.
     arr = np.ascontiguousarray(np.asarray(img)[:, :, ::-1])
     result, _elapsed = get_engine()(arr)
@@ -115,19 +119,39 @@ def ocr_image(img: Image.Image) -> str:
     return _join_lines(result)
 
 
-def _pad_short_side(img: Image.Image) -> Image.Image:
-    """Pad a wide or tall strip (a line of text, a banner) with white so that its short side reaches
-    min(long side, DET_MIN_SIDE).
+def _crop_to_content(img: Image.Image) -> Image.Image:
+    """Cut away the empty margins around what is drawn, keeping a small border.
 
-    RapidOCR's detector scales an image up until its *shorter* side is DET_MIN_SIDE: a 1600x280 strip would
-    become 4200x736 and a 449x110 label 3000x736, several times the pixels for no gain. White padding
-    below/right keeps box coordinates; small images are still enlarged (as squares), which helps small text.
+    A rendered page with one picture or one line of text is mostly white; the detector's cost grows with the
+    pixel count, so a sparse page OCRs 4-5x faster cropped (measured: ocr_test.pdf's page 2.5 s -> 0.6 s CPU).
+    "Empty" is "within CONTENT_DIFF grey levels of the most common grey level" (the background colour).
+    """
+    gray = img.convert("L")
+    background = max(range(256), key=gray.histogram().__getitem__)
+    mask = gray.point(lambda v: 255 if abs(v - background) > CONTENT_DIFF else 0)
+    box = mask.getbbox()
+    if box is None:
+        return img
+    m = CROP_MARGIN
+    box = (max(0, box[0] - m), max(0, box[1] - m), min(img.width, box[2] + m), min(img.height, box[3] + m))
+    return img if box == (0, 0, img.width, img.height) else img.crop(box)
+
+
+def _pad_short_side(img: Image.Image) -> Image.Image:
+    """Pad a wide or tall strip (a line of text, a banner) with white until long/short <= MAX_ASPECT.
+
+    RapidOCR's detector scales an image until its *shorter* side is 736 px, so its cost grows with the
+    aspect ratio: a 1600x284 strip would become 4147x736 and a 449x110 label 3004x736. Padded to 2:1 they
+    become 1600x800 (not enlarged) and 1468x736. White padding below/right keeps box coordinates, and images
+    of ordinary shape are enlarged exactly as before, which their small text needs.
     """
     w, h = img.size
-    target = min(max(w, h), DET_MIN_SIDE)
-    if min(w, h) >= target:
+    long_side, short_side = max(w, h), min(w, h)
+    target = -(-long_side // MAX_ASPECT)  # ceil
+    if short_side >= target:
         return img
-    padded = Image.new("RGB", (max(w, target), max(h, target)), (255, 255, 255))
+    size = (w, target) if w >= h else (target, h)
+    padded = Image.new("RGB", size, (255, 255, 255))
     padded.paste(img, (0, 0))
     return padded
 
