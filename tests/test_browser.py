@@ -196,8 +196,8 @@ def test_upload_and_background_ingestion(server, page, tmp_path):
     page.wait_for_function("() => document.querySelector('#status-line').innerText.includes('测试库')", timeout=30_000)
 
     page.set_input_files("#upload input[type=file]", [str(doc), str(GUIDE)])
-    page.get_by_text(DOC_NAME).first.wait_for(timeout=60_000)  # both files are uploaded to the server
-    page.get_by_text(GUIDE.name).first.wait_for(timeout=60_000)
+    # both files have reached the server when the component lists them
+    page.wait_for_function("() => document.querySelectorAll('#upload .file-preview tr').length === 2", timeout=60_000)
     page.click("#start-ingest")
     page.wait_for_selector("#job [data-job-id]", timeout=30_000)
     _shot(page, "1-ingest-running")
