@@ -582,6 +582,20 @@ def test_password_pdf_and_owner_only_pdf(tmp_path, messy_docs):
             assert "Abomination" in text_of(load_file(f, settings()))
 
 
+def test_ocr_crops_margins_and_pads_strips():
+    from PIL import Image, ImageDraw
+
+    from ingest import ocr
+
+    page = Image.new("RGB", (1100, 1600), "white")
+    ImageDraw.Draw(page).rectangle((300, 200, 500, 260), fill=(200, 40, 40))
+    assert ocr._crop_to_content(page).size == (201 + 2 * ocr.CROP_MARGIN, 61 + 2 * ocr.CROP_MARGIN)
+    assert ocr._crop_to_content(Image.new("RGB", (50, 50), "white")).size == (50, 50)
+    assert ocr._pad_short_side(Image.new("RGB", (1600, 284), "white")).size == (1600, 800)
+    assert ocr._pad_short_side(Image.new("RGB", (110, 449), "white")).size == (225, 449)
+    assert ocr._pad_short_side(Image.new("RGB", (595, 842), "white")).size == (595, 842)
+
+
 def test_image_without_text(tmp_path):
     from PIL import Image, ImageDraw
 
