@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigSpecError, DatasetError, SettingsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a product error (missing model, KB problem): its sentence, no traceback
+        print(f"error: the evaluation stopped: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,10 +7,19 @@ import pytest
 
 from bench.eval.datasets import DatasetError, read_eval_set, sample_questions, split_for_eval
 from bench.eval.metrics import (
-    char_f1, contains_answer, contains_any_answer, exact_match, first_rank, hit_at, mean, normalize_answer,
-    normalize_for_match, percentile, reciprocal_rank, references,
+    char_f1,
+    contains_answer,
+    contains_any_answer,
+    exact_match,
+    first_rank,
+    hit_at,
+    mean,
+    normalize_answer,
+    normalize_for_match,
+    percentile,
+    reciprocal_rank,
+    references,
 )
-
 
 # --- normalisation (CMRC 2018: punctuation and spaces removed, widths and case unified) ---------------
 

@@ -12,9 +12,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.eval.answer_eval import evaluate_answers
 from bench.eval.configs import EvalConfig
@@ -71,7 +72,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ingest import ingest
     from retrieval.retriever import HybridSearcher
-    from retrieval.store import KnowledgeBase
+    from retrieval.store import KBIncompatibleError, KnowledgeBase
 
     ds = read_eval_set(opts.data)
     split = split_for_eval(ds, unanswerable_share=opts.unanswerable_share, max_passages=opts.max_passages,
@@ -89,7 +90,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
     corpus_index = work / "corpus.json"
     result: dict[str, Any] = {
         "title": f"Zhiwen evaluation — {ds.name}", "command": opts.command, "machine": describe_machine(),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "dataset": {"path": str(opts.data), "name": ds.name, "passages": len(ds.passages),
                     "questions": len(ds.questions), "skipped": ds.skipped, "kb_passages": len(split.kb_passages),
                     "held_out": len(split.held_out), "split_questions": len(split.questions),
@@ -127,7 +128,10 @@ def run(opts: RunOptions) -> dict[str, Any]:
                 _say(f"[{cfg.name}] ingesting {len(files)} files into {kb_name} "
                      f"(chunk {settings.ingest.chunk_size}/{settings.ingest.chunk_overlap})")
                 t0 = time.perf_counter()
-                report = ingest(corpus, kb_name, settings, rebuild=not reused)
+                try:
+                    report = ingest(corpus, kb_name, settings, rebuild=not reused)
+                except KBIncompatibleError:   # the kept KB was built with another model or chunking: start over
+                    report = ingest(corpus, kb_name, settings, rebuild=True)
                 ingest_s = time.perf_counter() - t0
                 kb = KnowledgeBase.open(kb_name, settings)
                 failed = [Path(f.path).name for f in report.files if f.status == "failed"]
