@@ -22,8 +22,7 @@ def load_xlsx(ctx: Ctx) -> None:
         raise LoadError("corrupt", f"Excel 表格「{ctx.name}」无法打开（{e}）：请用 Excel 打开并另存为 .xlsx 后重新导入") from e
     try:
         for number, ws in enumerate(wb.worksheets, start=1):
-            rows = ws.iter_rows(values_only=True) if hasattr(ws, "iter_rows") else []
-            ctx.add_table(list(rows), title_as_heading=True, sheet=ws.title, page=number)
+            ctx.add_table(list(ws.iter_rows(values_only=True)), title_as_heading=True, sheet=ws.title, page=number)
     finally:
         wb.close()
 
