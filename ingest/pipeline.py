@@ -5,8 +5,8 @@ Which files are looked at
   extension the loaders support is ingested. Any other file is reported as failed ("unsupported") when it looks
   like a document a person expects to be searchable — a known document extension we cannot read (.ppt, .wps,
   .pages, ...) or text-like bytes (no NUL byte in the first 8 KB, e.g. README, LICENSE) — so nobody wonders
-  where it went; binary files of unknown kind (.exe, .zip, .mp4, ...) and editor/Office lock files (~$x.docx)
-  are listed in `report.ignored` only.
+  where it went; binary files of unknown kind (.exe, .zip, .mp4, ...), Office lock files (~$x.docx) and
+  Thumbs.db / desktop.ini are listed in `report.ignored` only.
 
 Change detection
   A file whose path, size and mtime (ns) match the manifest is taken as unchanged without reading it, like git
@@ -65,7 +65,8 @@ DOCUMENT_LIKE_EXTENSIONS = frozenset({
     ".kdh", ".nh", ".mobi", ".azw", ".azw3", ".xps", ".oxps", ".tex", ".ofd", ".hwp", ".one", ".msg", ".eml",
     ".vsd", ".vsdx", ".wpd", ".fb2", ".ps", ".tif", ".tiff", ".gif", ".webp", ".heic", ".svg",
 })
-JUNK_PREFIXES = ("~$", ".~lock.")
+JUNK_PREFIXES = ("~$", ".~lock.")                      # Office / LibreOffice lock files of open documents
+JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini"})    # Windows folder metadata
 
 
 class IngestError(KBError):
@@ -213,7 +214,7 @@ def _classify(path: Path, root: Path, settings: "Settings") -> _File | None:
         st = path.stat()
     except OSError:
         return None
-    if not path.is_file() or path.name.startswith(JUNK_PREFIXES):
+    if not path.is_file() or path.name.startswith(JUNK_PREFIXES) or path.name.lower() in JUNK_NAMES:
         return None
     f = _File(_key(root, path), path, root, st.st_size, st.st_mtime_ns)
     ext = path.suffix.lower()

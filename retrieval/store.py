@@ -137,6 +137,8 @@ class FileEntry:
     @property
     def file_path(self) -> Path | None:
         """Where the file lives on disk, if its root is known."""
+        if Path(self.path).is_absolute():  # the key fell back to the absolute path (see ingest._diff)
+            return Path(self.path)
         if not self.root:
             return None
         rel = self.path.split("/", 1)[1] if "/" in self.path else self.path
