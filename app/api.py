@@ -14,6 +14,8 @@ Errors are JSON {"error": sentence} with a fitting status code.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import secrets
@@ -27,7 +29,6 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, File, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, Field
 
 from retrieval.types import Hit
@@ -62,20 +63,32 @@ def hit_json(hit: Hit) -> dict[str, Any]:
             "dense_score": hit.dense_score, "bm25_score": hit.bm25_score, "text": hit.text}
 
 
+def basic_credentials(header: str) -> tuple[str, str] | None:
+    """(user, password) from an HTTP Basic header, decoded as UTF-8 (RFC 7617): Chinese passwords work.
+    FastAPI's HTTPBasic decodes ASCII only."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value:
+        return None
+    try:
+        user, sep, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return (user, password) if sep else None
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
 def build_router(ctx: AppContext) -> APIRouter:
-    basic = HTTPBasic(auto_error=False, realm="zhiwen")
-
-    def require_user(creds: HTTPBasicCredentials | None = Depends(basic)) -> str | None:
+    def require_user(request: Request) -> str | None:
         if not ctx.auth.enabled:
             return None
-        if creds is None or not ctx.auth.verify(creds.username, creds.password):
+        creds = basic_credentials(request.headers.get("authorization", ""))
+        if creds is None or not ctx.auth.verify(*creds):
             raise HTTPException(401, "需要登录：请用 app.users 中的用户名和密码（HTTP Basic 认证）访问。",
-                                headers={"WWW-Authenticate": 'Basic realm="zhiwen"'})
-        return creds.username
+                                headers={"WWW-Authenticate": 'Basic realm="zhiwen", charset="UTF-8"'})
+        return creds[0]
 
     router = APIRouter(prefix="/api", dependencies=[Depends(require_user)])
     s = ctx.settings

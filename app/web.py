@@ -34,7 +34,7 @@ CSS = """
 .zw-note {font-size: 0.9em; color: #6b7280; margin-bottom: 6px}
 .zw-hit {border: 1px solid #e5e7eb; border-radius: 6px; padding: 8px; margin-bottom: 8px}
 .zw-hit-head {font-size: 0.85em; color: #374151; margin-bottom: 4px}
-.zw-score {float: right; color: #6b7280}
+.zw-score {display: block; color: #6b7280; font-size: 0.95em}
 .zw-passage {font-size: 0.92em; line-height: 1.6; white-space: normal}
 .zw-passage mark {background: #fde68a; padding: 0 1px}
 .zw-job table {width: 100%; font-size: 0.9em; margin-top: 6px}
@@ -305,6 +305,7 @@ def build_page(ctx: AppContext) -> gr.Blocks:
                             history_turns],
                     outputs=[question, chat, turns, answer_sources, sources],
                     concurrency_limit=s.app.concurrency_limit, concurrency_id="generate", show_progress="minimal")
+        ask.then(h.status, inputs=[kb], outputs=[status], queue=False)  # the first answer loads the model
         stop.click(h.stop, cancels=[ask], queue=False)
         clear.click(h.clear, outputs=[chat, turns, answer_sources, sources], queue=False)
         chat.select(h.show_sources, inputs=[answer_sources], outputs=[sources], queue=False)

@@ -258,3 +258,36 @@ def test_upload_job_ingests_reports_and_removes(tmp_settings, tmp_path, models_d
         assert failed.state == "failed" and "不存在" in failed.error
     finally:
         jobs.shutdown()
+
+
+# --- the concurrency bench, small ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_concurrent_chats_and_ingest_small(tmp_path, models_dir):
+    """bench/concurrency.py at a small scale: 3 simultaneous chats + 1 upload through the HTTP API of a real app."""
+    from bench.concurrency import Client, run_bench, start_local_app
+    from tests.conftest import require_model
+
+    require_model(models_dir, "qwen2.5-0.5b-instruct")
+    proc, origin = start_local_app(tmp_path, "使用指南", {
+        "ZHIWEN_PROFILE": "test", "ZHIWEN_LLM__DTYPE": "float32", "ZHIWEN_INGEST__WORKERS": "1"})
+    try:
+        result = run_bench(Client(origin), "使用指南", chats=3, params={"max_new_tokens": 8, "top_k": 1, "temperature": 0})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert [c.error for c in result.chats] == ["", "", ""]
+    assert all(c.pieces >= 1 and c.correct for c in result.chats), [(c.question, c.answer, c.sources) for c in result.chats]
+    assert result.ingest_job["state"] == "done", result.ingest_job
+    assert [(f["name"], f["status"]) for f in result.ingest_job["files"]] == [("sources/星河公司年假制度.md", "ok")]
+    assert result.passed
+
+
+def test_basic_credentials_are_utf8():
+    from base64 import b64encode
+
+    from app.api import basic_credentials
+
+    assert basic_credentials("Basic " + b64encode("alice:开门:1".encode()).decode()) == ("alice", "开门:1")
+    assert basic_credentials("Bearer abc") is None
+    assert basic_credentials("Basic !!!") is None
+    assert basic_credentials("Basic " + b64encode(b"no-colon").decode()) is None
