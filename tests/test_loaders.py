@@ -271,6 +271,12 @@ def test_html_declared_charset_is_honoured_and_pre_keeps_lines(tmp_path):
     assert docs[0].metadata["encoding"] == "cp950"
 
 
+def test_deeply_nested_html(tmp_path):
+    f = tmp_path / "深.html"
+    f.write_text("<html><body>" + "<div>" * 5000 + "深层文字" + "</div>" * 5000 + "</body></html>", encoding="utf-8")
+    assert text_of(load_file(f, settings())) == "深层文字"
+
+
 def test_html_wrong_latin1_label_on_gbk_bytes(tmp_path):
     f = tmp_path / "错标.htm"
     f.write_bytes('<meta charset="iso-8859-1"><p>这是用 GBK 保存却标成 Latin-1 的网页。</p>'.encode("gbk"))

@@ -67,8 +67,15 @@ class _Walker:
         self.ctx.add_text("\n".join(self.lines), **self.meta)
         self.lines = []
 
-    def walk(self, node: Tag) -> None:
-        for child in node.children:
+    def walk(self, root: Tag) -> None:
+        """Depth-first over `root`'s children with an explicit stack: pages nested thousands of <div>s deep
+        must not hit Python's recursion limit. A (tag, True) entry closes a block element."""
+        stack: list[tuple[object, bool]] = [(c, False) for c in reversed(list(root.children))]
+        while stack:
+            child, closing = stack.pop()
+            if closing:
+                self.newline()
+                continue
             if isinstance(child, Comment):
                 continue
             if isinstance(child, NavigableString):
@@ -106,9 +113,9 @@ class _Walker:
                 self.newline()
             if name in ("td", "th"):
                 self.inline.append(" ")
-            self.walk(child)
             if name in _BLOCK or name == "li":
-                self.newline()
+                stack.append((child, True))
+            stack.extend((c, False) for c in reversed(list(child.children)))
 
 
 def _is_data_table(table: Tag) -> bool:
