@@ -213,11 +213,14 @@ class Embedder(Embeddings):
 
     @property
     def model_id(self) -> str:
-        """Folder name + content fingerprint, e.g. "multilingual-e5-small-3f9a0c1b2d4e": stored in a knowledge base
-        so that vectors from a different model are never mixed with this one's."""
+        """Folder name + fingerprint, e.g. "multilingual-e5-small-3f9a0c1b2d4e": stored in a knowledge base so that
+        vectors from a different model are never mixed with this one's. The fingerprint covers the folder's content
+        and the settings that change passage vectors (passage prefix, max_seq_length), not the query prefix."""
         if self._model_id is None:
             self._check_folder()
-            self._model_id = f"{self.folder.name}-{fingerprint(self.folder)}"
+            vector_settings = f"{self.settings.passage_prefix}\0{self.settings.max_seq_length}"
+            digest = hashlib.sha256(f"{fingerprint(self.folder)}\0{vector_settings}".encode()).hexdigest()[:12]
+            self._model_id = f"{self.folder.name}-{digest}"
         return self._model_id
 
     # -- encoding ----------------------------------------------------------------------------------------------

@@ -152,6 +152,9 @@ def test_max_tokens_is_the_smaller_of_setting_and_model(tiny_folder: Path) -> No
 def test_model_id_is_name_plus_fingerprint_and_detects_a_changed_model(tiny_folder: Path, tmp_path: Path) -> None:
     a = make(tiny_folder).model_id
     assert a == make(tiny_folder).model_id and a.startswith("tiny-embedder-") and len(a) == len("tiny-embedder-") + 12
+    assert make(tiny_folder, query_prefix="问：").model_id == a  # queries are not stored
+    assert make(tiny_folder, passage_prefix="").model_id != a  # stored passage vectors would differ
+    assert make(tiny_folder, max_seq_length=64).model_id != a
     copy = shutil.copytree(tiny_folder, tmp_path / "tiny-embedder")
     assert make(copy).model_id == a  # same content, same id, wherever it lives
     cfg = copy / "1_Pooling" / "config.json"
