@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -95,11 +95,14 @@ def build_router(ctx: AppContext) -> APIRouter:
 
     @router.get("/health")
     def health() -> dict[str, Any]:
+        kbs = len(library.names(s))
+        if not ctx.models_loaded:  # a health probe must never start a minute-long model load
+            return {"status": "ok", "model": None, "models_loaded": False, "knowledge_bases": kbs}
         try:
             info = asdict(ctx.model_info())
-        except Exception as e:
-            return {"status": "degraded", "error": friendly_error(e)}
-        return {"status": "ok", "model": info, "knowledge_bases": len(library.names(s))}
+        except Exception as e:  # noqa: BLE001 - reported as a sentence in the JSON
+            return {"status": "degraded", "error": friendly_error(e), "knowledge_bases": kbs}
+        return {"status": "ok", "model": info, "models_loaded": True, "knowledge_bases": kbs}
 
     @router.get("/kbs")
     def kbs() -> list[dict[str, Any]]:
@@ -143,7 +146,7 @@ def build_router(ctx: AppContext) -> APIRouter:
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     @router.post("/kbs/{kb}/files")
-    def upload(kb: str, files: list[UploadFile] = File(...)) -> Any:
+    def upload(kb: str, files: Annotated[list[UploadFile], File()]) -> Any:
         tmp = Path(tempfile.mkdtemp(prefix="zhiwen-upload-"))
         try:
             pairs = []

@@ -53,7 +53,7 @@ class AppContext:
         self.models_loaded = True
 
     def answer(self, question: str, kb_name: str, history: list, *, stop: threading.Event | None = None,
-               **params: Any) -> "GatedStream":
+               **params: Any) -> GatedStream:
         """One streamed answer, holding a generation slot from the first token wait to the end."""
         return GatedStream(self, question, kb_name, history, params, stop)
 
@@ -72,14 +72,14 @@ class AppContext:
             info = self.model_info()
             kind = "演示模型" if info.is_demo else "正式模型"
             model = f"模型 **{info.name}**（{kind}） · 设备 {info.device} · 量化 {info.quantization}"
-        except Exception as e:  # the page must still open so that people can read the reason
+        except Exception as e:  # noqa: BLE001 - the page must still open so that people can read the reason
             model = f"模型未就绪：{getattr(e, 'reason', None) or e}"
         if not kb_name:
             return f"{model} · 尚无知识库"
         try:
             size = library.size(kb_name, self.settings)
             return f"{model} · 知识库「{kb_name}」：{size.files} 个文件 / {size.chunks} 段"
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a broken KB is reported in the status line, not as a crash
             return f"{model} · 知识库「{kb_name}」无法打开：{e}"
 
     def upload_types(self) -> list[str]:

@@ -200,11 +200,14 @@ class JobManager:
             return self._embedder()
         from retrieval.embeddings import Embedder
 
-        self._embedder = (lambda e=Embedder.from_settings(self.settings): e)
-        return self._embedder()
+        own = Embedder.from_settings(self.settings)
+        self._embedder = lambda: own
+        return own
 
     def _limits(self) -> UploadLimits:
-        from ingest.loaders import SUPPORTED_EXTENSIONS  # the loaders decide what can be read
+        from ingest.loaders import (
+            SUPPORTED_EXTENSIONS,  # the loaders decide what can be read
+        )
 
         a = self.settings.app
         mb = 2**20

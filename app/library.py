@@ -11,8 +11,8 @@ from datetime import datetime
 from configs import Settings
 from retrieval.store import (
     LIVE_STATUSES,
-    KnowledgeBase,
     KBNotFoundError,
+    KnowledgeBase,
     delete_knowledge_base,
     list_knowledge_bases,
 )

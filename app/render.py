@@ -106,8 +106,8 @@ def job_html(job: Any | None) -> str:
     pct = ""
     if job.total:
         pct = f"（{job.done}/{job.total}）"
-    out = [f'<div class="zw-job zw-{job.state}" data-job-id="{html.escape(job.id)}" data-state="{job.state}">'
-           f'<b>导入任务 {html.escape(job.id)}</b>：{state}{pct} — {html.escape(job.message)}']
+    out = [(f'<div class="zw-job zw-{job.state}" data-job-id="{html.escape(job.id)}" data-state="{job.state}">'
+            f'<b>导入任务 {html.escape(job.id)}</b>：{state}{pct} — {html.escape(job.message)}')]
     if job.total and job.active:
         out.append(f'<progress max="{job.total}" value="{job.done}"></progress>')
     if job.error:

@@ -15,14 +15,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import gradio as gr  # noqa: E402
-from fastapi import FastAPI  # noqa: E402
+import gradio as gr
+from fastapi import FastAPI
 
-from configs import Settings  # noqa: E402
+from configs import Settings
 
-from .api import build_router  # noqa: E402
-from .context import AppContext  # noqa: E402
-from .web import CSS, build_page, theme  # noqa: E402
+from .api import build_router
+from .context import AppContext
+from .web import CSS, build_page, theme
 
 log = logging.getLogger(__name__)
 

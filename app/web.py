@@ -16,8 +16,8 @@ from typing import Any
 
 import gradio as gr
 
-from .context import AppContext
 from . import library, render
+from .context import AppContext
 
 log = logging.getLogger(__name__)
 

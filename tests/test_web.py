@@ -224,10 +224,9 @@ def test_api_requires_login_when_enabled(tmp_path, monkeypatch):
 
 # --- background jobs against the real pipeline --------------------------------------------------------------------
 def test_upload_job_ingests_reports_and_removes(tmp_settings, tmp_path, models_dir):
-    from tests.conftest import require_model
-
     from app import library
     from app.jobs import JobManager
+    from tests.conftest import require_model
 
     require_model(models_dir, tmp_settings.embedding.model)
     library.create("手册", tmp_settings)
