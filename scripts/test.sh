@@ -3,10 +3,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUIREMENTS=requirements-dev.txt bash scripts/setup.sh
-if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+# Debian tools the tests use: Chromium for the browser tests, antiword + catdoc for legacy .doc files.
+missing=()
+for pair in chromium:chromium chromedriver:chromium-driver antiword:antiword catdoc:catdoc; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
-      || echo "warning: could not install chromium; browser tests will fail" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
+      || echo "warning: could not install ${missing[*]}; the tests that need them will fail" >&2
+  else
+    echo "warning: missing ${missing[*]}; install them with apt-get (as root)" >&2
   fi
 fi
 exec .venv/bin/python -m pytest "$@"
