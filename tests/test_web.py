@@ -247,6 +247,13 @@ def test_upload_job_ingests_reports_and_removes(tmp_settings, tmp_path, models_d
         table = library.file_table("手册", tmp_settings)
         assert [r[0] for r in table] == ["sources/02-导入文件.md", "sources/faq.md"] and table[0][3] == "成功"
 
+        again = jobs.wait(jobs.reingest("手册", ["sources/faq.md", "sources/nope.md"]).id, timeout=120)
+        assert [(f.name, f.status) for f in again.files] == [("sources/faq.md", "unchanged"), ("sources/nope.md", "rejected")]
+        rebuilt = jobs.wait(jobs.rebuild("手册").id, timeout=300)
+        assert rebuilt.state == "done", rebuilt.error
+        assert sorted((f.name, f.status) for f in rebuilt.files) == [("sources/02-导入文件.md", "ok"), ("sources/faq.md", "ok")]
+        assert library.size("手册", tmp_settings).files == 2
+
         gone = jobs.wait(jobs.remove("手册", ["sources/faq.md"]).id, timeout=120)
         assert [(f.name, f.status) for f in gone.files] == [("sources/faq.md", "removed")]
         assert library.file_paths("手册", tmp_settings) == ["sources/02-导入文件.md"]
