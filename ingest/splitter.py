@@ -29,22 +29,17 @@ from typing import Any
 from langchain_core.documents import Document
 from langchain_text_splitters import TextSplitter
 
+from retrieval.sentences import CLOSERS, SENTENCE_END, split_sentences
 from retrieval.types import Chunk
+
+__all__ = ["ChineseTextSplitter", "split_documents", "split_sentences"]
 
 TokenCounter = Callable[[str], int]
 Span = tuple[int, int]  # [start, end) offsets into the stream text
 
 # ---------------------------------------------------------------------------------------------- sentences ---------
-_CLOSERS = "”’」』）)】》〉\"'"
-_SENTENCE_END = re.compile(
-    rf"""
-      (?:[。！？!?；;]+|…+|\.{{3,}}) [{_CLOSERS}]*     # Chinese / ASCII terminators, repeated (?!, ……), plus closers
-    | (?<!\d)\.[{_CLOSERS}]*(?=\s|$)                  # an English full stop before whitespace (not "3.14", "1. ")
-    | \n                                              # a line break always ends a sentence
-    """,
-    re.VERBOSE,
-)
-_CLAUSE_END = re.compile(rf"[，、：,:]+[{_CLOSERS}]*")
+# One definition of "a sentence" for chunking and for prompt trimming: retrieval/sentences.py (re-exported here).
+_CLAUSE_END = re.compile(rf"[，、：,:]+[{CLOSERS}]*")
 
 
 def _strip_span(text: str, s: int, e: int) -> Span:
@@ -68,17 +63,6 @@ def _spans(text: str, s: int, e: int, pattern: re.Pattern[str]) -> list[Span]:
     if a < b:
         out.append((a, b))
     return out
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of `text`, terminators and closing quotes kept with their sentence, whitespace at the ends stripped.
-
-    >>> split_sentences("你好。再见！")
-    ['你好。', '再见！']
-    >>> split_sentences("他说：“好的。”然后走了。Fine. Thanks!")
-    ['他说：“好的。”', '然后走了。', 'Fine.', 'Thanks!']
-    """
-    return [text[a:b] for a, b in _spans(text, 0, len(text), _SENTENCE_END)]
 
 
 # ---------------------------------------------------------------------------------------------- headings ----------
@@ -244,7 +228,7 @@ class _FileSplitter:
     def _add_body(self, text: str, s: int, e: int, page: int | None, meta: dict[str, Any]) -> None:
         path = self._token_safe_path()
         units: list[Span] = []
-        for a, b in _spans(text, s, e, _SENTENCE_END):
+        for a, b in _spans(text, s, e, SENTENCE_END):
             units.extend(self._cut_to_size(text, a, b))
         for a, b in self._pack(text, units, path, overlap=self.chunk_overlap):
             self._emit(text[a:b], path, page, meta)
