@@ -124,3 +124,19 @@ def test_report_files(tmp_path):
     assert "| c250-hybrid | 8 | 0.500 | 0.750 | 0.875 | 1.000 | 0.667 |" in md
     assert "| pdf | 2 | 0 | 5 | 5 | 4 |" in md and "![hit@k per configuration](cmrc_hit_at_k.png)" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 5000
+
+
+def test_threshold_sweep_from_saved_scores():
+    from bench.eval.report import threshold_sweep
+
+    result = {"questions": [
+        {"answerable": True, "retrieval": {"c": {"best_dense": 0.90}}},
+        {"answerable": True, "retrieval": {"c": {"best_dense": 0.85}}},
+        {"answerable": False, "retrieval": {"c": {"best_dense": 0.83}}},
+        {"answerable": False, "retrieval": {"c": {"best_dense": 0.86}}},
+    ]}
+    sweep = {t: (fr, r) for t, fr, r in threshold_sweep(result, "c")}
+    assert sweep[0.80] == (0.0, 0.0)
+    assert sweep[0.84] == (0.0, 0.5)          # 0.83 < 0.84: one of two unanswerable refused
+    assert sweep[0.86] == (0.5, 0.5)          # 0.85 < 0.86 refused wrongly; 0.86 is not below 0.86
+    assert sweep[0.90] == (0.5, 1.0)

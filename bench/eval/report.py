@@ -85,6 +85,7 @@ def render_markdown(result: dict[str, Any], plot_name: str | None = None) -> str
     if plot_name:
         out += [f"![hit@k per configuration]({plot_name})", ""]
 
+    out += _threshold_sweep(result)
     out += ["## Configurations", ""]
     keys = sorted({k for c in configs for k in c.get("params", {})})
     out += [_table(["config"] + keys, [[c["name"]] + [c["params"].get(k) for k in keys] for c in configs]), ""]
@@ -115,6 +116,37 @@ def render_markdown(result: dict[str, Any], plot_name: str | None = None) -> str
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(out)
+
+
+SWEEP: tuple[float, ...] = tuple(round(0.80 + 0.01 * i, 2) for i in range(11))
+
+
+def threshold_sweep(result: dict[str, Any], config: str) -> list[tuple[float, float, float]]:
+    """(threshold, false-refusal rate on answerable, refusal rate on unanswerable) had the service used that
+    threshold: recomputed from each question's best dense score, no new searches needed."""
+    rows = [(q["answerable"], q["retrieval"][config]["best_dense"]) for q in result.get("questions", [])
+            if q.get("retrieval", {}).get(config, {}).get("best_dense") is not None]
+    ans = [d for a, d in rows if a]
+    una = [d for a, d in rows if not a]
+    if not ans or not una:
+        return []
+    return [(t, sum(d < t for d in ans) / len(ans), sum(d < t for d in una) / len(una)) for t in SWEEP]
+
+
+def _threshold_sweep(result: dict[str, Any]) -> list[str]:
+    sweeps = {c["name"]: threshold_sweep(result, c["name"]) for c in result.get("configs", [])
+              if c.get("params", {}).get("mode") != "bm25"}
+    sweeps = {k: v for k, v in sweeps.items() if v}
+    if not sweeps:
+        return []
+    out = ["## Threshold sweep (from the same searches)", "",
+           "What `retrieval.score_threshold` would do: share of answerable questions refused for lack of evidence "
+           "(false refusal) / share of unanswerable questions refused, recomputed from each question's best "
+           "dense cosine.", ""]
+    head = ["threshold"] + [f"{name}: false refusal / refusal" for name in sweeps]
+    rows = [[f"{t:.2f}"] + [f"{sw[i][1]:.3f} / {sw[i][2]:.3f}" for sw in sweeps.values()]
+            for i, t in enumerate(SWEEP)]
+    return out + [_table(head, rows), ""]
 
 
 def plot_hit_at_k(result: dict[str, Any], path: Path) -> Path:
@@ -154,3 +186,11 @@ def write_report(result: dict[str, Any], out_dir: Path, stem: str = "report") ->
     md = out_dir / f"{stem}.md"
     md.write_text(render_markdown(result, png.name), encoding="utf-8")
     return {"json": write_json(result, out_dir / f"{stem}.json"), "md": md, "png": png}
+
+
+if __name__ == "__main__":  # re-render a saved run: python -m bench.eval.report RUN.json [OUT_DIR]
+    import sys
+
+    src = Path(sys.argv[1])
+    saved = json.loads(src.read_text(encoding="utf-8"))
+    print(write_report(saved, Path(sys.argv[2]) if len(sys.argv) > 2 else src.parent, src.stem))
