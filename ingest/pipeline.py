@@ -27,6 +27,7 @@ Crash safety
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import multiprocessing
 import os
@@ -36,7 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +45,15 @@ import numpy as np
 from tqdm import tqdm
 
 from ingest.report import FileResult, IngestReport, ProgressEvent
-from retrieval.store import LIVE_STATUSES, FileEntry, IndexSpec, KBError, KnowledgeBase, KBWriter, validate_kb_name
+from retrieval.store import (
+    LIVE_STATUSES,
+    FileEntry,
+    IndexSpec,
+    KBError,
+    KBWriter,
+    KnowledgeBase,
+    validate_kb_name,
+)
 from retrieval.types import Chunk
 
 if TYPE_CHECKING:
@@ -66,6 +75,8 @@ DOCUMENT_LIKE_EXTENSIONS = frozenset({
     ".vsd", ".vsdx", ".wpd", ".fb2", ".ps", ".tif", ".tiff", ".gif", ".webp", ".heic", ".svg",
 })
 JUNK_PREFIXES = ("~$", ".~lock.")                      # Office / LibreOffice lock files of open documents
+CRASH_REASON = ("解析该文件时解析进程崩溃（可能是文件损坏或解析库的缺陷），已跳过；其余文件不受影响。"
+                "可用原程序另存后再导入。")
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini"})    # Windows folder metadata
 
 
@@ -90,8 +101,8 @@ class _File:
 # --------------------------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------------------------
-def ingest(folder: Path | str, kb_name: str, settings: "Settings", *, prune: bool = False, rebuild: bool = False,
-           on_progress: ProgressCallback | None = None, embedder: "Embedder | None" = None,
+def ingest(folder: Path | str, kb_name: str, settings: Settings, *, prune: bool = False, rebuild: bool = False,
+           on_progress: ProgressCallback | None = None, embedder: Embedder | None = None,
            lock_timeout: float | None = 0, show_progress: bool = False) -> IngestReport:
     """Bring KB `kb_name` in step with `folder` (recursively) and return what happened to each file.
 
@@ -113,8 +124,8 @@ def ingest(folder: Path | str, kb_name: str, settings: "Settings", *, prune: boo
                 rebuild=rebuild, on_progress=on_progress, lock_timeout=lock_timeout, show_progress=show_progress)
 
 
-def ingest_files(paths: Iterable[Path | str], kb_name: str, settings: "Settings", *,
-                 on_progress: ProgressCallback | None = None, embedder: "Embedder | None" = None,
+def ingest_files(paths: Iterable[Path | str], kb_name: str, settings: Settings, *,
+                 on_progress: ProgressCallback | None = None, embedder: Embedder | None = None,
                  lock_timeout: float | None = 600, show_progress: bool = False) -> IngestReport:
     """Ingest individual files (web uploads, already copied into kb.sources_dir by the web layer).
 
@@ -144,7 +155,7 @@ def ingest_files(paths: Iterable[Path | str], kb_name: str, settings: "Settings"
                 on_progress=on_progress, lock_timeout=lock_timeout, show_progress=show_progress)
 
 
-def remove_files(kb_name: str, paths: Iterable[Path | str], settings: "Settings", *,
+def remove_files(kb_name: str, paths: Iterable[Path | str], settings: Settings, *,
                  lock_timeout: float | None = 600) -> IngestReport:
     """Remove files from the KB by manifest key (e.g. "sources/a.pdf") or by their path on disk.
 
@@ -177,6 +188,7 @@ def remove_files(kb_name: str, paths: Iterable[Path | str], settings: "Settings"
 # --------------------------------------------------------------------------------------------------------------
 # Scan
 # --------------------------------------------------------------------------------------------------------------
+@functools.cache
 def _supported_extensions() -> frozenset[str]:
     from ingest.loaders import SUPPORTED_EXTENSIONS
 
@@ -189,7 +201,7 @@ def _key(root: Path, path: Path) -> str:
     return f"{root.name}/{rel}" if root.name else path.as_posix()
 
 
-def _scan_folder(root: Path, settings: "Settings") -> tuple[list[_File], list[str]]:
+def _scan_folder(root: Path, settings: Settings) -> tuple[list[_File], list[str]]:
     """Walk `root` (not following directory symlinks); return candidate files and ignored keys, sorted."""
     kb_root = settings.kb_root.resolve()
     files: list[_File] = []
@@ -208,7 +220,7 @@ def _scan_folder(root: Path, settings: "Settings") -> tuple[list[_File], list[st
     return files, ignored
 
 
-def _classify(path: Path, root: Path, settings: "Settings") -> _File | None:
+def _classify(path: Path, root: Path, settings: Settings) -> _File | None:
     """Stat a file and decide whether it is a candidate (maybe with a known problem) or ignored (None)."""
     try:
         st = path.stat()
@@ -223,8 +235,8 @@ def _classify(path: Path, root: Path, settings: "Settings") -> _File | None:
             return None
         f.problem = ("failed", f"不支持的文件类型（{ext or '无扩展名'}），未导入；如需检索，请另存为 PDF、Word、TXT 或 Markdown 后再导入。")
     elif st.st_size > settings.ingest.max_file_mb * 1024 * 1024:
-        f.problem = ("failed", f"文件大小 {st.st_size / 1048576:.0f} MB 超过上限 {settings.ingest.max_file_mb:g} MB"
-                               f"（ingest.max_file_mb），未导入；可调大该设置后重新导入。")
+        f.problem = ("failed", (f"文件大小 {st.st_size / 1048576:.0f} MB 超过上限 {settings.ingest.max_file_mb:g} MB"
+                                f"（ingest.max_file_mb），未导入；可调大该设置后重新导入。"))
     return f
 
 
@@ -256,13 +268,13 @@ def _trust_stat(f: _File, e: FileEntry | None) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 # The run: diff against the manifest, then parse / split / embed / commit
 # --------------------------------------------------------------------------------------------------------------
-def _default_embedder(settings: "Settings") -> "Embedder":
+def _default_embedder(settings: Settings) -> Embedder:
     from retrieval.embeddings import Embedder
 
     return Embedder.from_settings(settings)
 
 
-def _spec(embedder: "Embedder", settings: "Settings", stored: IndexSpec | None) -> IndexSpec:
+def _spec(embedder: Embedder, settings: Settings, stored: IndexSpec | None) -> IndexSpec:
     """The spec this run would write. The model id is a fingerprint of the model folder's files and configs, so
     when it matches the stored one so does the dimension: reuse it instead of loading the model (an unchanged
     rerun then never loads the model at all)."""
@@ -276,7 +288,7 @@ def _spec(embedder: "Embedder", settings: "Settings", stored: IndexSpec | None) 
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _entry(f: _File, status: str, reason: str = "", ingested_at: str | None = None) -> FileEntry:
@@ -286,11 +298,10 @@ def _entry(f: _File, status: str, reason: str = "", ingested_at: str | None = No
     )
 
 
-def _run(files: list[_File], kb_name: str, settings: "Settings", embedder: "Embedder", report: IngestReport, *,
+def _run(files: list[_File], kb_name: str, settings: Settings, embedder: Embedder, report: IngestReport, *,
          prune_roots: set[Path], rebuild: bool, on_progress: ProgressCallback | None, lock_timeout: float | None,
          show_progress: bool) -> IngestReport:
-    kb = KnowledgeBase.open_or_create(kb_name, settings)
-    with kb.writer(timeout=lock_timeout) as w:
+    with KnowledgeBase.open_writer(kb_name, settings, timeout=lock_timeout) as w:
         t0 = time.perf_counter()  # may load the model (counted as embedding): KBIncompatibleError before any change
         w.set_spec(_spec(embedder, settings, None if rebuild else w.spec), rebuild=rebuild)
         report.phase_seconds["embed"] += time.perf_counter() - t0
@@ -379,7 +390,7 @@ def _emit(cb: ProgressCallback | None, event: ProgressEvent) -> None:
 class _Processor:
     """Parses groups of identical files in worker processes, splits, embeds across files and checkpoints."""
 
-    def __init__(self, w: KBWriter, settings: "Settings", embedder: "Embedder", report: IngestReport,
+    def __init__(self, w: KBWriter, settings: Settings, embedder: Embedder, report: IngestReport,
                  on_progress: ProgressCallback | None, show_progress: bool) -> None:
         self.w, self.settings, self.embedder, self.report, self.on_progress = w, settings, embedder, report, on_progress
         self.pending: list[tuple[list[_File], list[Chunk]]] = []
@@ -411,7 +422,7 @@ class _Processor:
             t0 = time.perf_counter()
             try:
                 chunks = self._split(first, outcome[1])
-            except Exception as e:  # a splitter bug on one file must not stop the batch
+            except Exception as e:  # noqa: BLE001 — a splitter bug on one file must not stop the batch
                 chunks = None
                 self._settle(group, "failed", f"切分文本时出错（{type(e).__name__}: {e}）；请把该文件报告给维护者。")
             self.report.phase_seconds["split"] += time.perf_counter() - t0
@@ -478,7 +489,7 @@ def _init_worker() -> None:
     import ingest.loaders  # noqa: F401  (import the parsers once per worker, not once per file)
 
 
-def _parse_in_worker(path: str, ingest_settings: "IngestSettings") -> tuple:
+def _parse_in_worker(path: str, ingest_settings: IngestSettings) -> tuple:
     """Runs in a worker: ("ok", documents) or ("error", kind, reason). Never raises for a bad file."""
     from ingest.loaders import LoadError, load_file
 
@@ -488,11 +499,11 @@ def _parse_in_worker(path: str, ingest_settings: "IngestSettings") -> tuple:
         return ("error", e.kind, e.reason)
     except MemoryError:
         return ("error", "too_large", "解析该文件时内存不足；可把文件拆小后重新导入。")
-    except Exception as e:  # a parser bug on one file is that file's failure
+    except Exception as e:  # noqa: BLE001 — a parser bug on one file is that file's failure
         return ("error", "corrupt", f"解析该文件时出错（{type(e).__name__}: {e}）；文件可能已损坏，可用原程序另存后再导入。")
 
 
-def _worker_count(settings: "Settings", n_files: int) -> int:
+def _worker_count(settings: Settings, n_files: int) -> int:
     n = settings.ingest.workers or os.cpu_count() or 1
     return max(1, min(n, n_files))
 
@@ -505,8 +516,8 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
 
 
-def _parse_all(groups: Sequence[list[_File]], settings: "Settings", report: IngestReport,
-               parse: Callable[[str, "IngestSettings"], tuple] = _parse_in_worker):
+def _parse_all(groups: Sequence[list[_File]], settings: Settings, report: IngestReport,
+               parse: Callable[[str, IngestSettings], tuple] = _parse_in_worker):
     """Yield (group, outcome) as parses finish; the time spent waiting on workers is the parse phase.
 
     After a worker dies the remaining files run one at a time until the culprit (the file the lone worker was
@@ -540,8 +551,7 @@ def _parse_all(groups: Sequence[list[_File]], settings: "Settings", report: Inge
             if serial:  # one worker, first-in first-out: the lowest index not yet finished was on it
                 culprit = min(i for i in running.values() if i in remaining)
                 remaining.remove(culprit)
-                yield groups[culprit], ("error", "corrupt", "解析该文件时解析进程崩溃（可能是文件损坏或解析库的缺陷），"
-                                                            "已跳过；其余文件不受影响。可用原程序另存后再导入。")
+                yield groups[culprit], ("error", "corrupt", CRASH_REASON)
                 serial = False
             else:
                 serial = True

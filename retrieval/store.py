@@ -25,12 +25,11 @@ import os
 import re
 import shutil
 import socket
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,7 +86,7 @@ class KBIncompatibleError(KBError):
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -129,7 +128,7 @@ class FileEntry:
         return d
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "FileEntry":
+    def from_json(cls, d: Mapping[str, Any]) -> FileEntry:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}  # tolerate keys added by newer versions
         known["chunk_ids"] = tuple(int(i) for i in known.get("chunk_ids", ()))
         return cls(**known)
@@ -160,12 +159,12 @@ class IndexSpec:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any] | None) -> "IndexSpec | None":
+    def from_json(cls, d: Mapping[str, Any] | None) -> IndexSpec | None:
         if not d:
             return None
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
-    def differences(self, other: "IndexSpec") -> list[str]:
+    def differences(self, other: IndexSpec) -> list[str]:
         """Human-readable `key: old -> new` lines for every field that differs."""
         return [
             f"{k}: {getattr(self, k)!r} -> {getattr(other, k)!r}"
@@ -202,7 +201,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "Manifest":
+    def from_json(cls, d: Mapping[str, Any]) -> Manifest:
         fmt = int(d.get("format", 0))
         if fmt > MANIFEST_FORMAT:
             raise KBCorruptError(
@@ -241,7 +240,7 @@ def validate_kb_name(name: str) -> str:
     return name
 
 
-def kb_dir(name: str, settings: "Settings") -> Path:
+def kb_dir(name: str, settings: Settings) -> Path:
     """The folder of knowledge base `name` (validated; never outside settings.kb_root)."""
     root = settings.kb_root.resolve()
     path = (root / validate_kb_name(name)).resolve()
@@ -250,7 +249,7 @@ def kb_dir(name: str, settings: "Settings") -> Path:
     return path
 
 
-def list_knowledge_bases(settings: "Settings") -> list[str]:
+def list_knowledge_bases(settings: Settings) -> list[str]:
     """Names of committed knowledge bases under settings.kb_root, sorted."""
     root = settings.kb_root
     if not root.is_dir():
@@ -260,7 +259,7 @@ def list_knowledge_bases(settings: "Settings") -> list[str]:
     )
 
 
-def delete_knowledge_base(name: str, settings: "Settings", *, timeout: float | None = 0) -> None:
+def delete_knowledge_base(name: str, settings: Settings, *, timeout: float | None = 0) -> None:
     """Delete a KB and its uploaded sources. Refuses (KBLockedError) while a writer holds it."""
     path = kb_dir(name, settings)
     if not path.is_dir():
@@ -324,14 +323,21 @@ def _chunk_from_json(d: Mapping[str, Any]) -> Chunk:
     )
 
 
+def _read_manifest(gen_dir: Path) -> Manifest:
+    try:
+        return Manifest.from_json(json.loads((gen_dir / MANIFEST_FILE).read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise KBCorruptError(f"{gen_dir / MANIFEST_FILE} is damaged ({e}); rebuild with --rebuild") from e
+
+
 def _load_generation(gen_dir: Path) -> tuple[list[Chunk], faiss.Index, Manifest]:
     """Read one generation; FileNotFoundError propagates (the caller retries if CURRENT moved)."""
+    manifest = _read_manifest(gen_dir)
     try:
-        manifest = Manifest.from_json(json.loads((gen_dir / MANIFEST_FILE).read_text(encoding="utf-8")))
         with open(gen_dir / CHUNKS_FILE, encoding="utf-8") as f:
             chunks = [_chunk_from_json(json.loads(line)) for line in f if line.strip()]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise KBCorruptError(f"{gen_dir}: manifest.json or chunks.jsonl is damaged ({e}); rebuild with --rebuild") from e
+        raise KBCorruptError(f"{gen_dir / CHUNKS_FILE} is damaged ({e}); rebuild with --rebuild") from e
     index_path = gen_dir / INDEX_FILE
     if not index_path.is_file():
         raise FileNotFoundError(index_path)
@@ -358,7 +364,7 @@ class KnowledgeBase:
     """
 
     def __init__(self, name: str, path: Path, generation: str, chunks: list[Chunk], index: faiss.Index,
-                 manifest: Manifest, settings: "Settings | None" = None) -> None:
+                 manifest: Manifest, settings: Settings | None = None) -> None:
         self.name = name
         self.path = path
         self.generation = generation
@@ -371,7 +377,7 @@ class KnowledgeBase:
 
     # -- opening -------------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, name: str, settings: "Settings") -> "KnowledgeBase":
+    def open(cls, name: str, settings: Settings) -> KnowledgeBase:
         """Open the live generation of KB `name`; KBNotFoundError if it does not exist."""
         path = kb_dir(name, settings)
         for _ in range(10):  # a writer may switch CURRENT and collect our generation between two reads
@@ -390,7 +396,7 @@ class KnowledgeBase:
         raise KBCorruptError(f"知识库「{name}」一直在被改写，无法读到一个稳定的版本；请稍后再试。")
 
     @classmethod
-    def create(cls, name: str, settings: "Settings", *, exist_ok: bool = True) -> "KnowledgeBase":
+    def create(cls, name: str, settings: Settings, *, exist_ok: bool = True) -> KnowledgeBase:
         """Create an empty KB (generation 0) and return it; with exist_ok, open an existing one instead."""
         path = kb_dir(name, settings)
         if _read_current(path) is not None:
@@ -406,7 +412,7 @@ class KnowledgeBase:
         return cls.open(name, settings)
 
     @classmethod
-    def open_or_create(cls, name: str, settings: "Settings") -> "KnowledgeBase":
+    def open_or_create(cls, name: str, settings: Settings) -> KnowledgeBase:
         try:
             return cls.open(name, settings)
         except KBNotFoundError:
@@ -421,7 +427,7 @@ class KnowledgeBase:
         """True once CURRENT names another generation (or the KB was deleted): reopen before answering."""
         return _read_current(self.path) != self.generation
 
-    def reopen(self) -> "KnowledgeBase":
+    def reopen(self) -> KnowledgeBase:
         if self._settings is None:
             raise KBError("reopen() needs a KnowledgeBase opened with KnowledgeBase.open(name, settings)")
         return KnowledgeBase.open(self.name, self._settings)
@@ -454,8 +460,20 @@ class KnowledgeBase:
         return f"KnowledgeBase({self.name!r}, {self.generation}, {len(self.chunks)} chunks, {len(self.manifest.files)} files)"
 
     # -- writing -------------------------------------------------------------------------------------------
+    @staticmethod
     @contextmanager
-    def writer(self, *, timeout: float | None = 0) -> Iterator["KBWriter"]:
+    def open_writer(name: str, settings: Settings, *, timeout: float | None = 0) -> Iterator[KBWriter]:
+        """Like `kb.writer()` without reading a snapshot first; creates the KB (empty, generation 0) if needed."""
+        path = kb_dir(name, settings)
+        (path / SOURCES_DIR).mkdir(parents=True, exist_ok=True)
+        with _writer_lock(path, name, timeout):
+            w = KBWriter(name, path)
+            if w.live_generation is None:
+                w.commit(force=True)
+            yield w
+
+    @contextmanager
+    def writer(self, *, timeout: float | None = 0) -> Iterator[KBWriter]:
         """Hold the writer lock and yield a KBWriter loaded from the *live* generation (not this snapshot).
 
         timeout=0 fails fast with KBLockedError naming the holder; a number waits that many seconds; None waits.
@@ -526,16 +544,32 @@ class KBWriter:
         self._created_at = _now_iso()
         self._live_gen: str | None = _read_current(path)
         self.dirty = False
+        # Chunks and vectors of the live generation are read only when a commit needs them: an unchanged rerun
+        # reads the manifest alone. Until then, what is stored is known from the manifest (sha -> chunk count).
+        self._stored: dict[str, int] = {}
+        self._loaded = self._live_gen is None
         self._collect_orphans()
         if self._live_gen is not None:
-            chunks, index, manifest = _load_generation(path / self._live_gen)
+            manifest = _read_manifest(path / self._live_gen)
             self._spec, self._files, self._created_at = manifest.spec, dict(manifest.files), manifest.created_at
-            if chunks:
-                vectors = index.reconstruct_n(0, index.ntotal)
-                start = 0
-                for sha, group in _group_by_sha(chunks):
-                    self._contents[sha] = _Content(group, vectors[start:start + len(group)])
-                    start += len(group)
+            for e in manifest.files.values():
+                if e.status in LIVE_STATUSES:
+                    self._stored[e.sha256] = len(e.chunk_ids)
+
+    def _load_stored(self) -> None:
+        """Read the live generation's chunks and vectors (stored contents first, in their order, then new ones)."""
+        if self._loaded:
+            return
+        chunks, index, _ = _load_generation(self.path / self._live_gen)
+        contents: dict[str, _Content] = {}
+        if chunks:
+            vectors = index.reconstruct_n(0, index.ntotal)
+            start = 0
+            for sha, group in _group_by_sha(chunks):
+                contents[sha] = _Content(group, vectors[start:start + len(group)])
+                start += len(group)
+        contents.update(self._contents)
+        self._contents, self._loaded = contents, True
 
     # -- reading the pending state -------------------------------------------------------------------------
     @property
@@ -547,11 +581,13 @@ class KBWriter:
         return self._files
 
     def has_content(self, sha256: str) -> bool:
-        return sha256 in self._contents
+        return sha256 in self._contents or (not self._loaded and sha256 in self._stored)
 
     def chunk_count(self, sha256: str) -> int:
         c = self._contents.get(sha256)
-        return len(c.chunks) if c else 0
+        if c is not None:
+            return len(c.chunks)
+        return 0 if self._loaded else self._stored.get(sha256, 0)
 
     def live_paths(self, sha256: str) -> list[str]:
         """Live paths holding this content, the current owner (status ok) first."""
@@ -569,6 +605,8 @@ class KBWriter:
         if rebuild:
             self._contents.clear()
             self._files.clear()
+            self._stored.clear()
+            self._loaded = True
         else:
             Manifest(0, self._spec, self._files).check_compatible(spec, self.name)
         if spec != self._spec or rebuild:
@@ -589,7 +627,7 @@ class KBWriter:
         """Add or replace a file entry. Live entries (ok/duplicate) need their content added first."""
         if entry.status not in STORED_STATUSES:
             raise ValueError(f"FileEntry.status must be one of {sorted(STORED_STATUSES)}, got {entry.status!r}")
-        if entry.status in LIVE_STATUSES and entry.sha256 not in self._contents:
+        if entry.status in LIVE_STATUSES and not self.has_content(entry.sha256):
             raise ValueError(f"{entry.path}: status {entry.status} but no chunks stored for sha256 {entry.sha256[:12]}")
         self._files[entry.path] = entry
         self.dirty = True
@@ -609,6 +647,7 @@ class KBWriter:
         """
         if not self.dirty and not force:
             return None
+        self._load_stored()
         chunks, vectors, files = self._normalise()
         n = 1 + max((int(m.group(1)) for p in self.path.iterdir() if (m := _GEN_RE.match(p.name))), default=-1)
         gen = f"gen-{n}"

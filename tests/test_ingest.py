@@ -25,12 +25,12 @@ from tests.support.tiny_embedder import build_tiny_embedder
 from tests.test_store import assert_consistent, assert_no_pickle
 
 PARAGRAPHS = [
-    "第{n}章 总则\n\n本办法适用于公司全体员工。员工请假应当提前申请，经部门负责人批准后方可休假。"
-    "年假天数根据工龄计算，工龄满一年不满十年的，年假五天；满十年不满二十年的，年假十天。",
-    "第{n}节 报销\n\n差旅费用报销须在出差结束后十五个工作日内提交。住宿标准按照城市等级执行，"
-    "一线城市每晚不超过六百元，其他城市每晚不超过四百元。超出部分由个人承担。",
-    "第{n}条 安全\n\n实验室内禁止饮食。离开实验室前应关闭水、电、气阀门。发现安全隐患应立即报告，"
-    "并在隐患排除之前停止相关实验。每季度组织一次消防演练，全体人员必须参加。",
+    ("第{n}章 总则\n\n本办法适用于公司全体员工。员工请假应当提前申请，经部门负责人批准后方可休假。"
+     "年假天数根据工龄计算，工龄满一年不满十年的，年假五天；满十年不满二十年的，年假十天。"),
+    ("第{n}节 报销\n\n差旅费用报销须在出差结束后十五个工作日内提交。住宿标准按照城市等级执行，"
+     "一线城市每晚不超过六百元，其他城市每晚不超过四百元。超出部分由个人承担。"),
+    ("第{n}条 安全\n\n实验室内禁止饮食。离开实验室前应关闭水、电、气阀门。发现安全隐患应立即报告，"
+     "并在隐患排除之前停止相关实验。每季度组织一次消防演练，全体人员必须参加。"),
 ]
 
 
@@ -242,9 +242,8 @@ def test_incompatible_settings_need_rebuild(docs, settings, embedder):
 
 def test_lock_refuses_a_second_writer(docs, settings, embedder):
     kb = KnowledgeBase.create("kb", settings)
-    with kb.writer():
-        with pytest.raises(KBLockedError, match=f"pid {os.getpid()}"):
-            _run(docs, settings, embedder)
+    with kb.writer(), pytest.raises(KBLockedError, match=f"pid {os.getpid()}"):
+        _run(docs, settings, embedder)
 
 
 def test_upload_then_remove(tmp_path, settings, embedder):
@@ -387,7 +386,7 @@ def test_kill_9_mid_ingest_then_resume_matches_a_clean_run(tmp_path, settings, c
     done = len(kb.manifest.files)
     assert 0 < done < n_files, f"killed mid-way: {done} of {n_files} files committed"
 
-    rc, out, err = _cli_run([str(folder), "--kb", "crash", "--quiet"], settings)
+    rc, _, err = _cli_run([str(folder), "--kb", "crash", "--quiet"], settings)
     assert rc == 0, err
     resumed = KnowledgeBase.open("crash", settings)
     assert_consistent(resumed)

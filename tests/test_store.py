@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 
 from retrieval.store import (
-    FileEntry, IndexSpec, KBCorruptError, KBIncompatibleError, KBLockedError, KBNameError, KBNotFoundError,
-    KnowledgeBase, delete_knowledge_base, list_knowledge_bases, validate_kb_name,
+    FileEntry,
+    IndexSpec,
+    KBCorruptError,
+    KBIncompatibleError,
+    KBLockedError,
+    KBNameError,
+    KBNotFoundError,
+    KnowledgeBase,
+    delete_knowledge_base,
+    list_knowledge_bases,
+    validate_kb_name,
 )
 from retrieval.types import Chunk
 
@@ -168,9 +177,8 @@ def test_second_writer_is_refused_naming_the_holder(tmp_settings):
 
     kb = KnowledgeBase.create("kb", tmp_settings)
     with kb.writer():
-        with pytest.raises(KBLockedError, match=f"pid {os.getpid()}"):
-            with KnowledgeBase.open("kb", tmp_settings).writer():
-                pass
+        with pytest.raises(KBLockedError, match=f"pid {os.getpid()}"), KnowledgeBase.open("kb", tmp_settings).writer():
+            pass
         with pytest.raises(KBLockedError):
             delete_knowledge_base("kb", tmp_settings)
     with kb.writer():  # released on exit
