@@ -68,10 +68,10 @@ class RetrievalSettings(_Section):
     mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
     top_k: int = Field(5, gt=0)
     fetch_k: int = Field(50, gt=0)
-    fusion: Literal["rrf", "weighted"] = "rrf"
+    fusion: Literal["rrf", "weighted"] = "weighted"  # weighted beat rrf on CMRC (docs/retrieval.md)
     rrf_k: int = Field(60, gt=0)
     dense_weight: float = Field(0.5, ge=0, le=1)
-    score_threshold: float = Field(0.80, ge=-1, le=1)
+    score_threshold: float = Field(0.86, ge=-1, le=1)  # calibrated for multilingual-e5-small (docs/retrieval.md)
     merge_neighbors: bool = True
     max_hit_chars: int = Field(600, gt=0)
     dedupe_threshold: float = Field(0.95, gt=0, le=1)

@@ -136,7 +136,8 @@ def corpus():
 def test_hybrid_rrf_prefers_chunks_both_retrievers_found(corpus):
     chunks, index, enc, q = corpus
     # fetch_k=2: each retriever contributes its best two, as fetch_k=50 does in a real KB of thousands
-    searcher = HybridSearcher(settings(top_k=3, fetch_k=2, merge_neighbors=False, score_threshold=0.5), enc)
+    searcher = HybridSearcher(settings(fusion="rrf", top_k=3, fetch_k=2, merge_neighbors=False, score_threshold=0.5),
+                              enc)
     hybrid = searcher.search_chunks(q, chunks, index)
     dense = searcher.search_chunks(q, chunks, index, mode="dense")
     bm25 = searcher.search_chunks(q, chunks, index, mode="bm25")
