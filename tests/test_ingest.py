@@ -398,3 +398,21 @@ def test_kill_9_mid_ingest_then_resume_matches_a_clean_run(tmp_path, settings, c
     assert _texts(resumed) == _texts(clean)
     assert {p: e.sha256 for p, e in resumed.manifest.files.items()} == {
         p: e.sha256 for p, e in clean.manifest.files.items()}
+
+
+def test_two_folders_with_the_same_name_stay_apart(tmp_path, settings, embedder):
+    a, b = tmp_path / "x" / "docs", tmp_path / "y" / "docs"
+    for d, n in ((a, 1), (b, 2)):
+        d.mkdir(parents=True)
+        (d / "same.txt").write_text(_text(n), encoding="utf-8")
+        _age(d)
+    _run(a, settings, embedder)
+    _run(b, settings, embedder)
+    kb = KnowledgeBase.open("kb", settings)
+    b_key = (b / "same.txt").resolve().as_posix()
+    assert sorted(kb.manifest.files) == sorted(["docs/same.txt", b_key]), "the second falls back to its full path"
+    assert [f.status for f in _run(b, settings, embedder).files] == ["unchanged"]
+    (b / "same.txt").unlink()
+    r = _run(b, settings, embedder, prune=True)
+    assert [(f.path, f.status) for f in r.files] == [(b_key, "removed")]
+    assert list(KnowledgeBase.open("kb", settings).manifest.files) == ["docs/same.txt"], "the other folder's file stays"
