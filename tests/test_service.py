@@ -254,7 +254,7 @@ def test_cli_one_shot_question(world, monkeypatch, capsys):
 # --- end to end with the real demo model ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_end_to_end_real_models(tmp_path, cmrc_trial, models_dir):
-    """Real qwen2.5-1.5b-instruct (CPU, bf16) + real e5 on 4 CMRC passages: one answer in the documents,
+    """Real qwen2.5-1.5b-instruct (CPU; fp32 unless the CPU has native bf16) + real e5 on 4 CMRC passages: one answer in the documents,
     one question whose answer is not there (refused without calling the LLM)."""
     require_model(models_dir, "qwen2.5-1.5b-instruct")
     require_model(models_dir, "multilingual-e5-small")
