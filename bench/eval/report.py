@@ -104,7 +104,8 @@ def render_markdown(result: dict[str, Any], plot_name: str | None = None) -> str
             a = c["answers"]
             rows.append([c["name"], a.get("n_answerable"), a.get("em"), a.get("f1"), a.get("contains"),
                          a.get("false_refusal_rate"), a.get("n_unanswerable"), a.get("refusal_rate"),
-                         a.get("ttft_s_p50"), a.get("ttft_s_p95"), a.get("tokens_per_s"), a.get("retrieval_ms_p50")])
+                         a.get("ttft_s_p50"), a.get("ttft_s_p95"), a.get("tokens_per_s"),
+                         (c.get("retrieval") or {}).get("latency_ms", {}).get("p50")])
         out += [_table(head, rows), ""]
         examples = [q for q in result.get("questions", []) if q.get("prediction") is not None][:8]
         if examples:
