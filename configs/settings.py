@@ -1,6 +1,7 @@
 """One typed settings object for the whole product.
 
 Sources, highest priority first:
+  0. keyword overrides passed to load_settings() by code (tests, tools)
   1. environment variables ZHIWEN_<SECTION>__<KEY> (e.g. ZHIWEN_LLM__DEVICE=cpu)
   2. the file named by ZHIWEN_CONFIG, if set
   3. configs/settings-<profile>.yaml for ZHIWEN_PROFILE=<profile>, if set
@@ -12,12 +13,13 @@ A bad value fails at start with a message naming the key and the allowed values:
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -120,6 +122,18 @@ class AppSettings(_Section):
     users: list[UserSettings] = []
 
 
+# The merged YAML files of the load_settings() call in progress (a settings source below the environment).
+_YAML_DATA: ContextVar[dict] = ContextVar("_YAML_DATA", default={})
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field, field_name):  # the whole dict is returned by __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _YAML_DATA.get()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ZHIWEN_", env_nested_delimiter="__", extra="forbid", frozen=True
@@ -135,8 +149,8 @@ class Settings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-        # Environment first (highest priority), then the merged YAML files passed as init kwargs.
-        return (env_settings, init_settings)
+        # Highest priority first: keyword overrides from code, the environment, then the merged YAML files.
+        return (init_settings, env_settings, _YamlSource(settings_cls))
 
     # --- derived paths -------------------------------------------------------------------------
     def resolve(self, p: Path | str) -> Path:
@@ -192,9 +206,9 @@ def _format_error(e: ValidationError) -> str:
 
 
 def load_settings(path: str | Path | None = None, profile: str | None = None, **overrides: Any) -> Settings:
-    """Load configs/default.yaml, then the profile, then `path` (or ZHIWEN_CONFIG), then env vars.
+    """Load configs/default.yaml, then the profile, then `path` (or ZHIWEN_CONFIG), then env vars, then `overrides`.
 
-    `overrides` are section dicts merged last-but-env, e.g. load_settings(ingest={"chunk_size": 300}).
+    `overrides` are section dicts from code, merged last, e.g. load_settings(ingest={"chunk_size": 300}).
     """
     data = _read_yaml(CONFIG_DIR / "default.yaml")
     profile = profile if profile is not None else os.environ.get("ZHIWEN_PROFILE") or None
@@ -203,8 +217,10 @@ def load_settings(path: str | Path | None = None, profile: str | None = None, **
     path = path if path is not None else os.environ.get("ZHIWEN_CONFIG") or None
     if path:
         data = _deep_merge(data, _read_yaml(Path(path)))
-    data = _deep_merge(data, overrides)
+    token = _YAML_DATA.set(data)
     try:
-        return Settings(**data)
+        return Settings(**overrides)
     except ValidationError as e:
         raise SettingsError(_format_error(e)) from None
+    finally:
+        _YAML_DATA.reset(token)

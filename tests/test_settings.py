@@ -82,3 +82,14 @@ def test_model_path_resolution():
     assert s.model_path("multilingual-e5-small") == s.models_dir / "multilingual-e5-small"
     assert s.model_path("/opt/chatglm3-6b") == Path("/opt/chatglm3-6b")
     assert s.model_path("sub/dir") == PROJECT_ROOT / "sub" / "dir"
+
+
+def test_code_overrides_beat_environment(monkeypatch, tmp_path):
+    """CI sets ZHIWEN_PATHS__MODELS_DIR; a test or tool that passes its own models_dir must still get it."""
+    monkeypatch.setenv("ZHIWEN_PATHS__MODELS_DIR", "/somewhere/else")
+    monkeypatch.setenv("ZHIWEN_LLM__DEVICE", "cpu")
+    s = load_settings(paths={"models_dir": str(tmp_path)}, llm={"max_new_tokens": 7})
+    assert s.models_dir == tmp_path
+    assert s.llm.device == "cpu" and s.llm.max_new_tokens == 7  # env still applies to keys not overridden
+    with pytest.raises(SettingsError, match=r"llm.max_new_tokens: Input should be greater than 0"):
+        load_settings(llm={"max_new_tokens": 0})
