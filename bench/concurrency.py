@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.concurrency --url http://127.0.0.1:7860 --kb 使用指南 --user alice --password ...
     .venv/bin/python -m bench.concurrency --chats 8 --max-new-tokens 64 --dtype float32
 
-Every chat asks a question whose answer is in the user guide; an answer counts as correct when it contains the
+Every chat asks a question whose answer is in the user guide; an answer counts as correct when it is not a refusal and contains the
 reference text or cites the file the answer comes from. Prints one line per chat and a summary; exit code 1 on
 any error or wrong answer.
 """
@@ -24,6 +24,8 @@ import urllib.request
 from base64 import b64encode
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from prompts import NOT_ENOUGH_INFO, REFUSAL
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "guide"
@@ -47,8 +49,9 @@ INGEST_DOC = ("星河公司年假制度.md",
 class ChatResult:
     question: str
     ok: bool = False
-    correct: bool = False      # reference in the answer, or the right file cited
+    correct: bool = False      # not a refusal, and the reference in the answer or the right file cited
     contains_ref: bool = False  # the stricter half: the answer text itself holds the reference
+    refused: bool = False      # the model (or the service) said it cannot answer
     error: str = ""
     ttft_s: float = 0.0
     total_s: float = 0.0
@@ -97,7 +100,11 @@ class Client:
         res.ok = not res.error and bool(res.answer)
         ref, source = expected
         res.contains_ref = res.ok and ref in res.answer
-        res.correct = res.contains_ref or (res.ok and any(s.endswith("/" + source) for s in res.sources))
+        # A refusal is never correct here: every question's answer is in the guide. Otherwise the answer must hold
+        # the reference text, or (for a short max_new_tokens) be a non-refusal grounded in the right file.
+        res.refused = REFUSAL in res.answer or NOT_ENOUGH_INFO in res.answer
+        res.correct = not res.refused and (
+            res.contains_ref or (res.ok and any(s.endswith("/" + source) for s in res.sources)))
         return res
 
     def upload(self, kb: str, name: str, content: bytes) -> str:
@@ -177,7 +184,7 @@ def print_report(r: BenchResult) -> None:
         pieces = sum(c.pieces for c in ok)
         print(f"chats: {len(r.chats)}, errors {sum(not c.ok for c in r.chats)}, correct {sum(c.correct for c in r.chats)} "
               f"(answer text holds the reference: {sum(c.contains_ref for c in r.chats)}, "
-              f"model said it cannot answer: {sum(c.answer.startswith('根据已知信息无法回答') for c in r.chats)}); "
+              f"refusals: {sum(c.refused for c in r.chats)}); "
               f"ttft median {ttft[len(ttft) // 2]:.1f}s max {ttft[-1]:.1f}s; total median {total[len(total) // 2]:.1f}s "
               f"max {total[-1]:.1f}s; wall {r.wall_s:.1f}s; aggregate {pieces / r.wall_s:.2f} pieces/s")
     print("PASS" if r.passed else "FAIL")
