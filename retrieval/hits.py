@@ -5,6 +5,7 @@ decides which rows to feed them.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,18 +17,37 @@ from retrieval.types import Chunk
 MIN_OVERLAP_CHARS = 4
 
 
+_SENTENCE_END = tuple("。！？；：.!?;:")
+_BLOCK_START = re.compile(r"(?:[-*+•] |\d+[.、)）] |[（(]?[一二三四五六七八九十]+[、）)]|\|)")
+
+
 def join_overlapping(a: str, b: str, *, min_overlap: int = MIN_OVERLAP_CHARS) -> str:
     """`a` + `b` without the text repeated at the seam (the splitter's overlap).
+
+    Without an overlap the seam is where the splitter cut between paragraphs or table rows: a line break keeps a
+    list item or row from being glued to the sentence before it, and a table chunk's repeated header line (the
+    splitter repeats it in every piece of a table) is dropped.
 
     >>> join_overlapping("第一句。第二句。", "第二句。第三句。")
     '第一句。第二句。第三句。'
     >>> join_overlapping("甲乙丙", "丁戊")
     '甲乙丙丁戊'
+    >>> join_overlapping("说明原因。", "- 单个文件")
+    '说明原因。\\n- 单个文件'
     """
     longest = min(len(a), len(b))
     for n in range(longest, min_overlap - 1, -1):
         if a.endswith(b[:n]):
             return a + b[n:]
+    a_head, _, _ = a.partition("\n")
+    b_head, nl, b_rest = b.partition("\n")
+    same_table = bool(nl and b_head.strip() and b_head == a_head)
+    if same_table:  # the next rows of the same table: its header once
+        b = b_rest
+    if a.endswith("\n") or b.startswith("\n"):
+        return a + b
+    if same_table or a.rstrip().endswith(_SENTENCE_END) or _BLOCK_START.match(b):
+        return a + "\n" + b
     return a + b
 
 

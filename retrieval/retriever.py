@@ -270,11 +270,14 @@ class HybridSearcher:
 
     def _merge(self, row: int, chunks: Sequence[Chunk], prepared: _Prepared, covered: set[int],
                dense_of: dict[int, float], fused: dict[int, float]) -> list[int]:
-        """`row` plus its neighbours (position ± 1, same content), the more relevant side first, within
+        """`row` plus its neighbours (position ± 1, same content and section), the more relevant side first, within
         max_hit_chars. Neighbours already shown in an earlier hit are left out."""
         limit = self.settings.max_hit_chars
         before, after = neighbour_rows(chunks[row], prepared.by_position)
-        sides = [r for r in (before, after) if r is not None and r not in covered]
+        # Only neighbours of the same section: text from the section before or after would be shown under this
+        # section's heading (a FAQ's answers glued to the wrong questions).
+        sides = [r for r in (before, after) if r is not None and r not in covered
+                 and chunks[r].heading_path == chunks[row].heading_path]
         # The side the question is closer to goes first; unknown cosines fall back to the fused score, then "after"
         # (text after a match usually finishes the sentence the match began).
         sides.sort(key=lambda r: (-dense_of.get(r, -2.0), -fused.get(r, 0.0), r != after))

@@ -369,3 +369,26 @@ def test_cmrc_subset_hybrid_retrieval_quality(cmrc_trial, models_dir, tmp_path):
     assert hybrid["hit@5"] >= CMRC_HYBRID_HIT5_BAR, results
     assert hybrid["hit@5"] >= max(results["dense"]["hit@5"], results["bm25"]["hit@5"]), results
     assert hybrid["hit@1"] <= hybrid["hit@3"] <= hybrid["hit@5"] <= hybrid["hit@10"]
+
+
+def test_join_without_overlap_keeps_line_breaks_and_one_table_header():
+    # a list item after a finished sentence starts a new line instead of being glued to it
+    assert join_overlapping("不支持的文件会被跳过并说明原因。", "- 单个文件不能超过 100 MB；") == \
+        "不支持的文件会被跳过并说明原因。\n- 单个文件不能超过 100 MB；"
+    # two pieces of one table (the splitter repeats the header in each): the header appears once
+    a = "配置项 | 默认值\n配置项: a | 默认值: 1\n配置项: b | 默认值: 2"
+    b = "配置项 | 默认值\n配置项: c | 默认值: 3"
+    assert merged_text([a, b]) == a + "\n配置项: c | 默认值: 3"
+
+
+def test_neighbours_of_another_section_are_not_merged():
+    """A FAQ: each question is its own section; merging must not glue the next question's answer under this one."""
+    texts = ["不会。删除文件后，它的段落会从知识库中移除。", "不需要。网页只从本机服务加载内容。", "可以。多个人可以同时提问。"]
+    heads = [("常见问题", "删除的文件还会出现吗？"), ("常见问题", "页面需要联网吗？"), ("常见问题", "页面需要联网吗？")]
+    chunks = [dataclasses.replace(chunk(t, "faq.md", i, i), heading_path=h) for i, (t, h) in enumerate(zip(texts, heads))]
+    q = "页面需要联网吗？"
+    index = make_index([cos_vec(0.7, other=2), cos_vec(0.95, other=3), cos_vec(0.6, other=4)])
+    hit = HybridSearcher(settings(top_k=1, max_hit_chars=600, score_threshold=0.5), FixedQueries({q: unit(1)})) \
+        .search_chunks(q, chunks, index, mode="dense").hits[0]
+    assert hit.chunk_ids == (1, 2)  # the same section's next chunk, not the previous question's answer
+    assert "不会" not in hit.text and hit.text.startswith("不需要")
