@@ -6,13 +6,12 @@ for ChatGLM3-6B dimensions come from bench/gpu_memory.py (docs/gpu.md).
 """
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 from configs import load_settings
 from llm import GenerationOOMError, GenerationParams, load_llm
+from tests.support.stopping import stream_then_stop
 from tests.support.tiny_glm import build_tiny_glm
 
 pytestmark = [
@@ -63,14 +62,8 @@ def test_unquantized_bf16_on_gpu(glm_folder):
 def test_stop_event_on_gpu(glm_folder):
     needs_bitsandbytes()
     model = load_llm(gpu_settings(glm_folder, "nf4"))
-    params = GREEDY.merged(max_new_tokens=300)
-    full = model.generate(CHAT, params)
-    stop = threading.Event()
-    got = []
-    for piece in model.stream(CHAT, params, stop_event=stop):
-        got.append(piece)
-        stop.set()
-    assert model.count_tokens("".join(got)) < model.count_tokens(full) / 2
+    stopped, full = stream_then_stop(model, CHAT, GREEDY.merged(max_new_tokens=300), stop_after=1)
+    assert model.count_tokens(stopped) < model.count_tokens(full) / 2
 
 
 def test_cuda_oom_during_generation_is_a_clear_error_and_model_survives(tmp_path):

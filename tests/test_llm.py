@@ -15,6 +15,7 @@ from configs import load_settings
 from llm import (ChatTemplateMissingError, ContextTooLongError, GenerationParams, ModelNotFoundError,
                  RemoteCodeRequiredError, load_llm, plan_memory)
 from llm.planner import GiB, max_context_that_fits, model_dims
+from tests.support.stopping import stream_then_stop
 from tests.support.tiny_glm import build_tiny_glm, make_remote_code_folder
 
 GREEDY = GenerationParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
@@ -78,14 +79,7 @@ def test_control_tokens_inside_documents_stay_text(glm_model):
 
 def test_stop_event_stops_generation_early(glm_model):
     params = GREEDY.merged(max_new_tokens=120)
-    full = glm_model.generate(CHAT, params)
-    event = threading.Event()
-    got = []
-    for piece in glm_model.stream(CHAT, params, stop_event=event):
-        got.append(piece)
-        if len(got) == 2:
-            event.set()
-    stopped = "".join(got)
+    stopped, full = stream_then_stop(glm_model, CHAT, params, stop_after=2)
     assert full.startswith(stopped[: len(stopped) // 2])   # same greedy path up to the stop
     assert glm_model.count_tokens(stopped) < glm_model.count_tokens(full) / 2
     # The model is free again after a stop: the next call runs to completion.
