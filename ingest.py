@@ -1,4 +1,6 @@
-"""Ingest a folder of documents into a knowledge base:  python ingest.py docs/ [--kb NAME] [--prune] [--rebuild]
+"""Ingest a folder of documents into a knowledge base:
+
+    python ingest.py docs/ [--kb NAME] [--prune] [--rebuild] [--retry-failed]
 
 Exit status: 0 every file is in the knowledge base, 1 some files failed (the others are committed),
 2 nothing was done (bad folder, knowledge-base name or settings; KB locked by another writer; KB needs --rebuild).
@@ -17,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kb", default="default", help="知识库名称（默认 default）")
     p.add_argument("--prune", action="store_true", help="从知识库删除这个文件夹里已不存在的文件")
     p.add_argument("--rebuild", action="store_true", help="丢弃该知识库，按当前设置从这个文件夹重新建库")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="重新解析上次失败或没有文本的文件，即使文件没有变化（例如安装了 antiword、开启了 OCR 之后）")
     p.add_argument("--config", type=Path, help="设置文件（YAML），叠加在 configs/default.yaml 之上")
     p.add_argument("--quiet", action="store_true", help="不显示进度条，只列出失败和无文本的文件与汇总")
     args = p.parse_args(argv)
@@ -30,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         report = ingest(args.folder, args.kb, settings, prune=args.prune, rebuild=args.rebuild,
-                        show_progress=not args.quiet)
+                        retry_failed=args.retry_failed, show_progress=not args.quiet)
     except SettingsError as e:
         print(f"设置有误：{e}", file=sys.stderr)
         return 2

@@ -119,7 +119,7 @@ class JobManager:
         return self._submit("upload", kb_name, lambda job_id: self._run_upload(job_id, kb_name, files, cleanup))
 
     def reingest(self, kb_name: str, paths: list[str]) -> Job:
-        """Ingest these manifest paths again (e.g. after a failure was fixed)."""
+        """Parse and embed these manifest paths again, changed or not (e.g. after the cause of a failure was fixed)."""
         if not paths:
             raise JobError("没有选择文件：请在文件表中先选择要重新导入的文件。")
         return self._submit("reingest", kb_name, lambda job_id: self._run_reingest(job_id, kb_name, paths))
@@ -239,19 +239,20 @@ class JobManager:
         self._run_ingest_files(job_id, kb_name, stored.saved, names, stored.rejected)
 
     def _run_ingest_files(self, job_id: str, kb_name: str, paths: list[Path], names: dict[str, str],
-                          rejected: list[Rejected] = ()) -> None:
+                          rejected: list[Rejected] = (), *, force: bool = False) -> None:
         from ingest import ingest_files
 
         if not paths:
             self._finish(job_id, None, names, rejected)
             return
         self._update(job_id, message=f"导入 {len(paths)} 个文件…", total=len(paths))
-        report = ingest_files(paths, kb_name, self.settings, on_progress=self._progress(job_id),
+        report = ingest_files(paths, kb_name, self.settings, force=force, on_progress=self._progress(job_id),
                               embedder=self._get_embedder())
         self._finish(job_id, report, names, rejected)
 
     def _run_reingest(self, job_id: str, kb_name: str, keys: list[str]) -> None:
-        """Read these manifest entries' files again: changed bytes are re-parsed, unchanged ones reported as such."""
+        """Read these manifest entries' files again and re-parse + re-embed them even when unchanged (force): a
+        file that failed for a reason since removed (OCR turned on, antiword installed) gets another chance."""
         from retrieval.store import KnowledgeBase
 
         files = KnowledgeBase.open(kb_name, self.settings).manifest.files
@@ -262,7 +263,7 @@ class JobManager:
                 paths.append(fp)
             else:
                 missing.append(Rejected(key, "找不到这个文件的原始文件（已被移动或删除），请重新上传。"))
-        self._run_ingest_files(job_id, kb_name, paths, {}, missing)
+        self._run_ingest_files(job_id, kb_name, paths, {}, missing, force=True)
 
     def _run_rebuild(self, job_id: str, kb_name: str) -> None:
         """Start the KB over: the first folder its files came from with rebuild=True, the others added back."""

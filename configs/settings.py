@@ -56,6 +56,7 @@ class IngestSettings(_Section):
     ocr_max_pages: int = Field(50, ge=0, description="Pages/images OCRed per file at most; bounds OCR time.")
     max_file_mb: float = Field(200, gt=0)
     commit_every_s: float = Field(60, gt=0)
+    parse_timeout_s: float = Field(600, ge=0, description="Seconds a file may parse before it fails; 0 = no limit.")
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> "IngestSettings":

@@ -16,14 +16,22 @@ Change detection
   everything. Other files are hashed (sha256, 1 MB blocks) and compared by content:
   new/changed → parsed; same bytes as a live path that is gone → renamed (no re-embedding); same bytes as a live
   path that still exists → duplicate (embedded once); with prune, manifest paths of this folder no longer on
-  disk → removed. Files that failed before are retried only when their bytes change (or with rebuild).
+  disk → removed. Files that failed before are retried only when their bytes change, with rebuild, or with
+  retry_failed (`ingest.py --retry-failed`: files recorded as failed or empty are parsed again although
+  unchanged, e.g. after installing antiword or turning OCR on). ingest_files(force=True), the page's
+  「重新导入所选文件」, re-reads, re-parses and re-embeds the given files whatever the manifest says; their
+  content's chunks are replaced in place (same sha256), so the KB stays consistent.
 
 Crash safety
   A generation is committed at least every `ingest.commit_every_s` seconds and at the end, so kill -9 loses at
   most the work since the last checkpoint; the next run finds the committed files unchanged and does the rest.
   One bad file never stops the batch: a loader exception is that file's failure, and a worker process that dies
   (segfault in a native parser) is detected (BrokenProcessPool), the culprit is isolated by re-running the
-  remaining files one at a time in a fresh pool, and it is reported as failed.
+  remaining files one at a time in a fresh pool, and it is reported as failed. A parse that hangs is bounded by
+  `ingest.parse_timeout_s` (0 = no limit): workers record in shared memory which file they start and when; an
+  overdue one is killed (with anything it spawned), its file fails with a 「文件解析超过 N 秒未完成」 reason, and
+  the other unfinished files run again in a fresh pool. Every pool is shut down with its workers joined (killed
+  first when the run is aborted), so no worker process outlives a run.
 """
 from __future__ import annotations
 
@@ -78,6 +86,7 @@ JUNK_PREFIXES = ("~$", ".~lock.")                      # Office / LibreOffice lo
 CRASH_REASON = ("解析该文件时解析进程崩溃（可能是文件损坏或解析库的缺陷），已跳过；其余文件不受影响。"
                 "可用原程序另存后再导入。")
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini"})    # Windows folder metadata
+RETRY_STATUSES = frozenset({"failed", "empty"})         # what retry_failed (--retry-failed) parses again
 
 
 class IngestError(KBError):
@@ -102,13 +111,15 @@ class _File:
 # Public entry points
 # --------------------------------------------------------------------------------------------------------------
 def ingest(folder: Path | str, kb_name: str, settings: Settings, *, prune: bool = False, rebuild: bool = False,
-           on_progress: ProgressCallback | None = None, embedder: Embedder | None = None,
+           retry_failed: bool = False, on_progress: ProgressCallback | None = None, embedder: Embedder | None = None,
            lock_timeout: float | None = 0, show_progress: bool = False) -> IngestReport:
     """Bring KB `kb_name` in step with `folder` (recursively) and return what happened to each file.
 
     prune: drop KB entries of this folder whose files are gone. rebuild: start the KB over from this folder
-    (needed after changing the embedding model or chunk settings). lock_timeout: 0 fails fast if another
-    writer holds the KB (KBLockedError), a number waits that long, None waits forever.
+    (needed after changing the embedding model or chunk settings). retry_failed: parse again the files recorded
+    as failed or empty even when their bytes did not change (after installing antiword, turning OCR on, a fix).
+    lock_timeout: 0 fails fast if another writer holds the KB (KBLockedError), a number waits that long, None
+    waits forever.
     """
     root = Path(folder).expanduser()
     if not root.is_dir():
@@ -121,20 +132,26 @@ def ingest(folder: Path | str, kb_name: str, settings: Settings, *, prune: bool 
     files, report.ignored = _scan_folder(root, settings)
     report.phase_seconds["scan"] += time.perf_counter() - t0
     return _run(files, kb_name, settings, embedder, report, prune_roots={root} if prune else set(),
-                rebuild=rebuild, on_progress=on_progress, lock_timeout=lock_timeout, show_progress=show_progress)
+                rebuild=rebuild, retry_failed=retry_failed, on_progress=on_progress, lock_timeout=lock_timeout,
+                show_progress=show_progress)
 
 
-def ingest_files(paths: Iterable[Path | str], kb_name: str, settings: Settings, *,
+def ingest_files(paths: Iterable[Path | str], kb_name: str, settings: Settings, *, force: bool = False,
                  on_progress: ProgressCallback | None = None, embedder: Embedder | None = None,
                  lock_timeout: float | None = 600, show_progress: bool = False) -> IngestReport:
     """Ingest individual files (web uploads, already copied into kb.sources_dir by the web layer).
 
     A file inside the KB's sources folder is recorded as `sources/<path inside it>`; any other file as
-    `<its folder name>/<file name>`. Waits up to lock_timeout seconds for a running ingest (the web app queues).
+    `<its folder name>/<file name>`. force: re-read, re-parse and re-embed every given file even when the KB
+    already has its bytes (the page's re-ingest: a file that failed for a reason since fixed, or a parser fix).
+    Waits up to lock_timeout seconds for a running ingest (the web app queues).
     """
     validate_kb_name(kb_name)
     kb = KnowledgeBase.open_or_create(kb_name, settings)
     sources = kb.sources_dir.resolve()
+    # A file the KB already has (e.g. ingested from a folder, "docs/sub/a.txt") keeps its key and root.
+    known = {str(fp): (key, Path(e.root)) for key, e in kb.manifest.files.items()
+             if e.root and (fp := e.file_path) is not None}
     files: list[_File] = []
     report = IngestReport(kb_name)
     t0 = time.perf_counter()
@@ -143,16 +160,17 @@ def ingest_files(paths: Iterable[Path | str], kb_name: str, settings: Settings, 
         if not p.is_file():
             raise IngestError(f"文件 {p} 不存在或不是普通文件；没有导入任何文件。")
         p = p.resolve()
-        root = sources if p.is_relative_to(sources) else p.parent
+        key, root = known.get(str(p), (None, sources if p.is_relative_to(sources) else p.parent))
         f = _classify(p, root, settings)
         if f is None:
-            report.ignored.append(_key(root, p))
+            report.ignored.append(key or _key(root, p))
         else:
+            f.key = key or f.key
             files.append(f)
     report.phase_seconds["scan"] += time.perf_counter() - t0
     embedder = embedder or _default_embedder(settings)
     return _run(files, kb_name, settings, embedder, report, prune_roots=set(), rebuild=False,
-                on_progress=on_progress, lock_timeout=lock_timeout, show_progress=show_progress)
+                force=force, on_progress=on_progress, lock_timeout=lock_timeout, show_progress=show_progress)
 
 
 def remove_files(kb_name: str, paths: Iterable[Path | str], settings: Settings, *,
@@ -300,13 +318,13 @@ def _entry(f: _File, status: str, reason: str = "", ingested_at: str | None = No
 
 def _run(files: list[_File], kb_name: str, settings: Settings, embedder: Embedder, report: IngestReport, *,
          prune_roots: set[Path], rebuild: bool, on_progress: ProgressCallback | None, lock_timeout: float | None,
-         show_progress: bool) -> IngestReport:
+         show_progress: bool, force: bool = False, retry_failed: bool = False) -> IngestReport:
     with KnowledgeBase.open_writer(kb_name, settings, timeout=lock_timeout) as w:
         t0 = time.perf_counter()  # may load the model (counted as embedding): KBIncompatibleError before any change
         w.set_spec(_spec(embedder, settings, None if rebuild else w.spec), rebuild=rebuild)
         report.phase_seconds["embed"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        to_parse = _diff(files, w, report, prune_roots)
+        to_parse = _diff(files, w, report, prune_roots, force=force, retry_failed=retry_failed)
         report.phase_seconds["scan"] += time.perf_counter() - t0
         _emit(on_progress, ProgressEvent("scan", 0, len(to_parse), message=f"{len(files)} files scanned"))
         if to_parse:
@@ -319,8 +337,13 @@ def _run(files: list[_File], kb_name: str, settings: Settings, embedder: Embedde
     return report
 
 
-def _diff(files: list[_File], w: KBWriter, report: IngestReport, prune_roots: set[Path]) -> list[list[_File]]:
-    """Settle every file that needs no parsing; return the rest grouped by content (first of a group is parsed)."""
+def _diff(files: list[_File], w: KBWriter, report: IngestReport, prune_roots: set[Path], *, force: bool = False,
+          retry_failed: bool = False) -> list[list[_File]]:
+    """Settle every file that needs no parsing; return the rest grouped by content (first of a group is parsed).
+
+    force: every file is read and parsed, even when the KB has its bytes. retry_failed: files recorded as failed
+    or empty are parsed although their bytes did not change.
+    """
     # A key already used by another root (two folders with the same name) falls back to the absolute path.
     for f in files:
         e = w.files.get(f.key)
@@ -335,7 +358,8 @@ def _diff(files: list[_File], w: KBWriter, report: IngestReport, prune_roots: se
                 w.put(_entry(f, *f.problem))
             report.files.append(FileResult(f.key, f.problem[0], reason=f.problem[1]))
             continue
-        if _trust_stat(f, e):
+        retry = force or (retry_failed and e is not None and e.status in RETRY_STATUSES)
+        if _trust_stat(f, e) and not force:  # forced files are read again whatever their stat says
             f.sha256, f.hashed_at = e.sha256, e.hashed_at
         else:
             try:
@@ -346,7 +370,7 @@ def _diff(files: list[_File], w: KBWriter, report: IngestReport, prune_roots: se
                 w.put(_entry(f, "failed", reason))
                 report.files.append(FileResult(f.key, "failed", reason=reason))
                 continue
-        if e is not None and e.sha256 == f.sha256:  # same bytes as recorded for this path
+        if e is not None and e.sha256 == f.sha256 and not retry:  # same bytes as recorded for this path
             # Record a new stat; or a fresh hash time when it makes the stat shortcut usable next time
             # (re-recording a hash that is still "racy" would only rewrite the KB for nothing).
             became_trustworthy = f.hashed_at != e.hashed_at and f.mtime_ns / 1e9 < f.hashed_at - RACY_WINDOW_S
@@ -356,7 +380,7 @@ def _diff(files: list[_File], w: KBWriter, report: IngestReport, prune_roots: se
             status = "unchanged" if e.status in LIVE_STATUSES else e.status
             report.files.append(FileResult(f.key, status, w.chunk_count(e.sha256), e.reason, e.duplicate_of))
             continue
-        if w.has_content(f.sha256):
+        if w.has_content(f.sha256) and not force:
             gone = [p for p in w.live_paths(f.sha256) if p not in seen and not _exists(w.files[p])]
             if gone:
                 old = w.remove(gone[0])
@@ -466,12 +490,16 @@ class _Processor:
             _emit(self.on_progress, ProgressEvent("embed", self.done, self.total, chunks_done=self.report.chunks_embedded))
             start = 0
             for group, cs in self.pending:
+                known = self.w.has_content(group[0].sha256)  # only on a forced re-ingest
                 self.w.add_content(group[0].sha256, cs, vectors[start:start + len(cs)])
                 start += len(cs)
                 for i, f in enumerate(group):
                     self.w.put(_entry(f, "ok" if i == 0 else "duplicate"))
-                    self.report.files.append(FileResult(f.key, "ok" if i == 0 else "duplicate", len(cs),
-                                                        duplicate_of=None if i == 0 else group[0].key))
+                # A forced re-ingest of a duplicate leaves the content with its current owner.
+                owner = self.w.live_paths(group[0].sha256)[0] if known else group[0].key
+                for f in group:
+                    self.report.files.append(FileResult(f.key, "ok" if f.key == owner else "duplicate", len(cs),
+                                                        duplicate_of=None if f.key == owner else owner))
             self.pending, self.pending_chunks = [], 0
             self.bar.set_postfix_str("")
         if self._commit_due():
@@ -485,8 +513,31 @@ class _Processor:
 # --------------------------------------------------------------------------------------------------------------
 # Parsing in worker processes
 # --------------------------------------------------------------------------------------------------------------
-def _init_worker() -> None:
+# In a worker: where it records which task it starts, and when (shared memory set up by _WorkerPool).
+_TASK_PIDS: Any = None
+_TASK_STARTS: Any = None
+
+
+def _init_worker(members: Any = None, task_pids: Any = None, task_starts: Any = None) -> None:
+    """Runs once in each new worker: import the parsers, and register (pid, parent pid) so the pool can kill it."""
+    global _TASK_PIDS, _TASK_STARTS
     import ingest.loaders  # noqa: F401  (import the parsers once per worker, not once per file)
+
+    _TASK_PIDS, _TASK_STARTS = task_pids, task_starts
+    if members is not None:
+        with members.get_lock():
+            for k in range(0, len(members), 2):
+                if members[k] == 0:
+                    members[k], members[k + 1] = os.getpid(), os.getppid()
+                    break
+
+
+def _run_task(parse: Callable[[str, IngestSettings], tuple], i: int, path: str, ingest_settings: IngestSettings) -> tuple:
+    """Runs in a worker: note that task i starts here and now (for the parse timeout), then parse."""
+    if _TASK_PIDS is not None:
+        _TASK_PIDS[i] = os.getpid()
+        _TASK_STARTS[i] = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the machine
+    return parse(path, ingest_settings)
 
 
 def _parse_in_worker(path: str, ingest_settings: IngestSettings) -> tuple:
@@ -508,47 +559,125 @@ def _worker_count(settings: Settings, n_files: int) -> int:
     return max(1, min(n, n_files))
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    # forkserver: workers fork from a small clean server process, not from this one (which may hold a loaded
-    # torch model and its threads, which fork() does not copy safely).
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["ingest.loaders"])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+def timeout_reason(seconds: float) -> str:
+    return (f"文件解析超过 {seconds:g} 秒未完成（解析程序可能卡住了，或文件过大、过于复杂），已终止该解析进程并跳过这个文件；"
+            "其余文件不受影响。请检查文件能否用原程序正常打开；如果它只是很大，可调大 ingest.parse_timeout_s 后重新导入。")
+
+
+class _WorkerPool:
+    """A ProcessPoolExecutor whose workers say which task they start and when, so that an overdue one can be
+    killed. Killing any worker breaks the executor (every unfinished future gets BrokenProcessPool, never hangs),
+    which is what the caller wants: it then knows the culprit and resubmits the rest to a fresh pool.
+
+    Shared memory, fresh for each pool: `members` (pid, parent pid) per worker; per task index, the pid that
+    started it and the monotonic time it started (0 = not started).
+    """
+
+    def __init__(self, workers: int, n_tasks: int) -> None:
+        # forkserver: workers fork from a small clean server process, not from this one (which may hold a loaded
+        # torch model and its threads, which fork() does not copy safely).
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["ingest.loaders"])
+        self.members = ctx.Array("i", 2 * workers)
+        self.task_pids = ctx.RawArray("i", n_tasks)
+        self.task_starts = ctx.RawArray("d", n_tasks)
+        self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                            initargs=(self.members, self.task_pids, self.task_starts))
+
+    def submit(self, parse: Callable[[str, IngestSettings], tuple], i: int, path: str,
+               ingest_settings: IngestSettings) -> Future:
+        return self.executor.submit(_run_task, parse, i, path, ingest_settings)
+
+    def started_at(self, i: int) -> float:
+        return self.task_starts[i]
+
+    def kill_task(self, i: int) -> None:
+        """Kill the worker that started task i (and whatever it spawned)."""
+        self._kill(self.task_pids[i])
+
+    def kill_all(self) -> None:
+        for k in range(0, len(self.members), 2):
+            self._kill(self.members[k])
+
+    def _kill(self, pid: int) -> None:
+        import psutil
+
+        parents = {self.members[k + 1] for k in range(0, len(self.members), 2) if self.members[k] == pid}
+        if pid <= 0 or not parents:  # not one of this pool's workers (or not registered yet)
+            return
+        try:
+            proc = psutil.Process(pid)
+            if proc.ppid() not in parents:  # that worker is gone and its pid was reused: leave it alone
+                return
+            procs = [proc, *proc.children(recursive=True)]
+        except psutil.Error:
+            return
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+    def shutdown(self, *, clean: bool) -> None:
+        """On success let the workers exit; otherwise kill them first, so that nothing (a hung parse included)
+        outlives the pool. Either way returns once every worker has exited."""
+        if not clean:
+            self.kill_all()
+        self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _parse_all(groups: Sequence[list[_File]], settings: Settings, report: IngestReport,
-               parse: Callable[[str, IngestSettings], tuple] = _parse_in_worker):
+               parse: Callable[[str, IngestSettings], tuple] | None = None):
     """Yield (group, outcome) as parses finish; the time spent waiting on workers is the parse phase.
 
-    After a worker dies the remaining files run one at a time until the culprit (the file the lone worker was
-    on) is found and failed; then parallel parsing resumes.
+    A parse running longer than `ingest.parse_timeout_s` (0 = no limit) has its worker killed and its file fails
+    with timeout_reason(); the pool that broke by it is replaced and the unfinished files run again.
+    After a worker dies by itself the remaining files run one at a time until the culprit (the file the lone
+    worker was on) is found and failed; then parallel parsing resumes.
     """
+    parse = parse or _parse_in_worker  # looked up at call time, so a test can substitute the module's function
+    limit = settings.ingest.parse_timeout_s
     remaining = list(range(len(groups)))  # indices into groups, in submission order
     serial = False
     while remaining:
         workers = 1 if serial else _worker_count(settings, len(remaining))
-        pool = _pool(workers)
+        pool = _WorkerPool(workers, len(groups))
         clean_exit = False
         queue = list(remaining)
         queue.reverse()  # pop() from the end = submit in order
         running: dict[Future, int] = {}
+        timed_out: list[int] = []
         try:
             while queue or running:
                 # Bounded submission keeps memory flat: parsed documents wait in at most 2×workers results.
                 while queue and len(running) < 2 * workers:
                     i = queue.pop()
-                    running[pool.submit(parse, str(groups[i][0].path), settings.ingest)] = i
+                    running[pool.submit(parse, i, str(groups[i][0].path), settings.ingest)] = i
                 t0 = time.perf_counter()
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                finished, _ = wait(running, timeout=_next_check(pool, running, limit, timed_out),
+                                   return_when=FIRST_COMPLETED)
                 report.phase_seconds["parse"] += time.perf_counter() - t0
+                if limit:
+                    now = time.monotonic()
+                    for fut, i in running.items():
+                        started = pool.started_at(i)
+                        if not fut.done() and started and now - started > limit:
+                            if i not in timed_out:
+                                timed_out.append(i)
+                            pool.kill_task(i)  # the executor breaks (handled below); harmless if already dead
                 for fut in sorted(finished, key=running.__getitem__):
-                    outcome = fut.result()  # raises BrokenProcessPool if the worker died
+                    outcome = fut.result()  # raises BrokenProcessPool if a worker died
                     i = running.pop(fut)
                     remaining.remove(i)
                     yield groups[i], outcome
             clean_exit = True
         except BrokenProcessPool:
-            if serial:  # one worker, first-in first-out: the lowest index not yet finished was on it
+            if timed_out:  # we broke the pool: fail the overdue files, run the others again
+                for i in timed_out:
+                    if i in remaining:
+                        remaining.remove(i)
+                        yield groups[i], ("error", "timeout", timeout_reason(limit))
+            elif serial:  # one worker, first-in first-out: the lowest index not yet finished was on it
                 culprit = min(i for i in running.values() if i in remaining)
                 remaining.remove(culprit)
                 yield groups[culprit], ("error", "corrupt", CRASH_REASON)
@@ -556,5 +685,13 @@ def _parse_all(groups: Sequence[list[_File]], settings: Settings, report: Ingest
             else:
                 serial = True
         finally:
-            # On success wait for the workers to exit; on a crash or an abort (the consumer raised) don't.
-            pool.shutdown(wait=clean_exit, cancel_futures=not clean_exit)
+            pool.shutdown(clean=clean_exit)
+
+
+def _next_check(pool: _WorkerPool, running: dict[Future, int], limit: float, timed_out: list[int]) -> float | None:
+    """How long to wait for a result before looking for overdue parses again (None: no limit, just wait)."""
+    if not limit:
+        return None
+    now = time.monotonic()
+    deadlines = [s + limit - now for i in running.values() if i not in timed_out and (s := pool.started_at(i))]
+    return max(0.01, min([1.0, *deadlines]))

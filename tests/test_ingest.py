@@ -416,3 +416,142 @@ def test_two_folders_with_the_same_name_stay_apart(tmp_path, settings, embedder)
     r = _run(b, settings, embedder, prune=True)
     assert [(f.path, f.status) for f in r.files] == [(b_key, "removed")]
     assert list(KnowledgeBase.open("kb", settings).manifest.files) == ["docs/same.txt"], "the other folder's file stays"
+
+
+# -- parse timeout ----------------------------------------------------------------------------------------------
+def _is_multiprocessing_helper(p: psutil.Process) -> bool:
+    """The forkserver and resource tracker: direct children that multiprocessing starts once and keeps for the
+    life of the process. (Workers fork from the forkserver and share its command line, but are its children.)"""
+    try:
+        cmd = " ".join(p.cmdline())
+        helper = "multiprocessing.forkserver" in cmd or "multiprocessing.resource_tracker" in cmd
+        return helper and p.ppid() == os.getpid()
+    except psutil.Error:
+        return False
+
+
+def test_a_hanging_parse_times_out_the_rest_is_ingested_and_no_worker_is_left(docs, settings, embedder, monkeypatch):
+    from ingest import pipeline
+    from tests.support.hanging_parse import is_alive, parse_or_hang
+
+    # Two workers. One takes 00-hang, whose parse never ends; the other takes 01-slow (4 s), then 02-wait, which is
+    # still running when 00-hang is killed (and the pool with it), so it is parsed again in a fresh pool.
+    (docs / "00-hang.txt").write_text(_text(7), encoding="utf-8")
+    (docs / "01-slow.txt").write_text(_text(8), encoding="utf-8")
+    (docs / "02-wait.txt").write_text(_text(9), encoding="utf-8")
+    _age(docs)
+    monkeypatch.setattr(pipeline, "_parse_in_worker", parse_or_hang)  # the real parser for every other file
+    limited = load_settings(ingest={"parse_timeout_s": 10})
+    assert limited.ingest.workers == 2
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+
+    r = ingest(docs, "kb", limited, embedder=embedder)
+
+    res = r.by_path()
+    hang = res["docs/00-hang.txt"]
+    assert hang.status == "failed" and hang.chunks == 0
+    assert "文件解析超过 10 秒未完成" in hang.reason and "ingest.parse_timeout_s" in hang.reason
+    others = [f for f in r.files if f.path != "docs/00-hang.txt"]
+    assert sorted(f.path for f in others) == ["docs/01-slow.txt", "docs/02-wait.txt", "docs/a.txt", "docs/b.md",
+                                              "docs/制度/c.txt"]
+    assert all(f.status == "ok" and f.chunks > 0 for f in others), others
+    assert r.exit_code == 1
+    runs = (docs / ".02-wait.txt.runs").read_text().split()
+    assert len(runs) == 2 and runs[0] != runs[1], "killed with the torn-down pool, then parsed again in a new one"
+    kb = KnowledgeBase.open("kb", settings)
+    assert_consistent(kb)
+    assert kb.manifest.files["docs/00-hang.txt"].status == "failed"
+    assert kb.manifest.files["docs/00-hang.txt"].reason == hang.reason
+    assert {c.source for c in kb.chunks} == {f.path for f in others}
+
+    assert not is_alive(int((docs / ".00-hang.txt.pid").read_text())), "the hanging worker was killed"
+    left = [p for p in me.children(recursive=True) if p.pid not in before and not _is_multiprocessing_helper(p)]
+    assert left == [], f"worker processes left behind: {left}"
+
+
+# -- forced re-ingest -------------------------------------------------------------------------------------------
+def _scans(tmp_path: Path) -> Path:
+    """A folder with a text file and a picture of text (readable only with OCR)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    d = tmp_path / "scans"
+    d.mkdir()
+    img = Image.new("RGB", (900, 160), "white")
+    ImageDraw.Draw(img).text((30, 50), "Invoice number 10517", font=ImageFont.load_default(size=48), fill="black")
+    img.save(d / "票据.png")
+    (d / "a.txt").write_text(_text(1), encoding="utf-8")
+    _age(d)
+    return d
+
+
+def test_retry_failed_parses_an_unchanged_failed_file_again(tmp_path, settings, embedder):
+    scans = _scans(tmp_path)
+    no_ocr = load_settings(ingest={"ocr": False})
+    r = ingest(scans, "kb", no_ocr, embedder=embedder)
+    assert r.by_path()["scans/票据.png"].status == "failed" and "ingest.ocr" in r.by_path()["scans/票据.png"].reason
+    assert r.by_path()["scans/a.txt"].status == "ok"
+
+    r = ingest(scans, "kb", settings, embedder=embedder)  # OCR is on now, but the file did not change
+    assert r.by_path()["scans/票据.png"].status == "failed" and r.bytes_parsed == 0, "not retried without the flag"
+
+    before = KnowledgeBase.open("kb", settings).manifest.files["scans/a.txt"]
+    rc, out, err = _cli_run([str(scans), "--kb", "kb", "--quiet", "--retry-failed"], settings)
+    assert rc == 0, out + err
+    kb = KnowledgeBase.open("kb", settings)
+    assert_consistent(kb)
+    assert kb.manifest.files["scans/票据.png"].status == "ok"
+    assert any("10517" in c.text.replace(" ", "") for c in kb.chunks if c.source == "scans/票据.png")
+    assert kb.manifest.files["scans/a.txt"] == before, "a file that was fine is left alone"
+
+
+def test_page_reingest_forces_a_failed_file_whose_cause_was_fixed(tmp_path, settings, embedder):
+    from app.jobs import JobManager
+
+    scans = _scans(tmp_path)
+    png = scans / "票据.png"
+    no_ocr = load_settings(ingest={"ocr": False})
+    r = ingest_files([png], "kb", no_ocr, embedder=embedder)
+    assert [(f.path, f.status) for f in r.files] == [("scans/票据.png", "failed")]
+
+    r = ingest_files([png], "kb", settings, embedder=embedder)  # OCR on, same bytes, no force: still failed
+    assert r.files[0].status == "failed" and r.bytes_parsed == 0
+
+    jobs = JobManager(settings, embedder=lambda: embedder)
+    try:
+        job = jobs.wait(jobs.reingest("kb", ["scans/票据.png"]).id, timeout=600)
+    finally:
+        jobs.shutdown()
+    assert job.state == "done", job.error
+    assert [(f.name, f.status) for f in job.files] == [("scans/票据.png", "ok")] and job.files[0].chunks > 0
+    kb = KnowledgeBase.open("kb", settings)
+    assert_consistent(kb)
+    assert list(kb.manifest.files) == ["scans/票据.png"] and kb.manifest.files["scans/票据.png"].reason == ""
+    assert any("10517" in c.text.replace(" ", "") for c in kb.chunks)
+
+
+def test_forced_reingest_of_ok_files_re_embeds_them_and_keeps_the_kb_consistent(docs, settings, embedder):
+    shutil.copy(docs / "a.txt", docs / "a-copy.txt")  # first in scan order: owns the content, a.txt duplicates it
+    _age(docs)
+    _run(docs, settings, embedder)
+    old = KnowledgeBase.open("kb", settings)
+    assert old.manifest.files["docs/a.txt"].status == "duplicate"
+    a_chunks = len(old.chunks_for(old.manifest.files["docs/a.txt"].sha256))
+    c_chunks = len(old.chunks_for(old.manifest.files["docs/制度/c.txt"].sha256))
+
+    before = embedder.encoded
+    r = ingest_files([docs / "a.txt", docs / "制度" / "c.txt"], "kb", settings, embedder=embedder, force=True)
+    assert [(f.path, f.status, f.chunks, f.duplicate_of) for f in r.files] == [
+        ("docs/a.txt", "duplicate", a_chunks, "docs/a-copy.txt"),  # re-embedded; the content keeps its owner
+        ("docs/制度/c.txt", "ok", c_chunks, None),                   # the folder's key, not a new "制度/c.txt"
+    ]
+    assert embedder.encoded - before == r.chunks_embedded == a_chunks + c_chunks, "both were parsed and embedded"
+    kb = KnowledgeBase.open("kb", settings)
+    assert kb.generation != old.generation
+    assert_consistent(kb)
+    assert sorted(kb.manifest.files) == sorted(old.manifest.files), "no new entries"
+    assert _texts(kb) == _texts(old) and len(kb) == len(old), "same chunks, none lost or doubled"
+    for c in kb.chunks:  # every row holds its chunk's vector: a search for a chunk finds that chunk
+        v = np.asarray(embedder.encode_passages([c.embedding_text()]), dtype=np.float32)
+        _, rows = kb.index.search(v, 1)
+        assert kb.chunks[int(rows[0][0])].text == c.text
