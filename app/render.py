@@ -87,14 +87,16 @@ def hits_html(hits: Sequence[Hit], reference: str, *, title: str, note: str = ""
     return "".join(out)
 
 
-def answer_markdown(text: str, *, refused: bool = False, error: str = "") -> str:
+def answer_markdown(text: str, *, refused: bool = False, error: str = "", stopped: bool = False) -> str:
     """Chat bubble content. The answer is escaped (the model may repeat markup from a document); a refusal and an
-    error get their own styles so nobody mistakes them for an answer."""
+    error get their own styles so nobody mistakes them for an answer, and an answer cut off with 停止 says so."""
     body = html.escape(text).replace("\n", "<br>")
     if error:
         return f'<div class="zw-error">⚠ {html.escape(error)}</div>' + (f"<div>{body}</div>" if text else "")
     if refused:
         return f'<div class="zw-refusal">⊘ {body or html.escape(REFUSAL)}</div>'
+    if stopped:
+        return body + '<div class="zw-stopped">■ 已停止生成</div>'
     return body
 
 

@@ -28,6 +28,7 @@ MONO_FONTS = ["Noto Sans Mono CJK SC", "DejaVu Sans Mono", "Consolas", "monospac
 CSS = """
 .zw-status {font-size: 0.9em; opacity: 0.85}
 .zw-refusal {border-left: 4px solid #d97706; background: #fff7ed; color: #9a3412; padding: 6px 10px; border-radius: 4px}
+.zw-stopped {font-size: 0.85em; color: #6b7280; margin-top: 4px}
 .zw-error {border-left: 4px solid #dc2626; background: #fef2f2; color: #991b1b; padding: 6px 10px; border-radius: 4px}
 .zw-sources-title {font-weight: 600; margin-bottom: 6px}
 .zw-weak .zw-sources-title {color: #9a3412}
@@ -110,6 +111,10 @@ class Handlers:
         stop = self._stops[request.session_hash or ""] = threading.Event()
         chat = [*chat, {"role": "user", "content": render.escape_user(question)},
                 {"role": "assistant", "content": "…"}]
+        # Every answer on the page owns one entry of answer_sources from its first yield on (clicking the n-th
+        # answer shows entry n), so an answer that never reaches its last yield cannot shift the others' sources.
+        number = len(answer_sources) + 1
+        answer_sources = [*answer_sources, render.hits_html([], question, title=f"答案来源（第 {number} 轮，回答未完成）")]
         yield "", chat, turns, answer_sources, gr.update()
         text, hits, refused, error = "", [], False, ""
         try:
@@ -127,17 +132,24 @@ class Handlers:
             error, low = friendly_error(e), []
         if refused and not text:
             text = render.REFUSAL
-        chat[-1] = {"role": "assistant", "content": render.answer_markdown(text, refused=refused, error=error)}
+        stopped = stop.is_set() and not refused and not error
+        chat[-1] = {"role": "assistant",
+                    "content": render.answer_markdown(text, refused=refused, error=error, stopped=stopped)}
         if refused:
             panel = render.hits_html(low or hits, question, title="最接近的段落（相关度低于阈值，未作为依据）", weak=True)
         else:
-            panel = render.hits_html(hits, text or question, title=f"答案来源（第 {len(turns) + 1} 轮）")
-        if text and not error:
+            stopped_note = "，已停止生成" if stopped else ""
+            panel = render.hits_html(hits, text or question, title=f"答案来源（第 {number} 轮{stopped_note}）")
+        if text and not error and not stopped:  # a cut-off answer is not sent back to the model as history
             turns = [*turns, (question, text)]
-        answer_sources = [*answer_sources, panel]
+        answer_sources = [*answer_sources[:-1], panel]
         yield "", chat, turns, answer_sources, panel
 
     def stop(self, request: gr.Request) -> None:
+        """停止: the running answer's generation ends at its next token and `ask` finishes normally (sources, history,
+        slot). Deliberately no Gradio `cancels=`: cancelling a streaming event races with its last yield and can
+        leave the outputs in Gradio's error state (gradio-app/gradio#10648). A question still waiting in the queue
+        is not withdrawn; it can be stopped once it starts."""
         event = self._stops.get(request.session_hash or "")
         if event is not None:
             event.set()
@@ -306,7 +318,7 @@ def build_page(ctx: AppContext) -> gr.Blocks:
                     outputs=[question, chat, turns, answer_sources, sources],
                     concurrency_limit=s.app.concurrency_limit, concurrency_id="generate", show_progress="minimal")
         ask.then(h.status, inputs=[kb], outputs=[status], queue=False)  # the first answer loads the model
-        stop.click(h.stop, cancels=[ask], queue=False)
+        stop.click(h.stop, queue=False)
         clear.click(h.clear, outputs=[chat, turns, answer_sources, sources], queue=False)
         chat.select(h.show_sources, inputs=[answer_sources], outputs=[sources], queue=False)
 

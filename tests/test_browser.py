@@ -1,10 +1,16 @@
 """The real page in a real browser: the app runs as `python app.py` in a subprocess on a free loopback port with a
 temporary knowledge-base root and the demo 0.5B model; Chromium (Debian's, headless) drives it through Playwright.
 
-What is proven, in order (the tests share one server and build on each other):
+What is proven, in order (the tests share one server, app.concurrency_limit 1, and build on each other):
   upload two files → background ingestion finishes with per-file results and a file table;
+  a question with no evidence (「火星的首都是哪里？」) → the amber refusal bubble and the low-relevance passages,
+    while the model is never loaded and no prompt is built (server log, /api/health);
   a question → a streamed answer (several partial texts seen) with a sources panel naming the file;
+  two answers from different files → clicking the first / second answer shows that answer's own file;
+  停止 while a 2048-token answer streams → the bubble stops growing and says 已停止生成, the answer keeps its own
+    sources, no error shows, and the next question is answered (the only generation slot was given back);
   deleting a file → its text is no longer found on the retrieval-test tab;
+  deleting a knowledge base asks first: 取消 keeps it (selector, /api/kbs, folder), 确认删除 removes all three;
   with login configured, the page and the API refuse strangers and let a configured user in;
   every request the browser made went to the app's own origin (no fonts, CDNs, analytics).
 Screenshots and the network log go to artifacts/browser/.
@@ -68,6 +74,7 @@ class AppServer:
         self.port = _free_port()
         self.origin = f"http://127.0.0.1:{self.port}"
         self.auth = auth
+        self.kb_root = kb_root
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         self.log_path = ARTIFACTS / f"{name}.log"
         env = {**os.environ, **FAST_ENV, "ZHIWEN_PATHS__KB_ROOT": str(kb_root),
@@ -134,7 +141,8 @@ def server(tmp_path_factory, models_dir) -> Iterator[AppServer]:
     require_model(models_dir, "qwen2.5-0.5b-instruct")
     root = tmp_path_factory.mktemp("browser")
     (root / "kb").mkdir()
-    srv = AppServer("app", root / "kb")
+    # One generation at a time: a stopped answer that kept its slot would make the next question wait forever.
+    srv = AppServer("app", root / "kb", extra_env={"ZHIWEN_APP__CONCURRENCY_LIMIT": "1"})
     yield srv
     srv.stop()
 
@@ -185,6 +193,38 @@ def _wait_job_done(pg, timeout_s: float = 300) -> str:
     return pg.inner_text("#job")
 
 
+def _bot_texts(pg) -> list[str]:
+    return pg.eval_on_selector_all("#chat [data-testid=bot]", "els => els.map(e => e.innerText)")
+
+
+def _ask_and_wait(pg, question: str, turn: int, timeout_s: float = 420) -> str:
+    """Ask on the chat tab and wait until the answer's sources panel (「第 N 轮」) is shown; returns the panel text."""
+    pg.fill("#question textarea", question)
+    pg.press("#question textarea", "Enter")
+    pg.wait_for_function(
+        f"() => document.querySelector('#sources').innerText.includes('第 {turn} 轮')", timeout=timeout_s * 1000)
+    return pg.inner_text("#sources")
+
+
+def _kb_options(pg) -> list[str]:
+    """The choices of the knowledge-base selector, read from its opened list."""
+    pg.click("#kb-select input")
+    pg.wait_for_selector("[role=option]", timeout=10_000)
+    # the selected option carries a "✓" line before its name
+    names = [t.strip().splitlines()[-1].strip()
+             for t in pg.eval_on_selector_all("[role=option]", "els => els.map(e => e.innerText)")]
+    pg.keyboard.press("Escape")
+    return names
+
+
+def _no_error_on_page(pg) -> None:
+    body = pg.inner_text("body")
+    if any(w in body for w in ("Traceback", "Error", "错误")):
+        _shot(pg, "error-on-page")
+    assert "Traceback" not in body and "Error" not in body and "错误" not in body, body[-2000:]
+    assert not pg.query_selector("#chat .zw-error"), pg.inner_text("#chat")
+
+
 def test_upload_and_background_ingestion(server, page, tmp_path):
     doc = tmp_path / DOC_NAME
     doc.write_text(DOC_TEXT, encoding="utf-8")
@@ -212,6 +252,30 @@ def test_upload_and_background_ingestion(server, page, tmp_path):
     page.netlog.check_only(server.origin, "upload")
 
 
+def test_refusal_is_styled_and_calls_no_llm(server, page):
+    """Runs before any answer: the model is not loaded yet, and a question without evidence must not load it."""
+    _open(page, server)
+    page.fill("#question textarea", "火星的首都是哪里？")
+    page.press("#question textarea", "Enter")
+    page.wait_for_selector("#sources .zw-sources", timeout=120_000)
+    _shot(page, "3a-refusal")
+    bubble = page.query_selector("#chat [data-testid=bot] .zw-refusal")
+    assert bubble, f"the refusal is not styled as one: {page.inner_html('#chat')[-2000:]}"
+    assert "根据已知信息无法回答该问题" in bubble.inner_text()
+    # styled differently from an answer: the refusal's amber left border is really applied
+    border = bubble.evaluate("e => getComputedStyle(e).borderLeftColor")
+    assert border == "rgb(217, 119, 6)", border
+    assert page.query_selector("#sources .zw-sources.zw-weak"), "the closest passages are not marked as weak"
+    assert "相关度低于阈值" in page.inner_text("#sources")
+    _no_error_on_page(page)
+    # no LLM call: the model was never loaded and no prompt was built
+    health = json.loads(server.api("/api/health")[1])
+    assert health["models_loaded"] is False, health
+    log_text = server.log_path.read_text(encoding="utf-8")
+    assert "memory plan" not in log_text and "answering from" not in log_text, log_text[-3000:]
+    page.netlog.check_only(server.origin, "refusal")
+
+
 def test_chat_streams_an_answer_with_sources(server, page):
     _open(page, server)
     page.fill("#question textarea", "星河公司的员工每年有多少天年假？")
@@ -233,6 +297,91 @@ def test_chat_streams_an_answer_with_sources(server, page):
     assert DOC_NAME in sources, sources
     assert page.query_selector("#sources mark"), "no supporting sentence was highlighted"
     page.netlog.check_only(server.origin, "chat")
+
+
+def test_clicking_an_answer_shows_its_own_sources(server, page):
+    _open(page, server)
+    first = _ask_and_wait(page, "星河公司的员工每年有多少天年假？", 1)
+    assert DOC_NAME in first, first
+    second = _ask_and_wait(page, "如何上传文件？", 2)
+    assert GUIDE.name in second and DOC_NAME not in second, second
+    bots = page.locator("#chat [data-testid=bot]")
+    assert bots.count() == 2, _bot_texts(page)
+
+    bots.nth(0).click()
+    page.wait_for_function("() => document.querySelector('#sources').innerText.includes('第 1 轮')", timeout=30_000)
+    _shot(page, "3b-sources-of-first-answer")
+    shown = page.inner_text("#sources")
+    assert DOC_NAME in shown and GUIDE.name not in shown, shown
+
+    bots.nth(1).click()
+    page.wait_for_function("() => document.querySelector('#sources').innerText.includes('第 2 轮')", timeout=30_000)
+    _shot(page, "3c-sources-of-second-answer")
+    shown = page.inner_text("#sources")
+    assert GUIDE.name in shown and DOC_NAME not in shown, shown
+    page.netlog.check_only(server.origin, "sources-click")
+
+
+def test_stop_button_ends_the_generation_and_frees_the_slot(server, page):
+    _open(page, server)
+    page.get_by_text("参数", exact=True).click()
+    budget = page.get_by_label("number input for 最大生成长度（token）")
+    budget.fill("2048")  # minutes of generation on this CPU if nothing stopped it
+    budget.press("Enter")
+    page.fill("#question textarea", "请详细列出支持的全部文件类型和上传的全部限制，每一条都展开说明原因和注意事项。")
+    page.press("#question textarea", "Enter")
+
+    # wait until the answer is visibly streaming (its text changed three times), then stop it
+    seen: list[str] = []
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline and len(seen) < 3:
+        texts = _bot_texts(page)
+        if texts and texts[-1].strip() not in ("", "…") and (not seen or seen[-1] != texts[-1]):
+            seen.append(texts[-1])
+        assert not page.query_selector("#sources .zw-sources"), f"the answer ended before it could be stopped: {seen}"
+        time.sleep(0.05)
+    assert len(seen) >= 3, f"the answer never streamed: {seen}"
+    page.click("#stop")
+
+    # the generation ends at its next token and the answer is closed normally: marked as stopped, with its sources
+    page.wait_for_selector("#chat [data-testid=bot] .zw-stopped", timeout=120_000)
+    page.wait_for_function("() => document.querySelector('#sources').innerText.includes('已停止生成')",
+                           timeout=30_000)
+    _shot(page, "3d-stopped")
+    # and the bubble no longer grows: sample it for a few seconds
+    samples = []
+    for _ in range(12):
+        samples.append(_bot_texts(page)[-1])
+        time.sleep(0.25)
+    stopped = samples[-1]
+    assert len(set(samples)) == 1, f"the answer kept growing after 停止: {samples[0]!r} -> {samples[-1]!r}"
+    assert "已停止生成" in stopped and stopped.startswith(seen[-1].strip()[:3]), (seen, stopped)
+    assert GUIDE.name in page.inner_text("#sources"), page.inner_text("#sources")
+    _no_error_on_page(page)
+
+    # the only generation slot (app.concurrency_limit 1) was given back: the next question is answered
+    budget.fill("16")
+    budget.press("Enter")
+    panel = _ask_and_wait(page, "星河公司的员工每年有多少天年假？", 2)
+    _shot(page, "3e-answer-after-stop")
+    assert DOC_NAME in panel, panel
+    texts = _bot_texts(page)
+    assert len(texts) == 2 and texts[0] == stopped and texts[1].strip() not in ("", "…"), texts
+    assert "已停止生成" not in texts[1]
+    _no_error_on_page(page)
+
+    # each answer keeps its own sources, the stopped one included (its question retrieved the guide)
+    bots = page.locator("#chat [data-testid=bot]")
+    bots.nth(0).click()
+    page.wait_for_function("() => document.querySelector('#sources').innerText.includes('第 1 轮')", timeout=30_000)
+    _shot(page, "3f-sources-of-stopped-answer")
+    shown = page.inner_text("#sources")
+    assert GUIDE.name in shown and DOC_NAME not in shown and "已停止生成" in shown, shown
+    bots.nth(1).click()
+    page.wait_for_function("() => document.querySelector('#sources').innerText.includes('第 2 轮')", timeout=30_000)
+    shown = page.inner_text("#sources")
+    assert DOC_NAME in shown and GUIDE.name not in shown, shown
+    page.netlog.check_only(server.origin, "stop")
 
 
 def test_deleted_file_is_no_longer_retrievable(server, page):
@@ -263,6 +412,49 @@ def test_deleted_file_is_no_longer_retrievable(server, page):
     _shot(page, "5-search-after-delete")
     assert DOC_NAME not in results and "十五天带薪年假" not in results and "三个工作日" not in results, results
     page.netlog.check_only(server.origin, "delete")
+
+
+def test_delete_kb_asks_for_confirmation(server, page):
+    name = "待删除库"
+    _open(page, server)
+    _tab(page, "知识库管理")
+    page.fill("#new-kb textarea", name)
+    page.click("#create-kb")
+    page.wait_for_function(f"() => document.querySelector('#status-line').innerText.includes('{name}')",
+                           timeout=30_000)
+    assert (server.kb_root / name).is_dir()
+    assert name in _kb_options(page)
+
+    page.click("#delete-kb")
+    page.wait_for_selector("#confirm-delete-kb", state="visible", timeout=30_000)
+    _shot(page, "8-delete-kb-confirm")
+    row = page.locator("#confirm-delete-kb").locator("xpath=..")
+    assert f"确定删除知识库「{name}」" in row.inner_text(), row.inner_text()
+
+    page.get_by_role("button", name="取消").click()
+    page.wait_for_selector("#confirm-delete-kb", state="hidden", timeout=30_000)
+    _shot(page, "9-delete-kb-cancelled")
+    assert name in _kb_options(page)
+    assert name in [k["name"] for k in json.loads(server.api("/api/kbs")[1])]
+    assert (server.kb_root / name).is_dir()
+
+    page.click("#delete-kb")
+    page.wait_for_selector("#confirm-delete-kb", state="visible", timeout=30_000)
+    page.click("#confirm-delete-kb")
+    page.wait_for_function(f"() => !document.querySelector('#status-line').innerText.includes('{name}')",
+                           timeout=30_000)
+    # the selector moved to the remaining KB, and its file table is shown again
+    page.wait_for_function(f"() => document.querySelector('#file-table').innerText.includes('{GUIDE.name}')",
+                           timeout=30_000)
+    _shot(page, "10-kb-deleted")
+    assert page.locator("#confirm-delete-kb").is_hidden()
+    options = _kb_options(page)
+    assert name not in options and "测试库" in options, options
+    assert name not in [k["name"] for k in json.loads(server.api("/api/kbs")[1])]
+    assert not (server.kb_root / name).exists()
+    assert [p.name for p in server.kb_root.iterdir() if name in p.name] == [], list(server.kb_root.iterdir())
+    _no_error_on_page(page)
+    page.netlog.check_only(server.origin, "delete-kb")
 
 
 def test_login_is_enforced_on_page_and_api(browser, tmp_path):
