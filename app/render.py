@@ -9,10 +9,9 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
+from prompts import REFUSAL, is_refusal  # REFUSAL is re-exported for app.web
 from retrieval.sentences import split_sentences
 from retrieval.types import Hit
-
-REFUSAL = "根据已知信息无法回答该问题"
 
 
 def _bigrams(text: str) -> set[str]:
@@ -95,6 +94,9 @@ def answer_markdown(text: str, *, refused: bool = False, error: str = "", stoppe
         return f'<div class="zw-error">⚠ {html.escape(error)}</div>' + (f"<div>{body}</div>" if text else "")
     if refused:
         return f'<div class="zw-refusal">⊘ {body or html.escape(REFUSAL)}</div>'
+    if is_refusal(text):  # the model itself found no answer in the passages it was given
+        return (f'<div class="zw-refusal zw-model-refusal">⊘ {body}'
+                '<div class="zw-note zw-after">模型判断：提供给它的段落中没有答案（段落见右侧）。</div></div>')
     if stopped:
         return body + '<div class="zw-stopped">■ 已停止生成</div>'
     return body

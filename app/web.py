@@ -33,6 +33,7 @@ CSS = """
 .zw-sources-title {font-weight: 600; margin-bottom: 6px}
 .zw-weak .zw-sources-title {color: #9a3412}
 .zw-note {font-size: 0.9em; color: #6b7280; margin-bottom: 6px}
+.zw-note.zw-after {margin: 4px 0 0 0}
 .zw-hit {border: 1px solid #e5e7eb; border-radius: 6px; padding: 8px; margin-bottom: 8px}
 .zw-hit-head {font-size: 0.85em; color: #374151; margin-bottom: 4px}
 .zw-score {display: block; color: #6b7280; font-size: 0.95em}

@@ -197,6 +197,13 @@ def test_refusal_and_error_look_different_from_an_answer():
     assert render.REFUSAL in render.answer_markdown("", refused=True)
     assert 'class="zw-error"' in render.answer_markdown("部分", error="模型出错")
     assert "zw-" not in render.answer_markdown("普通答案")
+    # the model's own refusal (it read the passages and found no answer) is styled as a refusal too, and says so
+    own = render.answer_markdown("根据已知信息无法回答该问题。")
+    assert "zw-refusal" in own and "zw-model-refusal" in own and "模型判断" in own
+    assert "zw-refusal" in render.answer_markdown("没有提供 足够的相关信息")
+    assert "zw-refusal" not in render.answer_markdown("根据已知信息，年假是十五天。")
+    # an answer cut off with 停止 says so
+    assert 'class="zw-stopped"' in render.answer_markdown("年假是", stopped=True)
 
 
 def test_hit_card_shows_file_page_heading_and_score():
