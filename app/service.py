@@ -194,6 +194,7 @@ class QAService:
         try:
             built = build_prompt(
                 question.strip(), result.hits, history or [], template=self._template,
+                system=self.settings.prompt.system or None,
                 count_tokens=llm.count_tokens, context_tokens=self.settings.prompt.context_tokens,
                 history_turns=self.settings.prompt.history_turns if p.history_turns is None else p.history_turns,
                 max_context_tokens=llm.info.max_context_tokens, max_new_tokens=gen.max_new_tokens,

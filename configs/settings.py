@@ -84,6 +84,7 @@ class PromptSettings(_Section):
     template: str = "knowledge_qa"
     history_turns: int = Field(3, ge=0)
     context_tokens: int = Field(2048, gt=0)
+    system: str = ""
 
 
 class LLMSettings(_Section):

@@ -214,7 +214,7 @@ def build_prompt_from_settings(question: str, hits: Sequence[Hit], history: Sequ
         history_turns=settings.prompt.history_turns,
         max_context_tokens=settings.llm.max_context_tokens,
         max_new_tokens=settings.llm.max_new_tokens,
-        system=system,
+        system=system if system is not None else (settings.prompt.system or None),
     )
 
 

@@ -148,6 +148,32 @@ def test_history_goes_into_the_prompt_up_to_history_turns(world):
     assert len(none) == 1 and para["question"] in none[0]["content"]
 
 
+def test_prompt_system_setting_becomes_the_system_message(world):
+    base = world["settings"]
+    system = "你是公司文档问答助手，只根据已知信息回答。"
+    settings = load_settings(paths={"kb_root": str(base.kb_root), "models_dir": str(base.models_dir)},
+                             llm=base.llm.model_dump(), prompt={"system": system})
+    service = QAService(settings, llm=world["service"].llm, embedder=world["service"].searcher.embedder)
+    seen = []
+    real_stream = service.llm.stream
+
+    def spy(messages, params=None, stop_event=None):
+        seen.append(messages)
+        return real_stream(messages, params, stop_event)
+
+    service.llm.stream = spy
+    try:
+        list(service.answer(world["paragraphs"][0]["question"], "cmrc"))
+        list(world["service"].answer(world["paragraphs"][0]["question"], "cmrc"))  # default "": no system message
+    finally:
+        del service.llm.stream
+    with_system, default = seen
+    assert with_system[0] == {"role": "system", "content": system} and with_system[-1]["role"] == "user"
+    assert [m["role"] for m in default] == ["user"]
+    # and the rendered prompt really carries it (the tiny GLM's chat template places system messages)
+    assert system in service.llm.tokenizer.decode(service.llm.encode_messages(with_system)["input_ids"][0])
+
+
 def test_prompt_budget_trims_passages_to_fit_the_window(world, tmp_path):
     base = world["settings"]
     settings = load_settings(paths={"kb_root": str(base.kb_root), "models_dir": str(base.models_dir)},
