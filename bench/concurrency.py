@@ -2,11 +2,11 @@
 
     .venv/bin/python -m bench.concurrency                       # starts its own app on the sample KB (docs/guide)
     .venv/bin/python -m bench.concurrency --url http://127.0.0.1:7860 --kb 使用指南 --user alice --password ...
-    .venv/bin/python -m bench.concurrency --chats 8 --max-new-tokens 64 --dtype float32
+    .venv/bin/python -m bench.concurrency --chats 8 --profile ""       # the default 1.5B demo model (README numbers)
 
-Every chat asks a question whose answer is in the user guide; an answer counts as correct when it is not a refusal and contains the
-reference text or cites the file the answer comes from. Prints one line per chat and a summary; exit code 1 on
-any error or wrong answer.
+Every chat asks a question whose answer is in the user guide; an answer counts as correct when it is not a refusal
+and its text holds one of the question's references (quotes and spaces ignored). Citing the right file is reported
+apart and is not enough. Prints one line per chat and a summary; exit code 1 on any error or wrong answer.
 """
 from __future__ import annotations
 
@@ -25,22 +25,29 @@ from base64 import b64encode
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prompts import NOT_ENOUGH_INFO, REFUSAL
+from prompts import is_refusal
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "guide"
 
-# (question, reference text that a right answer contains, the guide file that holds the answer)
-QUESTIONS: list[tuple[str, str, str]] = [
-    ("如何上传文件？", "开始导入", "02-导入文件.md"),
-    ("如何开启登录？", "auth_enabled", "05-配置说明.md"),
-    ("回答很慢怎么办？", "max_new_tokens", "06-常见问题.md"),
-    ("怎样删除一个知识库？", "确认删除", "04-知识库管理.md"),
-    ("答案太长时怎样停止生成？", "停止", "03-提问.md"),
-    ("环境已经安装好时怎样只启动网页？", "app.py", "01-安装与启动.md"),
-    ("zip 压缩包里的文件数上限是多少？", "2000", "02-导入文件.md"),
-    ("相关度阈值的默认值是多少？", "0.86", "05-配置说明.md"),
+# (question, texts of which a right answer contains at least one, the guide file that holds the answer).
+# Compared with quotes and spaces removed (「停止」按钮 = “停止”按钮 = 停止按钮). 回答很慢 has three right answers in the
+# guide (smaller model or fewer max_new_tokens; use the GPU; raise concurrency_limit when many people ask).
+QUESTIONS: list[tuple[str, tuple[str, ...], str]] = [
+    ("如何上传文件？", ("开始导入",), "02-导入文件.md"),
+    ("如何开启登录？", ("auth_enabled",), "05-配置说明.md"),
+    ("回答很慢怎么办？", ("max_new_tokens", "更小的模型", "concurrency_limit", "cuda"), "06-常见问题.md"),
+    ("怎样删除一个知识库？", ("确认删除",), "04-知识库管理.md"),
+    ("答案太长时怎样停止生成？", ("点击停止", "停止按钮"), "03-提问.md"),
+    ("环境已经安装好时怎样只启动网页？", ("app.py",), "01-安装与启动.md"),
+    ("zip 压缩包里的文件数上限是多少？", ("2000",), "02-导入文件.md"),
+    ("相关度阈值的默认值是多少？", ("0.86",), "05-配置说明.md"),
 ]
+_QUOTES = str.maketrans("", "", "「」『』“”‘’\"'`")
+
+
+def _norm(text: str) -> str:
+    return "".join(text.translate(_QUOTES).split())
 INGEST_DOC = ("星河公司年假制度.md",
               "# 星河公司年假制度\n\n星河公司的正式员工每年享有十五天带薪年假。年假需要提前三个工作日在办公系统中申请。\n")
 
@@ -49,8 +56,9 @@ INGEST_DOC = ("星河公司年假制度.md",
 class ChatResult:
     question: str
     ok: bool = False
-    correct: bool = False      # not a refusal, and the reference in the answer or the right file cited
-    contains_ref: bool = False  # the stricter half: the answer text itself holds the reference
+    correct: bool = False      # not a refusal, and the answer text holds one of the references
+    contains_ref: bool = False  # the answer text holds one of the references
+    right_source: bool = False  # the guide file that holds the answer is among the cited sources
     refused: bool = False      # the model (or the service) said it cannot answer
     error: str = ""
     ttft_s: float = 0.0
@@ -77,7 +85,7 @@ class Client:
         with urllib.request.urlopen(self.request(path), timeout=60) as r:
             return json.loads(r.read())
 
-    def ask(self, question: str, kb: str, expected: tuple[str, str], params: dict) -> ChatResult:
+    def ask(self, question: str, kb: str, expected: tuple[tuple[str, ...], str], params: dict) -> ChatResult:
         res = ChatResult(question)
         body = json.dumps({"question": question, "kb": kb, **params}).encode()
         t0 = time.perf_counter()
@@ -98,13 +106,12 @@ class Client:
             res.error = f"{type(e).__name__}: {e}"
         res.total_s = time.perf_counter() - t0
         res.ok = not res.error and bool(res.answer)
-        ref, source = expected
-        res.contains_ref = res.ok and ref in res.answer
-        # A refusal is never correct here: every question's answer is in the guide. Otherwise the answer must hold
-        # the reference text, or (for a short max_new_tokens) be a non-refusal grounded in the right file.
-        res.refused = REFUSAL in res.answer or NOT_ENOUGH_INFO in res.answer
-        res.correct = not res.refused and (
-            res.contains_ref or (res.ok and any(s.endswith("/" + source) for s in res.sources)))
+        refs, source = expected
+        res.contains_ref = res.ok and any(_norm(r) in _norm(res.answer) for r in refs)
+        res.right_source = any(s.endswith("/" + source) for s in res.sources)
+        # A refusal is never correct here: every question's answer is in the guide; the answer text must hold it.
+        res.refused = is_refusal(res.answer)
+        res.correct = res.ok and not res.refused and res.contains_ref
         return res
 
     def upload(self, kb: str, name: str, content: bytes) -> str:
@@ -146,9 +153,9 @@ def run_bench(client: Client, kb: str, chats: int, params: dict) -> BenchResult:
     barrier = threading.Barrier(chats + 1)
 
     def chat(i: int) -> None:
-        q, ref, src = QUESTIONS[i % len(QUESTIONS)]
+        q, refs, src = QUESTIONS[i % len(QUESTIONS)]
         barrier.wait()
-        results[i] = client.ask(q, kb, (ref, src), params)
+        results[i] = client.ask(q, kb, (refs, src), params)
 
     def upload() -> None:
         nonlocal ingest, ingest_s
@@ -183,7 +190,8 @@ def print_report(r: BenchResult) -> None:
         total = sorted(c.total_s for c in ok)
         pieces = sum(c.pieces for c in ok)
         print(f"chats: {len(r.chats)}, errors {sum(not c.ok for c in r.chats)}, correct {sum(c.correct for c in r.chats)} "
-              f"(answer text holds the reference: {sum(c.contains_ref for c in r.chats)}, "
+              f"(answer text holds a reference: {sum(c.contains_ref for c in r.chats)}, "
+              f"right file among the sources: {sum(c.right_source for c in r.chats)}, "
               f"refusals: {sum(c.refused for c in r.chats)}); "
               f"ttft median {ttft[len(ttft) // 2]:.1f}s max {ttft[-1]:.1f}s; total median {total[len(total) // 2]:.1f}s "
               f"max {total[-1]:.1f}s; wall {r.wall_s:.1f}s; aggregate {pieces / r.wall_s:.2f} pieces/s")
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", help="a running app; default: start one on the sample KB in a temporary folder")
     ap.add_argument("--kb", default="使用指南")
     ap.add_argument("--chats", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--profile", default="test", help="ZHIWEN_PROFILE for a self-started app (test = 0.5B demo)")
     ap.add_argument("--dtype", default="float32", help="llm.dtype for a self-started app (float32 is fastest on CPU)")
