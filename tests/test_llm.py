@@ -302,3 +302,33 @@ def test_openai_backend_errors_are_sentences(openai_server):
         load_llm(load_settings(llm={"backend": "openai", "openai_base_url": "http://127.0.0.1:9/v1"}))
     with pytest.raises(LLMError, match="openai_base_url is empty"):
         load_llm(load_settings(llm={"backend": "openai"}))
+
+
+def test_langchain_chat_model_wraps_the_loaded_model(glm_model):
+    """ZhiwenChatModel: invoke/stream/stop sequences and a prompt | model | parser chain over the real tiny GLM."""
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+    from langchain_core.output_parsers import StrOutputParser
+
+    from llm.langchain_chat import ZhiwenChatModel
+    from prompts import as_chat_prompt_template, load_template
+
+    chat = ZhiwenChatModel(llm=glm_model, max_new_tokens=40, temperature=0.0)
+    params = glm_model.default_params.merged(max_new_tokens=40, temperature=0.0)
+    full = glm_model.generate(CHAT, params)
+    assert len(full) > 6
+    lc_messages = [SystemMessage(CHAT[0]["content"]), HumanMessage(CHAT[1]["content"])]
+
+    answer = chat.invoke(lc_messages)
+    assert isinstance(answer, AIMessage) and answer.content == full
+    assert "".join(c.content for c in chat.stream(lc_messages)) == full
+    # a stop sequence ends the answer before it (taken from the middle of the known greedy answer)
+    stop = full[4:7]
+    assert chat.invoke(lc_messages, stop=[stop]).content == full[: full.find(stop)]
+    # per-call overrides reach the generation
+    assert chat.invoke(lc_messages, max_new_tokens=3).content == glm_model.generate(CHAT, params.merged(max_new_tokens=3))
+
+    template = load_template("knowledge_qa")
+    chain = as_chat_prompt_template(template) | chat | StrOutputParser()
+    inputs = {"context": "星河公司的正式员工每年享有十五天带薪年假。", "question": "年假有几天？"}
+    expected = glm_model.generate([{"role": "user", "content": template.format(**inputs)}], params)
+    assert chain.invoke(inputs) == expected
