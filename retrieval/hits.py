@@ -17,16 +17,15 @@ from retrieval.types import Chunk
 MIN_OVERLAP_CHARS = 4
 
 
-_SENTENCE_END = tuple("。！？；：.!?;:")
 _BLOCK_START = re.compile(r"(?:[-*+•] |\d+[.、)）] |[（(]?[一二三四五六七八九十]+[、）)]|\|)")
 
 
 def join_overlapping(a: str, b: str, *, min_overlap: int = MIN_OVERLAP_CHARS) -> str:
     """`a` + `b` without the text repeated at the seam (the splitter's overlap).
 
-    Without an overlap the seam is where the splitter cut between paragraphs or table rows: a line break keeps a
-    list item or row from being glued to the sentence before it, and a table chunk's repeated header line (the
-    splitter repeats it in every piece of a table) is dropped.
+    Without an overlap the seam is where the splitter cut between sentences, paragraphs or table rows: a line break
+    keeps a list item or table row from being glued to the line before it, and a table chunk's repeated header
+    line (the splitter repeats it in every piece of a table) is dropped. Prose is joined as it was written.
 
     >>> join_overlapping("第一句。第二句。", "第二句。第三句。")
     '第一句。第二句。第三句。'
@@ -46,7 +45,7 @@ def join_overlapping(a: str, b: str, *, min_overlap: int = MIN_OVERLAP_CHARS) ->
         b = b_rest
     if a.endswith("\n") or b.startswith("\n"):
         return a + b
-    if same_table or a.rstrip().endswith(_SENTENCE_END) or _BLOCK_START.match(b):
+    if same_table or _BLOCK_START.match(b):
         return a + "\n" + b
     return a + b
 
