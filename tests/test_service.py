@@ -60,6 +60,24 @@ def world(tmp_path_factory, cmrc_trial, models_dir):
     return {"settings": settings, "service": service, "paragraphs": paragraphs, "root": root}
 
 
+class MessagesSpy:
+    """Wraps the model's stream() and records the chat messages of each call (the generation still runs)."""
+
+    def __init__(self, llm):
+        self.llm, self.real, self.calls = llm, llm.stream, []
+
+    def __enter__(self) -> list:
+        def spy(messages, params=None, stop_event=None):
+            self.calls.append(messages)
+            return self.real(messages, params, stop_event)
+
+        self.llm.stream = spy
+        return self.calls
+
+    def __exit__(self, *exc):
+        del self.llm.stream
+
+
 class GenerateSpy:
     """Wraps the real model.generate and records each call's prompt length (the generation still runs)."""
 
@@ -129,19 +147,9 @@ def test_threshold_parameter_decides_abstention(world):
 def test_history_goes_into_the_prompt_up_to_history_turns(world):
     service, para = world["service"], world["paragraphs"][0]
     history = [("第一轮问题甲", "第一轮回答甲"), ("第二轮问题乙", "第二轮回答乙")]
-    seen = []
-    real_stream = service.llm.stream
-
-    def spy(messages, params=None, stop_event=None):
-        seen.append(messages)
-        return real_stream(messages, params, stop_event)
-
-    service.llm.stream = spy
-    try:
+    with MessagesSpy(service.llm) as seen:
         list(service.answer(para["question"], "cmrc", history, {"history_turns": 1}))
         list(service.answer(para["question"], "cmrc", history, {"history_turns": 0}))
-    finally:
-        del service.llm.stream
     one, none = seen
     assert [m["content"] for m in one[:-1]] == ["第二轮问题乙", "第二轮回答乙"]   # newest turn kept, oldest dropped
     assert [m["role"] for m in one] == ["user", "assistant", "user"]
@@ -154,19 +162,9 @@ def test_prompt_system_setting_becomes_the_system_message(world):
     settings = load_settings(paths={"kb_root": str(base.kb_root), "models_dir": str(base.models_dir)},
                              llm=base.llm.model_dump(), prompt={"system": system})
     service = QAService(settings, llm=world["service"].llm, embedder=world["service"].searcher.embedder)
-    seen = []
-    real_stream = service.llm.stream
-
-    def spy(messages, params=None, stop_event=None):
-        seen.append(messages)
-        return real_stream(messages, params, stop_event)
-
-    service.llm.stream = spy
-    try:
+    with MessagesSpy(service.llm) as seen:   # both services share this model
         list(service.answer(world["paragraphs"][0]["question"], "cmrc"))
         list(world["service"].answer(world["paragraphs"][0]["question"], "cmrc"))  # default "": no system message
-    finally:
-        del service.llm.stream
     with_system, default = seen
     assert with_system[0] == {"role": "system", "content": system} and with_system[-1]["role"] == "user"
     assert [m["role"] for m in default] == ["user"]
