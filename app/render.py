@@ -43,10 +43,21 @@ def supporting_sentences(passage: str, reference: str, top: int = 2) -> set[int]
 def highlighted_passage(passage: str, reference: str, top: int = 2) -> str:
     """The passage as escaped HTML with its supporting sentences wrapped in <mark>."""
     marks = supporting_sentences(passage, reference, top)
-    parts = []
+
+    def esc(text: str) -> str:
+        return html.escape(text).replace("\n", "<br>")
+
+    parts, pos, exact = [], 0, True
     for i, s in enumerate(split_sentences(passage)):
-        e = html.escape(s).replace("\n", "<br>")
-        parts.append(f"<mark>{e}</mark>" if i in marks else e)
+        at = passage.find(s, pos) if exact else -1
+        if at < 0:  # the splitter normalised this sentence: from here on show sentences as they came
+            exact = False
+        else:
+            parts.append(esc(passage[pos:at]))  # line breaks and spaces between sentences (list items, paragraphs)
+            pos = at + len(s)
+        parts.append(f"<mark>{esc(s)}</mark>" if i in marks else esc(s))
+    if exact:
+        parts.append(esc(passage[pos:]))
     return "".join(parts)
 
 

@@ -190,6 +190,9 @@ def test_supporting_sentences_are_highlighted():
     assert "<mark>上传文件时，先选择知识库，再点击上传文件区域。</mark>" in out
     assert out.count("<mark>") == 1
     assert render.supporting_sentences("天气很好。", "完全无关") == set()
+    # a list keeps its line breaks (the passage is shown as written, not as one run-on paragraph)
+    listed = render.highlighted_passage("支持：\n- PDF；\n- Word；\n\n表格按行保存。", "表格按行保存", top=1)
+    assert listed == "支持：<br>- PDF；<br>- Word；<br><br><mark>表格按行保存。</mark>"
 
 
 def test_refusal_and_error_look_different_from_an_answer():
