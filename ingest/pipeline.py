@@ -490,16 +490,16 @@ class _Processor:
             _emit(self.on_progress, ProgressEvent("embed", self.done, self.total, chunks_done=self.report.chunks_embedded))
             start = 0
             for group, cs in self.pending:
-                known = self.w.has_content(group[0].sha256)  # only on a forced re-ingest
+                # A forced re-ingest of known content leaves it with its current owner (manifest and report agree).
+                live = self.w.live_paths(group[0].sha256)
+                owner = live[0] if live else group[0].key
                 self.w.add_content(group[0].sha256, cs, vectors[start:start + len(cs)])
                 start += len(cs)
-                for i, f in enumerate(group):
-                    self.w.put(_entry(f, "ok" if i == 0 else "duplicate"))
-                # A forced re-ingest of a duplicate leaves the content with its current owner.
-                owner = self.w.live_paths(group[0].sha256)[0] if known else group[0].key
                 for f in group:
-                    self.report.files.append(FileResult(f.key, "ok" if f.key == owner else "duplicate", len(cs),
-                                                        duplicate_of=None if f.key == owner else owner))
+                    status = "ok" if f.key == owner else "duplicate"
+                    self.w.put(_entry(f, status))
+                    self.report.files.append(FileResult(f.key, status, len(cs),
+                                                        duplicate_of=None if status == "ok" else owner))
             self.pending, self.pending_chunks = [], 0
             self.bar.set_postfix_str("")
         if self._commit_due():

@@ -550,6 +550,8 @@ def test_forced_reingest_of_ok_files_re_embeds_them_and_keeps_the_kb_consistent(
     assert kb.generation != old.generation
     assert_consistent(kb)
     assert sorted(kb.manifest.files) == sorted(old.manifest.files), "no new entries"
+    assert {k: e.status for k, e in kb.manifest.files.items()} == {k: e.status for k, e in old.manifest.files.items()}, \
+        "the manifest agrees with the report: a.txt is still the duplicate, a-copy.txt the owner"
     assert _texts(kb) == _texts(old) and len(kb) == len(old), "same chunks, none lost or doubled"
     for c in kb.chunks:  # every row holds its chunk's vector: a search for a chunk finds that chunk
         v = np.asarray(embedder.encode_passages([c.embedding_text()]), dtype=np.float32)
