@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from configs import Settings
 from llm import ChatModel, GenerationParams, LLMError, load_llm
@@ -49,7 +50,7 @@ class AnswerParams:
     history_turns: int | None = None       # prompt.history_turns
 
     @classmethod
-    def of(cls, params: "AnswerParams | Mapping[str, Any] | None") -> "AnswerParams":
+    def of(cls, params: AnswerParams | Mapping[str, Any] | None) -> AnswerParams:
         if params is None:
             return cls()
         if isinstance(params, AnswerParams):

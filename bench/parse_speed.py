@@ -70,7 +70,7 @@ def main() -> int:
     total = [0, 0, 0.0, 0, 0.0]
     for ext, row in sorted(stats.items(), key=lambda kv: -kv[1][2]):
         _print_row(ext, row)
-        total = [a + b for a, b in zip(total, row)]
+        total = [a + b for a, b in zip(total, row, strict=False)]
     _print_row("all", total)
     print("\nslowest files:")
     for secs, name, outcome in sorted(slowest, reverse=True)[:8]:

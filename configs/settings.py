@@ -59,7 +59,7 @@ class IngestSettings(_Section):
     parse_timeout_s: float = Field(600, ge=0, description="Seconds a file may parse before it fails; 0 = no limit.")
 
     @model_validator(mode="after")
-    def _overlap_below_size(self) -> "IngestSettings":
+    def _overlap_below_size(self) -> IngestSettings:
         if self.chunk_overlap >= self.chunk_size:
             raise ValueError(
                 f"chunk_overlap must be smaller than chunk_size, got {self.chunk_overlap} >= {self.chunk_size}"

@@ -475,4 +475,4 @@ class ChineseTextSplitter(TextSplitter):
     def create_documents(self, texts: list[str], metadatas: list[dict[Any, Any]] | None = None) -> list[Document]:
         """Each text is split on its own (one text = one file)."""
         metadatas = metadatas or [{}] * len(texts)
-        return [d for t, m in zip(texts, metadatas) for d in self.split_documents([Document(t, metadata=dict(m))])]
+        return [d for t, m in zip(texts, metadatas, strict=False) for d in self.split_documents([Document(t, metadata=dict(m))])]

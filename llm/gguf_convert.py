@@ -144,7 +144,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, max_shard_bytes: int = DEFAU
     weight_map, total = {}, 0
     bar = tqdm(total=sum(p.nbytes for p in plan), desc=f"converting {gguf_path.name}", unit="B", unit_scale=True,
                leave=False, disable=not show_progress or None)
-    for shard, fname in zip(shards, names):
+    for shard, fname in zip(shards, names, strict=False):
         state = {}
         for p in shard:
             t = tensors[p.gguf_name]

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from configs.settings import LLMSettings, Settings
@@ -78,12 +79,12 @@ class GenerationParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     @classmethod
-    def from_settings(cls, llm: "LLMSettings", **overrides: Any) -> "GenerationParams":
+    def from_settings(cls, llm: LLMSettings, **overrides: Any) -> GenerationParams:
         base = cls(max_new_tokens=llm.max_new_tokens, temperature=llm.temperature, top_p=llm.top_p,
                    repetition_penalty=llm.repetition_penalty)
         return base.merged(**overrides)
 
-    def merged(self, **overrides: Any) -> "GenerationParams":
+    def merged(self, **overrides: Any) -> GenerationParams:
         """A copy with the non-None overrides applied: params.merged(temperature=0)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -154,7 +155,7 @@ def normalize_messages(messages: Sequence[Any]) -> list[dict[str, str]]:
 
 
 # --- model folder resolution and the factory ----------------------------------------------------------------------
-def resolve_model_folder(settings: "Settings") -> tuple[Path, bool, str]:
+def resolve_model_folder(settings: Settings) -> tuple[Path, bool, str]:
     """(folder, is_demo, notice) for settings.llm.model, falling back to settings.llm.demo_model when absent."""
     wanted = settings.model_path(settings.llm.model)
     if wanted.is_dir():
@@ -169,7 +170,7 @@ def resolve_model_folder(settings: "Settings") -> tuple[Path, bool, str]:
     )
 
 
-def load_llm(settings: "Settings") -> ChatModel:
+def load_llm(settings: Settings) -> ChatModel:
     """Build the chat model chosen by settings.llm.backend (one place; optional packages imported in their case)."""
     match settings.llm.backend:
         case "transformers":

@@ -10,7 +10,8 @@ import re
 import threading
 import urllib.error
 import urllib.request
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from llm.loader import BackendUnavailableError, ChatModel, GenerationParams, LLMError, ModelInfo, normalize_messages
 
@@ -39,7 +40,7 @@ class OpenAIChatModel(ChatModel):
                               weights_path=self.base_url, max_context_tokens=max_context_tokens)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "OpenAIChatModel":
+    def from_settings(cls, settings: Any) -> OpenAIChatModel:
         llm = settings.llm
         return cls(llm.openai_base_url, llm.openai_model, llm.openai_api_key,
                    default_params=GenerationParams.from_settings(llm), max_context_tokens=llm.max_context_tokens)

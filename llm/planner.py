@@ -23,8 +23,9 @@ Loading peaks below generation (measured: nf4 4.09 GiB, int8 7.33 GiB reserved),
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 GiB = 1024**3
 

@@ -12,15 +12,26 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from llm.loader import (BackendUnavailableError, ChatModel, ChatTemplateMissingError, ContextTooLongError,
-                        GenerationParams, InsufficientMemoryError, LLMError, ModelInfo, RemoteCodeRequiredError,
-                        normalize_messages, resolve_model_folder)
+from llm.loader import (
+    BackendUnavailableError,
+    ChatModel,
+    ChatTemplateMissingError,
+    ContextTooLongError,
+    GenerationParams,
+    InsufficientMemoryError,
+    LLMError,
+    ModelInfo,
+    RemoteCodeRequiredError,
+    normalize_messages,
+    resolve_model_folder,
+)
 from llm.planner import MemoryPlan, plan_memory
 from llm.streaming import stream_generate
 

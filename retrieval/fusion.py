@@ -34,7 +34,7 @@ def rrf(rankings: Sequence[Ranking], *, k: int = 60, weights: Sequence[float] | 
         raise ValueError(f"rrf_k must be > 0, got {k}")
     weights = _check_weights(rankings, weights)
     fused: dict[int, float] = {}
-    for ranking, w in zip(rankings, weights):
+    for ranking, w in zip(rankings, weights, strict=False):
         for rank, (row, _score) in enumerate(ranking, start=1):
             fused[row] = fused.get(row, 0.0) + w / (k + rank)
     return fused
@@ -59,7 +59,7 @@ def weighted(rankings: Sequence[Ranking], weights: Sequence[float]) -> dict[int,
     """
     weights = _check_weights(rankings, weights)
     fused: dict[int, float] = {}
-    for ranking, w in zip(rankings, weights):
+    for ranking, w in zip(rankings, weights, strict=False):
         for row, s in min_max(ranking).items():
             fused[row] = fused.get(row, 0.0) + w * s
     return fused

@@ -121,7 +121,7 @@ class HybridSearcher:
         self._cache = _PerGenerationCache()
 
     @classmethod
-    def from_settings(cls, settings: Settings, embedder: QueryEncoder | None = None) -> "HybridSearcher":
+    def from_settings(cls, settings: Settings, embedder: QueryEncoder | None = None) -> HybridSearcher:
         """A searcher with the product's Embedder (loaded on first query) unless one is given."""
         if embedder is None and settings.retrieval.mode != "bm25":
             from retrieval.embeddings import Embedder  # peer module, imported late so BM25-only use needs no model
@@ -130,7 +130,7 @@ class HybridSearcher:
         return cls(settings.retrieval, embedder)
 
     # --- the knowledge-base face ------------------------------------------------------------------------
-    def search(self, kb: "KnowledgeBase", question: str, **options: Any) -> SearchResult:
+    def search(self, kb: KnowledgeBase, question: str, **options: Any) -> SearchResult:
         """Search one opened knowledge base. Options as in `search_chunks` (k, mode, threshold, ...).
 
         Answers from the generation `kb` was opened on; callers reopen when `kb.is_stale()` (KnowledgeBaseRetriever
@@ -191,7 +191,7 @@ class HybridSearcher:
             missing = [r for r in fused if r not in dense_of]
             vecs = _vectors(index, missing)
             if vecs is not None:
-                dense_of.update(zip(missing, (vecs @ query).tolist()))
+                dense_of.update(zip(missing, (vecs @ query).tolist(), strict=False))
 
         order = sorted(fused, key=lambda r: (-fused[r], -dense_of.get(r, -2.0), r))
         hits = self._build_hits(order, chunks, index, prepared, fused, dense_of, bm25_of, sources_for, k, merge)
@@ -239,7 +239,7 @@ class HybridSearcher:
     @staticmethod
     def _dense(query: np.ndarray, index: Any, fetch_k: int) -> list[tuple[int, float]]:
         scores, rows = index.search(query[None, :], min(fetch_k, index.ntotal))
-        return [(int(r), float(sc)) for r, sc in zip(rows[0], scores[0]) if r >= 0]
+        return [(int(r), float(sc)) for r, sc in zip(rows[0], scores[0], strict=False) if r >= 0]
 
     def _build_hits(self, order: list[int], chunks: Sequence[Chunk], index: Any, prepared: _Prepared,
                     fused: dict[int, float], dense_of: dict[int, float], bm25_of: dict[int, float],
@@ -333,10 +333,10 @@ class KnowledgeBaseRetriever(BaseRetriever):
     _kb_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     @classmethod
-    def from_settings(cls, settings: Settings, kb_name: str, **kwargs: Any) -> "KnowledgeBaseRetriever":
+    def from_settings(cls, settings: Settings, kb_name: str, **kwargs: Any) -> KnowledgeBaseRetriever:
         return cls(kb_name=kb_name, settings=settings, searcher=HybridSearcher.from_settings(settings), **kwargs)
 
-    def knowledge_base(self) -> "KnowledgeBase":
+    def knowledge_base(self) -> KnowledgeBase:
         """The live generation of the KB: opened on first use and reopened when CURRENT moved on."""
         from retrieval.store import KnowledgeBase  # peer module
 

@@ -1,7 +1,6 @@
 """Shared fixtures. Room-specific fixtures live in their own test modules or tests/support/<room>.py."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

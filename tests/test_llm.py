@@ -12,8 +12,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from configs import load_settings
-from llm import (ChatTemplateMissingError, ContextTooLongError, GenerationParams, ModelNotFoundError,
-                 RemoteCodeRequiredError, load_llm, plan_memory)
+from llm import (
+    ChatTemplateMissingError,
+    ContextTooLongError,
+    GenerationParams,
+    ModelNotFoundError,
+    RemoteCodeRequiredError,
+    load_llm,
+    plan_memory,
+)
 from llm.planner import GiB, max_context_that_fits, model_dims
 from tests.support.stopping import stream_then_stop
 from tests.support.tiny_glm import build_tiny_glm, make_remote_code_folder
@@ -216,8 +223,8 @@ def test_planner_cpu_ignores_quantization():
 
 
 def test_loader_refuses_model_that_does_not_fit(glm_folders, monkeypatch):
-    from llm import InsufficientMemoryError
     import llm.transformers_backend as tb
+    from llm import InsufficientMemoryError
 
     monkeypatch.setattr(tb, "free_memory_bytes", lambda device: 1024)   # a machine with 1 KiB free
     with pytest.raises(InsufficientMemoryError, match="only 0.0 GiB is free on cpu"):

@@ -136,7 +136,7 @@ def messy_results(messy_docs: Path) -> dict[str, tuple]:
     # Biggest first: the slow OCR files start early and the two workers finish together.
     order = sorted(files, key=lambda p: (p.suffix.lower() not in {".png", ".jpg", ".jpeg", ".pdf"}, -p.stat().st_size))
     with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
-        results = dict(zip(order, pool.map(_load_one, [str(p) for p in order])))
+        results = dict(zip(order, pool.map(_load_one, [str(p) for p in order]), strict=False))
     return {p.relative_to(messy_docs).as_posix(): results[p] for p in files}
 
 

@@ -385,7 +385,7 @@ def test_neighbours_of_another_section_are_not_merged():
     """A FAQ: each question is its own section; merging must not glue the next question's answer under this one."""
     texts = ["不会。删除文件后，它的段落会从知识库中移除。", "不需要。网页只从本机服务加载内容。", "可以。多个人可以同时提问。"]
     heads = [("常见问题", "删除的文件还会出现吗？"), ("常见问题", "页面需要联网吗？"), ("常见问题", "页面需要联网吗？")]
-    chunks = [dataclasses.replace(chunk(t, "faq.md", i, i), heading_path=h) for i, (t, h) in enumerate(zip(texts, heads))]
+    chunks = [dataclasses.replace(chunk(t, "faq.md", i, i), heading_path=h) for i, (t, h) in enumerate(zip(texts, heads, strict=False))]
     q = "页面需要联网吗？"
     index = make_index([cos_vec(0.7, other=2), cos_vec(0.95, other=3), cos_vec(0.6, other=4)])
     hit = HybridSearcher(settings(top_k=1, max_hit_chars=600, score_threshold=0.5), FixedQueries({q: unit(1)})) \

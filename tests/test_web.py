@@ -298,7 +298,7 @@ def test_concurrent_chats_and_ingest_small(tmp_path, models_dir):
     from bench.concurrency import QUESTIONS
 
     assert [c.error for c in result.chats] == ["", "", ""]
-    for chat, (question, _ref, source) in zip(result.chats, QUESTIONS):
+    for chat, (question, _ref, source) in zip(result.chats, QUESTIONS, strict=False):
         assert chat.question == question and chat.pieces >= 1, (chat.question, chat.answer)
         assert chat.sources and chat.sources[0].endswith("/" + source), (chat.question, chat.sources)
     assert result.ingest_job["state"] == "done", result.ingest_job
