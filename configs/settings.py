@@ -43,6 +43,8 @@ class EmbeddingSettings(_Section):
     query_prefix: str = "query: "
     passage_prefix: str = "passage: "
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    # auto: bf16 on CPUs with AVX512-BF16/AMX, fp16 on CUDA, else fp32 (docs/benchmarks.md: speed and CMRC quality)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     batch_size: int = Field(32, gt=0)
     max_seq_length: int = Field(512, gt=16)
 
@@ -78,6 +80,23 @@ class RetrievalSettings(_Section):
     merge_neighbors: bool = True
     max_hit_chars: int = Field(600, gt=0)
     dedupe_threshold: float = Field(0.95, gt=0, le=1)
+
+
+class StoreSettings(_Section):
+    """Where knowledge bases live: FAISS files under paths.kb_root, or Milvus (docs/deploy.md)."""
+
+    backend: Literal["faiss", "milvus"] = "faiss"
+    # milvus: a file path runs Milvus Lite embedded (one process per file); http(s)://host:19530 a Milvus server.
+    # "" = <kb_root>/milvus.db. Relative paths are relative to the project root.
+    uri: str = ""
+    token: str = ""                 # "user:password" or an API key (a server with authentication on)
+    user: str = ""
+    password: str = ""
+    db_name: str = ""               # "" = the server's default database
+    server_pem_path: str = ""       # TLS: the server's certificate (one-way TLS); https:// URIs use TLS too
+    server_name: str = ""           # TLS: the name in the server's certificate, if it differs from the host
+    timeout_s: float = Field(30, gt=0)
+    index_type: str = Field("auto", min_length=1)  # auto = FLAT on Milvus Lite (exact), AUTOINDEX on a server
 
 
 class PromptSettings(_Section):
@@ -145,6 +164,7 @@ class Settings(BaseSettings):
     embedding: EmbeddingSettings = EmbeddingSettings()
     ingest: IngestSettings = IngestSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
+    store: StoreSettings = StoreSettings()
     prompt: PromptSettings = PromptSettings()
     llm: LLMSettings = LLMSettings()
     app: AppSettings = AppSettings()

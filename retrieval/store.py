@@ -37,6 +37,7 @@ import faiss
 import numpy as np
 from filelock import FileLock, Timeout
 
+from retrieval.stores import is_milvus
 from retrieval.types import Chunk
 
 if TYPE_CHECKING:
@@ -251,6 +252,10 @@ def kb_dir(name: str, settings: Settings) -> Path:
 
 def list_knowledge_bases(settings: Settings) -> list[str]:
     """Names of committed knowledge bases under settings.kb_root, sorted."""
+    if is_milvus(settings):  # store.backend: milvus (retrieval/stores.py)
+        from retrieval import milvus_store
+
+        return milvus_store.list_knowledge_bases(settings)
     root = settings.kb_root
     if not root.is_dir():
         return []
@@ -261,6 +266,10 @@ def list_knowledge_bases(settings: Settings) -> list[str]:
 
 def delete_knowledge_base(name: str, settings: Settings, *, timeout: float | None = 0) -> None:
     """Delete a KB and its uploaded sources. Refuses (KBLockedError) while a writer holds it."""
+    if is_milvus(settings):
+        from retrieval import milvus_store
+
+        return milvus_store.delete_knowledge_base(name, settings, timeout=timeout)
     path = kb_dir(name, settings)
     if not path.is_dir():
         raise KBNotFoundError(f"知识库「{name}」不存在（{path}）。")
@@ -379,6 +388,10 @@ class KnowledgeBase:
     @classmethod
     def open(cls, name: str, settings: Settings) -> KnowledgeBase:
         """Open the live generation of KB `name`; KBNotFoundError if it does not exist."""
+        if is_milvus(settings):  # store.backend: milvus — the same read side, in Milvus (retrieval/stores.py)
+            from retrieval.milvus_store import MilvusKnowledgeBase
+
+            return MilvusKnowledgeBase.open(name, settings)
         path = kb_dir(name, settings)
         for _ in range(10):  # a writer may switch CURRENT and collect our generation between two reads
             gen = _read_current(path)
@@ -398,6 +411,10 @@ class KnowledgeBase:
     @classmethod
     def create(cls, name: str, settings: Settings, *, exist_ok: bool = True) -> KnowledgeBase:
         """Create an empty KB (generation 0) and return it; with exist_ok, open an existing one instead."""
+        if is_milvus(settings):
+            from retrieval.milvus_store import MilvusKnowledgeBase
+
+            return MilvusKnowledgeBase.create(name, settings, exist_ok=exist_ok)
         path = kb_dir(name, settings)
         if _read_current(path) is not None:
             if not exist_ok:
@@ -464,6 +481,12 @@ class KnowledgeBase:
     @contextmanager
     def open_writer(name: str, settings: Settings, *, timeout: float | None = 0) -> Iterator[KBWriter]:
         """Like `kb.writer()` without reading a snapshot first; creates the KB (empty, generation 0) if needed."""
+        if is_milvus(settings):
+            from retrieval.milvus_store import MilvusKnowledgeBase
+
+            with MilvusKnowledgeBase.open_writer(name, settings, timeout=timeout) as w:
+                yield w
+            return
         path = kb_dir(name, settings)
         (path / SOURCES_DIR).mkdir(parents=True, exist_ok=True)
         with _writer_lock(path, name, timeout):
