@@ -43,7 +43,7 @@ class EmbeddingSettings(_Section):
     query_prefix: str = "query: "
     passage_prefix: str = "passage: "
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    # auto: bf16 on CPUs with AVX512-BF16/AMX, fp16 on CUDA, else fp32 (docs/benchmarks.md: speed and CMRC quality)
+    # auto: bf16 on CPUs with AVX512-BF16/AMX, else fp32 (also on CUDA: no gain measured) (docs/benchmarks.md: speed and CMRC quality)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     batch_size: int = Field(32, gt=0)
     max_seq_length: int = Field(512, gt=16)

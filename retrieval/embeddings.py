@@ -156,12 +156,13 @@ class Embedder(Embeddings):
     @property
     def precision(self) -> str:
         """The precision the model runs in: embedding.precision, with "auto" resolved for this machine —
-        bf16 on a CPU with native bf16 matrix units (AVX512-BF16 / AMX), fp16 on a CUDA GPU, fp32 otherwise."""
+        bf16 on a CPU with native bf16 matrix units (AVX512-BF16 / AMX), fp32 otherwise. On a GPU "auto" is fp32:
+        a model this small is bound by tokenisation there, and fp16/bf16 measured no faster (docs/benchmarks.md)."""
         want = self.settings.precision
         if want != "auto":
             return want
         if self.device == "cuda":
-            return "fp16"
+            return "fp32"
         return "bf16" if cpu_has_bf16() else "fp32"
 
     def _load_model(self) -> SentenceTransformer:

@@ -198,6 +198,7 @@ def test_milvus_lite_file_held_by_another_process_is_a_clear_lock_error(tmp_path
     from retrieval import milvus_store
 
     db = tmp_path / "kb" / "milvus.db"
+    db.parent.mkdir()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pymilvus import MilvusClient; MilvusClient(sys.argv[1]); "
          "print('ready', flush=True); time.sleep(120)", str(db)],
