@@ -90,7 +90,7 @@ class PromptSettings(_Section):
 class LLMSettings(_Section):
     backend: Literal["transformers", "openai"] = "transformers"
     model: str = "chatglm3-6b"
-    demo_model: str = "qwen2.5-1.5b-instruct"
+    demo_model: str = "qwen2.5-coder-1.5b-instruct"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     quantization: Literal["nf4", "int8", "none"] = "nf4"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
