@@ -95,6 +95,8 @@ class LLMSettings(_Section):
     quantization: Literal["nf4", "int8", "none"] = "nf4"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     trust_remote_code: bool = False
+    adapter: str = Field("", description="peft LoRA / prefix-tuning folder or ChatGLM P-Tuning v2 checkpoint.")
+    adapter_merge: bool = Field(False, description="Merge a LoRA into unquantized weights at load.")
     max_context_tokens: int = Field(4096, gt=0)
     max_new_tokens: int = Field(512, gt=0)
     temperature: float = Field(0.1, ge=0)
