@@ -46,6 +46,7 @@ class AnswerParams:
     top_k: int | None = None               # retrieval.top_k
     threshold: float | None = None         # retrieval.score_threshold
     temperature: float | None = None       # llm.temperature (0 = greedy)
+    top_p: float | None = None             # llm.top_p
     max_new_tokens: int | None = None      # llm.max_new_tokens
     history_turns: int | None = None       # prompt.history_turns
 
@@ -66,6 +67,8 @@ class AnswerParams:
             if value is not None and not ok(value):
                 raise QAError(f"{name} must be {'>= 0' if name in ('history_turns', 'temperature') else '> 0'}, "
                               f"got {value}")
+        if p.top_p is not None and not 0 < p.top_p <= 1:
+            raise QAError(f"top_p must be in (0, 1], got {p.top_p}")
         return p
 
 
@@ -191,7 +194,7 @@ class QAService:
 
         llm = self.llm
         gen = GenerationParams.from_settings(self.settings.llm, temperature=p.temperature,
-                                             max_new_tokens=p.max_new_tokens)
+                                             max_new_tokens=p.max_new_tokens, top_p=p.top_p)
         try:
             built = build_prompt(
                 question.strip(), result.hits, history or [], template=self._template,

@@ -37,7 +37,7 @@ ENV_PREFIX = "ZHIWEN_"
 OTHER_VARIABLES = {
     "ZHIWEN_CONFIG": "configs/settings.py: a settings file merged over the profile",
     "ZHIWEN_PROFILE": "configs/settings.py: configs/settings-<profile>.yaml",
-    "ZHIWEN_PROGRESS": "llm/models.py: 0 hides download progress bars",
+    "ZHIWEN_PROGRESS": "modelpack/pack.py: 0 hides download progress bars",
     "ZHIWEN_MODEL_PACK": "scripts/setup.sh: which model pack to pull",
     "ZHIWEN_SAMPLE_KB": "scripts/start.sh: the sample knowledge base",
 }
@@ -132,6 +132,12 @@ class UserSettings(_Section):
     password_hash: str = Field("", description="bcrypt hash; or leave empty and set ZHIWEN_PASSWORD_<USERNAME>.")
 
 
+class ApiKeySettings(_Section):
+    name: str = Field(min_length=1, description="Who uses the key (shown in the logs).")
+    key_hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$",
+                          description="sha256 of the key, from `python -m app.openai_api create-key NAME`.")
+
+
 class AppSettings(_Section):
     host: str
     port: int = Field(gt=0, lt=65536)
@@ -144,6 +150,7 @@ class AppSettings(_Section):
     max_zip_ratio: float = Field(gt=1, description="Largest unpacked/compressed ratio of one zip entry.")
     auth_enabled: bool
     users: list[UserSettings]
+    api_keys: list[ApiKeySettings]  # Bearer keys of the OpenAI-compatible /v1 API (app/openai_api.py)
 
 
 

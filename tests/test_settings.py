@@ -35,7 +35,7 @@ def test_env_overrides_yaml(monkeypatch):
 
 def test_profile_merges_over_defaults():
     s = load_settings(profile="test")
-    assert s.llm.demo_model == "qwen2.5-0.5b-instruct"
+    assert s.llm.demo_model == "qwen2.5-coder-0.5b-instruct"
     assert s.llm.quantization == "nf4"  # untouched keys keep their defaults
 
 
@@ -154,7 +154,7 @@ def test_layers_merge_key_by_key_in_order(tmp_path, monkeypatch):
     f = tmp_path / "site.yaml"
     f.write_text("llm:\n  max_new_tokens: 64\n  top_p: 0.5\nretrieval:\n  top_k: 7\n", encoding="utf-8")
     s = load_settings(path=f, profile="test")
-    assert s.llm.demo_model == "qwen2.5-0.5b-instruct"            # profile
+    assert s.llm.demo_model == "qwen2.5-coder-0.5b-instruct"      # profile
     assert (s.llm.max_new_tokens, s.llm.top_p) == (64, 0.5)        # file beats profile
     assert s.llm.quantization == "nf4" and s.ingest.workers == 2   # default.yaml / profile keys stay
     monkeypatch.setenv("ZHIWEN_LLM__MAX_NEW_TOKENS", "32")
@@ -167,7 +167,7 @@ def test_layers_merge_key_by_key_in_order(tmp_path, monkeypatch):
     monkeypatch.setenv("ZHIWEN_CONFIG", str(f))
     monkeypatch.setenv("ZHIWEN_PROFILE", "test")
     s = load_settings()
-    assert (s.llm.demo_model, s.llm.top_p) == ("qwen2.5-0.5b-instruct", 0.5)       # the same by variables
+    assert (s.llm.demo_model, s.llm.top_p) == ("qwen2.5-coder-0.5b-instruct", 0.5)  # by variables
     assert load_settings(path=tmp_path / "site.yaml").llm.top_p == 0.5
 
 
