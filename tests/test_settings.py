@@ -214,3 +214,20 @@ def test_config_and_profile_must_be_files(tmp_path, monkeypatch):
     not_a_mapping.write_text("- a\n- b\n", encoding="utf-8")
     with pytest.raises(SettingsError, match=r"must hold a mapping of sections, got list"):
         load_settings(path=not_a_mapping, profile="")
+
+
+def test_code_below_configs_takes_its_defaults_from_the_settings(monkeypatch):
+    """No second copy of a default in code: the LangChain splitter and the generation parameters follow settings."""
+    from ingest.splitter import ChineseTextSplitter
+    from llm import GenerationParams
+
+    monkeypatch.setenv("ZHIWEN_INGEST__CHUNK_SIZE", "123")
+    splitter = ChineseTextSplitter()
+    assert (splitter._chunk_size, splitter._chunk_overlap) == (123, load_settings().ingest.chunk_overlap)
+    assert ChineseTextSplitter(chunk_size=60, chunk_overlap=10)._chunk_size == 60
+    llm = load_settings(llm={"top_p": 0.3}).llm
+    assert GenerationParams.from_settings(llm) == GenerationParams(
+        max_new_tokens=llm.max_new_tokens, temperature=llm.temperature, top_p=0.3,
+        repetition_penalty=llm.repetition_penalty)
+    with pytest.raises(TypeError):
+        GenerationParams(max_new_tokens=5)  # no hidden defaults: the others come from settings.llm
