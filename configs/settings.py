@@ -298,8 +298,13 @@ def load_settings(path: str | Path | None = None, profile: str | None = None, **
         files.append(_settings_file(Path(path), named))
     _check_environment(dict(os.environ))
     try:
-        return _settings_reading(tuple(files))(**overrides)
+        loaded = _settings_reading(tuple(files))(**overrides)
     except ValidationError as e:
         raise SettingsError(_format_error(e)) from None
     except SourceError as e:  # a value pydantic-settings cannot parse (the variables were checked above)
         raise SettingsError(str(e)) from None
+    if type(loaded) is Settings:
+        return loaded
+    # The per-file-list class is only a loader: hand out a plain Settings (it pickles, e.g. into parser processes).
+    return Settings.model_construct(_fields_set=loaded.model_fields_set,
+                                    **{name: getattr(loaded, name) for name in Settings.model_fields})

@@ -231,3 +231,16 @@ def test_code_below_configs_takes_its_defaults_from_the_settings(monkeypatch):
         repetition_penalty=llm.repetition_penalty)
     with pytest.raises(TypeError):
         GenerationParams(max_new_tokens=5)  # no hidden defaults: the others come from settings.llm
+
+
+def test_settings_pickle_whatever_files_they_came_from(tmp_path):
+    """Parser processes receive the settings pickled (inside the Embedder), also when a profile or --config was used."""
+    import pickle
+
+    f = tmp_path / "site.yaml"
+    f.write_text("retrieval:\n  top_k: 9\n", encoding="utf-8")
+    for s in (load_settings(profile=""), load_settings(profile="test"), load_settings(path=f, profile="test")):
+        assert type(s) is Settings
+        back = pickle.loads(pickle.dumps(s))
+        assert back == s and back.kb_root == s.kb_root
+    assert back.retrieval.top_k == 9 and back.llm.demo_model == "qwen2.5-coder-0.5b-instruct"
