@@ -109,6 +109,13 @@ def test_no_setting_has_a_default_in_code():
         with_default = [k for k, f in keys.items() if not f.is_required()]
         assert not with_default, f"{section}: {with_default} have defaults in configs/settings.py; move them to " \
                                  f"configs/default.yaml"
+    from pydantic import Field
+
+    from configs.settings import _Section
+
+    with pytest.raises(TypeError, match=r"^Extra: limit must not have a default in code; write the default in "):
+        class Extra(_Section):
+            limit: int = Field(3, gt=0)
 
 
 def test_default_yaml_is_read_and_every_key_is_needed(tmp_path, monkeypatch):
