@@ -1,4 +1,5 @@
-"""Assemble and run the web server: FastAPI with the HTTP API under /api and the Gradio page at /.
+"""Assemble and run the web server: FastAPI with the HTTP API under /api, the OpenAI-compatible API under /v1 and the
+Gradio page at /.
 
 Offline by construction: Gradio analytics and its version check are off (the environment variable is set before
 gradio is imported), the theme uses system fonts only, no share link, server-side rendering off (it would start
@@ -22,6 +23,7 @@ from configs import Settings
 
 from .api import build_router
 from .context import AppContext
+from .openai_api import build_openai_router
 from .web import CSS, build_page, theme
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
     app = FastAPI(title="知问 Zhiwen", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
     app.include_router(build_router(ctx))
+    app.include_router(build_openai_router(ctx))  # OpenAI-compatible /v1 (app/openai_api.py)
     page = build_page(ctx)
     # Generations queue in Gradio with a visible position; default_concurrency_limit covers the other events.
     page.queue(default_concurrency_limit=4, max_size=64)

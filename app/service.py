@@ -60,6 +60,7 @@ class AnswerParams:
     top_k: int | None = None               # retrieval.top_k
     threshold: float | None = None         # retrieval.score_threshold
     temperature: float | None = None       # llm.temperature (0 = greedy)
+    top_p: float | None = None             # llm.top_p
     max_new_tokens: int | None = None      # llm.max_new_tokens (at most llm.max_context_tokens; the service checks)
     history_turns: int | None = None       # prompt.history_turns
 
@@ -70,6 +71,7 @@ class AnswerParams:
             ("history_turns", int, lambda v: v >= 0, "不小于 0 的整数"),
             ("temperature", float, lambda v: math.isfinite(v) and v >= 0, "不小于 0 的数"),
             ("threshold", float, lambda v: math.isfinite(v) and -1 <= v <= 1, "-1 到 1 之间的数"),
+            ("top_p", float, lambda v: math.isfinite(v) and 0 < v <= 1, "大于 0、不大于 1 的数"),
         ):
             value = getattr(self, name)
             if value is None:
@@ -224,7 +226,7 @@ class QAService:
 
         llm = self.llm
         gen = GenerationParams.from_settings(self.settings.llm, temperature=p.temperature,
-                                             max_new_tokens=p.max_new_tokens)
+                                             max_new_tokens=p.max_new_tokens, top_p=p.top_p)
         try:
             built = build_prompt_from_settings(
                 question.strip(), result.hits, history or [], self.settings, llm.count_tokens,

@@ -90,7 +90,7 @@ class PromptSettings(_Section):
 class LLMSettings(_Section):
     backend: Literal["transformers", "openai"] = "transformers"
     model: str = "chatglm3-6b"
-    demo_model: str = "qwen2.5-1.5b-instruct"
+    demo_model: str = "qwen2.5-coder-1.5b-instruct"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     quantization: Literal["nf4", "int8", "none"] = "nf4"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -110,6 +110,12 @@ class UserSettings(_Section):
     password_hash: str = Field("", description="bcrypt hash; or leave empty and set ZHIWEN_PASSWORD_<USERNAME>.")
 
 
+class ApiKeySettings(_Section):
+    name: str = Field(min_length=1, description="Who uses the key (shown in the logs).")
+    key_hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$",
+                          description="sha256 of the key, from `python -m app.openai_api create-key NAME`.")
+
+
 class AppSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(7860, gt=0, lt=65536)
@@ -123,6 +129,7 @@ class AppSettings(_Section):
     max_zip_ratio: float = Field(200, gt=1, description="Largest unpacked/compressed ratio of one zip entry.")
     auth_enabled: bool = False
     users: list[UserSettings] = []
+    api_keys: list[ApiKeySettings] = []  # Bearer keys of the OpenAI-compatible /v1 API (app/openai_api.py)
 
 
 # The merged YAML files of the load_settings() call in progress (a settings source below the environment).

@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from llm.loader import BackendUnavailableError, ChatModel, GenerationParams, LLMError, ModelInfo, normalize_messages
+from llm.types import BackendUnavailableError, ChatModel, GenerationParams, LLMError, ModelInfo, normalize_messages
 
 _CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 

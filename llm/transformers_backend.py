@@ -19,7 +19,10 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from llm.loader import (
+from llm.locate import resolve_model_folder
+from llm.planner import MemoryPlan, plan_memory
+from llm.streaming import stream_generate
+from llm.types import (
     BackendUnavailableError,
     ChatModel,
     ChatTemplateMissingError,
@@ -30,10 +33,7 @@ from llm.loader import (
     ModelInfo,
     RemoteCodeRequiredError,
     normalize_messages,
-    resolve_model_folder,
 )
-from llm.planner import MemoryPlan, plan_memory
-from llm.streaming import stream_generate
 
 log = logging.getLogger(__name__)
 

@@ -138,7 +138,7 @@ def browser():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, models_dir) -> Iterator[AppServer]:
     require_model(models_dir, "multilingual-e5-small")
-    require_model(models_dir, "qwen2.5-0.5b-instruct")
+    require_model(models_dir, "qwen2.5-coder-0.5b-instruct")
     root = tmp_path_factory.mktemp("browser")
     (root / "kb").mkdir()
     # One generation at a time: a stopped answer that kept its slot would make the next question wait forever.

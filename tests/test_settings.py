@@ -35,7 +35,7 @@ def test_env_overrides_yaml(monkeypatch):
 
 def test_profile_merges_over_defaults():
     s = load_settings(profile="test")
-    assert s.llm.demo_model == "qwen2.5-0.5b-instruct"
+    assert s.llm.demo_model == "qwen2.5-coder-0.5b-instruct"
     assert s.llm.quantization == "nf4"  # untouched keys keep their defaults
 
 

@@ -323,7 +323,7 @@ def test_concurrent_chats_and_ingest_small(tmp_path, models_dir):
     from bench.concurrency import Client, run_bench, start_local_app
     from tests.conftest import require_model
 
-    require_model(models_dir, "qwen2.5-0.5b-instruct")
+    require_model(models_dir, "qwen2.5-coder-0.5b-instruct")
     proc, origin = start_local_app(tmp_path, "使用指南", {
         "ZHIWEN_PROFILE": "test", "ZHIWEN_LLM__DTYPE": "float32", "ZHIWEN_INGEST__WORKERS": "1"})
     try:
