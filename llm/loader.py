@@ -1,7 +1,7 @@
 """The one factory of the llm room: build the chat model that settings.llm.backend names.
 
     model = load_llm(settings)                      # transformers (local folder) or openai (intranet server)
-    for piece in model.stream(messages, GenerationParams(max_new_tokens=64), stop_event=evt):
+    for piece in model.stream(messages, model.default_params.merged(max_new_tokens=64), stop_event=evt):
         print(piece, end="")
     model.info.is_demo, model.info.notice           # the UI and CLI show the notice when a demo model stands in
 

@@ -25,7 +25,7 @@ from llm.planner import GiB, max_context_that_fits, model_dims
 from tests.support.stopping import stream_then_stop
 from tests.support.tiny_glm import build_tiny_glm, make_remote_code_folder
 
-GREEDY = GenerationParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
+GREEDY = GenerationParams(max_new_tokens=40, temperature=0.0, top_p=1.0, repetition_penalty=1.0)
 CHAT = [{"role": "system", "content": "你是知问助手。"}, {"role": "user", "content": "北京是哪里？"}]
 
 
@@ -109,7 +109,7 @@ def test_params_from_settings_and_overrides(glm_folders):
     greedy = model.generation_config(model.default_params, 7)
     assert greedy.do_sample is False
     with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
-        GenerationParams(temperature=-1)
+        model.default_params.merged(temperature=-1)
 
 
 def test_prompt_over_context_is_a_clear_error(glm_folders):
@@ -300,7 +300,7 @@ def test_openai_backend_streams_from_server(openai_server):
     settings = load_settings(llm={"backend": "openai", "openai_base_url": openai_server, "openai_api_key": "k1"})
     model = load_llm(settings)
     assert model.info.name == "glm-4-9b-chat" and model.info.backend == "openai"   # taken from GET /models
-    pieces = list(model.stream(CHAT, GenerationParams(max_new_tokens=10, temperature=0.0)))
+    pieces = list(model.stream(CHAT, model.default_params.merged(max_new_tokens=10, temperature=0.0)))
     assert pieces == ["北京", "是", "中国的", "首都。"]
     sent = _FakeOpenAI.received[-1]
     assert sent["auth"] == "Bearer k1"
