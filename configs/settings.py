@@ -8,8 +8,8 @@ Sources, highest priority first (pydantic-settings merges them key by key, so a 
   4. configs/default.yaml
 
 Every default lives in configs/default.yaml and nowhere else: the models below give types and limits only (no
-field has a default), so a key missing from default.yaml fails every start, and tests/test_settings.py fails when
-someone gives a field a default in code. To add a setting: a field here (type + limits, no default), the key with its
+field has a default: a section class with one fails at import), so a key missing from default.yaml fails every
+start. To add a setting: a field here (type + limits, no default), the key with its
 default and a comment in configs/default.yaml, and a row in README's configuration reference.
 
 Errors are one SettingsError naming the key (or the ZHIWEN_* variable / file) and the allowed values:
@@ -50,8 +50,23 @@ class SettingsError(ValueError):
     """A setting is missing, unknown or out of range; the message names the key."""
 
 
-class _Section(BaseModel):
+class _Entry(BaseModel):
+    """An entry of a list setting (app.users, app.api_keys): its fields may have defaults (a left-out hash)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Section(_Entry):
+    """A section of the settings: types and limits only. A default here would be a second source beside
+    configs/default.yaml, so defining one fails at import, naming the field."""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        with_default = [name for name, f in cls.model_fields.items() if not f.is_required()]
+        if with_default:
+            raise TypeError(f"{cls.__name__}: {', '.join(with_default)} must not have a default in code; write the "
+                            f"default in configs/default.yaml (docs/ARCHITECTURE.md, 'Adding a setting')")
 
 
 class PathsSettings(_Section):
@@ -126,13 +141,13 @@ class LLMSettings(_Section):
     openai_model: str
 
 
-class UserSettings(_Section):
+class UserSettings(_Entry):
     username: str = Field(min_length=1)
     # An entry of app.users, not a setting: its hash may be left out (then ZHIWEN_PASSWORD_<USERNAME> holds it).
     password_hash: str = Field("", description="bcrypt hash; or leave empty and set ZHIWEN_PASSWORD_<USERNAME>.")
 
 
-class ApiKeySettings(_Section):
+class ApiKeySettings(_Entry):
     name: str = Field(min_length=1, description="Who uses the key (shown in the logs).")
     key_hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$",
                           description="sha256 of the key, from `python -m app.openai_api create-key NAME`.")
@@ -299,8 +314,13 @@ def load_settings(path: str | Path | None = None, profile: str | None = None, **
         files.append(_settings_file(Path(path), named))
     _check_environment(dict(os.environ))
     try:
-        return _settings_reading(tuple(files))(**overrides)
+        loaded = _settings_reading(tuple(files))(**overrides)
     except ValidationError as e:
         raise SettingsError(_format_error(e)) from None
     except SourceError as e:  # a value pydantic-settings cannot parse (the variables were checked above)
         raise SettingsError(str(e)) from None
+    if type(loaded) is Settings:
+        return loaded
+    # The per-file-list class is only a loader: hand out a plain Settings (it pickles, e.g. into parser processes).
+    return Settings.model_construct(_fields_set=loaded.model_fields_set,
+                                    **{name: getattr(loaded, name) for name in Settings.model_fields})

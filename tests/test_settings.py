@@ -109,6 +109,13 @@ def test_no_setting_has_a_default_in_code():
         with_default = [k for k, f in keys.items() if not f.is_required()]
         assert not with_default, f"{section}: {with_default} have defaults in configs/settings.py; move them to " \
                                  f"configs/default.yaml"
+    from pydantic import Field
+
+    from configs.settings import _Section
+
+    with pytest.raises(TypeError, match=r"^Extra: limit must not have a default in code; write the default in "):
+        class Extra(_Section):
+            limit: int = Field(3, gt=0)
 
 
 def test_default_yaml_is_read_and_every_key_is_needed(tmp_path, monkeypatch):
@@ -231,3 +238,16 @@ def test_code_below_configs_takes_its_defaults_from_the_settings(monkeypatch):
         repetition_penalty=llm.repetition_penalty)
     with pytest.raises(TypeError):
         GenerationParams(max_new_tokens=5)  # no hidden defaults: the others come from settings.llm
+
+
+def test_settings_pickle_whatever_files_they_came_from(tmp_path):
+    """Parser processes receive the settings pickled (inside the Embedder), also when a profile or --config was used."""
+    import pickle
+
+    f = tmp_path / "site.yaml"
+    f.write_text("retrieval:\n  top_k: 9\n", encoding="utf-8")
+    for s in (load_settings(profile=""), load_settings(profile="test"), load_settings(path=f, profile="test")):
+        assert type(s) is Settings
+        back = pickle.loads(pickle.dumps(s))
+        assert back == s and back.kb_root == s.kb_root
+    assert back.retrieval.top_k == 9 and back.llm.demo_model == "qwen2.5-coder-0.5b-instruct"
