@@ -43,7 +43,7 @@ def print_sources(stream: Any) -> None:
         print(f"  [{i}] {where}（相似度 {score}）\n      {text[:PASSAGE_PREVIEW_CHARS]}{more}")
 
 
-def ask(service: Any, question: str, kb: str, history: list[tuple[str, str]], params: dict[str, Any]) -> str | None:
+def ask(service: Any, question: str, kb: str, history: list[tuple[str, str]], params: Any) -> str | None:
     """Stream one answer to stdout. Ctrl-C stops the generation (the partial answer is kept). Returns the answer."""
     stop = threading.Event()
     stream = service.answer(question, kb, history, params, stop_event=stop)
@@ -69,13 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"设置有误 / settings error: {e}", file=sys.stderr)
         return 2
-    from app.service import QAError, QAService
+    from app.service import AnswerParams, QAError, QAService
     from llm import LLMError
     from retrieval.embeddings import EmbedderError
 
-    params = {k: v for k, v in {"top_k": args.top_k, "threshold": args.threshold, "temperature": args.temperature,
-                                "max_new_tokens": args.max_new_tokens,
-                                "history_turns": args.history_turns}.items() if v is not None}
+    try:
+        params = AnswerParams(top_k=args.top_k, threshold=args.threshold, temperature=args.temperature,
+                              max_new_tokens=args.max_new_tokens, history_turns=args.history_turns)
+    except QAError as e:                    # a bad flag value: the same sentence as on the page and the API
+        print(f"错误 / error: {e}", file=sys.stderr)
+        return 2
     try:
         service = QAService(settings)
         service.knowledge_base(args.kb)     # an unknown KB fails before the models load

@@ -281,10 +281,18 @@ class _Answer:
         self.stop_event = threading.Event()
         self.scanner = StopScanner(stops)
         self.max_new_tokens = req.max_completion_tokens or req.max_tokens or ctx.settings.llm.max_new_tokens
-        params = {"temperature": req.temperature, "top_p": req.top_p,
-                  "max_new_tokens": req.max_completion_tokens or req.max_tokens}
-        self.stream = ctx.answer(question, req.model, history, stop=self.stop_event,
-                                 **{k: v for k, v in params.items() if v is not None})
+        from llm import LLMError
+
+        from .service import AnswerParams, QAError
+
+        try:  # the checks, the retrieval and the prompt happen here (ctx.answer), before any response byte
+            params = AnswerParams(temperature=req.temperature, top_p=req.top_p,
+                                  max_new_tokens=req.max_completion_tokens or req.max_tokens)
+            self.stream = ctx.answer(question, req.model, history, params, stop=self.stop_event)
+        except QAError as e:
+            raise _ApiError(400, e.reason, param="messages") from None
+        except LLMError as e:
+            raise _generation_error(str(e)) from None
         self._it: Iterator[str] = iter(self.stream)
         self.text = ""
         self.finished = False
@@ -413,7 +421,7 @@ def build_openai_router(ctx: AppContext) -> APIRouter:
             keys.check(request.headers.get("authorization", ""))
             req, question, history, stops = parse_request(await request.body())
             known_model(req.model)
-            answer = _Answer(ctx, req, question, history, stops)
+            answer = await run_in_threadpool(_Answer, ctx, req, question, history, stops)
             first = await run_in_threadpool(_first_piece, answer)
         except _ApiError as e:
             return e.response()

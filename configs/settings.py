@@ -161,6 +161,7 @@ class AppSettings(_Section):
     root_path: str
     concurrency_limit: int = Field(gt=0)
     max_upload_mb: float = Field(gt=0)
+    max_question_chars: int = Field(gt=0, description="A longer question is refused at once (API: 413).")
     # zip uploads are unpacked by the page; these caps stop zip bombs (see app/uploads.py)
     max_unzipped_mb: float = Field(gt=0, description="Total unpacked size of one zip upload.")
     max_zip_entries: int = Field(gt=0, description="Files inside one zip upload.")
