@@ -131,6 +131,8 @@ class LLMSettings(_Section):
     quantization: Literal["nf4", "int8", "none"]
     dtype: Literal["auto", "bfloat16", "float16", "float32"]
     trust_remote_code: bool
+    adapter: str = Field(description="peft LoRA / prefix-tuning folder or ChatGLM P-Tuning v2 checkpoint; '' = none.")
+    adapter_merge: bool = Field(description="Merge a LoRA into unquantized weights at load.")
     max_context_tokens: int = Field(gt=0)
     max_new_tokens: int = Field(gt=0)
     temperature: float = Field(ge=0)
