@@ -71,7 +71,7 @@ class RetrievalSettings(_Section):
     mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
     top_k: int = Field(5, gt=0)
     fetch_k: int = Field(50, gt=0)
-    fusion: Literal["rrf", "weighted"] = "weighted"  # weighted beat rrf on CMRC (docs/retrieval.md)
+    fusion: Literal["rrf", "weighted", "adaptive"] = "weighted"  # weighted beat rrf on CMRC (docs/retrieval.md)
     rrf_k: int = Field(60, gt=0)
     dense_weight: float = Field(0.5, ge=0, le=1)
     score_threshold: float = Field(0.86, ge=-1, le=1)  # calibrated for multilingual-e5-small (docs/retrieval.md)
@@ -85,6 +85,7 @@ class PromptSettings(_Section):
     history_turns: int = Field(3, ge=0)
     context_tokens: int = Field(2048, gt=0)
     system: str = ""
+    grounding_check: bool = Field(True, description="Check each finished answer against its passages (grounding/).")
 
 
 class LLMSettings(_Section):
