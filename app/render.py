@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from grounding import UNGROUNDED, best_sentence_index
+from ingest.report import STATUS_NAMES as INGEST_STATUS_NAMES
 from prompts import REFUSAL, is_refusal  # REFUSAL is re-exported for app.web
 from retrieval.sentences import split_sentences
 from retrieval.types import Hit
@@ -199,10 +200,8 @@ def job_html(job: Any | None) -> str:
     return "".join(out)
 
 
-STATUS_NAMES = {
-    "ok": "成功", "unchanged": "未变化", "renamed": "改名", "duplicate": "重复", "empty": "空文件",
-    "failed": "失败", "removed": "已删除", "rejected": "已拒绝",
-}
+# The ingest report's words (the CLI shows the same), plus the upload layer's own: refused before ingest.
+STATUS_NAMES = {**INGEST_STATUS_NAMES, "rejected": "已拒绝"}
 
 
 def human_size(n: int) -> str:

@@ -66,7 +66,10 @@ def _reuse_corpus(corpus: Path, index: Path, passages: list, formats: tuple[str,
 
 def _ask_fn(service: Any, kb_name: str, max_new_tokens: int) -> Callable[[str], Any]:
     """How the evaluation asks the service one question: no history, the run's answer length."""
-    return lambda question: service.answer(question, kb_name, [], {"max_new_tokens": max_new_tokens})
+    from app.service import AnswerParams
+
+    params = AnswerParams(max_new_tokens=max_new_tokens)
+    return lambda question: service.answer(question, kb_name, [], params)
 
 
 def run(opts: RunOptions) -> dict[str, Any]:
