@@ -43,11 +43,14 @@ def best_sentence_index(sentences: Sequence[str], answer: str, *, claims: Sequen
     answer = strip_markers(answer)
     claims = extract_claims(answer) if claims is None else claims
     grams = _bigrams(answer)
+    whole = normalize(answer).strip("。，,.！!？?；;")
     best, best_score = None, MIN_SHARED - 1e-9
     for i, s in enumerate(sentences):
         held = sum(supports(s, c) for c in claims)
         shared = len(grams & _bigrams(s)) / max(1, len(grams))
-        score = 3.0 * held + shared
+        # a short answer written verbatim in the sentence (an extracted span) outranks everything else
+        verbatim = 5.0 if len(whole) >= 2 and whole in normalize(s) else 0.0
+        score = verbatim + 3.0 * held + shared
         if score > best_score + 1e-9:
             best, best_score = i, score
     return best
