@@ -183,7 +183,8 @@ def test_layers_merge_key_by_key_in_order(tmp_path, monkeypatch):
     "name, value, needle",
     [
         ("ZHIWEN_FOO", "1", "ZHIWEN_FOO names no setting (foo: the sections are app, embedding"),
-        ("ZHIWEN_LLM__DEVCE", "cpu", "ZHIWEN_LLM__DEVCE names no setting (llm.devce: llm has backend"),
+        ("ZHIWEN_LLM__DEVCE", "cpu",
+         "ZHIWEN_LLM__DEVCE names no setting (llm.devce: llm has adapter, adapter_merge, backend"),
         ("zhiwen_ingest__chunk_sise", "300", "zhiwen_ingest__chunk_sise names no setting (ingest.chunk_sise"),
         ("ZHIWEN_LLM__DEVICE__X", "1", "(llm.device.x: llm.device is a single value)"),
         ("ZHIWEN_LLM", "notadict", "ZHIWEN_LLM must be a JSON object"),
