@@ -82,6 +82,14 @@ def basic_credentials(header: str) -> tuple[str, str] | None:
     return (user, password) if sep else None
 
 
+def grounding_json(verdict: Any) -> dict[str, Any]:
+    """The done line's grounding fields: `ungrounded` (show 「资料中没有找到可靠依据」), `grounding` (status, failures
+    with kind and message, citations with their character spans and passage numbers, evidence sentences)."""
+    if verdict is None:
+        return {"ungrounded": False, "grounding": None}
+    return {"ungrounded": not verdict.ok, "grounding": verdict.to_dict()}
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -152,7 +160,8 @@ def build_router(ctx: AppContext) -> APIRouter:
                 done = True
                 yield _line({"type": "done", "answer": text, "refused": bool(stream.refused),
                              "error": stream.error or "", "sources": [hit_json(h) for h in stream.sources],
-                             "low_relevance": [hit_json(h) for h in stream.low_relevance]})
+                             "low_relevance": [hit_json(h) for h in stream.low_relevance],
+                             **grounding_json(getattr(stream, "grounding", None))})
             except Exception as e:
                 log.exception("ask failed while streaming")
                 yield _line({"type": "error", "error": friendly_error(e), "answer": text})

@@ -26,6 +26,7 @@ from configs import Settings
 from .api import build_router
 from .context import AppContext
 from .openai_api import build_openai_router
+from .render import CITATION_JS
 from .web import CSS, build_page, theme
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
         max_file_size=int(mb * 2**20),  # bytes: Gradio refuses bigger uploads before they reach us
         ssr_mode=False, pwa=False, mcp_server=False,
         footer_links=["api", "settings"],
-        theme=theme(), css=CSS,
+        theme=theme(), css=CSS, head=CITATION_JS,
         server_name=settings.app.host, server_port=settings.app.port,
     )
 

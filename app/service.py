@@ -7,6 +7,8 @@
     stream.refused        # True: no passage reached the threshold, the LLM was not called, the text is REFUSAL
     stream.low_relevance  # then: the closest passages, to show (never to answer from)
     stream.error          # "" or a sentence, when generation failed part-way (the text so far is kept)
+    stream.grounding      # after the last piece: grounding.GroundingResult (ok, failures, citations, evidence)
+    stream.ungrounded     # True: the answer states what its passages do not; show 「资料中没有找到可靠依据」
 
 The data path: question → HybridSearcher (evidence threshold) → build_prompt (token budget) → ChatModel.stream.
 Request problems (unknown knowledge base, empty or too long question, bad parameter, empty knowledge base) raise
@@ -17,11 +19,12 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from configs import Settings
+from grounding import GroundingResult, check_answer
 from llm import ChatModel, GenerationParams, LLMError, load_llm
 from prompts import REFUSAL, build_prompt_from_settings, load_template
 from prompts.builder import PromptBudgetError
@@ -85,8 +88,11 @@ class AnswerStream:
     """Iterate for the answer's text pieces. Retrieval is done when this object exists; iterating runs the LLM."""
 
     def __init__(self, pieces: Iterable[str], *, sources: list[Hit], refused: bool, low_relevance: list[Hit],
-                 prompt_tokens: int = 0, dropped: list[Hit] | None = None):
+                 prompt_tokens: int = 0, dropped: list[Hit] | None = None,
+                 check: Callable[[str], GroundingResult | None] | None = None):
         self._pieces = pieces
+        self._check = check                   # the grounding check, run once the whole answer is there
+        self.grounding: GroundingResult | None = None
         self.sources = sources
         self.refused = refused
         self.low_relevance = low_relevance
@@ -101,6 +107,8 @@ class AnswerStream:
             for piece in self._pieces:
                 self.text += piece
                 yield piece
+            if self._check is not None and self.text:
+                self.grounding = self._check(self.text)
         except LLMError as e:                 # OOM, server down, context overflow: a sentence, partial text kept
             log.warning("generation failed: %s", e)
             self.error = str(e)
@@ -109,6 +117,11 @@ class AnswerStream:
             close = getattr(self._pieces, "close", None)
             if close is not None:
                 close()                       # a consumer that stops early stops the generation too
+
+    @property
+    def ungrounded(self) -> bool:
+        """True when the finished answer failed the grounding check: show 「资料中没有找到可靠依据」, not the answer."""
+        return self.grounding is not None and not self.grounding.ok
 
 
 class QAService:
@@ -239,7 +252,23 @@ class QAService:
                  len(built.used_hits), len(built.dropped_hits), built.prompt_tokens)
         return AnswerStream(_lazy_stream(llm, built.messages, gen, stop_event), sources=built.used_hits,
                             refused=False, low_relevance=[], prompt_tokens=built.prompt_tokens,
-                            dropped=built.dropped_hits)
+                            dropped=built.dropped_hits, check=self._grounding_check(question, built.used_hits,
+                                                                                     stop_event))
+
+    def _grounding_check(self, question: str, hits: Sequence[Hit], stop_event: threading.Event | None,
+                         ) -> Callable[[str], GroundingResult | None] | None:
+        """grounding.check_answer over the passages the model was given (prompt.grounding_check); a stopped answer
+        is not checked (it is marked 已停止生成 instead)."""
+        if not self.settings.prompt.grounding_check:
+            return None
+        texts = [h.text for h in hits]
+        cite = "[1]" in self._template
+
+        def check(text: str) -> GroundingResult | None:
+            if stop_event is not None and stop_event.is_set():
+                return None
+            return check_answer(text, question.strip(), texts, require_citations=cite)
+        return check
 
 
 def _lazy_stream(llm: ChatModel, messages: list[dict[str, str]], params: GenerationParams,

@@ -31,6 +31,9 @@ CSS = """
 .zw-status {font-size: 0.9em; opacity: 0.85}
 .zw-refusal {border-left: 4px solid #d97706; background: #fff7ed; color: #9a3412; padding: 6px 10px; border-radius: 4px}
 .zw-stopped {font-size: 0.85em; color: #6b7280; margin-top: 4px}
+.zw-cite {color: #2563eb; cursor: pointer; font-size: 0.85em; vertical-align: super}
+.zw-hit.zw-cited {border-color: #2563eb; box-shadow: 0 0 0 2px #bfdbfe}
+.zw-ungrounded details {margin-top: 4px; color: #6b7280}
 .zw-error {border-left: 4px solid #dc2626; background: #fef2f2; color: #991b1b; padding: 6px 10px; border-radius: 4px}
 .zw-sources-title {font-weight: 600; margin-bottom: 6px}
 .zw-weak .zw-sources-title {color: #9a3412}
@@ -104,7 +107,7 @@ class Handlers:
         pending = render.hits_html([], question, title=f"答案来源（第 {number} 轮，回答未完成）")
         answer_sources = [*answer_sources, pending]
         yield "", chat, turns, answer_sources, gr.update()
-        text, hits, refused, error = "", [], False, ""
+        text, hits, refused, error, verdict = "", [], False, "", None
         try:
             params = AnswerParams(top_k=int(top_k), threshold=float(threshold), temperature=float(temperature),
                                   max_new_tokens=int(max_tokens), history_turns=int(history_turns))
@@ -116,6 +119,7 @@ class Handlers:
                 yield "", chat, turns, answer_sources, gr.update()
             hits, refused, error = stream.sources, stream.refused, stream.error or ""
             low = getattr(stream, "low_relevance", None) or []
+            verdict = getattr(stream, "grounding", None)
         except Exception as e:
             log.exception("answer failed for %r in %r", question, kb)
             error, low = friendly_error(e), []
@@ -123,14 +127,17 @@ class Handlers:
             text = render.REFUSAL
         stopped = stop.is_set() and not refused and not error
         chat[-1] = {"role": "assistant",
-                    "content": render.answer_markdown(text, refused=refused, error=error, stopped=stopped)}
+                    "content": render.answer_markdown(text, refused=refused, error=error, stopped=stopped,
+                                                      grounding=verdict)}
         if refused:
             panel = render.hits_html(low or hits, question, title="最接近的段落（相关度低于阈值，未作为依据）",
                                      weak=True)
         else:
             stopped_note = "，已停止生成" if stopped else ""
-            panel = render.hits_html(hits, text or question, title=f"答案来源（第 {number} 轮{stopped_note}）")
-        if text and not error and not stopped:  # a cut-off answer is not sent back to the model as history
+            panel = render.hits_html(hits, text or question, grounding=verdict,
+                                     title=f"答案来源（第 {number} 轮{stopped_note}）")
+        if text and not error and not stopped and not (verdict is not None and not verdict.ok):
+            # a cut-off or ungrounded answer is not sent back to the model as history
             turns = [*turns, (question, text)]
         answer_sources = [*answer_sources[:-1], panel]
         yield "", chat, turns, answer_sources, panel

@@ -107,7 +107,7 @@ class RetrievalSettings(_Section):
     mode: Literal["hybrid", "dense", "bm25"]
     top_k: int = Field(gt=0)
     fetch_k: int = Field(gt=0)
-    fusion: Literal["rrf", "weighted"]  # weighted beat rrf on CMRC (docs/retrieval.md)
+    fusion: Literal["rrf", "weighted", "adaptive"]  # weighted beat rrf on CMRC (docs/retrieval.md)
     rrf_k: int = Field(gt=0)
     dense_weight: float = Field(ge=0, le=1)
     score_threshold: float = Field(ge=-1, le=1)  # calibrated for multilingual-e5-small (docs/retrieval.md)
@@ -121,6 +121,7 @@ class PromptSettings(_Section):
     history_turns: int = Field(ge=0)
     context_tokens: int = Field(gt=0)
     system: str
+    grounding_check: bool = Field(description="Check each finished answer against its passages (grounding/).")
 
 
 class LLMSettings(_Section):

@@ -6,6 +6,7 @@ CMRC 2018 trial passages are read from /work/shared/data (never copied into the 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -316,3 +317,38 @@ def test_end_to_end_real_models(tmp_path, cmrc_trial, models_dir):
     text = "".join(missing)
     assert missing.error == ""
     assert missing.refused or REFUSAL in text or NOT_ENOUGH_INFO in text, text
+
+
+class ScriptedStream:
+    """Replaces the model's stream() with a chosen answer. Why not the real model: the tiny random GLM cannot be made
+    to say a particular sentence, and this test is about what the service does with a finished answer's text."""
+
+    def __init__(self, llm, pieces):
+        self.llm, self.pieces = llm, pieces
+
+    def __enter__(self):
+        self.llm.stream = lambda messages, params=None, stop_event=None: iter(self.pieces)
+        return self
+
+    def __exit__(self, *exc):
+        del self.llm.stream
+
+
+def test_grounding_check_marks_the_finished_answer(world):
+    service = world["service"]
+    # a paragraph whose answer is a number (CMRC trial has several among the first six)
+    para = next(p for p in world["paragraphs"][:6] if any(re.fullmatch(r"\d+.*", a) for a in p["answers"]))
+    stream = service.answer(para["question"], "cmrc", [])
+    assert stream.sources and any(para["answers"][0] in h.text for h in stream.sources[:1])
+    number = para["answers"][0]
+    with ScriptedStream(service.llm, ["答案是", number, "[1]。"]):
+        good = service.answer(para["question"], "cmrc", [])
+        assert good.grounding is None          # decided only once the whole answer is there
+        list(good)
+    assert good.grounding is not None and good.grounding.cited and not good.ungrounded, good.grounding
+    assert good.grounding.citations[0].passage == 1
+    with ScriptedStream(service.llm, ["答案是", "987654321", "。"]):
+        bad = service.answer(para["question"], "cmrc", [])
+        list(bad)
+    assert bad.ungrounded and bad.grounding.failures[0].kind == "number"
+    assert "987654321" in bad.grounding.summary()

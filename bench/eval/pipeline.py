@@ -229,7 +229,8 @@ def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_
         pq.setdefault("answers", {})[cfg.name] = {k: row[k] for k in ("prediction", "refused", "em", "f1",
                                                                       "contains", "ttft_s", "tokens", "error",
                                                                       "grounding", "grounding_failures",
-                                                                      "refused_grounded", "noise_claims", "cited")
+                                                                      "refused_grounded", "noise_claims", "cited",
+                                                                      "source_texts")
                                                if k in row}
         if first:   # the Markdown's sample table shows the first answering configuration
             pq.update(references=row["references"], prediction=row["prediction"], f1=row["f1"],
