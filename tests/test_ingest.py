@@ -2,6 +2,7 @@
 real FAISS, real worker processes, and the CLI in a subprocess for exit codes, locking and kill -9."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,8 +18,9 @@ import pytest
 
 from configs import PROJECT_ROOT, load_settings
 from ingest import IngestError, ProgressEvent, ingest, ingest_files, remove_files
-from ingest.pipeline import _File, _parse_all
+from ingest.parse_pool import parse_all
 from ingest.report import IngestReport
+from ingest.scan import SourceFile
 from retrieval.embeddings import Embedder
 from retrieval.store import KBIncompatibleError, KBLockedError, KnowledgeBase
 from tests.support.tiny_embedder import build_tiny_embedder
@@ -78,7 +80,7 @@ def docs(tmp_path) -> Path:
 
 def _age(folder: Path) -> None:
     """Date files an hour back, like documents that have sat in a folder for a while (files modified within
-    seconds of being hashed are always re-hashed: see ingest/pipeline.py, "Change detection")."""
+    seconds of being hashed are always re-hashed: see ingest/diff.py)."""
     old = time.time() - 3600
     for p in folder.rglob("*"):
         os.utime(p, (old, old))
@@ -286,8 +288,8 @@ def test_a_segfaulting_worker_fails_only_its_file(tmp_path, settings):
     groups = []
     for n in names:
         (tmp_path / n).write_text(n)
-        groups.append([_File(n, tmp_path / n, tmp_path, 1, 0)])
-    out = {g[0].key: outcome for g, outcome in _parse_all(groups, settings, IngestReport("kb"), crashing_parse)}
+        groups.append([SourceFile(n, tmp_path / n, tmp_path, 1, 0)])
+    out = {g[0].key: outcome for g, outcome in parse_all(groups, settings, IngestReport("kb"), crashing_parse)}
     assert sorted(out) == sorted(names), "every file gets exactly one outcome"
     assert out["crash.txt"][0] == "error" and "崩溃" in out["crash.txt"][2]
     assert all(out[n] == ("ok", n) for n in names if n != "crash.txt")
@@ -400,6 +402,45 @@ def test_kill_9_mid_ingest_then_resume_matches_a_clean_run(tmp_path, settings, c
         p: e.sha256 for p, e in clean.manifest.files.items()}
 
 
+def test_a_checkpoint_is_written_during_a_long_embedding_batch_and_a_rerun_embeds_only_the_rest(tmp_path, settings):
+    """issue 13 item 2: every file parses in a moment, then embedding takes long (a real model on a CPU). A kill -9
+    after the first checkpoint must leave the files embedded so far committed, and the re-run must embed only the
+    rest. The subprocess kills itself right after its first checkpoint: see tests/support/checkpoint_kill.py."""
+    folder = tmp_path / "long"
+    folder.mkdir()
+    for n in range(8):
+        (folder / f"{n}.txt").write_text(_text(n, repeat=6), encoding="utf-8")
+    _age(folder)
+    env = {**os.environ, "ZHIWEN_PATHS__KB_ROOT": str(settings.kb_root),
+           "ZHIWEN_EMBEDDING__MODEL": settings.embedding.model, "ZHIWEN_INGEST__COMMIT_EVERY_S": "2"}
+    log = tmp_path / "ingest.log"
+    with open(log, "w") as out:  # a file, not a pipe: the killed run's parse workers may still hold it open
+        p = subprocess.Popen([sys.executable, "-m", "tests.support.checkpoint_kill", str(folder), "kb"],
+                             cwd=PROJECT_ROOT, env=env, stdout=out, stderr=out, start_new_session=True)
+        try:
+            rc = p.wait(timeout=600)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)  # the run's own session: its orphaned parse workers, if any
+    assert rc == -signal.SIGKILL, f"killed after its first checkpoint: {rc} {log.read_text()[-2000:]}"
+
+    killed = KnowledgeBase.open("kb", settings)
+    assert_consistent(killed)
+    done = {k for k, e in killed.manifest.files.items() if e.status == "ok"}
+    assert 0 < len(done) < 8, f"the checkpoint came during the embedding batch: {len(done)} of 8 files committed"
+
+    embedder = CountingEmbedder.from_settings(settings)
+    r = _run(folder, settings, embedder)
+    assert r.exit_code == 0
+    assert {f.path for f in r.files if f.status == "unchanged"} == done, "the committed files are not embedded again"
+    resumed = KnowledgeBase.open("kb", settings)
+    assert_consistent(resumed)
+    assert embedder.encoded == len(resumed) - len(killed) > 0, "only the chunks missing from the checkpoint"
+    clean = ingest(folder, "clean", settings, embedder=embedder)
+    assert clean.exit_code == 0
+    assert _texts(resumed) == _texts(KnowledgeBase.open("clean", settings))
+
+
 def test_two_folders_with_the_same_name_stay_apart(tmp_path, settings, embedder):
     a, b = tmp_path / "x" / "docs", tmp_path / "y" / "docs"
     for d, n in ((a, 1), (b, 2)):
@@ -431,7 +472,7 @@ def _is_multiprocessing_helper(p: psutil.Process) -> bool:
 
 
 def test_a_hanging_parse_times_out_the_rest_is_ingested_and_no_worker_is_left(docs, settings, embedder, monkeypatch):
-    from ingest import pipeline
+    from ingest import parse_pool
     from tests.support.hanging_parse import is_alive, parse_or_hang
 
     # Two workers. One takes 00-hang, whose parse never ends; the other takes 01-slow (4 s), then 02-wait, which is
@@ -440,7 +481,7 @@ def test_a_hanging_parse_times_out_the_rest_is_ingested_and_no_worker_is_left(do
     (docs / "01-slow.txt").write_text(_text(8), encoding="utf-8")
     (docs / "02-wait.txt").write_text(_text(9), encoding="utf-8")
     _age(docs)
-    monkeypatch.setattr(pipeline, "_parse_in_worker", parse_or_hang)  # the real parser for every other file
+    monkeypatch.setattr(parse_pool, "parse_in_worker", parse_or_hang)  # the real parser for every other file
     limited = load_settings(ingest={"parse_timeout_s": 10})
     assert limited.ingest.workers == 2
     me = psutil.Process()
@@ -550,7 +591,8 @@ def test_forced_reingest_of_ok_files_re_embeds_them_and_keeps_the_kb_consistent(
     assert kb.generation != old.generation
     assert_consistent(kb)
     assert sorted(kb.manifest.files) == sorted(old.manifest.files), "no new entries"
-    assert {k: e.status for k, e in kb.manifest.files.items()} == {k: e.status for k, e in old.manifest.files.items()}, \
+    statuses = {k: e.status for k, e in kb.manifest.files.items()}
+    assert statuses == {k: e.status for k, e in old.manifest.files.items()}, \
         "the manifest agrees with the report: a.txt is still the duplicate, a-copy.txt the owner"
     assert _texts(kb) == _texts(old) and len(kb) == len(old), "same chunks, none lost or doubled"
     for c in kb.chunks:  # every row holds its chunk's vector: a search for a chunk finds that chunk
