@@ -491,7 +491,8 @@ class MilvusKnowledgeBase:
         dense_res: list[dict] = []
         bm25_res: list[dict] = []
         fused_res: list[dict] | None = None
-        if mode == "hybrid" and dense_req is not None:
+        if mode == "hybrid" and dense_req is not None and fusion in ("rrf", "weighted"):
+            # the engine's own ranker; "adaptive" has none in Milvus: both lists come back and are fused above
             ranker = RRFRanker(rrf_k) if fusion == "rrf" else WeightedRanker(dense_weight, 1 - dense_weight)
             fused_res = c.hybrid_search(coll, [AnnSearchRequest(**dense_req), AnnSearchRequest(**bm25_req)],
                                         ranker=ranker, limit=limit, output_fields=fields)[0]

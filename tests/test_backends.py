@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from app.service import QAService
+from app.service import AnswerParams, QAService
 from configs import PROJECT_ROOT, load_settings
 from ingest import ingest, remove_files
 from retrieval.retriever import HybridSearcher
@@ -131,7 +131,7 @@ def test_incremental_rename_duplicate_and_delete_gone_at_next_question(world):
     assert kb.sources_for(dup.sha256) == ["docs/cmrc_03.txt", "docs/copy_of_03.txt"]
 
     p0 = world["paragraphs"][0]
-    before = service.answer(p0["question"], "cmrc", params={"threshold": -1.0})
+    before = service.answer(p0["question"], "cmrc", params=AnswerParams(threshold=-1.0))
     "".join(before)
     assert _sources(before)[0] == "docs/renamed.txt", "the renamed file answers under its new name"
 
@@ -140,7 +140,7 @@ def test_incremental_rename_duplicate_and_delete_gone_at_next_question(world):
     removed = remove_files("cmrc", ["docs/cmrc_04.txt"], s)
     assert [f.status for f in removed.files] == ["removed"]
     assert held.is_stale()
-    after = service.answer(p4["question"], "cmrc", params={"threshold": -1.0})
+    after = service.answer(p4["question"], "cmrc", params=AnswerParams(threshold=-1.0))
     "".join(after)
     shown = list(after.sources) + list(after.low_relevance)
     assert shown and "docs/cmrc_04.txt" not in [h.source for h in shown], "a deleted file is gone at the next question"
