@@ -20,6 +20,7 @@ Write side: `with kb.writer() as w: ...; w.commit()` (ingest only).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -181,6 +182,7 @@ class Manifest:
     created_at: str = ""
     updated_at: str = ""
     format: int = MANIFEST_FORMAT
+    checksums: dict[str, str] = field(default_factory=dict)  # file name in the generation -> sha256, set at commit
 
     @property
     def model_id(self) -> str:
@@ -198,10 +200,20 @@ class Manifest:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "files": {p: e.to_json() for p, e in self.files.items()},
+            "checksums": dict(self.checksums),
         }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Manifest:
+        if not isinstance(d, Mapping):
+            raise KBCorruptError(f"清单应是一个 JSON 对象，实际是 {type(d).__name__}")
+        if not isinstance(d.get("files", {}), Mapping):
+            raise KBCorruptError(f"清单的 files 应是 路径→条目 的对象，实际是 {type(d.get('files')).__name__}")
+        if not isinstance(d.get("checksums", {}), Mapping):
+            raise KBCorruptError("清单的 checksums 应是一个对象")
+        bad = [p for p, e in d.get("files", {}).items() if not isinstance(e, Mapping)]
+        if bad:
+            raise KBCorruptError(f"清单中文件条目「{bad[0]}」不是对象")
         fmt = int(d.get("format", 0))
         if fmt > MANIFEST_FORMAT:
             raise KBCorruptError(
@@ -214,6 +226,7 @@ class Manifest:
             created_at=d.get("created_at", ""),
             updated_at=d.get("updated_at", ""),
             format=fmt,
+            checksums={str(k): str(v) for k, v in d.get("checksums", {}).items()},
         )
 
     def check_compatible(self, spec: IndexSpec, kb_name: str) -> None:
@@ -255,7 +268,8 @@ def list_knowledge_bases(settings: Settings) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(
-        p.name for p in root.iterdir() if p.is_dir() and KB_NAME_RE.fullmatch(p.name) and (p / CURRENT_FILE).is_file()
+        p.name for p in root.iterdir()
+        if p.is_dir() and KB_NAME_RE.fullmatch(p.name) and ((p / CURRENT_FILE).is_file() or _generations(p))
     )
 
 
@@ -269,6 +283,82 @@ def delete_knowledge_base(name: str, settings: Settings, *, timeout: float | Non
         trash = path.with_name(f"{_TMP_PREFIX}deleted-{name}-{uuid.uuid4().hex[:8]}")
         os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def read_manifest(name: str, settings: Settings) -> tuple[str, Manifest]:
+    """(generation, manifest) of the live generation, reading CURRENT and manifest.json only — never the index or
+    the chunks: what the KB list, the status line and the file table show. KBNotFoundError / KBCorruptError."""
+    path = kb_dir(name, settings)
+    for _ in range(10):
+        gen = _live_generation(path, name) if path.is_dir() else None
+        if gen is None:
+            raise KBNotFoundError(f"知识库「{name}」不存在（{path} 下没有 CURRENT）。")
+        try:
+            return gen, _read_manifest(path / gen)
+        except KBCorruptError as e:
+            if _read_current(path) != gen:
+                continue  # a writer switched CURRENT and collected this generation meanwhile
+            raise _damaged(name, str(e)) from None
+    raise KBCorruptError(f"知识库「{name}」一直在被改写，无法读到一个稳定的版本；请稍后再试。")
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    """What repair_knowledge_base did. skipped: (generation, why it is not complete), newest first."""
+
+    name: str
+    generation: str
+    before: str | None           # what CURRENT held (None: missing)
+    changed: bool
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    def describe(self) -> str:
+        lines = [f"  {g}：不完整，跳过（{why}）" for g, why in self.skipped]
+        if self.changed:
+            lines.append(f"知识库「{self.name}」已修复：CURRENT 原为 {self.before!r}，"
+                         f"现指向最新的完整版本 {self.generation}。")
+        else:
+            lines.append(f"知识库「{self.name}」无需修复：CURRENT 指向的 {self.generation} 完整可用。")
+        return "\n".join(lines)
+
+
+def repair_knowledge_base(name: str, settings: Settings, *, timeout: float | None = 0) -> RepairResult:
+    """Point CURRENT at the newest complete generation (fully verified, as on open), under the writer lock.
+
+    A CURRENT whose generation verifies is left alone. Nothing is deleted here; generations newer than the one
+    chosen are collected by the next writer. KBCorruptError when no generation is complete (then --rebuild).
+    """
+    path = kb_dir(name, settings)
+    if not path.is_dir():
+        raise KBNotFoundError(f"知识库「{name}」不存在（{path}）。")
+    with _writer_lock(path, name, timeout):
+        try:
+            before: str | None = (path / CURRENT_FILE).read_bytes().decode("utf-8", errors="replace").strip()
+        except FileNotFoundError:
+            before = None
+        except OSError as e:
+            before = f"<无法读取：{e.strerror or e}>"
+        candidates = _generations(path)
+        if before in candidates:  # a CURRENT that verifies is kept even if a newer (orphaned) generation exists
+            candidates = [before] + [g for g in candidates if g != before]
+        skipped: list[tuple[str, str]] = []
+        for gen in candidates:
+            try:
+                _load_generation(path / gen)
+            except (KBCorruptError, FileNotFoundError) as e:
+                skipped.append((gen, str(e) or type(e).__name__))
+                continue
+            changed = before != gen
+            if changed:
+                _write_durable(path / (CURRENT_FILE + ".tmp"), (gen + "\n").encode("utf-8"))
+                os.replace(path / (CURRENT_FILE + ".tmp"), path / CURRENT_FILE)
+                _fsync_path(path)
+            return RepairResult(name, gen, before, changed, tuple(skipped))
+        detail = "；".join(f"{g}：{why}" for g, why in skipped) or "没有任何版本文件夹"
+        raise KBCorruptError(
+            f"知识库「{name}」没有可以恢复的完整版本（{detail}）。请用 python ingest.py <文件夹> --kb {name} --rebuild "
+            f"重新建库（上传的原文件在 {path / SOURCES_DIR}）。"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -290,11 +380,70 @@ def _write_durable(path: Path, data: bytes) -> None:
 
 
 def _read_current(path: Path) -> str | None:
+    """The generation CURRENT names; None when absent or not a generation name (_live_generation tells which)."""
     try:
         name = (path / CURRENT_FILE).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError):
         return None
     return name if _GEN_RE.fullmatch(name) else None
+
+
+def _generations(path: Path) -> list[str]:
+    """Generation folders of a KB, newest first."""
+    try:
+        found = [(int(m.group(1)), p.name) for p in path.iterdir() if (m := _GEN_RE.fullmatch(p.name)) and p.is_dir()]
+    except OSError:
+        return []
+    return [name for _, name in sorted(found, reverse=True)]
+
+
+def repair_command(name: str) -> str:
+    return f"python ingest.py --repair --kb {name}"
+
+
+def _damaged(name: str, problem: str) -> KBCorruptError:
+    return KBCorruptError(
+        f"知识库「{name}」已损坏：{problem}。已有版本都原样保留；请运行 {repair_command(name)} "
+        f"把 CURRENT 指回最新的完整版本（若没有完整版本，用 --rebuild 重新建库）。"
+    )
+
+
+def _live_generation(path: Path, name: str) -> str | None:
+    """The generation CURRENT names; None for a KB never committed. Raises KBCorruptError when CURRENT is damaged.
+
+    Damaged means: CURRENT holds anything but `gen-<n>` (e.g. "../../../etc"), names a generation folder that does
+    not exist, or is missing while committed generations (ones holding files) exist. A writer must never take such
+    a KB for a new one: it would collect every existing generation as an orphan.
+    """
+    current = path / CURRENT_FILE
+    try:
+        raw = current.read_bytes()
+    except FileNotFoundError:
+        committed = [g for g in _generations(path) if _holds_files(path / g)]
+        if committed:
+            raise _damaged(name, f"CURRENT 文件不见了，但还有版本 {', '.join(committed)}") from None
+        return None
+    except OSError as e:
+        raise _damaged(name, f"CURRENT 无法读取（{e.strerror or e}）") from None
+    text = raw.decode("utf-8", errors="replace").strip()
+    if not _GEN_RE.fullmatch(text):
+        raise _damaged(name, f"CURRENT 的内容 {text[:60]!r} 不是一个版本名（应为 gen-<编号>）")
+    if not (path / text).is_dir():
+        raise _damaged(name, f"CURRENT 指向的版本 {text} 不存在")
+    return text
+
+
+def _holds_files(gen_dir: Path) -> bool:
+    """True if a generation's manifest lists any file (an empty first generation carries nothing to lose)."""
+    try:
+        d = json.loads((gen_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True  # unreadable: keep it and let a person decide
+    return not isinstance(d, dict) or bool(d.get("files"))
 
 
 def _chunk_to_json(c: Chunk) -> dict[str, Any]:
@@ -310,7 +459,17 @@ def _chunk_to_json(c: Chunk) -> dict[str, Any]:
     }
 
 
+_CHUNK_TYPES = {"text": str, "source": str, "sha256": str, "position": int, "id": int}
+
+
 def _chunk_from_json(d: Mapping[str, Any]) -> Chunk:
+    if not isinstance(d, Mapping):
+        raise TypeError(f"a chunk must be a JSON object, got {type(d).__name__}")
+    for key, typ in _CHUNK_TYPES.items():
+        if not isinstance(d.get(key), typ) or isinstance(d.get(key), bool):
+            raise TypeError(f"chunk field {key!r} must be {typ.__name__}, got {d.get(key)!r:.40}")
+    if not isinstance(d.get("metadata") or {}, Mapping) or not isinstance(d.get("heading_path") or [], list):
+        raise TypeError("chunk metadata must be an object and heading_path a list")
     return Chunk(
         text=d["text"],
         source=d["source"],
@@ -324,32 +483,91 @@ def _chunk_from_json(d: Mapping[str, Any]) -> Chunk:
 
 
 def _read_manifest(gen_dir: Path) -> Manifest:
+    """Parse a generation's manifest; KBCorruptError (message without the KB name: callers wrap it) if damaged."""
     try:
-        return Manifest.from_json(json.loads((gen_dir / MANIFEST_FILE).read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise KBCorruptError(f"{gen_dir / MANIFEST_FILE} is damaged ({e}); rebuild with --rebuild") from e
+        raw = (gen_dir / MANIFEST_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KBCorruptError(f"{gen_dir.name} 缺少 {MANIFEST_FILE}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 无法读取（{e}）") from None
+    try:
+        return Manifest.from_json(json.loads(raw))
+    except KBCorruptError as e:
+        raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 有误：{e}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 有误（{type(e).__name__}: {e}）") from None
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _verify_checksums(gen_dir: Path, manifest: Manifest) -> None:
+    """Every file the commit recorded a checksum for still has those bytes (a generation is never modified)."""
+    for fname, expected in manifest.checksums.items():
+        if Path(fname).name != fname:
+            raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 的校验和列出了可疑的文件名 {fname!r}")
+        try:
+            got = _sha256_file(gen_dir / fname)
+        except FileNotFoundError:
+            raise KBCorruptError(f"{gen_dir.name} 缺少 {fname}") from None
+        if got != expected:
+            raise KBCorruptError(f"{gen_dir.name}/{fname} 的内容与提交时记录的校验和不符（文件被改动或损坏）")
+
+
+# Stored vectors are L2-normalised (the searcher's scores are cosines): a norm outside this band means damage.
+_NORM_TOLERANCE = 1e-2
+
+
+def _check_vectors(vectors: np.ndarray, where: str) -> None:
+    if not len(vectors):
+        return
+    if not np.isfinite(vectors).all():
+        bad = int((~np.isfinite(vectors)).any(axis=1).sum())
+        raise KBCorruptError(f"{where} 中有 {bad} 个向量含 NaN 或无穷大")
+    norms = np.linalg.norm(vectors, axis=1)
+    off = np.abs(norms - 1) > _NORM_TOLERANCE
+    if off.any():
+        raise KBCorruptError(f"{where} 中有 {int(off.sum())} 个向量长度不是 1"
+                             f"（例如第 {int(np.argmax(off))} 行：{norms[off][0]:.3g}）")
 
 
 def _load_generation(gen_dir: Path) -> tuple[list[Chunk], faiss.Index, Manifest]:
-    """Read one generation; FileNotFoundError propagates (the caller retries if CURRENT moved)."""
+    """Read and verify one generation; FileNotFoundError if the folder went away (the caller retries if CURRENT moved).
+
+    Verified on every open (cheap next to reading the data): the checksums written at commit, chunk field types,
+    row ids, the index's row count and dimension against the chunks and the manifest's spec, and that every vector
+    is finite with norm 1. Problems raise KBCorruptError naming the file; callers add the KB name and the repair.
+    """
+    if not gen_dir.is_dir():
+        raise FileNotFoundError(gen_dir)
     manifest = _read_manifest(gen_dir)
+    _verify_checksums(gen_dir, manifest)
     try:
         with open(gen_dir / CHUNKS_FILE, encoding="utf-8") as f:
             chunks = [_chunk_from_json(json.loads(line)) for line in f if line.strip()]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise KBCorruptError(f"{gen_dir / CHUNKS_FILE} is damaged ({e}); rebuild with --rebuild") from e
+    except FileNotFoundError:
+        raise KBCorruptError(f"{gen_dir.name} 缺少 {CHUNKS_FILE}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise KBCorruptError(f"{gen_dir.name}/{CHUNKS_FILE} 有误（{e}）") from None
     index_path = gen_dir / INDEX_FILE
     if not index_path.is_file():
-        raise FileNotFoundError(index_path)
+        raise KBCorruptError(f"{gen_dir.name} 缺少 {INDEX_FILE}")
     try:
         index = faiss.read_index(str(index_path))
     except RuntimeError as e:
-        raise KBCorruptError(f"{index_path} cannot be read by FAISS ({e}); rebuild with --rebuild") from e
+        detail = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise KBCorruptError(f"{gen_dir.name}/{INDEX_FILE} 无法被 FAISS 读取（{detail}）") from None
     if index.ntotal != len(chunks) or any(c.id != i for i, c in enumerate(chunks)):
         raise KBCorruptError(
-            f"{gen_dir}: index.faiss has {index.ntotal} rows but chunks.jsonl has {len(chunks)} chunks "
-            f"(or ids out of order); rebuild with --rebuild"
+            f"{gen_dir.name}: index.faiss has {index.ntotal} rows but chunks.jsonl has {len(chunks)} chunks "
+            f"(or ids out of order)"
         )
+    if manifest.dim and index.d != manifest.dim:
+        raise KBCorruptError(f"{gen_dir.name}/{INDEX_FILE} 的向量是 {index.d} 维，清单记录的模型是 {manifest.dim} 维")
+    if index.ntotal:
+        _check_vectors(index.reconstruct_n(0, index.ntotal), f"{gen_dir.name}/{INDEX_FILE}")
     return chunks, index, manifest
 
 
@@ -381,17 +599,27 @@ class KnowledgeBase:
         """Open the live generation of KB `name`; KBNotFoundError if it does not exist."""
         path = kb_dir(name, settings)
         for _ in range(10):  # a writer may switch CURRENT and collect our generation between two reads
-            gen = _read_current(path)
+            try:
+                gen = _live_generation(path, name)
+            except KBCorruptError:
+                if _read_current(path) is not None and (path / str(_read_current(path))).is_dir():
+                    continue  # CURRENT moved on between the two reads
+                raise
             if gen is None:
                 raise KBNotFoundError(
-                    f"知识库「{name}」不存在（{path} 下没有 CURRENT）。先用 python ingest.py <文件夹> --kb {name} 建库。"
+                    f"知识库「{name}」不存在（{path} 下没有 CURRENT）。"
+                    f"先用 python ingest.py <文件夹> --kb {name} 建库。"
                 )
             try:
                 chunks, index, manifest = _load_generation(path / gen)
             except FileNotFoundError:
                 if _read_current(path) != gen:
                     continue
-                raise KBCorruptError(f"知识库「{name}」的 CURRENT 指向 {gen}，但该文件夹不完整；请用 --rebuild 重建。")
+                raise _damaged(name, f"CURRENT 指向的版本 {gen} 不存在") from None
+            except KBCorruptError as e:
+                if _read_current(path) != gen:
+                    continue
+                raise _damaged(name, str(e)) from None
             return cls(name, path, gen, chunks, index, manifest, settings)
         raise KBCorruptError(f"知识库「{name}」一直在被改写，无法读到一个稳定的版本；请稍后再试。")
 
@@ -399,14 +627,14 @@ class KnowledgeBase:
     def create(cls, name: str, settings: Settings, *, exist_ok: bool = True) -> KnowledgeBase:
         """Create an empty KB (generation 0) and return it; with exist_ok, open an existing one instead."""
         path = kb_dir(name, settings)
-        if _read_current(path) is not None:
+        if path.is_dir() and _live_generation(path, name) is not None:
             if not exist_ok:
                 raise KBError(f"知识库「{name}」已存在（{path}）。")
             return cls.open(name, settings)
         path.mkdir(parents=True, exist_ok=True)
         (path / SOURCES_DIR).mkdir(exist_ok=True)
         with _writer_lock(path, name, timeout=0):
-            if _read_current(path) is None:  # re-check under the lock: another process may have won the race
+            if _live_generation(path, name) is None:  # re-check under the lock: another process may have won the race
                 w = KBWriter(name, path)
                 w.commit(force=True)
         return cls.open(name, settings)
@@ -457,7 +685,8 @@ class KnowledgeBase:
         return len(self.chunks)
 
     def __repr__(self) -> str:
-        return f"KnowledgeBase({self.name!r}, {self.generation}, {len(self.chunks)} chunks, {len(self.manifest.files)} files)"
+        return (f"KnowledgeBase({self.name!r}, {self.generation}, {len(self.chunks)} chunks, "
+                f"{len(self.manifest.files)} files)")
 
     # -- writing -------------------------------------------------------------------------------------------
     @staticmethod
@@ -468,7 +697,7 @@ class KnowledgeBase:
         (path / SOURCES_DIR).mkdir(parents=True, exist_ok=True)
         with _writer_lock(path, name, timeout):
             w = KBWriter(name, path)
-            if w.live_generation is None:
+            if w.live_generation is None and w._damage is None:
                 w.commit(force=True)
             yield w
 
@@ -542,55 +771,62 @@ class KBWriter:
         self._files: dict[str, FileEntry] = {}
         self._spec: IndexSpec | None = None
         self._created_at = _now_iso()
-        self._live_gen: str | None = _read_current(path)
         self.dirty = False
-        # Chunks and vectors of the live generation are read only when a commit needs them: an unchanged rerun
-        # reads the manifest alone. Until then, what is stored is known from the manifest (sha -> chunk count).
-        self._stored: dict[str, int] = {}
-        self._loaded = self._live_gen is None
-        self._collect_orphans()
-        if self._live_gen is not None:
-            manifest = _read_manifest(path / self._live_gen)
-            self._spec, self._files, self._created_at = manifest.spec, dict(manifest.files), manifest.created_at
-            for e in manifest.files.values():
-                if e.status in LIVE_STATUSES:
-                    self._stored[e.sha256] = len(e.chunk_ids)
-
-    def _load_stored(self) -> None:
-        """Read the live generation's chunks and vectors (stored contents first, in their order, then new ones)."""
-        if self._loaded:
+        # A damaged KB (CURRENT, manifest, chunks or index) is never written over: every use of this writer raises
+        # the damage, with the repair command, until set_spec(rebuild=True) starts the KB over on purpose.
+        self._damage: KBCorruptError | None = None
+        self._damage_cleared = False
+        try:
+            self._live_gen: str | None = _live_generation(path, name)
+            chunks, index, manifest = _load_generation(path / self._live_gen) if self._live_gen else ([], None, None)
+        except KBCorruptError as e:
+            self._live_gen = _read_current(path)
+            self._damage = e if str(e).startswith("知识库") else _damaged(name, str(e))
             return
-        chunks, index, _ = _load_generation(self.path / self._live_gen)
-        contents: dict[str, _Content] = {}
+        self._collect_orphans()
+        if manifest is not None:
+            self._spec, self._files, self._created_at = manifest.spec, dict(manifest.files), manifest.created_at
+            self._adopt(chunks, index)
+
+    def _check(self) -> None:
+        if self._damage is not None:
+            raise self._damage
+
+    def _adopt(self, chunks: list[Chunk], index: faiss.Index) -> None:
+        """Take the live generation's chunks and vectors as the stored contents, in their order."""
         if chunks:
             vectors = index.reconstruct_n(0, index.ntotal)
             start = 0
             for sha, group in _group_by_sha(chunks):
-                contents[sha] = _Content(group, vectors[start:start + len(group)])
+                self._contents[sha] = _Content(group, vectors[start:start + len(group)])
                 start += len(group)
-        contents.update(self._contents)
-        self._contents, self._loaded = contents, True
+
 
     # -- reading the pending state -------------------------------------------------------------------------
     @property
     def spec(self) -> IndexSpec | None:
+        self._check()
         return self._spec
 
     @property
     def files(self) -> Mapping[str, FileEntry]:
+        self._check()
         return self._files
 
     def has_content(self, sha256: str) -> bool:
-        return sha256 in self._contents or (not self._loaded and sha256 in self._stored)
+        self._check()
+        return sha256 in self._contents
 
     def chunk_count(self, sha256: str) -> int:
+        self._check()
         c = self._contents.get(sha256)
         if c is not None:
             return len(c.chunks)
-        return 0 if self._loaded else self._stored.get(sha256, 0)
+        return 0
 
     def live_paths(self, sha256: str) -> list[str]:
         """Live paths holding this content, the current owner (status ok) first."""
+        self._check()
         live = [e for e in self._files.values() if e.sha256 == sha256 and e.status in LIVE_STATUSES]
         return [e.path for e in sorted(live, key=lambda e: (e.status != "ok", e.ingested_at, e.path))]
 
@@ -603,11 +839,12 @@ class KBWriter:
     def set_spec(self, spec: IndexSpec, *, rebuild: bool = False) -> None:
         """Record the spec; with rebuild, drop every content and entry first (a full re-ingest follows)."""
         if rebuild:
+            self._damage_cleared = self._damage is not None
+            self._damage = None  # starting over on purpose: the damaged generations go at this writer's commit
             self._contents.clear()
             self._files.clear()
-            self._stored.clear()
-            self._loaded = True
         else:
+            self._check()
             Manifest(0, self._spec, self._files).check_compatible(spec, self.name)
         if spec != self._spec or rebuild:
             self._spec = spec
@@ -615,6 +852,7 @@ class KBWriter:
 
     def add_content(self, sha256: str, chunks: list[Chunk], vectors: np.ndarray) -> None:
         """Store the chunks + vectors of one file content (replacing any earlier ones of that sha)."""
+        self._check()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[0] != len(chunks) or not chunks:
             raise ValueError(f"add_content({sha256[:12]}): {len(chunks)} chunks but vectors of shape {vectors.shape}")
@@ -625,6 +863,7 @@ class KBWriter:
 
     def put(self, entry: FileEntry) -> None:
         """Add or replace a file entry. Live entries (ok/duplicate) need their content added first."""
+        self._check()
         if entry.status not in STORED_STATUSES:
             raise ValueError(f"FileEntry.status must be one of {sorted(STORED_STATUSES)}, got {entry.status!r}")
         if entry.status in LIVE_STATUSES and not self.has_content(entry.sha256):
@@ -634,6 +873,7 @@ class KBWriter:
 
     def remove(self, path: str) -> FileEntry | None:
         """Forget a path. Its chunks stay while another live path has the same content (dropped at commit)."""
+        self._check()
         e = self._files.pop(path, None)
         if e is not None:
             self.dirty = True
@@ -645,9 +885,9 @@ class KBWriter:
 
         Returns the new generation's name, or None when nothing changed (and not force).
         """
+        self._check()
         if not self.dirty and not force:
             return None
-        self._load_stored()
         chunks, vectors, files = self._normalise()
         n = 1 + max((int(m.group(1)) for p in self.path.iterdir() if (m := _GEN_RE.match(p.name))), default=-1)
         gen = f"gen-{n}"
@@ -660,13 +900,14 @@ class KBWriter:
 
         tmp = self.path / f"{_TMP_PREFIX}{gen}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
-        faiss.write_index(index, str(tmp / INDEX_FILE))
-        _fsync_path(tmp / INDEX_FILE)
-        _write_durable(
-            tmp / CHUNKS_FILE,
-            "".join(json.dumps(_chunk_to_json(c), ensure_ascii=False) + "\n" for c in chunks).encode("utf-8"),
-        )
-        _write_durable(tmp / MANIFEST_FILE, json.dumps(manifest.to_json(), ensure_ascii=False, indent=1).encode("utf-8"))
+        index_bytes = faiss.serialize_index(index).tobytes()
+        chunk_bytes = "".join(json.dumps(_chunk_to_json(c), ensure_ascii=False) + "\n" for c in chunks).encode("utf-8")
+        _write_durable(tmp / INDEX_FILE, index_bytes)
+        _write_durable(tmp / CHUNKS_FILE, chunk_bytes)
+        manifest = replace(manifest, checksums={INDEX_FILE: hashlib.sha256(index_bytes).hexdigest(),
+                                                CHUNKS_FILE: hashlib.sha256(chunk_bytes).hexdigest()})
+        _write_durable(tmp / MANIFEST_FILE,
+                       json.dumps(manifest.to_json(), ensure_ascii=False, indent=1).encode("utf-8"))
         _fsync_path(tmp)
         os.rename(tmp, self.path / gen)
         _fsync_path(self.path)
@@ -675,6 +916,8 @@ class KBWriter:
         _fsync_path(self.path)
 
         previous, self._live_gen = self._live_gen, gen
+        if self._damage_cleared:  # a rebuild over a damaged KB: nothing of the old generations is worth keeping
+            previous = None
         self._collect_garbage(keep={gen, previous})  # keep the previous one for readers still loading it
         self._files = files
         self.dirty = False

@@ -245,6 +245,10 @@ def test_damaged_generation_is_reported_not_half_loaded(tmp_settings):
     kb = kb.reopen()
     chunks_file = kb.path / kb.generation / "chunks.jsonl"
     chunks_file.write_text("".join(chunks_file.read_text().splitlines(keepends=True)[:2]))
+    with pytest.raises(KBCorruptError, match="校验和"):  # the checksum written at commit finds it first
+        KnowledgeBase.open("kb", tmp_settings)
+    manifest_file = kb.path / kb.generation / "manifest.json"
+    manifest_file.write_text(json.dumps({**json.loads(manifest_file.read_text()), "checksums": {}}))
     with pytest.raises(KBCorruptError, match="3 rows but chunks.jsonl has 2"):
         KnowledgeBase.open("kb", tmp_settings)
 
