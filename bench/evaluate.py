@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.evaluate --data my.jsonl --limit 100 --answer-limit 10 \\
         --config name=small,chunk_size=200,overlap=40 --config name=bm25,mode=bm25,answer=false
     .venv/bin/python -m bench.evaluate --out docs/eval --stem cmrc2018-trial     # the committed report
+    .venv/bin/python -m bench.evaluate --noise --limit 200 --answer-limit 60     # noise-robustness mode
 
 Data: SQuAD/CMRC JSON (.json) or JSONL (.jsonl: query, answer, positive, negative). See docs/benchmarks.md for
 the metrics' definitions. Only argument parsing lives here; the run is bench.eval.pipeline.run.
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="answer length limit for the LLM (default 64: CMRC answers are short, CPU decoding is slow)")
     ap.add_argument("--unanswerable-share", type=float, default=0.2,
                     help="share of questions made unanswerable by leaving their passages out (default 0.2)")
+    ap.add_argument("--noise", action="store_true",
+                    help="noise-robustness mode: add a same-topic near-miss copy of each gold passage (its answer "
+                         "sentences removed) and report answered-from-noise (bench/eval/noise.py)")
     ap.add_argument("--max-passages", type=_limit, default=None, help="use at most this many passages (default all)")
     ap.add_argument("--formats", default=",".join(FORMATS), help=f"file formats to rotate over (default {','.join(FORMATS)})")
     ap.add_argument("--seed", type=int, default=0)
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         argv_text = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
         run(RunOptions(data=args.data, configs=configs, out_dir=args.out, stem=args.stem, limit=args.limit,
                        answer_limit=args.answer_limit, max_new_tokens=args.max_new_tokens,
-                       unanswerable_share=args.unanswerable_share,
+                       unanswerable_share=args.unanswerable_share, noise=args.noise,
                        max_passages=args.max_passages, seed=args.seed, formats=formats, work_dir=args.work_dir,
                        command=f".venv/bin/python -m bench.evaluate {argv_text}".strip(), notes=args.note))
     except (ConfigSpecError, DatasetError, SettingsError, ValueError) as e:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bench.eval.datasets import DatasetError, read_eval_set, sample_questions, split_for_eval
+from bench.eval.datasets import DatasetError, gold_kept, gold_lost, read_eval_set, sample_questions, split_for_eval
 from bench.eval.metrics import (
     char_f1,
     contains_answer,
@@ -125,6 +125,32 @@ def test_read_squad_and_split(tmp_path):
     assert all(set(q.positives) & kb_ids for q in split.answerable)
     sample = sample_questions(split, 10, seed=1)
     assert len(sample) == 10 and sum(q in split.unanswerable for q in sample) == 2
+
+
+def test_split_on_multi_positive_data_removes_only_the_unanswerable_questions_gold(tmp_path):
+    """RGB-style data: questions with several gold passages, some shared. The split must leave every answerable
+    question all of its gold passages, and make unanswerable only questions none of whose positives is left."""
+    rows, shared = [], [f"共享段落{i}。记录了数字{i}。" for i in range(6)]
+    for i in range(30):
+        own = [f"问题{i}的第{j}段：答案是{i}号。" for j in range(3)]
+        pos = own + ([shared[i % 6]] if i % 3 == 0 else [])   # every third question also needs a shared passage
+        rows.append({"id": i, "query": f"问题{i}的答案？", "answer": [f"{i}号"], "positive": pos,
+                     "negative": [f"噪声{i}。"]})
+    p = tmp_path / "multi.jsonl"
+    p.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    ds = read_eval_set(p)
+    for seed in range(5):
+        split = split_for_eval(ds, unanswerable_share=0.3, seed=seed)
+        assert len(split.unanswerable) == 9 and len(split.answerable) == 21
+        kb = {q.id for q in split.kb_passages}
+        assert all(not set(q.positives) & kb for q in split.unanswerable)
+        assert all(set(q.positives) <= kb for q in split.answerable)      # nothing taken from answerable ones
+        assert gold_lost(split) == 0
+        assert sum(gold_kept(split).values()) == 21 and set(gold_kept(split)) <= {3, 4}
+        # a shared passage needed by an answerable question stays, so its unanswerable sharers are never chosen
+        for q in split.unanswerable:
+            assert len(q.positives) == 3 or all(o in split.unanswerable for o in ds.questions
+                                                if set(o.positives) & set(q.positives))
 
 
 def test_read_jsonl_answers_and_shared_passages(tmp_path):

@@ -17,8 +17,9 @@ import pytest
 
 from configs import PROJECT_ROOT, load_settings
 from ingest import IngestError, ProgressEvent, ingest, ingest_files, remove_files
-from ingest.pipeline import _File, _parse_all
+from ingest.parse_pool import parse_all
 from ingest.report import IngestReport
+from ingest.scan import SourceFile
 from retrieval.embeddings import Embedder
 from retrieval.store import KBIncompatibleError, KBLockedError, KnowledgeBase
 from tests.support.tiny_embedder import build_tiny_embedder
@@ -78,7 +79,7 @@ def docs(tmp_path) -> Path:
 
 def _age(folder: Path) -> None:
     """Date files an hour back, like documents that have sat in a folder for a while (files modified within
-    seconds of being hashed are always re-hashed: see ingest/pipeline.py, "Change detection")."""
+    seconds of being hashed are always re-hashed: see ingest/diff.py)."""
     old = time.time() - 3600
     for p in folder.rglob("*"):
         os.utime(p, (old, old))
@@ -286,8 +287,8 @@ def test_a_segfaulting_worker_fails_only_its_file(tmp_path, settings):
     groups = []
     for n in names:
         (tmp_path / n).write_text(n)
-        groups.append([_File(n, tmp_path / n, tmp_path, 1, 0)])
-    out = {g[0].key: outcome for g, outcome in _parse_all(groups, settings, IngestReport("kb"), crashing_parse)}
+        groups.append([SourceFile(n, tmp_path / n, tmp_path, 1, 0)])
+    out = {g[0].key: outcome for g, outcome in parse_all(groups, settings, IngestReport("kb"), crashing_parse)}
     assert sorted(out) == sorted(names), "every file gets exactly one outcome"
     assert out["crash.txt"][0] == "error" and "崩溃" in out["crash.txt"][2]
     assert all(out[n] == ("ok", n) for n in names if n != "crash.txt")
@@ -431,7 +432,7 @@ def _is_multiprocessing_helper(p: psutil.Process) -> bool:
 
 
 def test_a_hanging_parse_times_out_the_rest_is_ingested_and_no_worker_is_left(docs, settings, embedder, monkeypatch):
-    from ingest import pipeline
+    from ingest import parse_pool
     from tests.support.hanging_parse import is_alive, parse_or_hang
 
     # Two workers. One takes 00-hang, whose parse never ends; the other takes 01-slow (4 s), then 02-wait, which is
@@ -440,7 +441,7 @@ def test_a_hanging_parse_times_out_the_rest_is_ingested_and_no_worker_is_left(do
     (docs / "01-slow.txt").write_text(_text(8), encoding="utf-8")
     (docs / "02-wait.txt").write_text(_text(9), encoding="utf-8")
     _age(docs)
-    monkeypatch.setattr(pipeline, "_parse_in_worker", parse_or_hang)  # the real parser for every other file
+    monkeypatch.setattr(parse_pool, "parse_in_worker", parse_or_hang)  # the real parser for every other file
     limited = load_settings(ingest={"parse_timeout_s": 10})
     assert limited.ingest.workers == 2
     me = psutil.Process()
@@ -550,7 +551,8 @@ def test_forced_reingest_of_ok_files_re_embeds_them_and_keeps_the_kb_consistent(
     assert kb.generation != old.generation
     assert_consistent(kb)
     assert sorted(kb.manifest.files) == sorted(old.manifest.files), "no new entries"
-    assert {k: e.status for k, e in kb.manifest.files.items()} == {k: e.status for k, e in old.manifest.files.items()}, \
+    statuses = {k: e.status for k, e in kb.manifest.files.items()}
+    assert statuses == {k: e.status for k, e in old.manifest.files.items()}, \
         "the manifest agrees with the report: a.txt is still the duplicate, a-copy.txt the owner"
     assert _texts(kb) == _texts(old) and len(kb) == len(old), "same chunks, none lost or doubled"
     for c in kb.chunks:  # every row holds its chunk's vector: a search for a chunk finds that chunk

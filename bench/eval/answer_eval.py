@@ -46,11 +46,27 @@ def timed_stream(pieces: Iterable[str], t0: float | None = None) -> tuple[str, f
     return "".join(parts), ttft, decode, len(parts)
 
 
+def grounding_of(stream: Any, question: str, text: str) -> Any:
+    """The grounding verdict of an answer: the service's own (`stream.grounding`) when it made one, else the same
+    check (grounding.check_answer) over the passages the model was given."""
+    verdict = getattr(stream, "grounding", None)
+    if verdict is not None:
+        return verdict
+    from grounding.check import check_answer
+
+    return check_answer(text, question, [h.text for h in (getattr(stream, "sources", None) or [])])
+
+
 def evaluate_answers(ask: Callable[[str], Any], questions: Sequence[Question], unanswerable_ids: set[str],
                      count_tokens: Callable[[str], int] | None = None,
                      progress: Callable[[str], None] | None = None,
+                     judge: Callable[[Question, str, Any], dict[str, Any]] | None = None,
                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """`ask(question)` returns the service's AnswerStream (iterable of text pieces, with `.refused`)."""
+    """`ask(question)` returns the service's AnswerStream (iterable of text pieces, with `.refused`).
+
+    `judge(question, text, stream)` adds fields to a row (the noise mode's `noise_claims`). Every row also carries
+    the grounding verdict; `refused_grounded` counts an answer the check marks 「资料中没有找到可靠依据」 as a refusal.
+    """
     rows = []
     for i, q in enumerate(questions, start=1):
         t0 = time.perf_counter()
@@ -60,7 +76,18 @@ def evaluate_answers(ask: Callable[[str], Any], questions: Sequence[Question], u
         service_refused = bool(getattr(stream, "refused", False))
         refused = service_refused or looks_like_refusal(text)
         n_tokens = count_tokens(text) if (count_tokens and text) else pieces
+        verdict = None if service_refused or refused else grounding_of(stream, q.query, text)
+        extra = judge(q, text, stream) if judge else {}
+        ungrounded = verdict is not None and not verdict.ok
         rows.append({
+            **extra,
+            "grounding": None if verdict is None else verdict.status,
+            "grounding_failures": [] if verdict is None else [f.kind for f in verdict.failures],
+            "grounding_message": "" if verdict is None else verdict.summary(),
+            "cited": bool(verdict is not None and verdict.cited),
+            "refused_grounded": refused or ungrounded,
+            "from_noise": bool(not refused and extra.get("noise_claims")),
+            "from_noise_grounded": bool(not refused and not ungrounded and extra.get("noise_claims")),
             "id": q.id, "query": q.query, "answerable": q.id not in unanswerable_ids,
             "references": references(q.answer), "prediction": text, "refused": refused,
             "service_refused": service_refused,
@@ -89,6 +116,13 @@ def summarize_answers(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "contains": mean([r["contains"] for r in ans]),
         "false_refusal_rate": mean([float(r["refused"]) for r in ans]),
         "refusal_rate": mean([float(r["refused"]) for r in una]),
+        "answered_from_noise": mean([float(r.get("from_noise", False)) for r in rows]),
+        # the same after the grounding check (an ungrounded answer is shown as 「资料中没有找到可靠依据」)
+        "grounded_contains": mean([r["contains"] * (not r.get("refused_grounded", r["refused"])) for r in ans]),
+        "grounded_false_refusal_rate": mean([float(r.get("refused_grounded", r["refused"])) for r in ans]),
+        "grounded_refusal_rate": mean([float(r.get("refused_grounded", r["refused"])) for r in una]),
+        "grounded_answered_from_noise": mean([float(r.get("from_noise_grounded", False)) for r in rows]),
+        "cited_rate": mean([float(r.get("cited", False)) for r in rows if not r["refused"]]),
         # EM/F1 over answered questions only: answer quality when the model does answer
         "f1_when_answered": mean([r["f1"] for r in ans if not r["refused"]]),
         "ttft_s_p50": percentile(ttft, 50), "ttft_s_p95": percentile(ttft, 95),

@@ -9,8 +9,8 @@ Formats
       `answer` is a list of parts that are all needed; an inner list lists alternatives of one part.
       Passages are de-duplicated by text, so a passage shared by several questions is written once.
 
-Unanswerable questions: `split_for_eval` leaves a share of gold passages out of the knowledge base; every
-question none of whose positives is left in the knowledge base becomes unanswerable.
+Unanswerable questions: `split_for_eval` chooses a share of the questions and leaves only their gold passages out
+of the knowledge base; answerable questions keep every gold passage they have (`gold_kept` reports how many).
 """
 from __future__ import annotations
 
@@ -174,8 +174,11 @@ def split_for_eval(ds: EvalSet, *, unanswerable_share: float = 0.2, max_passages
 
     max_passages   keep at most this many passages (a random subset); questions whose positives all fell
                    out are dropped entirely (they were never part of this run)
-    unanswerable_share   gold passages are left out, in random order, until about this share of the
-                   remaining questions has no positive passage left in the knowledge base
+    unanswerable_share   about this share of the questions is made unanswerable. The questions are chosen first
+                   (in random order) and only their gold passages are left out. A question is passed over when
+                   leaving its passages out would take a gold passage from a question that stays answerable (on
+                   multi-positive data a passage is often shared); questions that lose every positive together
+                   with it (CMRC: the other questions of the same paragraph) become unanswerable with it.
     """
     if not 0 <= unanswerable_share < 1:
         raise ValueError(f"unanswerable_share must be within [0, 1), got {unanswerable_share}")
@@ -187,20 +190,53 @@ def split_for_eval(ds: EvalSet, *, unanswerable_share: float = 0.2, max_passages
         pids = sorted(rng.sample(pids, max_passages))
     kept = set(pids)
     questions = [q for q in ds.questions if any(p in kept for p in q.positives)]
+    gold_of = {q.id: {p for p in q.positives if p in kept} for q in questions}
+    needed_by: dict[str, list[Question]] = {}
+    for q in questions:
+        for p in gold_of[q.id]:
+            needed_by.setdefault(p, []).append(q)
 
-    gold = sorted({p for q in questions for p in q.positives if p in kept})
-    rng.shuffle(gold)
     target = round(unanswerable_share * len(questions))
+    order = list(questions)
+    rng.shuffle(order)
     held: set[str] = set()
-    unanswerable: list[Question] = []
-    for pid in gold:
-        if len(unanswerable) >= target:
+    una_ids: set[str] = set()
+    for q in order:
+        if len(una_ids) >= target:
             break
-        held.add(pid)
-        unanswerable = [q for q in questions if all(p in held or p not in kept for p in q.positives)]
-    answerable = [q for q in questions if q not in unanswerable]
+        if q.id in una_ids:
+            continue
+        trial = held | gold_of[q.id]
+        touched = {o.id: o for p in gold_of[q.id] for o in needed_by[p]}
+        lost_all = {oid for oid in touched if gold_of[oid] <= trial}
+        if len(lost_all) < len(touched):     # someone who stays answerable would lose a gold passage
+            continue
+        if len(una_ids | lost_all) > target and una_ids:   # overshooting: a smaller group may still fit
+            continue
+        held, una_ids = trial, una_ids | lost_all
+    unanswerable = [q for q in questions if q.id in una_ids]
+    answerable = [q for q in questions if q.id not in una_ids]
     kb = [ds.passages[p] for p in pids if p not in held]
     return EvalSplit(kb, answerable, unanswerable, sorted(held))
+
+
+def gold_kept(split: EvalSplit) -> dict[int, int]:
+    """How many gold passages each answerable question keeps in the knowledge base: {passages kept: questions}.
+
+    With the question-first split every answerable question keeps all of its positives; this says how many that is.
+    """
+    kb = {p.id for p in split.kb_passages}
+    counts: dict[int, int] = {}
+    for q in split.answerable:
+        n = sum(p in kb for p in q.positives)
+        counts[n] = counts.get(n, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def gold_lost(split: EvalSplit) -> int:
+    """Answerable questions that lost at least one gold passage to the split (0 by construction; reported)."""
+    held = set(split.held_out)
+    return sum(bool(held & set(q.positives)) for q in split.answerable)
 
 
 def sample_questions(split: EvalSplit, limit: int | None, seed: int = 0) -> list[Question]:

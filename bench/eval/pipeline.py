@@ -19,7 +19,8 @@ from typing import Any
 
 from bench.eval.answer_eval import evaluate_answers
 from bench.eval.configs import EvalConfig
-from bench.eval.datasets import read_eval_set, sample_questions, split_for_eval, stratified_head
+from bench.eval.datasets import gold_kept, gold_lost, read_eval_set, sample_questions, split_for_eval, stratified_head
+from bench.eval.noise import near_miss_passages, noise_judge
 from bench.eval.report import write_report
 from bench.eval.retrieval_eval import evaluate_retrieval
 from bench.eval.survival import survival_by_format
@@ -39,6 +40,7 @@ class RunOptions:
     unanswerable_share: float = 0.2
     max_passages: int | None = None
     seed: int = 0
+    noise: bool = False                     # add same-topic near-miss passages (bench.eval.noise)
     formats: tuple[str, ...] = FORMATS
     work_dir: Path | None = None            # None: a temporary folder, removed afterwards
     command: str = ""
@@ -80,6 +82,8 @@ def run(opts: RunOptions) -> dict[str, Any]:
     una_ids = {q.id for q in split.unanswerable}
     questions = sample_questions(split, opts.limit, seed=opts.seed)
     answer_qs = stratified_head(questions, una_ids, opts.answer_limit)
+    near_miss = near_miss_passages(ds, questions) if opts.noise else []
+    split.kb_passages.extend(near_miss)
     _say(f"{ds.name}: {len(ds.passages)} passages, {len(ds.questions)} questions; knowledge base "
          f"{len(split.kb_passages)} passages, {len(split.unanswerable)} unanswerable; evaluating {len(questions)} "
          f"({len(answer_qs)} through the LLM)")
@@ -94,6 +98,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
         "dataset": {"path": str(opts.data), "name": ds.name, "passages": len(ds.passages),
                     "questions": len(ds.questions), "skipped": ds.skipped, "kb_passages": len(split.kb_passages),
                     "held_out": len(split.held_out), "split_questions": len(split.questions),
+                    "gold_kept": gold_kept(split), "gold_lost": gold_lost(split), "near_miss": len(near_miss),
                     "unanswerable": len(split.unanswerable), "unanswerable_share": opts.unanswerable_share,
                     "sampled": len(questions), "answer_sampled": len(answer_qs), "seed": opts.seed,
                     "formats": list(opts.formats)},
@@ -176,8 +181,9 @@ def run(opts: RunOptions) -> dict[str, Any]:
         # The LLM last: on a slow CPU it dominates, and the retrieval numbers are already on disk by then.
         for entry, cfg, settings, kb_name, embedder in pending:
             if cfg.answer and answer_qs:
+                judge = noise_judge(ds, passage_of_file, {p.id: p.text for p in split.kb_passages})
                 entry["answers"] = _answers(cfg, settings, kb_name, answer_qs, una_ids, per_question, embedder,
-                                            llms, opts.max_new_tokens,
+                                            llms, opts.max_new_tokens, judge,
                                             first=not any(c.get("answers") for c in result["configs"]))
                 result["questions"] = list(per_question.values())
                 write_report(result, opts.out_dir, opts.stem)
@@ -195,7 +201,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
 
 def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_ids: set[str],
              per_question: dict[str, dict[str, Any]], embedder: Any, llms: dict[tuple, Any], max_new_tokens: int,
-             first: bool) -> dict[str, Any]:
+             judge: Any, first: bool) -> dict[str, Any]:
     from app.service import QAService
     from llm import load_llm
 
@@ -210,7 +216,7 @@ def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_
     service = QAService(settings, llm=llm, embedder=embedder)
     _say(f"[{cfg.name}] answering {len(answer_qs)} questions through QAService (max {max_new_tokens} new tokens)")
     summary, rows = evaluate_answers(_ask_fn(service, kb_name, max_new_tokens), answer_qs, una_ids,
-                                     count_tokens=llm.count_tokens, progress=_say)
+                                     count_tokens=llm.count_tokens, progress=_say, judge=judge)
     info = llm.info
     summary["llm"] = {k: str(getattr(info, k)) for k in ("name", "device", "quantization", "is_demo")
                       if hasattr(info, k)}
@@ -218,7 +224,10 @@ def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_
     for row in rows:
         pq = per_question[row["id"]]
         pq.setdefault("answers", {})[cfg.name] = {k: row[k] for k in ("prediction", "refused", "em", "f1",
-                                                                      "contains", "ttft_s", "tokens", "error")}
+                                                                      "contains", "ttft_s", "tokens", "error",
+                                                                      "grounding", "grounding_failures",
+                                                                      "refused_grounded", "noise_claims", "cited")
+                                               if k in row}
         if first:   # the Markdown's sample table shows the first answering configuration
             pq.update(references=row["references"], prediction=row["prediction"], f1=row["f1"],
                       refused=row["refused"])

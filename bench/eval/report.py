@@ -50,7 +50,9 @@ def render_markdown(result: dict[str, Any], plot_name: str | None = None) -> str
             f", {ds.get('skipped', 0)} records skipped)",
             f"- knowledge base: {ds.get('kb_passages', '–')} passages written as files; {ds.get('held_out', '–')} gold"
             f" passages left out → {ds.get('unanswerable', '–')} unanswerable of {ds.get('split_questions', '–')} questions"
-            f" (share {ds.get('unanswerable_share', '–')})",
+            f" (share {ds.get('unanswerable_share', '–')}); answerable questions keep {ds.get('gold_kept', '–')}"
+            f" ({{gold passages kept: questions}}), {ds.get('gold_lost', '–')} lost one",
+            f"- near-miss passages (noise mode): {ds.get('near_miss', 0)}",
             f"- evaluated: {ds.get('sampled', '–')} questions for retrieval (seed {ds.get('seed', '–')}),"
             f" {ds.get('answer_sampled', '–')} of them through the LLM", ""]
 
@@ -98,15 +100,24 @@ def render_markdown(result: dict[str, Any], plot_name: str | None = None) -> str
                 "refused (no evidence above the threshold, or the model said 「无法回答」). TTFT and tokens/s are "
                 "measured around the service's token stream.", ""]
         head = ["config", "answerable", "EM", "F1", "contains", "false refusal", "unanswerable", "refusal rate",
-                "TTFT p50 s", "TTFT p95 s", "tokens/s", "retrieval p50 ms"]
+                "from noise", "TTFT p50 s", "TTFT p95 s", "tokens/s", "retrieval p50 ms"]
         rows = []
         for c in ans:
             a = c["answers"]
             rows.append([c["name"], a.get("n_answerable"), a.get("em"), a.get("f1"), a.get("contains"),
                          a.get("false_refusal_rate"), a.get("n_unanswerable"), a.get("refusal_rate"),
-                         a.get("ttft_s_p50"), a.get("ttft_s_p95"), a.get("tokens_per_s"),
+                         a.get("answered_from_noise"), a.get("ttft_s_p50"), a.get("ttft_s_p95"), a.get("tokens_per_s"),
                          (c.get("retrieval") or {}).get("latency_ms", {}).get("p50")])
         out += [_table(head, rows), ""]
+        out += ["After the grounding check (grounding.check_answer: an answer whose numbers, dates or entities are not "
+                "in its passages, or whose passage misses the question's year/place, is shown as "
+                "「资料中没有找到可靠依据」 and counts as a refusal). from noise: the answer states a claim that "
+                "only a noise passage given to the model holds. cited: answers with at least one [n] marker.", ""]
+        out += [_table(["config", "contains", "false refusal", "refusal rate", "from noise", "cited"],
+                       [[c["name"], c["answers"].get("grounded_contains"),
+                         c["answers"].get("grounded_false_refusal_rate"), c["answers"].get("grounded_refusal_rate"),
+                         c["answers"].get("grounded_answered_from_noise"), c["answers"].get("cited_rate")]
+                        for c in ans]), ""]
         examples = [q for q in result.get("questions", []) if q.get("prediction") is not None][:8]
         if examples:
             out += ["### Sample answers (first configuration with answers)", ""]

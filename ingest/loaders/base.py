@@ -152,43 +152,56 @@ def table_document(rows: Iterable[Sequence[Any]], meta: dict[str, Any]) -> Docum
     """rows -> Document(kind="table") in the `列名: 值 | 列名: 值` format, or None when no row has a value.
 
     Leading rows with a single filled cell above a wider table are its title (「2023 年销售表」): they go to
-    metadata["table_title"], not into page_content (one row per line). A first row with a number in it is data, not a header:
-    columns are then named 列1, 列2, ...
+    metadata["table_title"], not into page_content (one row per line). A first row with a number in it is data,
+    not a header: columns are then named 列1, 列2, ...
     """
-    cleaned = [_rstrip_cells([cell_text(c) for c in row]) for row in rows]
-    cleaned = [r for r in cleaned if r]
+    cleaned = [r for row in rows if (r := _rstrip_cells([cell_text(c) for c in row]))]
     if not cleaned:
         return None
-    width = max(sum(1 for c in r if c) for r in cleaned)
+    titles, cleaned = _split_titles(cleaned)
+    header, data = _header_and_data(cleaned)
+    # A lone header row (a one-line table) is still content: keep it as the only line.
+    lines = _pair_lines(header, data) or [" | ".join(h for h in cleaned[0] if h)]
+    extra: dict[str, Any] = {"table_title": " ".join(titles)} if titles else {}
+    return Document(
+        page_content="\n".join(lines),
+        metadata={**meta, "kind": "table", "table_header": " | ".join(header), **extra},
+    )
+
+
+def _filled(row: list[str]) -> int:
+    return sum(1 for c in row if c)
+
+
+def _split_titles(rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """Leading one-cell rows above a wider table -> (titles, the rest). A title needs a header and at least one
+    data row below it; otherwise it is a short (incomplete) row."""
+    width = max(_filled(r) for r in rows)
     titles: list[str] = []
-    # A title needs a header and at least one data row below it; otherwise it is a short (incomplete) row.
-    while len(cleaned) > 2 and width > 1 and sum(1 for c in cleaned[0] if c) == 1:
-        titles.append(next(c for c in cleaned[0] if c))
-        cleaned = cleaned[1:]
-    ncols = max(len(r) for r in cleaned)
-    if len(cleaned) > 1 and any(_is_number(c) for c in cleaned[0]):
-        header = [f"列{i + 1}" for i in range(ncols)]
-        data = cleaned
-    else:
-        first = cleaned[0] + [""] * (ncols - len(cleaned[0]))
-        # Unnamed columns get a position name so that "列3: 值" still tells the reader which column it was.
-        header = [h or f"列{i + 1}" for i, h in enumerate(first)]
-        data = cleaned[1:]
+    while len(rows) > 2 and width > 1 and _filled(rows[0]) == 1:
+        titles.append(next(c for c in rows[0] if c))
+        rows = rows[1:]
+    return titles, rows
+
+
+def _header_and_data(rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """The column names and the data rows. Unnamed columns get a position name so that "列3: 值" still tells the
+    reader which column it was; a first row with a number in it is data, and every column is named by position."""
+    ncols = max(len(r) for r in rows)
+    if len(rows) > 1 and any(_is_number(c) for c in rows[0]):
+        return [f"列{i + 1}" for i in range(ncols)], rows
+    first = rows[0] + [""] * (ncols - len(rows[0]))
+    return [h or f"列{i + 1}" for i, h in enumerate(first)], rows[1:]
+
+
+def _pair_lines(header: list[str], data: list[list[str]]) -> list[str]:
+    """One `列名: 值 | 列名: 值` line per data row; empty cells are left out, empty rows dropped."""
     lines = []
     for r in data:
         pairs = [f"{header[i]}: {v}" for i, v in enumerate(r) if v]
         if pairs:
             lines.append(" | ".join(pairs))
-    if not lines:
-        # A lone header row (a one-line table) is still content: keep it as the only line.
-        lines = [" | ".join(h for h in cleaned[0] if h)]
-    extra: dict[str, Any] = {}
-    if titles:
-        extra["table_title"] = " ".join(titles)
-    return Document(
-        page_content="\n".join(lines),
-        metadata={**meta, "kind": "table", "table_header": " | ".join(header), **extra},
-    )
+    return lines
 
 
 def _rstrip_cells(row: list[str]) -> list[str]:

@@ -21,7 +21,7 @@ def parse_or_hang(path: str, ingest_settings) -> tuple:
     when the hanging file times out (though not yet for long: it started after a slow file), so it must be run
     again after the pool is torn down.
     """
-    from ingest.pipeline import _parse_in_worker
+    from ingest.parse_pool import parse_in_worker
 
     p = Path(path)
     if "hang" in p.name:
@@ -35,7 +35,7 @@ def parse_or_hang(path: str, ingest_settings) -> tuple:
         deadline = time.monotonic() + GIVE_UP_S
         while time.monotonic() < deadline and not _hanging_parse_is_gone(p.parent):
             time.sleep(0.05)
-    return _parse_in_worker(path, ingest_settings)
+    return parse_in_worker(path, ingest_settings)
 
 
 def _hanging_parse_is_gone(folder: Path) -> bool:

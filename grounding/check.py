@@ -1,0 +1,229 @@
+"""The grounding check after generation: is what the answer states written in the passages it was given?
+
+    result = check_answer("2021年营收增长12%[1]。", "2022年营收增长多少？", ["2021年营收增长12%。"])
+    result.ok        -> False
+    result.failures  -> (Failure("constraint", "2022年", "问题中的「2022年」在答案所依据的段落[1]中没有出现"),)
+
+Checks, each a kind of Failure:
+  number / date / entity  a number, date or named entity of the answer is in none of the passages (normalised:
+                          full/half width, 万/亿, Chinese numerals, date formats — grounding.claims)
+  constraint              the question's year/date or place is not in the passage the answer came from (a 2021
+                          figure for a 2022 question)
+  relevance               the sentence the answer came from shares too few of the question's key terms (a number
+                          that is in the passages, but about something else)
+  citation                a marker [n] points at no passage, or at a passage without the sentence's claims
+  uncited                 (templates that ask for citations, when the model cites elsewhere) a sentence with claims
+                          and no marker
+A refusal is not checked. The passage the answer came from is the one it cites most, else the one holding most of
+its claims, else the one sharing most of its wording.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from grounding.claims import (
+    Claim,
+    extract_claims,
+    meets,
+    normalize,
+    question_constraints,
+    strip_markers,
+    supports,
+)
+from grounding.evidence import best_sentence, key_terms, term_coverage
+from retrieval.sentences import sentence_ends
+
+UNGROUNDED = "资料中没有找到可靠依据"
+# Below this share of the question's key terms in the answer's evidence sentence (and its neighbours) the answer
+# is about something else. Chosen on CMRC trial's noise mode (docs/benchmarks.md, "grounding").
+MIN_RELEVANCE = 0.34
+_MARKER = re.compile(r"\[(\d{1,2})\]|【(\d{1,2})】")
+_REFUSALS = ("无法回答", "不能回答", "没有提供足够的相关信息", "没有足够的相关信息", "没有相关信息",
+             "未提及", "没有提及", "无法从", "无法确定")
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: str          # number | date | entity | constraint | relevance | citation | uncited
+    text: str          # the claim, constraint or marker concerned
+    message: str       # a Chinese sentence for the page and the API
+
+
+@dataclass(frozen=True)
+class Citation:
+    """A citation marker in the answer: its offsets, the passage it names (1-based) and the sentence it ends."""
+
+    start: int
+    end: int
+    passage: int
+    sentence_start: int
+    sentence_end: int
+
+
+@dataclass(frozen=True)
+class GroundingResult:
+    status: str                                   # grounded | ungrounded | refusal
+    failures: tuple[Failure, ...] = ()
+    claims: int = 0
+    source: int | None = None                     # 1-based passage the answer came from
+    citations: tuple[Citation, ...] = ()
+    evidence: dict[int, str] = field(default_factory=dict)   # passage (1-based) → the sentence supporting the answer
+    cited: bool = False                           # the model wrote at least one citation marker
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "ungrounded"
+
+    def summary(self) -> str:
+        """「资料中没有找到可靠依据：…」 for an ungrounded answer, "" otherwise."""
+        if self.ok:
+            return ""
+        return UNGROUNDED + "：" + "；".join(f.message for f in self.failures[:3]) + "。"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ok"] = self.ok
+        d["evidence"] = {str(k): v for k, v in self.evidence.items()}
+        d["message"] = self.summary()
+        return d
+
+
+def looks_like_refusal(answer: str) -> bool:
+    """The template's refusal sentences and close variants.
+
+    >>> looks_like_refusal("根据已知信息无法回答该问题。")
+    True
+    """
+    text = "".join(answer.split())
+    return any(m in text for m in _REFUSALS)
+
+
+def citations(answer: str) -> list[Citation]:
+    """Markers [n] / 【n】 in the answer with the sentence each belongs to (a marker right after a sentence's
+    full stop belongs to that sentence).
+
+    >>> [(c.passage, c.sentence_start, c.sentence_end) for c in citations("甲是3个。[1]乙是4个[2]。")]
+    [(1, 0, 8), (2, 8, 15)]
+    """
+    ends = sentence_ends(answer)
+    bounds, start = [], 0
+    for end in ends:
+        piece = answer[start:end]
+        if bounds and not strip_markers(piece).strip():      # only markers (and spaces): the previous sentence's
+            bounds[-1] = (bounds[-1][0], end)
+        elif bounds and _MARKER.match(piece.lstrip()):        # 「。[1]乙…」: the leading markers end the last sentence
+            lead = len(piece) - len(piece.lstrip())
+            m = re.match(r"(?:\s*(?:\[\d{1,2}\]|【\d{1,2}】))+", piece)
+            cut = start + (m.end() if m else lead)
+            bounds[-1] = (bounds[-1][0], cut)
+            bounds.append((cut, end))
+        else:
+            bounds.append((start, end))
+        start = end
+    out = []
+    for m in _MARKER.finditer(answer):
+        n = int(m.group(1) or m.group(2))
+        s, e = next(((s, e) for s, e in bounds if s <= m.start() < e), (0, len(answer)))
+        out.append(Citation(m.start(), m.end(), n, s, e))
+    return out
+
+
+def _sentences_with_markers(answer: str) -> list[tuple[str, list[int]]]:
+    cites = citations(answer)
+    spans = sorted({(c.sentence_start, c.sentence_end) for c in cites})
+    out, pos = [], 0
+    ends = sentence_ends(answer)
+    # every sentence: those with markers use the citation bounds, the rest the plain sentence ends
+    for end in ends:
+        if end <= pos:
+            continue
+        span = next(((s, e) for s, e in spans if s <= pos < e), None)
+        if span is not None:
+            s, e = span
+            out.append((answer[s:e], [c.passage for c in cites if c.sentence_start == s]))
+            pos = e
+        else:
+            out.append((answer[pos:end], []))
+            pos = end
+    return out
+
+
+def _bigrams(text: str) -> set[str]:
+    t = normalize(text)
+    return {t[i:i + 2] for i in range(len(t) - 1)}
+
+
+def check_answer(answer: str, question: str, passages: Sequence[str], *, require_citations: bool = False,
+                 min_relevance: float = MIN_RELEVANCE) -> GroundingResult:
+    """Check `answer` against the `passages` the model was given (in prompt order: [1] is passages[0])."""
+    if looks_like_refusal(answer) or not answer.strip():
+        return GroundingResult("refusal")
+    n = len(passages)
+    failures: list[Failure] = []
+    cites = citations(answer)
+    for c in cites:
+        if not 1 <= c.passage <= n:
+            failures.append(Failure("citation", f"[{c.passage}]", f"引用[{c.passage}]不存在（只有 {n} 段资料）"))
+
+    all_claims: list[Claim] = []
+    support: dict[str, list[int]] = {}
+    for sentence, marks in _sentences_with_markers(answer):
+        claims = extract_claims(sentence, ignore=question)
+        for claim in claims:
+            if claim.key in support:
+                continue
+            where = [i + 1 for i, p in enumerate(passages) if supports(p, claim)]
+            support[claim.key] = where
+            all_claims.append(claim)
+            if not where:
+                what = {"number": "数字", "date": "日期", "entity": "名称"}[claim.kind]
+                failures.append(Failure(claim.kind, claim.text, f"{what}「{claim.text}」在资料中没有出现"))
+                continue
+            valid = [m for m in marks if 1 <= m <= n]
+            if valid and not set(valid) & set(where):
+                failures.append(Failure("citation", claim.text, f"「{claim.text}」不在所引用的段落"
+                                        f"{''.join(f'[{m}]' for m in valid)}中"))
+        if require_citations and cites and claims and not marks:
+            failures.append(Failure("uncited", strip_markers(sentence).strip()[:20],
+                                    f"「{strip_markers(sentence).strip()[:20]}」没有标注出处"))
+
+    source = _source(answer, passages, cites, support)
+    evidence: dict[int, str] = {}
+    if source is not None:
+        text = passages[source - 1]
+        sentence = best_sentence(text, answer, claims=all_claims)
+        if sentence:
+            evidence[source] = sentence
+        for con in question_constraints(question):
+            if not meets(text, con):
+                failures.append(Failure("constraint", con.text,
+                                        f"问题中的「{con.text}」在答案所依据的段落[{source}]中没有出现"))
+        terms = key_terms(question, exclude=[c.text for c in all_claims])
+        if terms and all_claims and sentence:
+            cov = term_coverage(terms, text, sentence)
+            if cov < min_relevance:
+                failures.append(Failure("relevance", sentence[:30],
+                                        f"答案所依据的句子与问题关系不大（问题的关键词只出现了 {cov:.0%}）"))
+    status = "ungrounded" if failures else "grounded"
+    return GroundingResult(status, tuple(failures), len(all_claims), source, tuple(cites), evidence, bool(cites))
+
+
+def _source(answer: str, passages: Sequence[str], cites: Sequence[Citation],
+            support: dict[str, list[int]]) -> int | None:
+    if not passages:
+        return None
+    valid = [c.passage for c in cites if 1 <= c.passage <= len(passages)]
+    if valid:
+        return Counter(valid).most_common(1)[0][0]
+    votes = Counter(i for where in support.values() for i in where)
+    if votes:
+        best = max(votes.values())
+        return min(i for i, v in votes.items() if v == best)
+    grams = _bigrams(strip_markers(answer))
+    if not grams:
+        return 1
+    overlap = [len(grams & _bigrams(p)) for p in passages]
+    return overlap.index(max(overlap)) + 1

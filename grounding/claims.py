@@ -1,0 +1,268 @@
+"""What an answer claims that can be checked against text: numbers, dates and named entities.
+
+Normalisation makes one fact look the same however it is written: full-width and half-width characters (NFKC:
+「２０２２」 = 「2022」), thousands separators (35,000 = 35000), Chinese numerals and the units 万/亿
+(「3.5万」 = 「三万五千」 = 35000, cn2an does the conversion) and date formats (「2022年3月5日」 = 「2022-03-05」 =
+「2022/3/5」 = 「二〇二二年三月五日」).
+
+    >>> [c.key for c in extract_claims("2021年营收3.5万元，比华为高12%。")]
+    ['date:2021', 'num:35000', 'ent:华为', 'num:12']
+
+The passage side is read more generously than the answer side (`passage_facts`): a single Chinese numeral such as
+「三个」 counts as 3 in a passage, so an answer saying 「3个」 is supported, while a lone 「一」 in an answer
+(「一些」「一起」) is never taken for a number claim.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import cn2an
+
+# Named-entity tags of jieba's part-of-speech model: person, place, organisation, other proper noun, Latin word.
+ENTITY_FLAGS = frozenset({"nr", "nrfg", "nrt", "ns", "nsf", "nt", "nz", "eng"})
+PLACE_FLAGS = frozenset({"ns", "nsf"})
+
+_CN_DIGIT = "零〇一二两三四五六七八九"
+_CN_NUM = rf"[{_CN_DIGIT}十百千万亿]+(?:点[{_CN_DIGIT}]+)?"
+_AR_NUM = r"\d+(?:,\d{3})*(?:\.\d+)?(?:万亿|千万|百万|[万亿])?"
+_NUMBER = re.compile(rf"({_AR_NUM})|({_CN_NUM})")
+_UNITS = {"万亿": 1e12, "千万": 1e7, "百万": 1e6, "万": 1e4, "亿": 1e8}
+_UNIT_NUMBER = re.compile(r"^(\d+(?:\.\d+)?)(万亿|千万|百万|万|亿)?$")
+_PERCENT_CN = re.compile(rf"百分之({_CN_NUM}|{_AR_NUM})")
+_MARKER = re.compile(r"\[(\d{1,2})\]|【(\d{1,2})】")
+# A list number at the start of a line (「1. 」「2、」「(3)」) numbers the answer's own items, it claims nothing.
+_LIST_NUMBER = re.compile(r"(?m)^\s*[(（]?\d{1,2}[.、)）](?!\d)")
+
+_Y = r"(\d{4}|\d{2})\s*年"
+_M = r"(\d{1,2})\s*月"
+_D = r"(\d{1,2})\s*[日号]"
+_DATE_PATTERNS = [
+    re.compile(rf"{_Y}\s*{_M}\s*{_D}"),
+    re.compile(r"(?<!\d)(\d{4})[-/.](\d{1,2})[-/.](\d{1,2})(?!\d)"),
+    re.compile(rf"{_Y}\s*{_M}"),
+    re.compile(r"(?<!\d)(\d{4})[-/](\d{1,2})(?![\d/-])"),
+    re.compile(rf"(?<!\d)()(?:){_M}\s*{_D}"),
+    re.compile(rf"(?<!\d){_Y}"),
+]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One checkable piece of an answer. `key` is what must match ("num:35000", "date:2022-3", "ent:华为")."""
+
+    kind: str          # "number" | "date" | "entity"
+    text: str          # as written in the (normalised) answer
+    key: str
+    start: int = 0     # offsets in the normalised text
+    end: int = 0
+
+
+@dataclass
+class Facts:
+    """What a passage states, normalised: number values, dates (y, m, d with None for unknown parts), text."""
+
+    text: str
+    numbers: set[float] = field(default_factory=set)
+    dates: list[tuple[int | None, int | None, int | None]] = field(default_factory=list)
+
+
+def normalize(text: str) -> str:
+    """NFKC (full width → half width), lower case, whitespace removed.
+
+    >>> normalize("ＧＰＵ　２０２２ 年")
+    'gpu2022年'
+    """
+    return "".join(unicodedata.normalize("NFKC", text).lower().split())
+
+
+def strip_markers(text: str) -> str:
+    """The text without citation markers: strip_markers("是3个[1]。") -> "是3个。"."""
+    return _MARKER.sub("", text)
+
+
+def number_value(span: str) -> float | None:
+    """number_value("3.5万") -> 35000.0; number_value("三千五百万") -> 35000000.0; None when it is no number."""
+    span = span.replace(",", "")
+    m = _UNIT_NUMBER.match(span)
+    if m:
+        return float(m.group(1)) * _UNITS.get(m.group(2) or "", 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(cn2an.cn2an(span, "smart"))
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+
+
+def _cn_dates_to_digits(text: str) -> str:
+    """「二〇二二年三月五日」 → 「2022年3月5日」 (only numerals directly before 年/月/日/号)."""
+    def conv(m: re.Match) -> str:
+        v = number_value(m.group(1))
+        return (str(int(v)) if v is not None and v == int(v) else m.group(1)) + m.group(2)
+    return re.sub(rf"([{_CN_DIGIT}十]+)([年月日号])", conv, text)
+
+
+def _year(raw: str) -> int:
+    y = int(raw)
+    return y + (1900 if y >= 30 else 2000) if len(raw) == 2 else y
+
+
+def _dates(text: str) -> list[tuple[tuple[int | None, int | None, int | None], int, int]]:
+    """(y, m, d) with the span of each date in `text`; longer forms win over the partial ones inside them."""
+    found: list[tuple[tuple[int | None, int | None, int | None], int, int]] = []
+    taken: list[tuple[int, int]] = []
+    for pat in _DATE_PATTERNS:
+        for m in pat.finditer(text):
+            if any(s < m.end() and m.start() < e for s, e in taken):
+                continue
+            g = [x for x in m.groups()]
+            y = _year(g[0]) if g and g[0] else None
+            mo = int(g[1]) if len(g) > 1 and g[1] else None
+            d = int(g[2]) if len(g) > 2 and g[2] else None
+            if (mo is not None and not 1 <= mo <= 12) or (d is not None and not 1 <= d <= 31):
+                continue
+            found.append(((y, mo, d), m.start(), m.end()))
+            taken.append((m.start(), m.end()))
+    found.sort(key=lambda x: x[1])
+    return found
+
+
+def _date_key(date: tuple[int | None, int | None, int | None]) -> str:
+    return "date:" + "-".join("?" if x is None else str(x) for x in date).rstrip("-?")
+
+
+def _numbers(text: str, *, generous: bool) -> list[tuple[float, int, int]]:
+    out = []
+    for m in _PERCENT_CN.finditer(text):
+        v = number_value(m.group(1))
+        if v is not None:
+            out.append((v, m.start(), m.end()))
+    for m in _NUMBER.finditer(text):
+        if any(s <= m.start() < e for _, s, e in out):
+            continue
+        arabic, chinese = m.group(1), m.group(2)
+        if chinese and not generous:
+            # an answer's Chinese numeral counts only when it is clearly a number: two characters or more with a
+            # digit in it (「十五」「三千」), never 「一」 alone or 「千万」 (= by all means)
+            if len(chinese) < 2 or not any(c in _CN_DIGIT for c in chinese):
+                continue
+        v = number_value(arabic or chinese)
+        if v is not None:
+            out.append((v, m.start(), m.end()))
+    return out
+
+
+@lru_cache(maxsize=4096)
+def _entities(text: str) -> tuple[tuple[str, str, int], ...]:
+    """(entity, jieba flag, offset) for named entities and 《titles》 in `text` (normalised text expected)."""
+    import jieba.posseg as pseg  # imported late: the tagger's model loads in about a second
+
+    out, pos = [], 0
+    for w in pseg.cut(text):
+        word, flag = w.word, w.flag
+        at = text.find(word, pos)
+        pos = at + len(word) if at >= 0 else pos
+        if flag in ENTITY_FLAGS and len(word) >= 2 and not word.isdigit():
+            out.append((word, flag, max(at, 0)))
+    for m in re.finditer(r"《([^》]{1,40})》", text):
+        out.append((m.group(1), "title", m.start(1)))
+    return tuple(out)
+
+
+def extract_claims(answer: str, *, ignore: str = "") -> list[Claim]:
+    """Numbers, dates and entities the answer states, in order; those also written in `ignore` (the question:
+    repeating it is no claim) are left out. Citation markers and list numbers are not claims."""
+    text = normalize(_cn_dates_to_digits(_LIST_NUMBER.sub("", strip_markers(answer))))
+    asked = normalize(_cn_dates_to_digits(ignore)) if ignore else ""
+    asked_numbers = {v for v, _, _ in _numbers(asked, generous=True)} if asked else set()
+    claims: list[Claim] = []
+    date_spans = []
+    for date, s, e in _dates(text):
+        date_spans.append((s, e))
+        if asked and any(_date_covers(d, date) for d, _, _ in _dates(asked)):
+            continue
+        claims.append(Claim("date", text[s:e], _date_key(date), s, e))
+    for v, s, e in _numbers(text, generous=False):
+        if any(ds <= s < de for ds, de in date_spans) or v in asked_numbers:
+            continue
+        claims.append(Claim("number", text[s:e], f"num:{v:g}", s, e))
+    for word, _flag, at in _entities(text):
+        if word in asked or any(ch.isdigit() for ch in word):
+            continue
+        claims.append(Claim("entity", word, f"ent:{word}", at, at + len(word)))
+    claims.sort(key=lambda c: c.start)
+    unique: dict[str, Claim] = {}
+    for c in claims:
+        unique.setdefault(c.key, c)
+    return list(unique.values())
+
+
+@lru_cache(maxsize=1024)
+def passage_facts(passage: str) -> Facts:
+    """The passage's numbers (Chinese numerals of one character included) and dates, normalised."""
+    text = normalize(_cn_dates_to_digits(passage))
+    dates = [d for d, _, _ in _dates(text)]
+    numbers = {v for v, _, _ in _numbers(text, generous=True)}
+    return Facts(text=text, numbers=numbers, dates=dates)
+
+
+def _date_covers(have: tuple[int | None, int | None, int | None],
+                 want: tuple[int | None, int | None, int | None]) -> bool:
+    """True when `have` states every part of `want` the same way (2022-3-5 covers 3-5 and 2022-3)."""
+    return all(w is None or h == w for h, w in zip(have, want, strict=True))
+
+
+def _parse_date_key(key: str) -> tuple[int | None, int | None, int | None]:
+    parts = key.removeprefix("date:").split("-")
+    vals = [None if p in ("?", "") else int(p) for p in parts] + [None, None, None]
+    return vals[0], vals[1], vals[2]
+
+
+def supports(passage: str, claim: Claim) -> bool:
+    """Does `passage` state `claim`? Numbers by value (3.5万 = 35000), dates by parts, entities by text.
+
+    >>> supports("收入为35,000元。", extract_claims("收入3.5万元")[0])
+    True
+    """
+    facts = passage_facts(passage)
+    if claim.kind == "number":
+        v = float(claim.key.removeprefix("num:"))
+        return any(abs(v - x) <= 1e-9 * max(1.0, abs(v)) for x in facts.numbers)
+    if claim.kind == "date":
+        want = _parse_date_key(claim.key)
+        if any(_date_covers(d, want) for d in facts.dates):
+            return True
+        # a year alone may be written without 年 in the passage (「1990-1995」, a table cell)
+        return want[1] is None and want[2] is None and want[0] is not None and float(want[0]) in facts.numbers
+    return normalize(claim.text) in facts.text
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Something the question pins down that the answer's passage must state: a year/date or a place."""
+
+    kind: str          # "date" | "place"
+    text: str
+    key: str
+
+
+def question_constraints(question: str) -> list[Constraint]:
+    """The question's time and place constraints.
+
+    >>> [c.text for c in question_constraints("2022年上海的GDP是多少？")]
+    ['2022年', '上海']
+    """
+    text = normalize(_cn_dates_to_digits(question))
+    out = [Constraint("date", text[s:e], _date_key(d)) for d, s, e in _dates(text)]
+    out += [Constraint("place", w, f"ent:{w}") for w, flag, _ in _entities(text) if flag in PLACE_FLAGS]
+    return out
+
+
+def meets(passage: str, constraint: Constraint) -> bool:
+    """Does `passage` state the constraint (the same year/date, the place's name)?"""
+    return supports(passage, Claim(constraint.kind if constraint.kind == "date" else "entity", constraint.text,
+                                   constraint.key))

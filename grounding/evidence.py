@@ -1,0 +1,95 @@
+"""Which sentence of a passage supports an answer, and how well a sentence matches a question.
+
+After an answer exists, the supporting sentence is found by the answer's content: the sentence that states most of
+the answer's numbers, dates and entities, then the one sharing most of the answer's wording (`best_sentence`).
+Before an answer exists (or for a refusal) the closest candidate is the sentence most similar in meaning to the
+question (`rank_by_question`, with the product's embedder), not the one that happens to share a question word.
+
+    >>> best_sentence("上传请点击按钮。一个 zip 压缩包里最多 2000 个文件。", "最多 2000 个")
+    '一个 zip 压缩包里最多 2000 个文件。'
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from grounding.claims import Claim, extract_claims, normalize, strip_markers, supports
+from retrieval.sentences import split_sentences
+
+# Question words and particles that say nothing about what is asked (on top of the BM25 stopwords).
+_QUESTION_WORDS = frozenset("什么 多少 哪些 哪个 哪里 哪儿 哪年 哪位 为什么 怎么 怎样 如何 是否 是不是 可以 能否 "
+                            "请问 一下 有没有 几个 几年 几次 几种 时候 主要 一个".split())
+
+
+def _bigrams(text: str) -> set[str]:
+    t = "".join(ch for ch in normalize(text) if ch.isalnum())
+    return {t[i:i + 2] for i in range(len(t) - 1)} or ({t} if t else set())
+
+
+def best_sentence(passage: str, answer: str, *, claims: Sequence[Claim] | None = None) -> str:
+    """The passage's sentence that supports `answer` best ("" when none shares anything with it)."""
+    idx = best_sentence_index(split_sentences(passage), answer, claims=claims)
+    return "" if idx is None else split_sentences(passage)[idx]
+
+
+def best_sentence_index(sentences: Sequence[str], answer: str, *, claims: Sequence[Claim] | None = None) -> int | None:
+    answer = strip_markers(answer)
+    claims = extract_claims(answer) if claims is None else claims
+    grams = _bigrams(answer)
+    best, best_score = None, 0.0
+    for i, s in enumerate(sentences):
+        held = sum(supports(s, c) for c in claims)
+        shared = len(grams & _bigrams(s)) / max(1, len(grams))
+        score = 3.0 * held + shared
+        if score > best_score + 1e-9:
+            best, best_score = i, score
+    return best
+
+
+def key_terms(question: str, *, exclude: Sequence[str] = ()) -> list[str]:
+    """The words of the question that name what is asked (jieba words of two characters or more, without stopwords
+    and question words). key_terms("范廷颂是什么时候被任命为主教的？") -> ['范廷颂', '任命', '主教']."""
+    import jieba
+
+    from retrieval.bm25 import STOPWORDS
+
+    skip = {normalize(x) for x in exclude}
+    out = []
+    for w in jieba.lcut(normalize(question)):
+        if len(w) < 2 or w in STOPWORDS or w in _QUESTION_WORDS or w in skip or not any(ch.isalnum() for ch in w):
+            continue
+        if w not in out:
+            out.append(w)
+    return out
+
+
+def term_coverage(terms: Sequence[str], passage: str, sentence: str) -> float:
+    """Share of `terms` written in `sentence` or the sentences right before and after it in `passage` (a word of
+    three characters or more also counts when most of its character pairs are there: 任命为 ~ 被任命)."""
+    sents = split_sentences(passage)
+    try:
+        i = sents.index(sentence)
+        window = "".join(sents[max(0, i - 1): i + 2])
+    except ValueError:
+        window = sentence
+    hay = normalize(window)
+    grams = _bigrams(window)
+    hit = 0
+    for t in terms:
+        if t in hay:
+            hit += 1
+        elif len(t) >= 3:
+            tg = _bigrams(t)
+            hit += len(tg & grams) / len(tg) >= 0.5
+    return hit / len(terms) if terms else 1.0
+
+
+def rank_by_question(sentences: Sequence[str], question: str, embedder: Any) -> list[int]:
+    """Sentence indexes, most similar in meaning to `question` first (the embedder's query/passage encodings)."""
+    if not sentences:
+        return []
+    q = np.asarray(embedder.encode_query(question), dtype=np.float32).reshape(-1)
+    vecs = np.asarray(embedder.encode_passages(list(sentences)), dtype=np.float32)
+    return [int(i) for i in np.argsort(-(vecs @ q), kind="stable")]
