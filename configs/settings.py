@@ -80,6 +80,13 @@ class RetrievalSettings(_Section):
     dedupe_threshold: float = Field(0.95, gt=0, le=1)
 
 
+class StoreSettings(_Section):
+    faiss_index: Literal["auto", "flat", "ivf"] = Field(
+        "auto", description="FAISS index of a segment: flat (exact), ivf (approximate), auto (ivf from ivf_threshold).")
+    ivf_threshold: int = Field(200_000, gt=0, description="auto: segments with at least this many chunks use IVF.")
+    ivf_nprobe: int = Field(32, gt=0, description="IVF lists searched per question (recall vs speed).")
+
+
 class PromptSettings(_Section):
     template: str = "knowledge_qa"
     history_turns: int = Field(3, ge=0)
@@ -145,6 +152,7 @@ class Settings(BaseSettings):
     embedding: EmbeddingSettings = EmbeddingSettings()
     ingest: IngestSettings = IngestSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
+    store: StoreSettings = StoreSettings()
     prompt: PromptSettings = PromptSettings()
     llm: LLMSettings = LLMSettings()
     app: AppSettings = AppSettings()

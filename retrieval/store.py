@@ -3,13 +3,18 @@
     knowledge_base/<name>/
       sources/     files uploaded through the web page (CLI-ingested files stay where they are)
       CURRENT      text file naming the live generation, replaced atomically (os.replace)
-      gen-<n>/     index.faiss (faiss native format), chunks.jsonl, manifest.json
+      gen-<n>/     manifest.json + the segments it uses (seg-<id>.faiss / .chunks.jsonl / .bm25.<v>.npz, see
+                   retrieval/segments.py); segments shared with the previous generation are hard links
       .lock        writer lock (filelock); .lock.info says who holds it (pid, host, since)
 
 Why generations: a commit writes a complete new folder next to the live one, fsyncs it, renames it into place
 and only then switches CURRENT. A reader therefore always sees one consistent generation, and a writer killed
-at any moment (kill -9, power loss) leaves the previous generation loadable. Nothing here is a pickle: FAISS
-writes its own format, everything else is JSON.
+at any moment (kill -9, power loss) leaves the previous generation loadable. A commit writes only the segment
+of the contents it adds (plus the manifest); unchanged segments are hard-linked (immutable files, so sharing
+is safe), and small segments are merged now and then (MAX_SEGMENTS). Nothing here is a pickle: FAISS writes
+its own format, BM25 postings are .npz arrays loaded with allow_pickle=False, everything else is JSON.
+Generations written before segments (format 1: index.faiss + chunks.jsonl) are read as they are and rewritten
+as segments by their next commit.
 
 Chunks are content-addressed: they belong to a file *content* (sha256), and the manifest maps each path to a
 sha256. Renaming a file is a manifest change; two paths with the same bytes share one set of chunks (the second
@@ -38,12 +43,27 @@ import faiss
 import numpy as np
 from filelock import FileLock, Timeout
 
+from retrieval import segments as seglib
+from retrieval.segments import (
+    SEGMENTS,
+    ChunkTable,
+    Layout,
+    PositionMap,
+    Postings,
+    Segment,
+    SegmentedBM25,
+    SegmentedIndex,
+    SegmentError,
+    SegmentInfo,
+)
 from retrieval.types import Chunk
 
 if TYPE_CHECKING:
     from configs import Settings
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2       # 2: segments; 1: one index.faiss + chunks.jsonl per generation (still read)
+MAX_SEGMENTS = 8          # more after a commit: the smaller half are merged into one
+MOSTLY_DEAD = 0.5         # a segment whose live share falls below this is rewritten at the next commit
 CURRENT_FILE = "CURRENT"
 LOCK_FILE = ".lock"
 LOCK_INFO_FILE = ".lock.info"
@@ -125,13 +145,22 @@ class FileEntry:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["chunk_ids"] = list(self.chunk_ids)
+        ids = self.chunk_ids
+        if ids and ids == tuple(range(ids[0], ids[0] + len(ids))):  # always, from this store: [first, count]
+            del d["chunk_ids"]
+            d["chunk_range"] = [ids[0], len(ids)]
+        else:
+            d["chunk_ids"] = list(ids)
         return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> FileEntry:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}  # tolerate keys added by newer versions
-        known["chunk_ids"] = tuple(int(i) for i in known.get("chunk_ids", ()))
+        if "chunk_range" in d:
+            first, count = (int(x) for x in d["chunk_range"])
+            known["chunk_ids"] = tuple(range(first, first + count))
+        else:
+            known["chunk_ids"] = tuple(int(i) for i in known.get("chunk_ids", ()))
         return cls(**known)
 
     @property
@@ -182,7 +211,9 @@ class Manifest:
     created_at: str = ""
     updated_at: str = ""
     format: int = MANIFEST_FORMAT
-    checksums: dict[str, str] = field(default_factory=dict)  # file name in the generation -> sha256, set at commit
+    checksums: dict[str, str] = field(default_factory=dict)  # format 1: file name -> sha256, set at commit
+    segments: tuple[SegmentInfo, ...] = ()                   # format 2: the segments, in row order
+    contents: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # sha256 -> (segment id, first row, n)
 
     @property
     def model_id(self) -> str:
@@ -201,6 +232,8 @@ class Manifest:
             "updated_at": self.updated_at,
             "files": {p: e.to_json() for p, e in self.files.items()},
             "checksums": dict(self.checksums),
+            "segments": [i.to_json() for i in self.segments],
+            "contents": {sha: list(loc) for sha, loc in self.contents.items()},
         }
 
     @classmethod
@@ -227,7 +260,27 @@ class Manifest:
             updated_at=d.get("updated_at", ""),
             format=fmt,
             checksums={str(k): str(v) for k, v in d.get("checksums", {}).items()},
+            segments=tuple(_segment_infos(d.get("segments", []))),
+            contents=_contents(d.get("contents", {})),
         )
+
+    def check_segments(self) -> None:
+        """Format 2: every live content lies inside a listed segment, without overlaps (else KBCorruptError)."""
+        if self.format < 2:
+            return
+        rows = {i.id: i.rows for i in self.segments}
+        used: dict[str, list[tuple[int, int]]] = {}
+        for sha, (seg, start, n) in self.contents.items():
+            if seg not in rows or start < 0 or n <= 0 or start + n > rows[seg]:
+                raise KBCorruptError(f"清单中内容 {sha[:12]} 的位置 {seg}:{start}+{n} 不在任何段内")
+            used.setdefault(seg, []).append((start, start + n))
+        for spans in used.values():
+            spans.sort()
+            if any(a[1] > b[0] for a, b in zip(spans, spans[1:], strict=False)):
+                raise KBCorruptError("清单中两份内容占用了同一段的同一些行")
+        live = {e.sha256 for e in self.files.values() if e.status in LIVE_STATUSES}
+        if live != set(self.contents):
+            raise KBCorruptError(f"清单的文件（{len(live)} 份内容）与内容表（{len(self.contents)} 份）不一致")
 
     def check_compatible(self, spec: IndexSpec, kb_name: str) -> None:
         """Raise KBIncompatibleError if this KB's vectors were made under another spec (and it holds any)."""
@@ -239,6 +292,27 @@ class Manifest:
             f"请加 --rebuild 重新建库（python ingest.py <文件夹> --kb {kb_name} --rebuild），"
             f"或把设置改回原来的值。"
         )
+
+
+def _segment_infos(raw: Any) -> list[SegmentInfo]:
+    if not isinstance(raw, list):
+        raise KBCorruptError(f"清单的 segments 应是列表，实际是 {type(raw).__name__}")
+    try:
+        return [SegmentInfo.from_json(d) for d in raw]
+    except SegmentError as e:
+        raise KBCorruptError(str(e)) from None
+
+
+def _contents(raw: Any) -> dict[str, tuple[str, int, int]]:
+    if not isinstance(raw, Mapping):
+        raise KBCorruptError(f"清单的 contents 应是对象，实际是 {type(raw).__name__}")
+    out = {}
+    for sha, loc in raw.items():
+        if not (isinstance(loc, list) and len(loc) == 3 and isinstance(loc[0], str)
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in loc[1:])):
+            raise KBCorruptError(f"清单中内容 {str(sha)[:12]} 的位置 {str(loc)[:40]} 有误")
+        out[str(sha)] = (loc[0], loc[1], loc[2])
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -446,42 +520,6 @@ def _holds_files(gen_dir: Path) -> bool:
     return not isinstance(d, dict) or bool(d.get("files"))
 
 
-def _chunk_to_json(c: Chunk) -> dict[str, Any]:
-    return {
-        "id": c.id,
-        "text": c.text,
-        "source": c.source,
-        "sha256": c.sha256,
-        "position": c.position,
-        "page": c.page,
-        "heading_path": list(c.heading_path),
-        "metadata": c.metadata,
-    }
-
-
-_CHUNK_TYPES = {"text": str, "source": str, "sha256": str, "position": int, "id": int}
-
-
-def _chunk_from_json(d: Mapping[str, Any]) -> Chunk:
-    if not isinstance(d, Mapping):
-        raise TypeError(f"a chunk must be a JSON object, got {type(d).__name__}")
-    for key, typ in _CHUNK_TYPES.items():
-        if not isinstance(d.get(key), typ) or isinstance(d.get(key), bool):
-            raise TypeError(f"chunk field {key!r} must be {typ.__name__}, got {d.get(key)!r:.40}")
-    if not isinstance(d.get("metadata") or {}, Mapping) or not isinstance(d.get("heading_path") or [], list):
-        raise TypeError("chunk metadata must be an object and heading_path a list")
-    return Chunk(
-        text=d["text"],
-        source=d["source"],
-        sha256=d["sha256"],
-        position=int(d["position"]),
-        page=d.get("page"),
-        heading_path=tuple(d.get("heading_path") or ()),
-        id=int(d["id"]),
-        metadata=dict(d.get("metadata") or {}),
-    )
-
-
 def _read_manifest(gen_dir: Path) -> Manifest:
     """Parse a generation's manifest; KBCorruptError (message without the KB name: callers wrap it) if damaged."""
     try:
@@ -491,7 +529,9 @@ def _read_manifest(gen_dir: Path) -> Manifest:
     except (OSError, UnicodeDecodeError) as e:
         raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 无法读取（{e}）") from None
     try:
-        return Manifest.from_json(json.loads(raw))
+        m = Manifest.from_json(json.loads(raw))
+        m.check_segments()
+        return m
     except KBCorruptError as e:
         raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 有误：{e}") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
@@ -503,9 +543,9 @@ def _sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _verify_checksums(gen_dir: Path, manifest: Manifest) -> None:
-    """Every file the commit recorded a checksum for still has those bytes (a generation is never modified)."""
-    for fname, expected in manifest.checksums.items():
+def _verify_files(gen_dir: Path, checksums: Mapping[str, str]) -> None:
+    """Files still hold the bytes their commit recorded (generations and segments are never modified)."""
+    for fname, expected in checksums.items():
         if Path(fname).name != fname:
             raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 的校验和列出了可疑的文件名 {fname!r}")
         try:
@@ -516,37 +556,19 @@ def _verify_checksums(gen_dir: Path, manifest: Manifest) -> None:
             raise KBCorruptError(f"{gen_dir.name}/{fname} 的内容与提交时记录的校验和不符（文件被改动或损坏）")
 
 
-# Stored vectors are L2-normalised (the searcher's scores are cosines): a norm outside this band means damage.
-_NORM_TOLERANCE = 1e-2
+@dataclass
+class _Generation:
+    manifest: Manifest
+    segments: list[Segment]
+    contents: dict[str, tuple[str, int, int]]
 
 
-def _check_vectors(vectors: np.ndarray, where: str) -> None:
-    if not len(vectors):
-        return
-    if not np.isfinite(vectors).all():
-        bad = int((~np.isfinite(vectors)).any(axis=1).sum())
-        raise KBCorruptError(f"{where} 中有 {bad} 个向量含 NaN 或无穷大")
-    norms = np.linalg.norm(vectors, axis=1)
-    off = np.abs(norms - 1) > _NORM_TOLERANCE
-    if off.any():
-        raise KBCorruptError(f"{where} 中有 {int(off.sum())} 个向量长度不是 1"
-                             f"（例如第 {int(np.argmax(off))} 行：{norms[off][0]:.3g}）")
-
-
-def _load_generation(gen_dir: Path) -> tuple[list[Chunk], faiss.Index, Manifest]:
-    """Read and verify one generation; FileNotFoundError if the folder went away (the caller retries if CURRENT moved).
-
-    Verified on every open (cheap next to reading the data): the checksums written at commit, chunk field types,
-    row ids, the index's row count and dimension against the chunks and the manifest's spec, and that every vector
-    is finite with norm 1. Problems raise KBCorruptError naming the file; callers add the KB name and the repair.
-    """
-    if not gen_dir.is_dir():
-        raise FileNotFoundError(gen_dir)
-    manifest = _read_manifest(gen_dir)
-    _verify_checksums(gen_dir, manifest)
+def _load_legacy(gen_dir: Path, manifest: Manifest) -> _Generation:
+    """A format-1 generation (one index.faiss + chunks.jsonl) as one in-memory segment; BM25 is tokenised here."""
+    _verify_files(gen_dir, manifest.checksums)
     try:
         with open(gen_dir / CHUNKS_FILE, encoding="utf-8") as f:
-            chunks = [_chunk_from_json(json.loads(line)) for line in f if line.strip()]
+            chunks = [seglib.chunk_from_json(json.loads(line)) for line in f if line.strip()]
     except FileNotFoundError:
         raise KBCorruptError(f"{gen_dir.name} 缺少 {CHUNKS_FILE}") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
@@ -566,9 +588,39 @@ def _load_generation(gen_dir: Path) -> tuple[list[Chunk], faiss.Index, Manifest]
         )
     if manifest.dim and index.d != manifest.dim:
         raise KBCorruptError(f"{gen_dir.name}/{INDEX_FILE} 的向量是 {index.d} 维，清单记录的模型是 {manifest.dim} 维")
-    if index.ntotal:
-        _check_vectors(index.reconstruct_n(0, index.ntotal), f"{gen_dir.name}/{INDEX_FILE}")
-    return chunks, index, manifest
+    try:
+        seglib.check_vectors(seglib.all_vectors(index), f"{gen_dir.name}/{INDEX_FILE}")
+    except SegmentError as e:
+        raise KBCorruptError(str(e)) from None
+    info = SegmentInfo("legacy", len(chunks), index.d, "flat", "", {}, {})
+    seg = Segment(info, chunks, index, Postings.from_texts([c.embedding_text() for c in chunks]))
+    contents = {sha: ("legacy", group[0].id, len(group)) for sha, group in _group_by_sha(chunks)}
+    return _Generation(manifest, [seg], contents)
+
+
+def _load_generation(gen_dir: Path) -> _Generation:
+    """Read and verify one generation; FileNotFoundError if the folder went away (the caller retries if CURRENT moved).
+
+    Verified on every open (segments once per process: they never change): the checksums written at commit,
+    chunk field types, row ids, each index's row count and dimension, and that every vector is finite with norm 1.
+    Problems raise KBCorruptError naming the file; callers add the KB name and the repair command.
+    """
+    if not gen_dir.is_dir():
+        raise FileNotFoundError(gen_dir)
+    manifest = _read_manifest(gen_dir)
+    if manifest.format < 2:
+        return _load_legacy(gen_dir, manifest)
+    dim = manifest.dim
+    segs = []
+    for info in manifest.segments:
+        if dim and info.dim != dim:
+            raise KBCorruptError(f"{gen_dir.name}/{info.files['faiss']} 的向量是 {info.dim} 维，"
+                                 f"清单记录的模型是 {dim} 维")
+        try:
+            segs.append(SEGMENTS.get(gen_dir, info))
+        except SegmentError as e:
+            raise KBCorruptError(str(e)) from None
+    return _Generation(manifest, segs, dict(manifest.contents))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -581,17 +633,23 @@ class KnowledgeBase:
     before use and reopen when it is True, so a deleted file's chunks never come back from a cache.
     """
 
-    def __init__(self, name: str, path: Path, generation: str, chunks: list[Chunk], index: faiss.Index,
-                 manifest: Manifest, settings: Settings | None = None) -> None:
+    def __init__(self, name: str, path: Path, generation: str, loaded: _Generation,
+                 settings: Settings | None = None) -> None:
         self.name = name
         self.path = path
         self.generation = generation
-        self.chunks = chunks
-        self.index = index
-        self.manifest = manifest
+        self.manifest = loaded.manifest
         self._settings = settings
         self._by_sha: dict[str, list[str]] | None = None
-        self._chunks_by_sha: dict[str, list[Chunk]] | None = None
+        self._contents = loaded.contents
+        self._layout = Layout(loaded.segments, loaded.contents)
+        owners = {sha: paths[0] for sha in loaded.contents if (paths := self.sources_for(sha))}
+        nprobe = settings.store.ivf_nprobe if settings is not None else 32
+        self.chunks: ChunkTable = ChunkTable(self._layout, owners)          # row i of index is chunks[i]
+        self.index = SegmentedIndex(self._layout, self.manifest.dim or (loaded.segments[0].info.dim
+                                                                        if loaded.segments else 0), nprobe)
+        self.bm25 = SegmentedBM25(self._layout)                             # from the stored tokens
+        self.by_position = PositionMap(self._layout, loaded.contents)       # (sha256, position) -> row
 
     # -- opening -------------------------------------------------------------------------------------------
     @classmethod
@@ -611,7 +669,7 @@ class KnowledgeBase:
                     f"先用 python ingest.py <文件夹> --kb {name} 建库。"
                 )
             try:
-                chunks, index, manifest = _load_generation(path / gen)
+                loaded = _load_generation(path / gen)
             except FileNotFoundError:
                 if _read_current(path) != gen:
                     continue
@@ -620,7 +678,7 @@ class KnowledgeBase:
                 if _read_current(path) != gen:
                     continue
                 raise _damaged(name, str(e)) from None
-            return cls(name, path, gen, chunks, index, manifest, settings)
+            return cls(name, path, gen, loaded, settings)
         raise KBCorruptError(f"知识库「{name}」一直在被改写，无法读到一个稳定的版本；请稍后再试。")
 
     @classmethod
@@ -672,14 +730,12 @@ class KnowledgeBase:
 
     def chunks_for(self, sha256: str) -> list[Chunk]:
         """The chunks of one file content in file order (position 0..n-1): for neighbour merging."""
-        if self._chunks_by_sha is None:
-            by: dict[str, list[Chunk]] = {}
-            for c in self.chunks:
-                by.setdefault(c.sha256, []).append(c)
-            for lst in by.values():
-                lst.sort(key=lambda c: c.position)
-            self._chunks_by_sha = by
-        return list(self._chunks_by_sha.get(sha256, ()))
+        if sha256 not in self._contents:
+            return []
+        seg_id, start, n = self._contents[sha256]
+        k = next(i for i, s in enumerate(self._layout.segments) if s.info.id == seg_id)
+        rows = self._layout.global_of_local[k][start:start + n]
+        return sorted((self.chunks[int(r)] for r in rows), key=lambda c: c.position)
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -696,7 +752,7 @@ class KnowledgeBase:
         path = kb_dir(name, settings)
         (path / SOURCES_DIR).mkdir(parents=True, exist_ok=True)
         with _writer_lock(path, name, timeout):
-            w = KBWriter(name, path)
+            w = KBWriter(name, path, settings)
             if w.live_generation is None and w._damage is None:
                 w.commit(force=True)
             yield w
@@ -709,7 +765,7 @@ class KnowledgeBase:
         Nothing is written unless you call commit(); leaving the block without commit discards the changes.
         """
         with _writer_lock(self.path, self.name, timeout):
-            yield KBWriter(self.name, self.path)
+            yield KBWriter(self.name, self.path, self._settings)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -762,23 +818,32 @@ class KBWriter:
     The KB is a set of contents (sha256 -> chunks + vectors) and a set of file entries (path -> FileEntry).
     At commit the store decides ownership: per sha256 the first live entry is "ok" and owns the chunks, the
     other live entries become "duplicate" of it; contents no live entry refers to are dropped.
+
+    Stored contents stay in their segments (`_stored`: sha -> (segment, first row, n)); contents added in this
+    writer (`_new`) become one new segment at commit, together with the live rows of any segments merged then.
     """
 
-    def __init__(self, name: str, path: Path) -> None:
+    def __init__(self, name: str, path: Path, settings: Settings | None = None) -> None:
         self.name = name
         self.path = path
-        self._contents: dict[str, _Content] = {}
+        self._settings = settings
+        self._new: dict[str, _Content] = {}
+        self._stored: dict[str, tuple[str, int, int]] = {}
+        self._segments: list[SegmentInfo] = []
+        self._legacy: _Generation | None = None  # a format-1 live generation: rewritten as a segment at commit
+        self._held: list[Segment] = []           # the live segments, loaded (and verified) once
         self._files: dict[str, FileEntry] = {}
         self._spec: IndexSpec | None = None
         self._created_at = _now_iso()
         self.dirty = False
-        # A damaged KB (CURRENT, manifest, chunks or index) is never written over: every use of this writer raises
-        # the damage, with the repair command, until set_spec(rebuild=True) starts the KB over on purpose.
+        self.last_commit_bytes = 0  # bytes of files the last commit wrote (hard links not counted)
+        # A damaged KB (CURRENT, manifest, segments) is never written over: every use of this writer raises the
+        # damage, with the repair command, until set_spec(rebuild=True) starts the KB over on purpose.
         self._damage: KBCorruptError | None = None
         self._damage_cleared = False
         try:
             self._live_gen: str | None = _live_generation(path, name)
-            chunks, index, manifest = _load_generation(path / self._live_gen) if self._live_gen else ([], None, None)
+            manifest = self._verify_live() if self._live_gen else None
         except KBCorruptError as e:
             self._live_gen = _read_current(path)
             self._damage = e if str(e).startswith("知识库") else _damaged(name, str(e))
@@ -786,21 +851,31 @@ class KBWriter:
         self._collect_orphans()
         if manifest is not None:
             self._spec, self._files, self._created_at = manifest.spec, dict(manifest.files), manifest.created_at
-            self._adopt(chunks, index)
+
+    def _verify_live(self) -> Manifest:
+        """Check the live generation before anything is built on it: its manifest and, by checksum, every file
+        (a format-1 generation is loaded in full: the next commit rewrites it as a segment)."""
+        gen_dir = self.path / self._live_gen
+        manifest = _read_manifest(gen_dir)
+        if manifest.format < 2:
+            self._legacy = _load_legacy(gen_dir, manifest)
+            self._stored = dict(self._legacy.contents)
+            return manifest
+        for info in manifest.segments:
+            if manifest.dim and info.dim != manifest.dim:
+                raise KBCorruptError(f"{gen_dir.name}/{info.files['faiss']} 的向量是 {info.dim} 维，"
+                                     f"清单记录的模型是 {manifest.dim} 维")
+            try:  # loaded and verified in full (free when this process holds it already): damage is not built on
+                self._held.append(SEGMENTS.get(gen_dir, info))
+            except SegmentError as e:
+                raise KBCorruptError(str(e)) from None
+        self._segments = list(manifest.segments)
+        self._stored = dict(manifest.contents)
+        return manifest
 
     def _check(self) -> None:
         if self._damage is not None:
             raise self._damage
-
-    def _adopt(self, chunks: list[Chunk], index: faiss.Index) -> None:
-        """Take the live generation's chunks and vectors as the stored contents, in their order."""
-        if chunks:
-            vectors = index.reconstruct_n(0, index.ntotal)
-            start = 0
-            for sha, group in _group_by_sha(chunks):
-                self._contents[sha] = _Content(group, vectors[start:start + len(group)])
-                start += len(group)
-
 
     # -- reading the pending state -------------------------------------------------------------------------
     @property
@@ -815,14 +890,14 @@ class KBWriter:
 
     def has_content(self, sha256: str) -> bool:
         self._check()
-        return sha256 in self._contents
+        return sha256 in self._new or sha256 in self._stored
 
     def chunk_count(self, sha256: str) -> int:
         self._check()
-        c = self._contents.get(sha256)
+        c = self._new.get(sha256)
         if c is not None:
             return len(c.chunks)
-        return 0
+        return self._stored[sha256][2] if sha256 in self._stored else 0
 
     def live_paths(self, sha256: str) -> list[str]:
         """Live paths holding this content, the current owner (status ok) first."""
@@ -841,7 +916,10 @@ class KBWriter:
         if rebuild:
             self._damage_cleared = self._damage is not None
             self._damage = None  # starting over on purpose: the damaged generations go at this writer's commit
-            self._contents.clear()
+            self._new.clear()
+            self._stored.clear()
+            self._segments.clear()
+            self._legacy = None
             self._files.clear()
         else:
             self._check()
@@ -858,7 +936,7 @@ class KBWriter:
             raise ValueError(f"add_content({sha256[:12]}): {len(chunks)} chunks but vectors of shape {vectors.shape}")
         if self._spec is not None and self._spec.dim and vectors.shape[1] != self._spec.dim:
             raise ValueError(f"add_content: vectors have dim {vectors.shape[1]}, the KB uses {self._spec.dim}")
-        self._contents[sha256] = _Content(list(chunks), vectors)
+        self._new[sha256] = _Content(list(chunks), vectors)
         self.dirty = True
 
     def put(self, entry: FileEntry) -> None:
@@ -883,31 +961,54 @@ class KBWriter:
     def commit(self, *, force: bool = False) -> str | None:
         """Write the pending state as gen-<n+1>, switch CURRENT to it, collect old generations.
 
-        Returns the new generation's name, or None when nothing changed (and not force).
+        Only new contents (and the live rows of segments merged now) are written; every other segment is
+        hard-linked from the live generation. Returns the new generation's name, or None when nothing changed.
         """
         self._check()
         if not self.dirty and not force:
             return None
-        chunks, vectors, files = self._normalise()
+        owners = self._owners()
+        for sha in [s for s in self._new if s not in owners]:
+            del self._new[sha]
+        for sha in [s for s in self._stored if s not in owners or s in self._new]:
+            del self._stored[sha]
+        keep, merge = self._plan()
+
         n = 1 + max((int(m.group(1)) for p in self.path.iterdir() if (m := _GEN_RE.match(p.name))), default=-1)
         gen = f"gen-{n}"
-        now = _now_iso()
-        manifest = Manifest(n, self._spec, files, created_at=self._created_at or now, updated_at=now)
-        dim = self._spec.dim if self._spec else (vectors.shape[1] if len(vectors) else 0)
-        index = faiss.IndexFlatIP(dim)
-        if len(chunks):
-            index.add(vectors)
-
         tmp = self.path / f"{_TMP_PREFIX}{gen}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
-        index_bytes = faiss.serialize_index(index).tobytes()
-        chunk_bytes = "".join(json.dumps(_chunk_to_json(c), ensure_ascii=False) + "\n" for c in chunks).encode("utf-8")
-        _write_durable(tmp / INDEX_FILE, index_bytes)
-        _write_durable(tmp / CHUNKS_FILE, chunk_bytes)
-        manifest = replace(manifest, checksums={INDEX_FILE: hashlib.sha256(index_bytes).hexdigest(),
-                                                CHUNKS_FILE: hashlib.sha256(chunk_bytes).hexdigest()})
-        _write_durable(tmp / MANIFEST_FILE,
-                       json.dumps(manifest.to_json(), ensure_ascii=False, indent=1).encode("utf-8"))
+        written = 0
+
+        def write_file(path: Path, data: bytes) -> None:
+            nonlocal written
+            _write_durable(path, data)
+            written += len(data)
+
+        live_dir = self.path / self._live_gen if self._live_gen else None
+        segments: list[SegmentInfo] = []
+        for info in keep:
+            if info.tokenizer != seglib.bm25_mod.TOKENIZER_VERSION:  # the tokenizer changed: re-tokenise once
+                info, seg = self._segment(info).with_new_postings(tmp, write_file)
+                SEGMENTS.put(self.path, tmp.name, seg)
+                for role, fname in info.files.items():
+                    if role != "bm25":
+                        _link(live_dir / fname, tmp / fname)
+            else:
+                for fname in info.files.values():
+                    _link(live_dir / fname, tmp / fname)
+            segments.append(info)
+        contents = {sha: loc for sha, loc in self._stored.items() if loc[0] in {i.id for i in segments}}
+        new_info = self._write_segment(tmp, merge, owners, contents, write_file)
+        if new_info is not None:
+            segments.append(new_info)
+
+        files = self._normalise(owners, segments, contents)
+        now = _now_iso()
+        manifest = Manifest(n, self._spec, files, created_at=self._created_at or now, updated_at=now,
+                            format=MANIFEST_FORMAT, segments=tuple(segments), contents=contents)
+        data = json.dumps(manifest.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        write_file(tmp / MANIFEST_FILE, data)
         _fsync_path(tmp)
         os.rename(tmp, self.path / gen)
         _fsync_path(self.path)
@@ -919,52 +1020,119 @@ class KBWriter:
         if self._damage_cleared:  # a rebuild over a damaged KB: nothing of the old generations is worth keeping
             previous = None
         self._collect_garbage(keep={gen, previous})  # keep the previous one for readers still loading it
-        self._files = files
+        self._files, self._segments, self._stored = files, segments, contents
+        self._new.clear()
+        self._legacy = None
         self.dirty = False
+        self.last_commit_bytes = written
         return gen
 
-    def _normalise(self) -> tuple[list[Chunk], np.ndarray, dict[str, FileEntry]]:
-        """Decide owners and duplicates, drop unreferenced contents, assign row ids and chunk sources."""
+    def _owners(self) -> dict[str, str]:
         owners: dict[str, str] = {}
         # The current owner keeps ownership; otherwise the earliest-ingested path (then by name) takes it.
         for e in sorted(self._files.values(), key=lambda e: (e.status != "ok", e.ingested_at, e.path)):
             if e.status in LIVE_STATUSES:
                 owners.setdefault(e.sha256, e.path)
-        for sha in [s for s in self._contents if s not in owners]:
-            del self._contents[sha]
+        return owners
 
-        chunks: list[Chunk] = []
-        blocks: list[np.ndarray] = []
-        ids: dict[str, tuple[int, ...]] = {}
-        for sha, content in self._contents.items():
-            start = len(chunks)
-            owner = owners[sha]
-            for c in sorted(content.chunks, key=lambda c: c.position):
-                chunks.append(replace(c, id=len(chunks), source=owner, sha256=sha))
-            order = np.argsort([c.position for c in content.chunks], kind="stable")
-            blocks.append(content.vectors[order])
-            ids[sha] = tuple(range(start, len(chunks)))
-            content.chunks = chunks[start:]
-            content.vectors = blocks[-1]
+    def _plan(self) -> tuple[list[SegmentInfo], list[SegmentInfo]]:
+        """Which live segments are kept as they are (hard-linked) and which are merged into the new segment."""
+        live: dict[str, int] = {}
+        for seg_id, _, count in self._stored.values():
+            live[seg_id] = live.get(seg_id, 0) + count
+        keep = [i for i in self._segments if live.get(i.id)]
+        merge = [i for i in keep if live[i.id] < MOSTLY_DEAD * i.rows]
+        keep = [i for i in keep if i not in merge]
+        if len(keep) + 1 > MAX_SEGMENTS:  # tiered: the smaller half joins the new segment
+            by_size = sorted(keep, key=lambda i: live[i.id])
+            merge += by_size[: (len(keep) + 1) // 2]
+            keep = [i for i in keep if i not in merge]
+        return keep, merge
 
+    def _segment(self, info: SegmentInfo) -> Segment:
+        if info.id == "legacy" and self._legacy is not None:
+            return self._legacy.segments[0]
+        return SEGMENTS.get(self.path / self._live_gen, info)
+
+    def _write_segment(self, folder: Path, merge: list[SegmentInfo], owners: Mapping[str, str],
+                       contents: dict[str, tuple[str, int, int]], write_file) -> SegmentInfo | None:
+        """One new segment: the live contents of the merged segments, then the new contents. Updates `contents`."""
+        if self._legacy is not None:
+            merge = [self._legacy.segments[0].info, *merge]
+        parts_chunks: list[list[Chunk]] = []
+        parts_vecs: list[np.ndarray] = []
+        parts_post: list[tuple[list[str], Any]] = []
+        order: list[str] = []
+        for info in merge:
+            seg = self._segment(info)
+            mine = sorted(((loc[1], loc[2], sha) for sha, loc in self._stored.items() if loc[0] == info.id))
+            if not mine:
+                continue
+            rows = np.concatenate([np.arange(a, a + k) for a, k, _ in mine])
+            parts_chunks.append([seg.chunks[int(r)] for r in rows])
+            parts_vecs.append(np.vstack([seg.index.reconstruct_n(a, k) for a, k, _ in mine]))
+            parts_post.append(seg.postings.select(rows))
+            order += [sha for _, _, sha in mine]
+        new_chunks: list[Chunk] = []
+        new_vecs: list[np.ndarray] = []
+        for sha, content in self._new.items():
+            idx = np.argsort([c.position for c in content.chunks], kind="stable")
+            new_chunks += [content.chunks[i] for i in idx]
+            new_vecs.append(content.vectors[idx])
+            order.append(sha)
+        if new_chunks:
+            parts_chunks.append(new_chunks)
+            parts_vecs.append(np.vstack(new_vecs))
+            parts_post.append(Postings.from_texts([c.embedding_text() for c in new_chunks]).select(
+                np.arange(len(new_chunks))))
+        if not order:
+            return None
+        chunks = [c for part in parts_chunks for c in part]
+        vectors = np.vstack(parts_vecs)
+        chunks = [replace(c, source=owners[c.sha256]) for c in chunks]
+        info, seg = Segment.write(folder, chunks, vectors, index_kind=self._index_kind(len(chunks)),
+                                  postings=seglib.merge_postings(parts_post), write_file=write_file)
+        SEGMENTS.put(self.path, folder.name, seg)
+        start = 0
+        for sha in order:
+            k = self._new[sha].vectors.shape[0] if sha in self._new else self._stored[sha][2]
+            contents[sha] = (info.id, start, k)
+            start += k
+        return info
+
+    def _index_kind(self, rows: int) -> str:
+        st = self._settings.store if self._settings is not None else None
+        kind = st.faiss_index if st is not None else "auto"
+        if kind == "auto":
+            return "ivf" if st is not None and rows >= st.ivf_threshold else "flat"
+        return kind
+
+    def _normalise(self, owners: Mapping[str, str], segments: list[SegmentInfo],
+                   contents: Mapping[str, tuple[str, int, int]]) -> dict[str, FileEntry]:
+        """File entries with owners/duplicates decided and chunk ids = global rows (Layout's numbering)."""
+        first: dict[str, int] = {}
+        row = 0
+        for info in segments:
+            for _, k, sha in sorted((loc[1], loc[2], sha) for sha, loc in contents.items() if loc[0] == info.id):
+                first[sha] = row
+                row += k
         files: dict[str, FileEntry] = {}
         for path in sorted(self._files):
             e = self._files[path]
             if e.status in LIVE_STATUSES:
                 owner = owners[e.sha256]
+                _, _, k = contents[e.sha256]
                 e = replace(
                     e,
                     status="ok" if owner == path else "duplicate",
                     duplicate_of=None if owner == path else owner,
-                    chunk_ids=ids[e.sha256],
+                    chunk_ids=tuple(range(first[e.sha256], first[e.sha256] + k)),
                     reason="" if owner == path else e.reason,
                 )
             else:
                 e = replace(e, chunk_ids=(), duplicate_of=None)
             files[path] = e
-        dim = self._spec.dim if self._spec else (blocks[0].shape[1] if blocks else 0)
-        vectors = np.concatenate(blocks) if blocks else np.zeros((0, dim), dtype=np.float32)
-        return chunks, vectors, files
+        return files
 
     def _collect_orphans(self) -> None:
         """At lock time: drop temp dirs and generations newer than CURRENT (a writer killed before switching)."""
@@ -976,13 +1144,23 @@ class KBWriter:
         (self.path / (CURRENT_FILE + ".tmp")).unlink(missing_ok=True)
 
     def _collect_garbage(self, keep: set[str | None]) -> None:
-        """Remove generations other than `keep` and any temp dirs left by a killed writer (we hold the lock)."""
+        """Remove generations other than `keep` and any temp dirs left by a killed writer (we hold the lock).
+        Segment files shared with kept generations survive: they are hard links."""
         for p in self.path.iterdir():
             if p.name in keep:
                 continue
             if (p.name.startswith(_TMP_PREFIX) and p.is_dir()) or (_GEN_RE.match(p.name) and p.is_dir()):
                 shutil.rmtree(p, ignore_errors=True)
         (self.path / (CURRENT_FILE + ".tmp")).unlink(missing_ok=True)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Share an immutable segment file with the new generation (a copy where hard links are not possible)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+        _fsync_path(dst)
 
 
 def _group_by_sha(chunks: list[Chunk]) -> Iterator[tuple[str, list[Chunk]]]:

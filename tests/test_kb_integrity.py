@@ -18,6 +18,7 @@ import pytest
 from configs import PROJECT_ROOT, load_settings
 from retrieval.store import KBCorruptError, KnowledgeBase, repair_knowledge_base
 from tests.support.tiny_embedder import build_tiny_embedder
+from tests.test_store import segment_files, set_checksum
 
 TEXT = ("第{n}章 总则\n\n本办法适用于公司全体员工。员工请假应当提前申请，经部门负责人批准后方可休假。"
         "年假天数根据工龄计算，工龄满一年不满十年的，年假五天；满十年不满二十年的，年假十天。\n\n"
@@ -62,10 +63,12 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 
 @pytest.fixture()
 def two_generations(settings, tmp_path, capsys):
-    """KB "kb" with 3 files in its live generation and 2 in the previous one; returns (folder, live gen)."""
+    """KB "kb" with 3 files in its live generation and 2 in the previous one; returns (folder, live gen).
+    The live generation has two segments: the first (shared with the previous generation by hard link) and the
+    third file's own, with several chunks."""
     docs = _folder(tmp_path, "docs", 2)
     assert _run(capsys, str(docs), "--kb", "kb")[0] == 0
-    (docs / "f2.txt").write_text(TEXT.format(n=2), encoding="utf-8")
+    (docs / "f2.txt").write_text("\n\n".join(TEXT.format(n=2 + i) for i in range(3)), encoding="utf-8")
     assert _run(capsys, str(docs), "--kb", "kb")[0] == 0
     kb = KnowledgeBase.open("kb", settings)
     assert len(kb.manifest.files) == 3
@@ -121,9 +124,10 @@ def test_repair_skips_a_damaged_newest_generation_and_leaves_a_good_current_alon
     r = repair_knowledge_base("kb", settings)
     assert not r.changed and r.generation == live and "无需修复" in r.describe()
 
-    (kb_path / live / "index.faiss").unlink()
+    newest = segment_files(kb_path / live, ".faiss")[-1]
+    newest.unlink()
     r = repair_knowledge_base("kb", settings)
-    assert r.changed and r.generation == previous and r.skipped[0][0] == live and "index.faiss" in r.skipped[0][1]
+    assert r.changed and r.generation == previous and r.skipped[0][0] == live and newest.name in r.skipped[0][1]
     assert len(KnowledgeBase.open("kb", settings).manifest.files) == 2
 
     shutil.rmtree(kb_path / previous)
@@ -133,11 +137,14 @@ def test_repair_skips_a_damaged_newest_generation_and_leaves_a_good_current_alon
 
 
 # -- 4. corruption is found on open, never carried into a new generation ------------------------------------------
-def _rewrite_chunks(gen_dir: Path, change) -> None:
-    rows = [json.loads(line) for line in (gen_dir / "chunks.jsonl").read_text(encoding="utf-8").splitlines()]
+def _rewrite_chunks(gen_dir: Path, change) -> Path:
+    """Change the rows of the newest segment's chunk file (the one only the live generation holds)."""
+    path = segment_files(gen_dir, ".chunks.jsonl")[-1]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) >= 2
     change(rows)
-    (gen_dir / "chunks.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                          encoding="utf-8")
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
 
 
 def _swap_texts(rows):
@@ -148,20 +155,15 @@ def _int_text(rows):
     rows[1]["text"] = 12345
 
 
-def _nan_vectors(gen_dir: Path) -> None:
-    index = faiss.read_index(str(gen_dir / "index.faiss"))
+def _nan_vectors(gen_dir: Path) -> Path:
+    path = segment_files(gen_dir, ".faiss")[-1]
+    index = faiss.read_index(str(path))
     v = index.reconstruct_n(0, index.ntotal)
     v[0, :] = np.nan
     out = faiss.IndexFlatIP(index.d)
     out.add(v)
-    faiss.write_index(out, str(gen_dir / "index.faiss"))
-
-
-def _forget_checksums(gen_dir: Path) -> None:
-    """What an older generation (written before checksums existed) looks like: the other checks still apply."""
-    m = json.loads((gen_dir / "manifest.json").read_text(encoding="utf-8"))
-    m.pop("checksums", None)
-    (gen_dir / "manifest.json").write_text(json.dumps(m, ensure_ascii=False), encoding="utf-8")
+    faiss.write_index(out, str(path))
+    return path
 
 
 @pytest.mark.parametrize("damage,checksums,expected", [
@@ -176,13 +178,13 @@ def test_corruption_is_refused_on_open_and_not_copied_forward(settings, two_gene
     docs, live = two_generations
     gen_dir = settings.kb_root / "kb" / live
     if damage == "swap":
-        _rewrite_chunks(gen_dir, _swap_texts)
+        changed = _rewrite_chunks(gen_dir, _swap_texts)
     elif damage == "int_text":
-        _rewrite_chunks(gen_dir, _int_text)
+        changed = _rewrite_chunks(gen_dir, _int_text)
     else:
-        _nan_vectors(gen_dir)
-    if not checksums:
-        _forget_checksums(gen_dir)
+        changed = _nan_vectors(gen_dir)
+    if not checksums:  # the damage with a matching checksum (as if committed so): the other checks still find it
+        set_checksum(gen_dir, changed)
     with pytest.raises(KBCorruptError, match=expected) as e:
         KnowledgeBase.open("kb", settings)
     assert "--repair" in str(e.value)
@@ -199,11 +201,10 @@ def test_corruption_is_refused_on_open_and_not_copied_forward(settings, two_gene
 
 
 def test_swapped_rows_without_checksums_are_still_caught_by_types_or_counts(settings, two_generations):
-    """Without checksums, swapping whole rows (ids included) leaves ids out of order: refused as well."""
+    """With a matching checksum, swapping whole rows (ids included) leaves ids out of order: refused as well."""
     _, live = two_generations
     gen_dir = settings.kb_root / "kb" / live
-    _forget_checksums(gen_dir)
-    _rewrite_chunks(gen_dir, lambda rows: rows.reverse())
+    set_checksum(gen_dir, _rewrite_chunks(gen_dir, lambda rows: rows.reverse()))
     with pytest.raises(KBCorruptError, match="ids out of order"):
         KnowledgeBase.open("kb", settings)
 
@@ -220,17 +221,18 @@ def _manifest_list(gen: Path) -> None:
 
 
 def _no_index(gen: Path) -> None:
-    (gen / "index.faiss").unlink()
+    segment_files(gen, ".faiss")[-1].unlink()
 
 
 def _other_dim(gen: Path) -> None:
-    index = faiss.read_index(str(gen / "index.faiss"))
+    path = segment_files(gen, ".faiss")[-1]
+    index = faiss.read_index(str(path))
     v = np.zeros((index.ntotal, index.d + 4), dtype=np.float32)
     v[:, 0] = 1
     out = faiss.IndexFlatIP(index.d + 4)
     out.add(v)
-    faiss.write_index(out, str(gen / "index.faiss"))
-    _forget_checksums(gen)
+    faiss.write_index(out, str(path))
+    set_checksum(gen, path)  # even with its checksum updated to match
 
 
 def _missing_generation(gen: Path) -> None:
@@ -238,7 +240,7 @@ def _missing_generation(gen: Path) -> None:
 
 
 @pytest.mark.parametrize("damage,expected", [
-    (_files_list, "files"), (_manifest_list, "JSON 对象"), (_no_index, "index.faiss"),
+    (_files_list, "files"), (_manifest_list, "JSON 对象"), (_no_index, ".faiss"),
     (_other_dim, "维"), (_missing_generation, "gen-41"),
 ])
 def test_ingest_on_a_damaged_manifest_is_one_sentence_exit_2(settings, two_generations, capsys, damage, expected):
