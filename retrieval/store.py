@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
 MANIFEST_FORMAT = 2       # 2: segments; 1: one index.faiss + chunks.jsonl per generation (still read)
 MAX_SEGMENTS = 8          # more after a commit: the smaller half are merged into one
+IVF_MIN_ROWS = 1_000      # store.faiss_index ivf: smaller segments stay exact
 MOSTLY_DEAD = 0.5         # a segment whose live share falls below this is rewritten at the next commit
 CURRENT_FILE = "CURRENT"
 LOCK_FILE = ".lock"
@@ -1101,11 +1102,13 @@ class KBWriter:
         return info
 
     def _index_kind(self, rows: int) -> str:
+        """flat or ivf for a new segment of `rows` chunks: store.faiss_index, with ivf never below IVF_MIN_ROWS
+        (a small segment searched exactly costs less than its inverted lists, and needs no training)."""
         st = self._settings.store if self._settings is not None else None
         kind = st.faiss_index if st is not None else "auto"
         if kind == "auto":
-            return "ivf" if st is not None and rows >= st.ivf_threshold else "flat"
-        return kind
+            kind = "ivf" if st is not None and rows >= st.ivf_threshold else "flat"
+        return "ivf" if kind == "ivf" and rows >= IVF_MIN_ROWS else "flat"
 
     def _normalise(self, owners: Mapping[str, str], segments: list[SegmentInfo],
                    contents: Mapping[str, tuple[str, int, int]]) -> dict[str, FileEntry]:
