@@ -29,33 +29,39 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from retrieval.types import Hit
 
 from . import library
 from .context import AppContext
+from .errors import friendly_error
 from .jobs import JobError
-from .web import friendly_error
+from .service import AnswerParams, QAError, QuestionTooLongError, UnknownKBError
 
 log = logging.getLogger(__name__)
 
 
-class AskRequest(BaseModel):
-    question: str = Field(min_length=1)
-    kb: str
-    history: list[tuple[str, str]] = []
-    top_k: int | None = Field(None, gt=0)
-    threshold: float | None = Field(None, ge=-1, le=1)
-    temperature: float | None = Field(None, ge=0)
-    max_new_tokens: int | None = Field(None, gt=0)
-
-
 class SearchRequest(BaseModel):
-    question: str = Field(min_length=1)
+    """Types only: the values are checked once, by AnswerParams and the service, for every face alike."""
+
+    question: str
     kb: str
-    top_k: int | None = Field(None, gt=0)
-    threshold: float | None = Field(None, ge=-1, le=1)
+    top_k: int | None = None
+    threshold: float | None = None
+
+    def params(self) -> AnswerParams:
+        return AnswerParams(top_k=self.top_k, threshold=self.threshold)
+
+
+class AskRequest(SearchRequest):
+    history: list[tuple[str, str]] = []
+    temperature: float | None = None
+    max_new_tokens: int | None = None
+
+    def params(self) -> AnswerParams:
+        return AnswerParams(top_k=self.top_k, threshold=self.threshold, temperature=self.temperature,
+                            max_new_tokens=self.max_new_tokens)
 
 
 def hit_json(hit: Hit) -> dict[str, Any]:
@@ -76,8 +82,22 @@ def basic_credentials(header: str) -> tuple[str, str] | None:
     return (user, password) if sep else None
 
 
+def grounding_json(verdict: Any) -> dict[str, Any]:
+    """The done line's grounding fields: `ungrounded` (show 「资料中没有找到可靠依据」), `grounding` (status, failures
+    with kind and message, citations with their character spans and passage numbers, evidence sentences)."""
+    if verdict is None:
+        return {"ungrounded": False, "grounding": None}
+    return {"ungrounded": not verdict.ok, "grounding": verdict.to_dict()}
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def _request_error(e: QAError) -> JSONResponse:
+    """A request the service refused: 404 for an unknown knowledge base, 413 for a too long question, else 400."""
+    status = 404 if isinstance(e, UnknownKBError) else 413 if isinstance(e, QuestionTooLongError) else 400
+    return _error(status, e.reason)
 
 
 def build_router(ctx: AppContext) -> APIRouter:
@@ -111,33 +131,39 @@ def build_router(ctx: AppContext) -> APIRouter:
     @router.post("/search")
     def search(req: SearchRequest) -> Any:
         try:
-            result = ctx.search(req.question, req.kb, top_k=req.top_k or s.retrieval.top_k,
-                                threshold=s.retrieval.score_threshold if req.threshold is None else req.threshold)
+            result = ctx.search(req.question, req.kb, req.params())
+        except QAError as e:
+            return _request_error(e)
         except Exception as e:
             log.exception("search failed")
-            return _error(400, friendly_error(e))
+            return _error(500, friendly_error(e))
         return {"evidence": result.evidence, "hits": [hit_json(h) for h in result.hits],
                 "low_relevance": [hit_json(h) for h in result.low_relevance]}
 
     @router.post("/ask")
-    def ask(req: AskRequest, request: Request) -> StreamingResponse:
+    def ask(req: AskRequest) -> Any:
         stop = threading.Event()
-        params = {k: v for k, v in req.model_dump(include={"top_k", "threshold", "temperature", "max_new_tokens"}).items()
-                  if v is not None}
+        try:  # every check, the retrieval and the prompt: a bad request is a 4xx before any streaming
+            stream = ctx.answer(req.question, req.kb, list(req.history), req.params(), stop=stop)
+        except QAError as e:
+            return _request_error(e)
+        except Exception as e:
+            log.exception("ask failed")
+            return _error(500, friendly_error(e))
 
         def lines() -> Iterator[bytes]:
             text, done = "", False
             try:
-                stream = ctx.answer(req.question, req.kb, list(req.history), stop=stop, **params)
                 for piece in stream:
                     text += piece
                     yield _line({"type": "token", "text": piece})
                 done = True
                 yield _line({"type": "done", "answer": text, "refused": bool(stream.refused),
-                             "error": stream.error or "", "sources": [hit_json(h) for h in stream.sources or []],
-                             "low_relevance": [hit_json(h) for h in getattr(stream, "low_relevance", None) or []]})
+                             "error": stream.error or "", "sources": [hit_json(h) for h in stream.sources],
+                             "low_relevance": [hit_json(h) for h in stream.low_relevance],
+                             **grounding_json(getattr(stream, "grounding", None))})
             except Exception as e:
-                log.exception("ask failed")
+                log.exception("ask failed while streaming")
                 yield _line({"type": "error", "error": friendly_error(e), "answer": text})
             finally:
                 if not done:  # client went away or an error: let the model stop instead of generating for nobody

@@ -82,10 +82,6 @@ class Authenticator:
                 "(`python -m app.auth hash`) or set app.auth_enabled to false"
             )
 
-    @property
-    def usernames(self) -> list[str]:
-        return sorted({*self._hashes, *self._plain})
-
     def verify(self, username: str, password: str) -> bool:
         if not self.enabled:
             return True

@@ -11,7 +11,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,8 +27,8 @@ JobState = Literal["queued", "running", "done", "failed"]
 
 
 @dataclass(frozen=True)
-class FileResult:
-    """One row of a job's result table."""
+class FileRow:
+    """One row of a job's result table (built from ingest.report.FileResult, or a file refused before ingest)."""
 
     name: str
     status: str          # ok | unchanged | renamed | duplicate | empty | failed | removed | rejected
@@ -47,7 +47,7 @@ class Job:
     message: str = "排队中…"
     done: int = 0
     total: int = 0
-    files: tuple[FileResult, ...] = ()
+    files: tuple[FileRow, ...] = ()
     error: str = ""
     created: float = field(default_factory=time.time)
     finished: float | None = None
@@ -55,10 +55,6 @@ class Job:
     @property
     def active(self) -> bool:
         return self.state in ("queued", "running")
-
-    @property
-    def failed_count(self) -> int:
-        return sum(f.status in ("failed", "rejected") for f in self.files)
 
 
 class JobError(Exception):
@@ -80,9 +76,8 @@ def _event_text(event: Any) -> tuple[str, int | None, int | None]:
     return message or "处理中…", done if isinstance(done, int) else None, total if isinstance(total, int) else None
 
 
-def report_rows(report: Any, names: dict[str, str] | None = None) -> list[FileResult]:
-    """FileResult rows from an ingest IngestReport; `names` maps stored paths back to the names people uploaded."""
-    names = names or {}
+def report_rows(report: Any) -> list[FileRow]:
+    """The rows of an ingest IngestReport, one per file (named by its manifest key)."""
     rows = []
     for f in getattr(report, "files", []) or []:
         path = str(getattr(f, "path", ""))
@@ -90,7 +85,7 @@ def report_rows(report: Any, names: dict[str, str] | None = None) -> list[FileRe
         dup = getattr(f, "duplicate_of", None)
         if dup and not reason:
             reason = f"与「{Path(str(dup)).name}」内容相同"
-        rows.append(FileResult(names.get(path, path), str(getattr(f, "status", "")),
+        rows.append(FileRow(path, str(getattr(f, "status", "")),
                                int(getattr(f, "chunks", 0) or 0), reason))
     return rows
 
@@ -139,11 +134,6 @@ class JobManager:
             if job_id not in self._jobs:
                 raise JobError(f"任务 {job_id} 不存在（服务重启后旧任务不再保留）。")
             return self._jobs[job_id]
-
-    def recent(self, kb_name: str | None = None) -> list[Job]:
-        with self._lock:
-            jobs = [j for j in self._jobs.values() if kb_name is None or j.kb_name == kb_name]
-        return sorted(jobs, key=lambda j: j.created, reverse=True)
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Block until the job finishes (tests, the start script); returns its final snapshot."""
@@ -219,8 +209,8 @@ class JobManager:
             max_zip_ratio=a.max_zip_ratio,
         )
 
-    def _finish(self, job_id: str, report: Any, names: dict[str, str], rejected: list[Rejected] = ()) -> None:
-        rows = report_rows(report, names) + [FileResult(r.name, "rejected", 0, r.reason) for r in rejected]
+    def _finish(self, job_id: str, report: Any, rejected: Sequence[Rejected] = ()) -> None:
+        rows = report_rows(report) + [FileRow(r.name, "rejected", 0, r.reason) for r in rejected]
         bad = sum(r.status in ("failed", "rejected") for r in rows)
         summary = f"完成：{len(rows)} 个文件" + (f"，其中 {bad} 个未能导入（原因见下表）" if bad else "")
         self._update(job_id, files=tuple(rows), message=summary, done=len(rows), total=len(rows))
@@ -235,20 +225,19 @@ class JobManager:
         finally:
             if cleanup is not None:
                 shutil.rmtree(cleanup, ignore_errors=True)
-        names: dict[str, str] = {}
-        self._run_ingest_files(job_id, kb_name, stored.saved, names, stored.rejected)
+        self._run_ingest_files(job_id, kb_name, stored.saved, stored.rejected)
 
-    def _run_ingest_files(self, job_id: str, kb_name: str, paths: list[Path], names: dict[str, str],
-                          rejected: list[Rejected] = (), *, force: bool = False) -> None:
+    def _run_ingest_files(self, job_id: str, kb_name: str, paths: list[Path], rejected: Sequence[Rejected] = (), *,
+                          force: bool = False) -> None:
         from ingest import ingest_files
 
         if not paths:
-            self._finish(job_id, None, names, rejected)
+            self._finish(job_id, None, rejected)
             return
         self._update(job_id, message=f"导入 {len(paths)} 个文件…", total=len(paths))
         report = ingest_files(paths, kb_name, self.settings, force=force, on_progress=self._progress(job_id),
                               embedder=self._get_embedder())
-        self._finish(job_id, report, names, rejected)
+        self._finish(job_id, report, rejected)
 
     def _run_reingest(self, job_id: str, kb_name: str, keys: list[str]) -> None:
         """Read these manifest entries' files again and re-parse + re-embed them even when unchanged (force): a
@@ -263,27 +252,36 @@ class JobManager:
                 paths.append(fp)
             else:
                 missing.append(Rejected(key, "找不到这个文件的原始文件（已被移动或删除），请重新上传。"))
-        self._run_ingest_files(job_id, kb_name, paths, {}, missing, force=True)
+        self._run_ingest_files(job_id, kb_name, paths, missing, force=True)
 
     def _run_rebuild(self, job_id: str, kb_name: str) -> None:
-        """Start the KB over: the first folder its files came from with rebuild=True, the others added back."""
+        """Start the KB over from the folders its files came from: the first folder that still exists with
+        rebuild=True (a fresh generation), the others added back. Files of a folder that is gone cannot be re-read:
+        they leave the knowledge base, and their rows say so. When no folder is left the KB is not touched."""
         from ingest import ingest
         from retrieval.store import KnowledgeBase
 
         kb = KnowledgeBase.open(kb_name, self.settings)
         roots = sorted({e.root for e in kb.manifest.files.values() if e.root}) or [str(kb.sources_dir)]
-        rows: list[FileResult] = []
-        for i, root in enumerate(roots):
-            if not Path(root).is_dir():
-                rows.append(FileResult(root, "failed", 0, f"文件夹 {root} 已不存在，其中的文件无法重建。"))
-                continue
-            report = ingest(Path(root), kb_name, self.settings, rebuild=(i == 0), lock_timeout=600,
+        present = [r for r in roots if Path(r).is_dir()]
+        if not present:
+            raise JobError(f"知识库「{kb_name}」的文件来自的文件夹都已不存在（{'、'.join(roots)}），无法重建；"
+                           "知识库保持原样。请恢复这些文件夹，或重新上传文件。")
+        rows: list[FileRow] = []
+        for root in roots:
+            if root not in present:
+                gone = sorted(k for k, e in kb.manifest.files.items() if e.root == root)
+                reason = f"文件夹 {root} 已不存在，这个文件无法重新读取，已从知识库中移除。"
+                rows += [FileRow(k, "removed", 0, reason) for k in gone]
+        for root in present:
+            report = ingest(Path(root), kb_name, self.settings, rebuild=root == present[0], lock_timeout=600,
                             on_progress=self._progress(job_id), embedder=self._get_embedder())
             rows += report_rows(report)
-        self._update(job_id, files=tuple(rows), message=f"重建完成：{len(rows)} 个文件", done=len(rows), total=len(rows))
+        self._update(job_id, files=tuple(rows), message=f"重建完成：{len(rows)} 个文件", done=len(rows),
+                     total=len(rows))
 
     def _run_remove(self, job_id: str, kb_name: str, paths: list[str]) -> None:
         from ingest import remove_files
 
         report = remove_files(kb_name, paths, self.settings)
-        self._finish(job_id, report, {})
+        self._finish(job_id, report)

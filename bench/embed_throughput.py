@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     folders = _st_folders(settings.models_dir, args.model)
     if not folders:
         raise SystemExit(f"no sentence-transformers model folder in {settings.models_dir}: "
-                         "run `python -m llm.models pull demo` first")
+                         "run `python -m modelpack pull demo` first")
     print(f"{'model':28s} {'variant':14s} {'seconds':>8s} {'chunks/s':>9s} {'cos→fp32':>9s}")
     for folder in folders:
         for r in bench_model(folder, texts, args.batch_size, args.repeat):

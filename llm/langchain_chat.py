@@ -25,7 +25,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict
 
-from llm.loader import ChatModel, GenerationParams, normalize_messages
+from llm.types import ChatModel, GenerationParams, normalize_messages
 
 
 class ZhiwenChatModel(BaseChatModel):

@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from llm.loader import BackendUnavailableError, ChatModel, GenerationParams, LLMError, ModelInfo, normalize_messages
+from llm.types import BackendUnavailableError, ChatModel, GenerationParams, LLMError, ModelInfo, normalize_messages
 
 _CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 
@@ -26,15 +26,15 @@ def estimate_tokens(text: str) -> int:
 
 
 class OpenAIChatModel(ChatModel):
-    def __init__(self, base_url: str, model: str, api_key: str = "", *, default_params: GenerationParams | None = None,
-                 max_context_tokens: int = 4096, timeout_s: float = 120.0):
+    def __init__(self, base_url: str, model: str, api_key: str = "", *, default_params: GenerationParams,
+                 max_context_tokens: int, timeout_s: float = 120.0):
         if not base_url:
             raise LLMError("llm.backend is 'openai' but llm.openai_base_url is empty; set it to the server's "
                            "/v1 address, e.g. http://10.0.0.5:8000/v1")
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout_s = timeout_s
-        self.default_params = default_params or GenerationParams()
+        self.default_params = default_params
         self.model = model or self._first_served_model()
         self.info = ModelInfo(name=self.model, backend="openai", device="remote", quantization="remote",
                               weights_path=self.base_url, max_context_tokens=max_context_tokens)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from llm.loader import GenerationOOMError, LLMError
+from llm.types import GenerationOOMError, LLMError
 
 
 class StopOnEvent(StoppingCriteria):

@@ -19,7 +19,11 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from llm.loader import (
+from llm.adapters import apply_adapter, check_combination, describe, prepare_base_config, read_adapter
+from llm.locate import resolve_model_folder
+from llm.planner import MemoryPlan, plan_memory
+from llm.streaming import stream_generate
+from llm.types import (
     BackendUnavailableError,
     ChatModel,
     ChatTemplateMissingError,
@@ -30,10 +34,7 @@ from llm.loader import (
     ModelInfo,
     RemoteCodeRequiredError,
     normalize_messages,
-    resolve_model_folder,
 )
-from llm.planner import MemoryPlan, plan_memory
-from llm.streaming import stream_generate
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,11 @@ def load_transformers_model(settings: Any) -> TransformersChatModel:
         log.warning(n)
 
     trust = llm.trust_remote_code
+    adapter = read_adapter(settings.model_path(llm.adapter)) if llm.adapter else None
+    if adapter is not None:  # refuse impossible combinations before the slow load (llm/adapters.py)
+        check_combination(adapter, remote_code=needs_remote_code(raw), quantization=quant, merge=llm.adapter_merge)
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
+    config = prepare_base_config(adapter, config)
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None)
     context = min(llm.max_context_tokens, max_pos) if max_pos else llm.max_context_tokens
 
@@ -250,7 +255,8 @@ def load_transformers_model(settings: Any) -> TransformersChatModel:
     qconfig = quantization_config(quant, dtype) if device == "cuda" else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=trust, dtype=dtype, quantization_config=qconfig,
+            folder, config=config, local_files_only=True, trust_remote_code=trust, dtype=dtype,
+            quantization_config=qconfig,
             device_map={"": 0} if device == "cuda" else None,
         )
     except torch.cuda.OutOfMemoryError:
@@ -262,9 +268,13 @@ def load_transformers_model(settings: Any) -> TransformersChatModel:
         raise LLMError(f"could not load the weights in {folder}: {e}. Check that the folder holds the model's "
                        f"*.safetensors files (copy it again if a download was interrupted)") from None
     model.eval()
+    name = folder.name
+    if adapter is not None:
+        model = apply_adapter(model, adapter, merge=llm.adapter_merge)
+        name += describe(adapter, merged=llm.adapter_merge)
 
     info = ModelInfo(
-        name=folder.name, backend="transformers", device=device, quantization=quant,
+        name=name, backend="transformers", device=device, quantization=quant,
         dtype=str(dtype).removeprefix("torch."), is_demo=is_demo, weights_path=str(folder),
         max_context_tokens=context, notes=tuple(notes),
     )

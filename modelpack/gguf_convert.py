@@ -170,7 +170,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, max_shard_bytes: int = DEFAU
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     (out_dir / "README.md").write_text(
         f"# {out_dir.name.removesuffix('.part')} (Zhiwen model pack)\n\n"
-        f"Converted by `python -m llm.models pull` from `{gguf_path.name}` (Q4_K_M GGUF, architecture {arch}),\n"
+        f"Converted by `python -m modelpack pull` from `{gguf_path.name}` (Q4_K_M GGUF, architecture {arch}),\n"
         "dequantized to bf16. The weights are Qwen2.5-Coder-Instruct (Apache-2.0). Load with\n"
         "`AutoModelForCausalLM.from_pretrained(folder)`; the chat template is in the tokenizer files.\n",
         encoding="utf-8",

