@@ -24,6 +24,10 @@ Per size and index kind it prints:
                         bytes = what the commit wrote (KBWriter.last_commit_bytes; hard links not counted)
   first-query           the first search after the update, to compare with search-full p50
   cold-writer           opening a writer in a fresh process (segments read and verified: what ingest.py pays)
+
+--dense-only (for 1M on a machine without the ~5 GB a full 1M-chunk KB in memory needs): only the replica vectors,
+no chunks or BM25: exact search (faiss.knn over the array, what IndexFlatIP does) against the IVF index the store
+builds (segments.build_index), recall@10 per nprobe, and encode + dense search per question, p50 / p95.
 """
 from __future__ import annotations
 
@@ -141,13 +145,51 @@ def one_file_updates(settings, name: str, emb, searcher, new_file: list[Chunk], 
         update(kind)
 
 
+def dense_only(args, base, emb, real, real_vecs, questions, qvecs) -> int:
+    from retrieval.segments import build_index
+
+    fetch_k = base.retrieval.fetch_k
+    q = np.vstack([qvecs[x] for x in questions])
+    for size in args.sizes:
+        _, vecs = replicate(real, real_vecs, size, perturb_text=False)
+        print(f"\n== {size:,} vectors (dense only), rss {_rss():.2f} GiB")
+        ms = []
+        for i in range(len(q)):
+            t0 = time.perf_counter()
+            faiss.knn(q[i:i + 1], vecs, fetch_k, metric=faiss.METRIC_INNER_PRODUCT)
+            ms.append((time.perf_counter() - t0) * 1000)
+        print(f"  exact search (fetch_k {fetch_k})   {_ms(ms)}")
+        _, truth = faiss.knn(q, vecs, 10, metric=faiss.METRIC_INNER_PRODUCT)
+        t0 = time.perf_counter()
+        ivf = build_index(vecs, "ivf")
+        print(f"  ivf built in {time.perf_counter() - t0:.1f} s ({ivf.nlist} lists), rss {_rss():.2f} GiB")
+        for nprobe in args.nprobe or [base.store.ivf_nprobe]:
+            params = faiss.SearchParametersIVF(nprobe=nprobe)
+            _, got = ivf.search(q, 10, params=params)
+            recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got, strict=True)])
+            ms, full = [], []
+            for x in questions:
+                t0 = time.perf_counter()
+                ivf.search(qvecs[x][None, :], fetch_k, params=params)
+                ms.append((time.perf_counter() - t0) * 1000)
+                t0 = time.perf_counter()
+                ivf.search(np.asarray(emb.encode_query(x), dtype=np.float32)[None, :], fetch_k, params=params)
+                full.append((time.perf_counter() - t0) * 1000)
+            print(f"  ivf nprobe {nprobe:>3}: recall@10 {recall:.4f}; search {_ms(ms)}; encode+search {_ms(full)}")
+        del vecs, ivf
+        gc.collect()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--kinds", nargs="+", default=["flat", "ivf"], choices=["flat", "ivf"])
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--real-chunks", type=int, default=400, help="real chunks embedded and replicated")
-    ap.add_argument("--nprobe", type=int, nargs="+", default=None, help="IVF nprobe values for recall (default: setting)")
+    ap.add_argument("--nprobe", type=int, nargs="+", default=None,
+                    help="IVF nprobe values for recall (default: store.ivf_nprobe)")
+    ap.add_argument("--dense-only", action="store_true", help="vectors only: exact vs IVF (see the module doc)")
     ap.add_argument("--dir", type=Path, default=None, help="where the KBs are written (default: a temp folder)")
     args = ap.parse_args(argv)
 
@@ -159,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     from retrieval.retriever import HybridSearcher
 
     qvecs = {q: np.asarray(emb.encode_query(q), dtype=np.float32) for q in questions}
-    new_file = [c for c in cmrc_chunks(base)[0][args.real_chunks:] if c.source == cmrc_chunks(base)[0][
-        args.real_chunks].source]
+    every, _ = cmrc_chunks(base)
+    new_file = [c for c in every[args.real_chunks:] if c.source == every[args.real_chunks].source]
     print(f"machine: {describe_machine()}, faiss {faiss.__version__}")
     print(f"real chunks {len(real)}, queries {len(questions)}, one-file update: {len(new_file)} chunks; "
           f"retrieval mode {base.retrieval.mode}, fetch_k {base.retrieval.fetch_k}, top_k {base.retrieval.top_k}")
+    if args.dense_only:
+        return dense_only(args, base, emb, real, real_vecs, questions, qvecs)
     root = args.dir or Path(tempfile.mkdtemp(prefix="zhiwen-scale-"))
     try:
         for size in args.sizes:

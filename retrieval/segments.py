@@ -202,7 +202,7 @@ def chunk_from_json(d: Any) -> Chunk:
 NORM_TOLERANCE = 1e-2
 
 
-def check_vectors(vectors: np.ndarray, where: str) -> None:
+def check_vectors(vectors: np.ndarray, where: str, first_row: int = 0) -> None:
     if not len(vectors):
         return
     if not np.isfinite(vectors).all():
@@ -212,7 +212,14 @@ def check_vectors(vectors: np.ndarray, where: str) -> None:
     off = np.abs(norms - 1) > NORM_TOLERANCE
     if off.any():
         raise SegmentError(f"{where} 中有 {int(off.sum())} 个向量长度不是 1"
-                           f"（例如第 {int(np.argmax(off))} 行：{norms[off][0]:.3g}）")
+                           f"（例如第 {first_row + int(np.argmax(off))} 行：{norms[off][0]:.3g}）")
+
+
+def check_index_vectors(index: faiss.Index, where: str, block: int = 65536) -> None:
+    """check_vectors over an index's stored vectors, a block at a time (no second copy of a large index)."""
+    for start in range(0, index.ntotal, block):
+        n = min(block, index.ntotal - start)
+        check_vectors(index.reconstruct_n(start, n), where, start)
 
 
 def all_vectors(index: faiss.Index) -> np.ndarray:
@@ -245,7 +252,7 @@ class Segment:
         postings = postings or Postings.from_texts([c.embedding_text() for c in chunks])
         chunks = [replace(c, id=i) for i, c in enumerate(chunks)]
         blobs = {
-            "faiss": (f"{seg_id}.faiss", faiss.serialize_index(index).tobytes()),
+            "faiss": (f"{seg_id}.faiss", faiss.serialize_index(index)),  # a uint8 array: written without a copy
             "chunks": (f"{seg_id}.chunks.jsonl", "".join(json.dumps(chunk_to_json(c), ensure_ascii=False) + "\n"
                                                          for c in chunks).encode("utf-8")),
             "bm25": (f"{seg_id}.bm25.{bm25_mod.TOKENIZER_VERSION}.npz", postings.to_bytes()),
@@ -274,7 +281,7 @@ class Segment:
     def load(folder: Path, info: SegmentInfo) -> Segment:
         """Read and verify a segment: checksums, chunk types and ids, vector count/dimension, finite unit vectors.
         SegmentError names the file."""
-        raw: dict[str, bytes] = {}
+        raw: dict[str, bytes] = {}  # each file is read once: hashed, then parsed from the same bytes
         for role, name in info.files.items():
             try:
                 data = (folder / name).read_bytes()
@@ -298,7 +305,7 @@ class Segment:
         if index.ntotal != info.rows or index.d != info.dim:
             raise SegmentError(f"{folder.name}/{info.files['faiss']} 有 {index.ntotal} 个 {index.d} 维向量，"
                                f"清单记录的是 {info.rows} 个 {info.dim} 维")
-        check_vectors(all_vectors(index), f"{folder.name}/{info.files['faiss']}")
+        check_index_vectors(index, f"{folder.name}/{info.files['faiss']}")
         try:
             postings = Postings.from_bytes(raw["bm25"])
         except (ValueError, KeyError, OSError) as e:

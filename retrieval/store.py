@@ -590,7 +590,7 @@ def _load_legacy(gen_dir: Path, manifest: Manifest) -> _Generation:
     if manifest.dim and index.d != manifest.dim:
         raise KBCorruptError(f"{gen_dir.name}/{INDEX_FILE} 的向量是 {index.d} 维，清单记录的模型是 {manifest.dim} 维")
     try:
-        seglib.check_vectors(seglib.all_vectors(index), f"{gen_dir.name}/{INDEX_FILE}")
+        seglib.check_index_vectors(index, f"{gen_dir.name}/{INDEX_FILE}")
     except SegmentError as e:
         raise KBCorruptError(str(e)) from None
     info = SegmentInfo("legacy", len(chunks), index.d, "flat", "", {}, {})
