@@ -125,11 +125,15 @@ class Postings:
         coo.sum_duplicates()
         return cls(list(vocab), coo)
 
-    def column(self, term: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """(rows, counts) of one term, or None when the segment never saw it."""
+    def prepare(self) -> None:
+        """Build the query-side structures now (the term dict and the CSC copy), not at the first question."""
         if self._vocab_ids is None:
             self._vocab_ids = {t: i for i, t in enumerate(self.vocab)}
             self._csc = self.csr.tocsc()
+
+    def column(self, term: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(rows, counts) of one term, or None when the segment never saw it."""
+        self.prepare()
         j = self._vocab_ids.get(term)
         if j is None:
             return None
@@ -231,6 +235,7 @@ class Segment:
 
     def __init__(self, info: SegmentInfo, chunks: list[Chunk], index: faiss.Index, postings: Postings) -> None:
         self.info, self.chunks, self.index, self.postings = info, chunks, index, postings
+        postings.prepare()  # loaded = ready: the first question after a reopen costs what any other does
 
     @property
     def rows(self) -> int:
