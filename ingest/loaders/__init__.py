@@ -8,9 +8,11 @@ unexpected library exception into LoadError("corrupt") with the library's messag
 never sees a bare traceback. load_file is a top-level function holding no state: it pickles for
 ProcessPoolExecutor, and the heavy OCR engine is created lazily inside the worker that first needs it.
 
-Why not `unstructured`'s partitioners? In unstructured 0.27 the HTML, DOCX, PPTX, text and e-mail partitioners
-classify elements with spaCy and download the en_core_web_sm model from GitHub on first use, and the EPUB,
-ODT and RTF ones need pandoc: neither works offline. The libraries below are what those partitioners wrap.
+Why not `unstructured`'s partitioners? Measured offline (bench/unstructured_eval.py, docs/models.md "Parsers"):
+unstructured 0.27 read 7 of the 81 messy_docs files (tables only) and none of 240 CMRC passage files; its text,
+HTML, DOCX, PPTX and e-mail partitioners download spaCy's en_core_web_sm from GitHub at run time (no pinned
+PyPI package of it exists), and md, PDF, images, ODT and RTF need extras. It is not a dependency; the
+libraries below are what those partitioners wrap.
 """
 from __future__ import annotations
 
