@@ -88,7 +88,7 @@ class PromptSettings(_Section):
 
 
 class LLMSettings(_Section):
-    backend: Literal["transformers", "openai"] = "transformers"
+    backend: Literal["auto", "transformers", "llamacpp", "openai"] = "auto"
     model: str = "chatglm3-6b"
     demo_model: str = "qwen2.5-coder-1.5b-instruct"
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -100,6 +100,10 @@ class LLMSettings(_Section):
     temperature: float = Field(0.1, ge=0)
     top_p: float = Field(0.8, gt=0, le=1)
     repetition_penalty: float = Field(1.1, gt=0)
+    threads: int = Field(0, ge=0)               # llama.cpp threads; 0 = the machine's physical cores
+    n_gpu_layers: int = Field(0, ge=-1)         # llama.cpp layers offloaded to a GPU (-1 = all; needs a CUDA build)
+    static_cache: bool = True                   # transformers on CUDA: a static KV cache (fixed shapes)
+    compile: bool | Literal["auto"] = "auto"    # transformers on CUDA: torch.compile decoding (auto = for nf4)
     openai_base_url: str = ""
     openai_api_key: str = ""
     openai_model: str = ""
