@@ -19,9 +19,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from configs import SettingsError, load_settings
+
+    flags = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    try:  # before the web stack is imported: a settings mistake is reported in a second, as one sentence
+        settings = load_settings(args.config, **({"app": flags} if flags else {}))  # flags win over every source
+    except SettingsError as e:
+        print(f"配置错误 / settings error: {e}", file=sys.stderr)
+        return 2
+
     from app.server import run
 
-    return run(config=args.config, host=args.host, port=args.port, warm_up=not args.no_warm_up)
+    return run(settings, warm_up=not args.no_warm_up)
 
 
 if __name__ == "__main__":

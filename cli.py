@@ -3,7 +3,8 @@
     python cli.py --kb default                       # interactive; Ctrl-C stops an answer, Ctrl-D (or "exit") quits
     python cli.py --kb default --question "生命数耗完即算为什么？"   # one question, then exit (status 1 on error)
 
-Settings come from configs/ as everywhere else (ZHIWEN_PROFILE, ZHIWEN_CONFIG, ZHIWEN_<SECTION>__<KEY>).
+Settings come from configs/ as everywhere else (ZHIWEN_PROFILE, --config or ZHIWEN_CONFIG,
+ZHIWEN_<SECTION>__<KEY>); a settings mistake exits with status 2 and one sentence.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, help="0 = greedy (llm.temperature)")
     ap.add_argument("--max-new-tokens", type=int, help="answer length limit (llm.max_new_tokens)")
     ap.add_argument("--history-turns", type=int, help="earlier turns sent to the model (prompt.history_turns)")
+    ap.add_argument("--config", help="a YAML settings file merged over configs/default.yaml (like ZHIWEN_CONFIG)")
     return ap.parse_args(argv)
 
 
@@ -41,7 +43,7 @@ def print_sources(stream: Any) -> None:
         print(f"  [{i}] {where}（相似度 {score}）\n      {text[:PASSAGE_PREVIEW_CHARS]}{more}")
 
 
-def ask(service: Any, question: str, kb: str, history: list[tuple[str, str]], params: dict[str, Any]) -> str | None:
+def ask(service: Any, question: str, kb: str, history: list[tuple[str, str]], params: Any) -> str | None:
     """Stream one answer to stdout. Ctrl-C stops the generation (the partial answer is kept). Returns the answer."""
     stop = threading.Event()
     stream = service.answer(question, kb, history, params, stop_event=stop)
@@ -60,16 +62,25 @@ def ask(service: Any, question: str, kb: str, history: list[tuple[str, str]], pa
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from app.service import QAError, QAService
     from configs import SettingsError, load_settings
+
+    try:  # before the models' libraries are imported: a settings mistake is one sentence, at once
+        settings = load_settings(args.config)
+    except SettingsError as e:
+        print(f"设置有误 / settings error: {e}", file=sys.stderr)
+        return 2
+    from app.service import AnswerParams, QAError, QAService
     from llm import LLMError
     from retrieval.embeddings import EmbedderError
 
-    params = {k: v for k, v in {"top_k": args.top_k, "threshold": args.threshold, "temperature": args.temperature,
-                                "max_new_tokens": args.max_new_tokens,
-                                "history_turns": args.history_turns}.items() if v is not None}
     try:
-        service = QAService(load_settings())
+        params = AnswerParams(top_k=args.top_k, threshold=args.threshold, temperature=args.temperature,
+                              max_new_tokens=args.max_new_tokens, history_turns=args.history_turns)
+    except QAError as e:                    # a bad flag value: the same sentence as on the page and the API
+        print(f"错误 / error: {e}", file=sys.stderr)
+        return 2
+    try:
+        service = QAService(settings)
         service.knowledge_base(args.kb)     # an unknown KB fails before the models load
         print("正在加载模型… / loading models…", file=sys.stderr, flush=True)
         service.warm_up()
@@ -99,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if answer:
                 history.append((question, answer))
-    except (QAError, LLMError, SettingsError, EmbedderError) as e:
+    except (QAError, LLMError, EmbedderError) as e:
         print(f"错误 / error: {e}", file=sys.stderr)
         return 1
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python ingest.py", description="把一个文件夹里的文档导入知识库（增量：只处理新增和改动的文件）。")
+    p = argparse.ArgumentParser(prog="python ingest.py",
+                                description="把一个文件夹里的文档导入知识库（增量：只处理新增和改动的文件）。")
     p.add_argument("folder", type=Path, help="要导入的文件夹（递归扫描，跳过隐藏文件）")
     p.add_argument("--kb", default="default", help="知识库名称（默认 default）")
     p.add_argument("--prune", action="store_true", help="从知识库删除这个文件夹里已不存在的文件")
@@ -27,17 +28,19 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
     from configs import SettingsError, load_settings
+
+    try:  # before the parsers and models are imported: a settings mistake is one sentence, at once
+        settings = load_settings(args.config)
+    except SettingsError as e:
+        print(f"设置有误：{e}", file=sys.stderr)
+        return 2
     from ingest import ingest
     from retrieval.embeddings import EmbedderError
     from retrieval.store import KBError
 
     try:
-        settings = load_settings(args.config)
         report = ingest(args.folder, args.kb, settings, prune=args.prune, rebuild=args.rebuild,
                         retry_failed=args.retry_failed, show_progress=not args.quiet)
-    except SettingsError as e:
-        print(f"设置有误：{e}", file=sys.stderr)
-        return 2
     except (KBError, EmbedderError) as e:  # bad folder / KB name, lock held, needs --rebuild; model missing
         print(f"错误：{e}", file=sys.stderr)
         return 2

@@ -9,13 +9,18 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from configs import Settings
 
 from . import library
 from .auth import Authenticator
 from .jobs import JobManager
+
+if TYPE_CHECKING:
+    from retrieval.retriever import SearchResult
+
+    from .service import AnswerParams, AnswerStream
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +57,14 @@ class AppContext:
         self.service.warm_up()
         self.models_loaded = True
 
-    def answer(self, question: str, kb_name: str, history: list, *, stop: threading.Event | None = None,
-               **params: Any) -> GatedStream:
-        """One streamed answer, holding a generation slot from the first token wait to the end."""
-        return GatedStream(self, question, kb_name, history, params, stop)
+    def answer(self, question: str, kb_name: str, history: list, params: AnswerParams | None = None, *,
+               stop: threading.Event | None = None) -> GatedStream:
+        """One streamed answer. The checks, the retrieval and the prompt happen now (a bad request raises QAError
+        before any text); iterating holds a generation slot from the first token wait to the end."""
+        return GatedStream(self, self.service.answer(question, kb_name, history, params, stop_event=stop))
 
-    def search(self, question: str, kb_name: str, *, top_k: int, threshold: float) -> Any:
-        return self.service.search(question, kb_name, top_k=top_k, threshold=threshold)
+    def search(self, question: str, kb_name: str, params: AnswerParams | None = None) -> SearchResult:
+        return self.service.search(question, kb_name, params)
 
     # --- page helpers --------------------------------------------------------------------------
     def model_info(self) -> Any:
@@ -90,23 +96,18 @@ class AppContext:
 
 
 class GatedStream:
-    """Iterate the service's AnswerStream while holding a generation slot; exposes .sources/.refused/.error after."""
+    """Iterate the service's AnswerStream while holding a generation slot; .sources/.refused/.error etc. are the
+    AnswerStream's."""
 
-    def __init__(self, ctx: AppContext, question: str, kb_name: str, history: list, params: dict,
-                 stop: threading.Event | None) -> None:
-        self._ctx, self._args, self._stop = ctx, (question, kb_name, history, params), stop
-        self._inner: Any = None
+    def __init__(self, ctx: AppContext, inner: AnswerStream) -> None:
+        self._ctx, self._inner = ctx, inner
 
     def __iter__(self) -> Iterator[str]:
-        question, kb_name, history, params = self._args
         with self._ctx.gate:
-            self._inner = self._ctx.service.answer(question, kb_name, history, params, stop_event=self._stop)
             for piece in self._inner:
                 if not self._inner.refused:  # a refusal never touches the LLM
                     self._ctx.models_loaded = True
                 yield piece
 
     def __getattr__(self, name: str) -> Any:
-        if self._inner is None:
-            raise AttributeError(name)
         return getattr(self._inner, name)

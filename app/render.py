@@ -6,12 +6,31 @@ script into the page. Pure functions of plain data, so they are tested without a
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Sequence
 from typing import Any
 
+from grounding import UNGROUNDED, best_sentence_index
+from ingest.report import STATUS_NAMES as INGEST_STATUS_NAMES
 from prompts import REFUSAL, is_refusal  # REFUSAL is re-exported for app.web
 from retrieval.sentences import split_sentences
 from retrieval.types import Hit
+
+# Clicking a citation marker [n] in an answer outlines source card [n] and scrolls to it (a delegated listener: the
+# chat and the sources panel are re-rendered by Gradio, so nothing is bound to their elements).
+CITATION_JS = """<script>
+document.addEventListener("click", (e) => {
+  const cite = e.target.closest && e.target.closest(".zw-cite");
+  if (!cite) return;
+  setTimeout(() => {
+    const n = cite.dataset.passage;
+    document.querySelectorAll(".zw-hit").forEach((h) => h.classList.toggle("zw-cited", h.dataset.rank === n));
+    const card = document.querySelector(`.zw-hit[data-rank="${n}"]`);
+    if (card) card.scrollIntoView({behavior: "smooth", block: "nearest"});
+  }, 300);
+});
+</script>"""
+_MARKER = re.compile(r"\[(\d{1,2})\]")
 
 
 def _bigrams(text: str) -> set[str]:
@@ -20,12 +39,21 @@ def _bigrams(text: str) -> set[str]:
 
 
 def supporting_sentences(passage: str, reference: str, top: int = 2) -> set[int]:
-    """Indices of the passage's sentences sharing the most character bigrams with `reference` (the answer, or the
-    question when there is no answer): the sentences a reader should check first. None when nothing overlaps.
+    """Indices of the passage's sentences a reader should check first: the one stating the answer's numbers, dates
+    and names (grounding.best_sentence_index), then those sharing the most character bigrams with `reference` (the
+    answer, or the question when there is no answer). Empty when nothing overlaps.
 
     >>> sorted(supporting_sentences("天气很好。上传文件请点击上传按钮。", "点击上传按钮"))
     [1]
     """
+    first = best_sentence_index(split_sentences(passage), reference) if reference.strip() else None
+    if first is None:
+        return _bigram_sentences(passage, reference, top)
+    rest = sorted(_bigram_sentences(passage, reference, top) - {first})
+    return {first, *rest[: top - 1]}
+
+
+def _bigram_sentences(passage: str, reference: str, top: int) -> set[int]:
     ref = _bigrams(reference)
     if not ref:
         return set()
@@ -40,9 +68,19 @@ def supporting_sentences(passage: str, reference: str, top: int = 2) -> set[int]
     return {i for _, i in scored[:top]}
 
 
-def highlighted_passage(passage: str, reference: str, top: int = 2) -> str:
-    """The passage as escaped HTML with its supporting sentences wrapped in <mark>."""
-    marks = supporting_sentences(passage, reference, top)
+def highlighted_passage(passage: str, reference: str, top: int = 2, *, evidence: str = "",
+                        answer_only: bool = False) -> str:
+    """The passage as escaped HTML with its supporting sentences wrapped in <mark> (`evidence`: the sentence the
+    grounding check found for the answer, marked alone; `answer_only`: `reference` is a checked answer, so only a
+    sentence that supports it is marked, never one that merely shares a word)."""
+    sentences = split_sentences(passage)
+    if evidence in sentences:
+        marks = {sentences.index(evidence)}
+    elif answer_only:
+        best = best_sentence_index(sentences, reference)
+        marks = set() if best is None else {best}
+    else:
+        marks = supporting_sentences(passage, reference, top)
 
     def esc(text: str) -> str:
         return html.escape(text).replace("\n", "<br>")
@@ -79,8 +117,13 @@ def _scores(hit: Hit) -> str:
     return " · ".join(s)
 
 
-def hits_html(hits: Sequence[Hit], reference: str, *, title: str, note: str = "", weak: bool = False) -> str:
-    """Cards for ranked hits: where (file, page, heading), scores, passage with highlighted sentences."""
+def hits_html(hits: Sequence[Hit], reference: str, *, title: str, note: str = "", weak: bool = False,
+              grounding: Any = None) -> str:
+    """Cards for ranked hits: where (file, page, heading), scores, passage with highlighted sentences. `grounding`
+    (the answer's grounding.GroundingResult) marks the passages it cites and the sentence that supports the answer."""
+    evidence = getattr(grounding, "evidence", None) or {}
+    cited = {c.passage for c in getattr(grounding, "citations", ())}
+    checked = grounding is not None and grounding.status != "refusal"
     cls = "zw-sources zw-weak" if weak else "zw-sources"
     out = [f'<div class="{cls}"><div class="zw-sources-title">{html.escape(title)}</div>']
     if note:
@@ -88,19 +131,38 @@ def hits_html(hits: Sequence[Hit], reference: str, *, title: str, note: str = ""
     if not hits:
         out.append('<div class="zw-empty">没有找到相关段落。</div>')
     for rank, hit in enumerate(hits, 1):
+        cls = "zw-hit zw-cited" if rank in cited else "zw-hit"
+        marked = highlighted_passage(hit.text, reference, evidence=evidence.get(rank, ""), answer_only=checked)
         out.append(
-            f'<div class="zw-hit"><div class="zw-hit-head"><span class="zw-rank">[{rank}]</span> {_where(hit)}'
+            f'<div class="{cls}" id="zw-src-{rank}" data-rank="{rank}"><div class="zw-hit-head">'
+            f'<span class="zw-rank">[{rank}]</span> {_where(hit)}'
             f'<span class="zw-score">{_scores(hit)}</span></div>'
-            f'<div class="zw-passage">{highlighted_passage(hit.text, reference)}</div></div>'
+            f'<div class="zw-passage">{marked}'
+            '</div></div>'
         )
     out.append("</div>")
     return "".join(out)
 
 
-def answer_markdown(text: str, *, refused: bool = False, error: str = "", stopped: bool = False) -> str:
+def _linked_markers(body: str) -> str:
+    """[n] in escaped answer text → a clickable marker that outlines source card [n] (CITATION_JS)."""
+    return _MARKER.sub(lambda m: f'<span class="zw-cite" data-passage="{m.group(1)}" role="link" tabindex="0" '
+                                 f'title="查看来源 [{m.group(1)}]">[{m.group(1)}]</span>', body)
+
+
+def answer_markdown(text: str, *, refused: bool = False, error: str = "", stopped: bool = False,
+                    grounding: Any = None) -> str:
     """Chat bubble content. The answer is escaped (the model may repeat markup from a document); a refusal and an
-    error get their own styles so nobody mistakes them for an answer, and an answer cut off with 停止 says so."""
+    error get their own styles so nobody mistakes them for an answer, and an answer cut off with 停止 says so.
+    An answer that failed the grounding check (`grounding.ok` False) is shown as 「资料中没有找到可靠依据」 with the
+    parts that failed; the model's text stays folded underneath, marked as unverified."""
     body = html.escape(text).replace("\n", "<br>")
+    if grounding is not None and not grounding.ok and not error:
+        failed = "".join(f"<li>{html.escape(f.message)}</li>" for f in grounding.failures)
+        return (f'<div class="zw-refusal zw-ungrounded">⊘ {UNGROUNDED}'
+                f'<div class="zw-note zw-after">核对未通过（依据见右侧段落）：<ul>{failed}</ul></div>'
+                f'<details><summary>模型的原始回答（未经核实，请勿当作事实）</summary>{body}</details></div>')
+    body = _linked_markers(body)
     if error:
         return f'<div class="zw-error">⚠ {html.escape(error)}</div>' + (f"<div>{body}</div>" if text else "")
     if refused:
@@ -138,10 +200,8 @@ def job_html(job: Any | None) -> str:
     return "".join(out)
 
 
-STATUS_NAMES = {
-    "ok": "成功", "unchanged": "未变化", "renamed": "改名", "duplicate": "重复", "empty": "空文件",
-    "failed": "失败", "removed": "已删除", "rejected": "已拒绝",
-}
+# The ingest report's words (the CLI shows the same), plus the upload layer's own: refused before ingest.
+STATUS_NAMES = {**INGEST_STATUS_NAMES, "rejected": "已拒绝"}
 
 
 def human_size(n: int) -> str:

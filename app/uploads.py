@@ -1,7 +1,8 @@
 """Put uploaded files into a knowledge base's sources/ folder without ever writing outside it.
 
 Rules (each rejection carries a Chinese sentence for the file table):
-  - a name is reduced to its last path component, stripped of control and reserved characters;
+  - a name is reduced to its last path component, stripped of control and reserved characters and of invisible
+    format characters (bidi overrides such as U+202E, which make "gpj.exe" look like "exe.jpg", zero widths);
   - a name that already exists with other content gets " (2)", " (3)", ... — nothing is overwritten;
     the same name with the same bytes is reused, so ingestion reports it as unchanged;
   - only extensions the loaders support; each file at most `max_file_bytes`;
@@ -22,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-_RESERVED = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
+_RESERVED = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f-\x9f]')
 _WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 MAX_NAME_BYTES = 200  # below the usual 255-byte file-name limit, leaving room for " (n)"
 
@@ -51,9 +52,13 @@ class StoredUploads:
 
 
 def safe_filename(name: str) -> str:
-    """A harmless single file name: safe_filename("../../etc/pass wd") -> "pass wd"; safe_filename("a\\b:c.txt") -> "b_c.txt"."""
+    """A harmless single file name.
+
+    safe_filename("../../etc/pass wd") -> "pass wd"; safe_filename("a\\b:c.txt") -> "b_c.txt"."""
     name = unicodedata.normalize("NFC", name.replace("\\", "/")).split("/")[-1]
-    name = _RESERVED.sub("_", name).strip().strip(".")  # leading dots would hide the file; trailing ones vanish on Windows
+    name = "".join(ch for ch in name if unicodedata.category(ch) != "Cf")  # bidi overrides, zero widths
+    # leading dots would hide the file; trailing ones vanish on Windows
+    name = _RESERVED.sub("_", name).strip().strip(".")
     stem, dot, ext = name.rpartition(".")
     if not dot:
         stem, ext = name, ""
@@ -63,6 +68,11 @@ def safe_filename(name: str) -> str:
     while len((stem + ext).encode("utf-8")) > MAX_NAME_BYTES and stem:
         stem = stem[:-1]
     return (stem + ext) or "file"
+
+
+def too_big_reason(size: float, limit: int) -> str:
+    """The sentence for a file over app.max_upload_mb (also used by the API while it streams an upload in)."""
+    return f"文件大小 {size / 2**20:.1f} MB 超过上限 {limit / 2**20:.0f} MB（配置项 app.max_upload_mb）。"
 
 
 def _sha256(path: Path) -> str:
@@ -94,11 +104,12 @@ def _store_file(src: Path, display: str, dest: Path, limits: UploadLimits, out: 
     name = safe_filename(display)
     ext = os.path.splitext(name)[1].lower()
     if ext not in limits.allowed_extensions:
-        out.rejected.append(Rejected(display, f"不支持的文件类型「{ext or '无扩展名'}」，支持：{', '.join(sorted(limits.allowed_extensions))}。"))
+        allowed = ", ".join(sorted(limits.allowed_extensions))
+        out.rejected.append(Rejected(display, f"不支持的文件类型「{ext or '无扩展名'}」，支持：{allowed}。"))
         return
     size = src.stat().st_size
     if size > limits.max_file_bytes:
-        out.rejected.append(Rejected(display, f"文件大小 {size / 2**20:.1f} MB 超过上限 {limits.max_file_bytes / 2**20:.0f} MB（配置项 app.max_upload_mb）。"))
+        out.rejected.append(Rejected(display, too_big_reason(size, limits.max_file_bytes)))
         return
     target, existing = _unique_target(dest, name, _sha256(src))
     if not _inside(dest, target):  # cannot happen after safe_filename; kept as the last line of defence
@@ -143,10 +154,12 @@ def _extract_zip(zip_path: Path, display: str, dest: Path, limits: UploadLimits,
     with zf:
         entries = [i for i in zf.infolist() if not i.is_dir()]
         if len(entries) > limits.max_zip_entries:
-            out.rejected.append(Rejected(display, f"压缩包内有 {len(entries)} 个文件，超过上限 {limits.max_zip_entries}（配置项 app.max_zip_entries），请分批上传。"))
+            out.rejected.append(Rejected(display, f"压缩包内有 {len(entries)} 个文件，超过上限 {limits.max_zip_entries}"
+                                                  "（配置项 app.max_zip_entries），请分批上传。"))
             return
         if sum(i.file_size for i in entries) > limits.max_unzipped_bytes:
-            out.rejected.append(Rejected(display, f"压缩包解压后超过 {limits.max_unzipped_bytes / 2**20:.0f} MB（配置项 app.max_unzipped_mb），请分批上传。"))
+            out.rejected.append(Rejected(display, f"压缩包解压后超过 {limits.max_unzipped_bytes / 2**20:.0f} MB"
+                                                  "（配置项 app.max_unzipped_mb），请分批上传。"))
             return
         budget = limits.max_unzipped_bytes
         staging = dest / f".unzip-{os.getpid()}-{id(zf)}"
@@ -159,7 +172,8 @@ def _extract_zip(zip_path: Path, display: str, dest: Path, limits: UploadLimits,
                 if reason is None and info.flag_bits & 0x1:
                     reason = "压缩包内的文件已加密，请解密后再上传。"
                 if reason is None and info.compress_size and info.file_size / info.compress_size > limits.max_zip_ratio:
-                    reason = f"压缩比异常（{info.file_size / info.compress_size:.0f} 倍，上限 {limits.max_zip_ratio:.0f}，疑似压缩炸弹），已拒绝。"
+                    reason = (f"压缩比异常（{info.file_size / info.compress_size:.0f} 倍，"
+                              f"上限 {limits.max_zip_ratio:.0f}，疑似压缩炸弹），已拒绝。")
                 if reason is None and os.path.splitext(name)[1].lower() not in limits.allowed_extensions:
                     reason = f"不支持的文件类型「{os.path.splitext(name)[1] or '无扩展名'}」，已跳过。"
                 if reason:
@@ -190,7 +204,7 @@ def _extract_zip(zip_path: Path, display: str, dest: Path, limits: UploadLimits,
 
 
 def store_uploads(files: Iterable[tuple[Path, str]], dest: Path, limits: UploadLimits) -> StoredUploads:
-    """Copy (temp_path, original_name) pairs into `dest`, unpacking zips; returns what was saved and what was refused."""
+    """Copy (temp_path, original_name) pairs into `dest`, unpacking zips; returns what was saved and refused."""
     dest.mkdir(parents=True, exist_ok=True)
     out = StoredUploads(saved=[], rejected=[])
     for src, display in files:

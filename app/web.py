@@ -2,13 +2,14 @@
 
 Layout first, then thin handlers: each makes one call to the QA service, the job manager or app.library and turns
 the answer into component values. Every handler catches errors and shows a sentence a person can act on
-(`_friendly`); the traceback goes to the server log only. Document text reaches the page only through
-app.render, which escapes it.
+(`_friendly`, with app.errors.friendly_error); the traceback goes to the server log only. Document text reaches the
+page only through app.render, which escapes it.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ import gradio as gr
 
 from . import library, render
 from .context import AppContext
+from .errors import friendly_error
+from .service import AnswerParams
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,9 @@ CSS = """
 .zw-status {font-size: 0.9em; opacity: 0.85}
 .zw-refusal {border-left: 4px solid #d97706; background: #fff7ed; color: #9a3412; padding: 6px 10px; border-radius: 4px}
 .zw-stopped {font-size: 0.85em; color: #6b7280; margin-top: 4px}
+.zw-cite {color: #2563eb; cursor: pointer; font-size: 0.85em; vertical-align: super}
+.zw-hit.zw-cited {border-color: #2563eb; box-shadow: 0 0 0 2px #bfdbfe}
+.zw-ungrounded details {margin-top: 4px; color: #6b7280}
 .zw-error {border-left: 4px solid #dc2626; background: #fef2f2; color: #991b1b; padding: 6px 10px; border-radius: 4px}
 .zw-sources-title {font-weight: 600; margin-bottom: 6px}
 .zw-weak .zw-sources-title {color: #9a3412}
@@ -43,22 +49,6 @@ CSS = """
 .zw-job progress {width: 100%}
 .zw-status-failed td, .zw-status-rejected td {color: #b91c1c}
 """
-
-ERROR_HINT = "详细信息已记录在服务器日志中；如果问题持续，请把出错时间告诉管理员。"
-
-
-def friendly_error(e: BaseException) -> str:
-    """A sentence for the page: the project's own errors already carry one (.reason or the message)."""
-    if isinstance(e, gr.Error):
-        return str(e.message)
-    reason = getattr(e, "reason", None)
-    if isinstance(reason, str) and reason:
-        return reason
-    own = type(e).__module__.split(".")[0] in {"app", "ingest", "retrieval", "llm", "prompts", "configs"}
-    if own or isinstance(e, (ValueError, FileNotFoundError, PermissionError, TimeoutError)):
-        return str(e) or type(e).__name__
-    return f"内部错误（{type(e).__name__}）。{ERROR_HINT}"
-
 
 def _friendly(fn: Callable) -> Callable:
     """Wrap a handler: log the traceback, show the person a gr.Error sentence instead."""
@@ -115,19 +105,22 @@ class Handlers:
         # Every answer on the page owns one entry of answer_sources from its first yield on (clicking the n-th
         # answer shows entry n), so an answer that never reaches its last yield cannot shift the others' sources.
         number = len(answer_sources) + 1
-        answer_sources = [*answer_sources, render.hits_html([], question, title=f"答案来源（第 {number} 轮，回答未完成）")]
+        pending = render.hits_html([], question, title=f"答案来源（第 {number} 轮，回答未完成）")
+        answer_sources = [*answer_sources, pending]
         yield "", chat, turns, answer_sources, gr.update()
-        text, hits, refused, error = "", [], False, ""
+        text, hits, refused, error, verdict = "", [], False, "", None
         try:
-            stream = self.ctx.answer(question, kb, turns[-int(history_turns):] if history_turns else [],
-                                     top_k=int(top_k), threshold=float(threshold), temperature=float(temperature),
-                                     max_new_tokens=int(max_tokens), history_turns=int(history_turns), stop=stop)
+            params = AnswerParams(top_k=int(top_k), threshold=float(threshold), temperature=float(temperature),
+                                  max_new_tokens=int(max_tokens), history_turns=int(history_turns))
+            stream = self.ctx.answer(question, kb, turns[-int(history_turns):] if history_turns else [], params,
+                                     stop=stop)
             for piece in stream:
                 text += piece
                 chat[-1] = {"role": "assistant", "content": render.answer_markdown(text)}
                 yield "", chat, turns, answer_sources, gr.update()
             hits, refused, error = stream.sources, stream.refused, stream.error or ""
             low = getattr(stream, "low_relevance", None) or []
+            verdict = getattr(stream, "grounding", None)
         except Exception as e:
             log.exception("answer failed for %r in %r", question, kb)
             error, low = friendly_error(e), []
@@ -135,13 +128,17 @@ class Handlers:
             text = render.REFUSAL
         stopped = stop.is_set() and not refused and not error
         chat[-1] = {"role": "assistant",
-                    "content": render.answer_markdown(text, refused=refused, error=error, stopped=stopped)}
+                    "content": render.answer_markdown(text, refused=refused, error=error, stopped=stopped,
+                                                      grounding=verdict)}
         if refused:
-            panel = render.hits_html(low or hits, question, title="最接近的段落（相关度低于阈值，未作为依据）", weak=True)
+            panel = render.hits_html(low or hits, question, title="最接近的段落（相关度低于阈值，未作为依据）",
+                                     weak=True)
         else:
             stopped_note = "，已停止生成" if stopped else ""
-            panel = render.hits_html(hits, text or question, title=f"答案来源（第 {number} 轮{stopped_note}）")
-        if text and not error and not stopped:  # a cut-off answer is not sent back to the model as history
+            panel = render.hits_html(hits, text or question, grounding=verdict,
+                                     title=f"答案来源（第 {number} 轮{stopped_note}）")
+        if text and not error and not stopped and not (verdict is not None and not verdict.ok):
+            # a cut-off or ungrounded answer is not sent back to the model as history
             turns = [*turns, (question, text)]
         answer_sources = [*answer_sources[:-1], panel]
         yield "", chat, turns, answer_sources, panel
@@ -192,13 +189,19 @@ class Handlers:
     def files(self, kb: str | None) -> tuple[list[list], dict]:
         if not kb:
             return [], gr.update(choices=[], value=[])
-        return library.file_table(kb, self.ctx.settings), gr.update(choices=library.file_paths(kb, self.ctx.settings), value=[])
+        choices = gr.update(choices=library.file_paths(kb, self.ctx.settings), value=[])
+        return library.file_table(kb, self.ctx.settings), choices
 
     @_friendly
     def upload(self, kb: str | None, files: list[str] | None) -> tuple[str, str, dict, None]:
         if not kb:
             raise gr.Error("请先选择或新建一个知识库，再上传文件。", title="没有选择知识库")
-        job = self.ctx.jobs.upload(kb, [(Path(f), Path(f).name) for f in files or []])
+        paths = [Path(f) for f in files or []]
+        # Gradio keeps each upload in its own folder under GRADIO_TEMP_DIR: the job deletes it once stored
+        upload_root = Path(os.environ.get("GRADIO_TEMP_DIR", "/nonexistent")).resolve()
+        cleanup = {p.parent for p in paths if p.parent.resolve().is_relative_to(upload_root)
+                   and p.parent.resolve() != upload_root}
+        job = self.ctx.jobs.upload(kb, [(p, p.name) for p in paths], cleanup=sorted(cleanup) or None)
         return job.id, render.job_html(job), gr.update(active=True), None
 
     @_friendly
@@ -233,9 +236,11 @@ class Handlers:
         question = (question or "").strip()
         if not question or not kb:
             raise gr.Error("请选择知识库并输入要检索的问题。", title="缺少输入")
-        result = self.ctx.search(question, kb, top_k=int(top_k), threshold=float(threshold))
-        note = "有证据：得分最高的段落超过相关度阈值。" if result.evidence else "没有段落超过相关度阈值：问答会拒绝回答，下面是最接近的段落。"
-        return render.hits_html(result.hits or result.low_relevance, question, title=f"检索结果（{len(result.hits or result.low_relevance)} 条）",
+        result = self.ctx.search(question, kb, AnswerParams(top_k=int(top_k), threshold=float(threshold)))
+        note = ("有证据：得分最高的段落超过相关度阈值。" if result.evidence
+                else "没有段落超过相关度阈值：问答会拒绝回答，下面是最接近的段落。")
+        shown = result.hits or result.low_relevance
+        return render.hits_html(shown, question, title=f"检索结果（{len(shown)} 条）",
                                 note=note, weak=not result.evidence)
 
 
@@ -250,7 +255,8 @@ def build_page(ctx: AppContext) -> gr.Blocks:
     with gr.Blocks(title="知问 · 离线文档问答", analytics_enabled=False) as page:
         gr.Markdown("## 知问 · 离线文档问答")
         with gr.Row(equal_height=True):
-            kb = gr.Dropdown(label="知识库", choices=[], value=None, scale=1, elem_id="kb-select", allow_custom_value=False)
+            kb = gr.Dropdown(label="知识库", choices=[], value=None, scale=1, elem_id="kb-select",
+                             allow_custom_value=False)
             status = gr.Markdown(elem_classes=["zw-status"], elem_id="status-line")
 
         with gr.Tabs():
@@ -262,20 +268,25 @@ def build_page(ctx: AppContext) -> gr.Blocks:
                         chat = gr.Chatbot(label="对话", height=460, elem_id="chat", sanitize_html=True,
                                           buttons=["copy"], feedback_options=None,
                                           placeholder="选择知识库后输入问题，例如「如何上传文件？」")
-                        question = gr.Textbox(label="问题", placeholder="输入问题，按回车发送", elem_id="question", lines=1)
+                        question = gr.Textbox(label="问题", placeholder="输入问题，按回车发送", elem_id="question",
+                                              lines=1)
                         with gr.Row():
                             send = gr.Button("发送", variant="primary", elem_id="send")
                             stop = gr.Button("停止", variant="stop", elem_id="stop")
                             clear = gr.Button("清空对话", elem_id="clear")
                         with gr.Accordion("参数", open=False):
                             top_k = gr.Slider(1, 20, value=s.retrieval.top_k, step=1, label="返回段落数 top-k")
-                            threshold = gr.Slider(0, 1, value=s.retrieval.score_threshold, step=0.01, label="相关度阈值")
-                            temperature = gr.Slider(0, 1.5, value=s.llm.temperature, step=0.05, label="温度 temperature")
-                            max_tokens = gr.Slider(16, 2048, value=s.llm.max_new_tokens, step=16, label="最大生成长度（token）")
+                            threshold = gr.Slider(0, 1, value=s.retrieval.score_threshold, step=0.01,
+                                                  label="相关度阈值")
+                            temperature = gr.Slider(0, 1.5, value=s.llm.temperature, step=0.05,
+                                                    label="温度 temperature")
+                            max_tokens = gr.Slider(16, 2048, value=s.llm.max_new_tokens, step=16,
+                                                   label="最大生成长度（token）")
                             history_turns = gr.Slider(0, 10, value=s.prompt.history_turns, step=1, label="历史轮数")
                     with gr.Column(scale=2):
                         sources = gr.HTML(label="答案来源", elem_id="sources",
-                                          value='<div class="zw-note">回答后这里显示答案来源；点击对话中的某个回答可查看它的来源。</div>')
+                                          value='<div class="zw-note">回答后这里显示答案来源；'
+                                                '点击对话中的某个回答可查看它的来源。</div>')
 
             with gr.Tab("知识库管理", id="kbs"):
                 job_id = gr.State("")

@@ -1,62 +1,98 @@
 """One typed settings object for the whole product.
 
-Sources, highest priority first:
-  0. keyword overrides passed to load_settings() by code (tests, tools)
+Sources, highest priority first (pydantic-settings merges them key by key, so a source may set a single key):
+  0. keyword overrides passed to load_settings() by code (tests, tools), e.g. load_settings(ingest={"ocr": False})
   1. environment variables ZHIWEN_<SECTION>__<KEY> (e.g. ZHIWEN_LLM__DEVICE=cpu)
-  2. the file named by ZHIWEN_CONFIG, if set
-  3. configs/settings-<profile>.yaml for ZHIWEN_PROFILE=<profile>, if set
-  4. configs/default.yaml (every default lives there, and is documented in README.md)
+  2. the file named by load_settings(path) / --config, or else by ZHIWEN_CONFIG
+  3. configs/settings-<profile>.yaml for load_settings(profile=...) or else ZHIWEN_PROFILE=<profile>
+  4. configs/default.yaml
 
-A bad value fails at start with a message naming the key and the allowed values:
+Every default lives in configs/default.yaml and nowhere else: the models below give types and limits only (no
+field has a default: a section class with one fails at import), so a key missing from default.yaml fails every
+start. To add a setting: a field here (type + limits, no default), the key with its
+default and a comment in configs/default.yaml, and a row in README's configuration reference.
+
+Errors are one SettingsError naming the key (or the ZHIWEN_* variable / file) and the allowed values:
     SettingsError: llm.quantization: Input should be 'nf4', 'int8' or 'none' (got 'fp8')
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
-from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic_settings import SettingsError as SourceError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
+DEFAULT_YAML = CONFIG_DIR / "default.yaml"
+ENV_PREFIX = "ZHIWEN_"
+# ZHIWEN_* variables that are not settings (anything else with the prefix must name a setting, or start is refused).
+# Add yours here with the file that reads it.
+OTHER_VARIABLES = {
+    "ZHIWEN_CONFIG": "configs/settings.py: a settings file merged over the profile",
+    "ZHIWEN_PROFILE": "configs/settings.py: configs/settings-<profile>.yaml",
+    "ZHIWEN_PROGRESS": "modelpack/pack.py: 0 hides download progress bars",
+    "ZHIWEN_MODEL_PACK": "scripts/setup.sh: which model pack to pull",
+    "ZHIWEN_SAMPLE_KB": "scripts/start.sh: the sample knowledge base",
+}
+OTHER_PREFIXES = {
+    "ZHIWEN_PASSWORD_": "app/auth.py: ZHIWEN_PASSWORD_<USERNAME>, a user's password",
+}
 
 
 class SettingsError(ValueError):
     """A setting is missing, unknown or out of range; the message names the key."""
 
 
-class _Section(BaseModel):
+class _Entry(BaseModel):
+    """An entry of a list setting (app.users, app.api_keys): its fields may have defaults (a left-out hash)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _Section(_Entry):
+    """A section of the settings: types and limits only. A default here would be a second source beside
+    configs/default.yaml, so defining one fails at import, naming the field."""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        with_default = [name for name, f in cls.model_fields.items() if not f.is_required()]
+        if with_default:
+            raise TypeError(f"{cls.__name__}: {', '.join(with_default)} must not have a default in code; write the "
+                            f"default in configs/default.yaml (docs/ARCHITECTURE.md, 'Adding a setting')")
+
+
 class PathsSettings(_Section):
-    kb_root: Path = Field(Path("knowledge_base"), description="Folder holding one sub-folder per knowledge base.")
-    models_dir: Path = Field(Path("models"), description="Folder of the model pack and of user model folders.")
+    kb_root: Path = Field(description="Folder holding one sub-folder per knowledge base.")
+    models_dir: Path = Field(description="Folder of the model pack and of user model folders.")
 
 
 class EmbeddingSettings(_Section):
-    model: str = Field("multilingual-e5-small", description="Folder name in models_dir or a path.")
-    query_prefix: str = "query: "
-    passage_prefix: str = "passage: "
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
-    batch_size: int = Field(32, gt=0)
-    max_seq_length: int = Field(512, gt=16)
+    model: str = Field(description="Folder name in models_dir or a path.")
+    query_prefix: str
+    passage_prefix: str
+    device: Literal["cpu", "cuda", "auto"]
+    batch_size: int = Field(gt=0)
+    max_seq_length: int = Field(gt=16)
 
 
 class IngestSettings(_Section):
-    chunk_size: int = Field(250, gt=20, description="Characters per chunk.")
-    chunk_overlap: int = Field(50, ge=0)
-    workers: int = Field(0, ge=0, description="Parser processes; 0 = CPU cores.")
-    ocr: bool = True
-    ocr_min_chars: int = Field(10, ge=0)
-    ocr_max_pages: int = Field(50, ge=0, description="Pages/images OCRed per file at most; bounds OCR time.")
-    max_file_mb: float = Field(200, gt=0)
-    commit_every_s: float = Field(60, gt=0)
-    parse_timeout_s: float = Field(600, ge=0, description="Seconds a file may parse before it fails; 0 = no limit.")
+    chunk_size: int = Field(gt=20, description="Characters per chunk.")
+    chunk_overlap: int = Field(ge=0)
+    workers: int = Field(ge=0, description="Parser processes; 0 = CPU cores.")
+    ocr: bool
+    ocr_min_chars: int = Field(ge=0)
+    ocr_max_pages: int = Field(ge=0, description="Pages/images OCRed per file at most; bounds OCR time.")
+    max_file_mb: float = Field(gt=0)
+    commit_every_s: float = Field(gt=0)
+    parse_timeout_s: float = Field(ge=0, description="Seconds a file may parse before it fails; 0 = no limit.")
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> IngestSettings:
@@ -68,95 +104,124 @@ class IngestSettings(_Section):
 
 
 class RetrievalSettings(_Section):
-    mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
-    top_k: int = Field(5, gt=0)
-    fetch_k: int = Field(50, gt=0)
-    fusion: Literal["rrf", "weighted"] = "weighted"  # weighted beat rrf on CMRC (docs/retrieval.md)
-    rrf_k: int = Field(60, gt=0)
-    dense_weight: float = Field(0.5, ge=0, le=1)
-    score_threshold: float = Field(0.86, ge=-1, le=1)  # calibrated for multilingual-e5-small (docs/retrieval.md)
-    merge_neighbors: bool = True
-    max_hit_chars: int = Field(600, gt=0)
-    dedupe_threshold: float = Field(0.95, gt=0, le=1)
+    mode: Literal["hybrid", "dense", "bm25"]
+    top_k: int = Field(gt=0)
+    fetch_k: int = Field(gt=0)
+    fusion: Literal["rrf", "weighted", "adaptive"]  # weighted beat rrf on CMRC (docs/retrieval.md)
+    rrf_k: int = Field(gt=0)
+    dense_weight: float = Field(ge=0, le=1)
+    score_threshold: float = Field(ge=-1, le=1)  # calibrated for multilingual-e5-small (docs/retrieval.md)
+    merge_neighbors: bool
+    max_hit_chars: int = Field(gt=0)
+    dedupe_threshold: float = Field(gt=0, le=1)
 
 
 class PromptSettings(_Section):
-    template: str = "knowledge_qa"
-    history_turns: int = Field(3, ge=0)
-    context_tokens: int = Field(2048, gt=0)
-    system: str = ""
+    template: str
+    history_turns: int = Field(ge=0)
+    context_tokens: int = Field(gt=0)
+    system: str
+    grounding_check: bool = Field(description="Check each finished answer against its passages (grounding/).")
 
 
 class LLMSettings(_Section):
-    backend: Literal["auto", "transformers", "llamacpp", "openai"] = "auto"
-    model: str = "chatglm3-6b"
-    demo_model: str = "qwen2.5-coder-1.5b-instruct"
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    quantization: Literal["nf4", "int8", "none"] = "nf4"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    trust_remote_code: bool = False
-    max_context_tokens: int = Field(4096, gt=0)
-    max_new_tokens: int = Field(512, gt=0)
-    temperature: float = Field(0.1, ge=0)
-    top_p: float = Field(0.8, gt=0, le=1)
-    repetition_penalty: float = Field(1.1, gt=0)
-    threads: int = Field(0, ge=0)               # llama.cpp threads; 0 = the machine's physical cores
-    n_gpu_layers: int = Field(0, ge=-1)         # llama.cpp layers offloaded to a GPU (-1 = all; needs a CUDA build)
-    static_cache: bool = True                   # transformers on CUDA: a static KV cache (fixed shapes)
-    compile: bool | Literal["auto"] = "auto"    # transformers on CUDA: torch.compile decoding (auto = for nf4)
-    openai_base_url: str = ""
-    openai_api_key: str = ""
-    openai_model: str = ""
+    backend: Literal["auto", "transformers", "llamacpp", "openai"]
+    model: str
+    demo_model: str
+    device: Literal["auto", "cuda", "cpu"]
+    quantization: Literal["nf4", "int8", "none"]
+    dtype: Literal["auto", "bfloat16", "float16", "float32"]
+    trust_remote_code: bool
+    adapter: str = Field(description="peft LoRA / prefix-tuning folder or ChatGLM P-Tuning v2 checkpoint; '' = none.")
+    adapter_merge: bool = Field(description="Merge a LoRA into unquantized weights at load.")
+    max_context_tokens: int = Field(gt=0)
+    max_new_tokens: int = Field(gt=0)
+    temperature: float = Field(ge=0)
+    top_p: float = Field(gt=0, le=1)
+    repetition_penalty: float = Field(gt=0)
+    threads: int = Field(ge=0, description="llama.cpp CPU threads; 0 = the machine's physical cores.")
+    n_gpu_layers: int = Field(ge=-1, description="llama.cpp layers offloaded to a GPU (-1 = all; needs a CUDA build).")
+    static_cache: bool = Field(description="transformers on CUDA: a static KV cache for the window.")
+    compile: bool | Literal["auto"] = Field(description="transformers on CUDA: torch.compile decoding; auto = nf4.")
+    openai_base_url: str
+    openai_api_key: str
+    openai_model: str
 
 
-class UserSettings(_Section):
+class UserSettings(_Entry):
     username: str = Field(min_length=1)
+    # An entry of app.users, not a setting: its hash may be left out (then ZHIWEN_PASSWORD_<USERNAME> holds it).
     password_hash: str = Field("", description="bcrypt hash; or leave empty and set ZHIWEN_PASSWORD_<USERNAME>.")
 
 
+class ApiKeySettings(_Entry):
+    name: str = Field(min_length=1, description="Who uses the key (shown in the logs).")
+    key_hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$",
+                          description="sha256 of the key, from `python -m app.openai_api create-key NAME`.")
+
+
 class AppSettings(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(7860, gt=0, lt=65536)
-    root_path: str = ""
-    concurrency_limit: int = Field(2, gt=0)
-    max_upload_mb: float = Field(100, gt=0)
+    host: str
+    port: int = Field(gt=0, lt=65536)
+    root_path: str
+    concurrency_limit: int = Field(gt=0)
+    max_upload_mb: float = Field(gt=0)
+    max_question_chars: int = Field(gt=0, description="A longer question is refused at once (API: 413).")
     # zip uploads are unpacked by the page; these caps stop zip bombs (see app/uploads.py)
-    max_unzipped_mb: float = Field(500, gt=0, description="Total unpacked size of one zip upload.")
-    max_zip_entries: int = Field(2000, gt=0, description="Files inside one zip upload.")
-    max_zip_ratio: float = Field(200, gt=1, description="Largest unpacked/compressed ratio of one zip entry.")
-    auth_enabled: bool = False
-    users: list[UserSettings] = []
+    max_unzipped_mb: float = Field(gt=0, description="Total unpacked size of one zip upload.")
+    max_zip_entries: int = Field(gt=0, description="Files inside one zip upload.")
+    max_zip_ratio: float = Field(gt=1, description="Largest unpacked/compressed ratio of one zip entry.")
+    auth_enabled: bool
+    users: list[UserSettings]
+    login_max_failures: int = Field(gt=0, description="Wrong logins per user name within login_lockout_s.")
+    login_max_failures_per_address: int = Field(gt=0, description="Wrong logins per client address.")
+    login_lockout_s: float = Field(gt=0, description="How long failed logins count, and the refusal lasts.")
+    auth_cache_s: float = Field(ge=0, description="How long a verified password is remembered (0: never).")
+    api_keys: list[ApiKeySettings]  # Bearer keys of the OpenAI-compatible /v1 API (app/openai_api.py)
 
 
-# The merged YAML files of the load_settings() call in progress (a settings source below the environment).
-_YAML_DATA: ContextVar[dict] = ContextVar("_YAML_DATA", default={})
 
+class _YamlFiles(YamlConfigSettingsSource):
+    """pydantic-settings' YAML source (files deep-merged in order), with a sentence naming the file when one is
+    not valid YAML, not UTF-8 or not a mapping of sections."""
 
-class _YamlSource(PydanticBaseSettingsSource):
-    def get_field_value(self, field, field_name):  # the whole dict is returned by __call__
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return _YAML_DATA.get()
+    def _read_file(self, file_path: Path) -> dict[str, Any]:
+        try:
+            data = super()._read_file(file_path)
+        except yaml.YAMLError as e:
+            raise SettingsError(f"settings file {file_path} is not valid YAML: {' '.join(str(e).split())}") from None
+        except UnicodeDecodeError:
+            raise SettingsError(f"settings file {file_path} is not UTF-8 text") from None
+        except OSError as e:
+            raise SettingsError(f"settings file {file_path} cannot be read: {e.strerror or e}") from None
+        if not isinstance(data, dict):
+            raise SettingsError(
+                f"settings file {file_path} must hold a mapping of sections, got {type(data).__name__}")
+        return data
 
 
 class Settings(BaseSettings):
+    """Build it with load_settings(); Settings() alone reads configs/default.yaml and the environment only."""
+
     model_config = SettingsConfigDict(
-        env_prefix="ZHIWEN_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True,
+        yaml_file=[DEFAULT_YAML], yaml_file_encoding="utf-8",
     )
 
-    paths: PathsSettings = PathsSettings()
-    embedding: EmbeddingSettings = EmbeddingSettings()
-    ingest: IngestSettings = IngestSettings()
-    retrieval: RetrievalSettings = RetrievalSettings()
-    prompt: PromptSettings = PromptSettings()
-    llm: LLMSettings = LLMSettings()
-    app: AppSettings = AppSettings()
+    paths: PathsSettings
+    embedding: EmbeddingSettings
+    ingest: IngestSettings
+    retrieval: RetrievalSettings
+    prompt: PromptSettings
+    llm: LLMSettings
+    app: AppSettings
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-        # Highest priority first: keyword overrides from code, the environment, then the merged YAML files.
-        return (init_settings, env_settings, _YamlSource(settings_cls))
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        # Highest priority first: keyword overrides from code, the environment, then the YAML files of
+        # model_config["yaml_file"] (default.yaml, profile, --config file), later files merged over earlier ones.
+        return (init_settings, env_settings, _YamlFiles(settings_cls, deep_merge=True))
 
     # --- derived paths -------------------------------------------------------------------------
     def resolve(self, p: Path | str) -> Path:
@@ -180,53 +245,93 @@ class Settings(BaseSettings):
         return self.models_dir / name_or_path
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+@functools.cache
+def _settings_reading(files: tuple[Path, ...]) -> type[Settings]:
+    """Settings whose YAML source reads `files` (pydantic-settings takes the file list from model_config only)."""
+    if list(files) == Settings.model_config["yaml_file"]:
+        return Settings
+    return type("Settings", (Settings,), {"__module__": __name__,
+                                          "model_config": SettingsConfigDict(yaml_file=list(files))})
 
 
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise SettingsError(f"settings file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise SettingsError(f"settings file {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise SettingsError(f"settings file {path} must hold a mapping of sections, got {type(data).__name__}")
-    return data
+def _settings_file(path: Path, named_by: str) -> Path:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise SettingsError(f"{named_by}: {path} is a folder; it must name a YAML settings file")
+    if not path.is_file():
+        raise SettingsError(f"{named_by}: settings file not found: {path}")
+    return path
+
+
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _check_environment(environ: dict[str, str]) -> None:
+    """Refuse a ZHIWEN_* variable that names no setting (as an unknown YAML key is refused), and a JSON value that
+    does not parse, naming the variable (pydantic-settings would name only the section)."""
+    for name, value in sorted(environ.items()):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in OTHER_VARIABLES or upper.startswith(tuple(OTHER_PREFIXES)):
+            continue
+        target: Any = Settings
+        keys = upper[len(ENV_PREFIX):].lower().split("__")
+        for i, key in enumerate(keys):
+            fields = target.model_fields if _is_model(target) else {}
+            if key not in fields:
+                parent = ".".join(keys[:i])
+                known = (f"{parent} has {', '.join(sorted(fields))}" if fields and i
+                         else f"the sections are {', '.join(sorted(fields))}" if fields
+                         else f"{parent} is a single value")
+                raise SettingsError(f"{name} names no setting ({'.'.join(keys)}: {known}); use "
+                                    f"{ENV_PREFIX}<SECTION>__<KEY> with a key of configs/default.yaml")
+            target = fields[key].annotation
+        if _is_model(target) or get_origin(target) in (list, dict):
+            try:
+                json.loads(value)
+            except ValueError:
+                shape = "a JSON list, e.g. [{\"username\": \"alice\"}]" if get_origin(target) is list \
+                    else "a JSON object, e.g. {\"device\": \"cpu\"}"
+                raise SettingsError(f"{name} must be {shape}; got {value!r}") from None
 
 
 def _format_error(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown setting (check the spelling against configs/default.yaml)"
-        got = err.get("input")
-        lines.append(f"{key}: {msg}" + ("" if err["type"] == "extra_forbidden" else f" (got {got!r})"))
-    return "invalid settings:\n  " + "\n  ".join(lines)
+            lines.append(f"{key}: unknown setting (check the spelling against configs/default.yaml)")
+        elif err["type"] == "missing" and len(err["loc"]) == 2:  # a section's key, not a key of a list entry
+            lines.append(f"{key}: missing (every setting needs its default in configs/default.yaml)")
+        else:
+            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return lines[0] if len(lines) == 1 else "invalid settings: " + "; ".join(lines)
 
 
 def load_settings(path: str | Path | None = None, profile: str | None = None, **overrides: Any) -> Settings:
     """Load configs/default.yaml, then the profile, then `path` (or ZHIWEN_CONFIG), then env vars, then `overrides`.
 
-    `overrides` are section dicts from code, merged last, e.g. load_settings(ingest={"chunk_size": 300}).
+    `overrides` are section dicts from code, merged key by key over everything else, e.g.
+    load_settings(ingest={"chunk_size": 300}).
     """
-    data = _read_yaml(CONFIG_DIR / "default.yaml")
+    files = [DEFAULT_YAML]
+    named = "profile" if profile is not None else "ZHIWEN_PROFILE"
     profile = profile if profile is not None else os.environ.get("ZHIWEN_PROFILE") or None
     if profile:
-        data = _deep_merge(data, _read_yaml(CONFIG_DIR / f"settings-{profile}.yaml"))
+        files.append(_settings_file(CONFIG_DIR / f"settings-{profile}.yaml", f"{named} {profile!r}"))
+    named = "--config" if path is not None else "ZHIWEN_CONFIG"
     path = path if path is not None else os.environ.get("ZHIWEN_CONFIG") or None
     if path:
-        data = _deep_merge(data, _read_yaml(Path(path)))
-    token = _YAML_DATA.set(data)
+        files.append(_settings_file(Path(path), named))
+    _check_environment(dict(os.environ))
     try:
-        return Settings(**overrides)
+        loaded = _settings_reading(tuple(files))(**overrides)
     except ValidationError as e:
         raise SettingsError(_format_error(e)) from None
-    finally:
-        _YAML_DATA.reset(token)
+    except SourceError as e:  # a value pydantic-settings cannot parse (the variables were checked above)
+        raise SettingsError(str(e)) from None
+    if type(loaded) is Settings:
+        return loaded
+    # The per-file-list class is only a loader: hand out a plain Settings (it pickles, e.g. into parser processes).
+    return Settings.model_construct(_fields_set=loaded.model_fields_set,
+                                    **{name: getattr(loaded, name) for name in Settings.model_fields})

@@ -23,6 +23,11 @@ _QUESTION_WORDS = frozenset("什么 多少 哪些 哪个 哪里 哪儿 哪年 �
                             "请问 一下 有没有 几个 几年 几次 几种 时候 主要 一个".split())
 
 
+# A sentence that states none of the answer's claims must share at least this share of the answer's character pairs
+# to be highlighted (one shared common word such as 文件 is not support).
+MIN_SHARED = 0.25
+
+
 def _bigrams(text: str) -> set[str]:
     t = "".join(ch for ch in normalize(text) if ch.isalnum())
     return {t[i:i + 2] for i in range(len(t) - 1)} or ({t} if t else set())
@@ -38,11 +43,14 @@ def best_sentence_index(sentences: Sequence[str], answer: str, *, claims: Sequen
     answer = strip_markers(answer)
     claims = extract_claims(answer) if claims is None else claims
     grams = _bigrams(answer)
-    best, best_score = None, 0.0
+    whole = normalize(answer).strip("。，,.！!？?；;")
+    best, best_score = None, MIN_SHARED - 1e-9
     for i, s in enumerate(sentences):
         held = sum(supports(s, c) for c in claims)
         shared = len(grams & _bigrams(s)) / max(1, len(grams))
-        score = 3.0 * held + shared
+        # a short answer written verbatim in the sentence (an extracted span) outranks everything else
+        verbatim = 5.0 if len(whole) >= 2 and whole in normalize(s) else 0.0
+        score = verbatim + 3.0 * held + shared
         if score > best_score + 1e-9:
             best, best_score = i, score
     return best

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,9 +24,27 @@ if TYPE_CHECKING:
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
-# Chunks gathered across files before one encode_passages call: big enough that the embedder's length-sorted
-# batches are full, small enough that a checkpoint is never far away.
+# Chunks gathered across files before they are embedded: enough for full, length-sorted batches.
 EMBED_FLUSH_CHUNKS = 512
+# Chunks per encode_passages call. Between calls finished files are stored and a checkpoint is written when
+# ingest.commit_every_s has passed. The demo e5-small embeds about 16 chunks/s on 2 CPU cores (docs/benchmarks.md),
+# so a checkpoint is late by about 8 s at most (plus the rest of a file longer than this).
+EMBED_STEP_CHUNKS = 128
+
+
+@dataclass
+class _Pending:
+    """A parsed group (files with the same bytes) whose chunks wait for vectors; embedded in order, maybe across
+    several steps."""
+
+    group: list[SourceFile]
+    chunks: list[Chunk]
+    vectors: list[np.ndarray] = field(default_factory=list)
+    embedded: int = 0                 # chunks[:embedded] have vectors
+
+    @property
+    def complete(self) -> bool:
+        return self.embedded == len(self.chunks)
 
 
 def emit(cb: ProgressCallback | None, event: ProgressEvent) -> None:
@@ -39,7 +58,7 @@ class Processor:
     def __init__(self, w: KBWriter, settings: Settings, embedder: Embedder, report: IngestReport,
                  on_progress: ProgressCallback | None, show_progress: bool) -> None:
         self.w, self.settings, self.embedder, self.report, self.on_progress = w, settings, embedder, report, on_progress
-        self.pending: list[tuple[list[SourceFile], list[Chunk]]] = []
+        self.pending: list[_Pending] = []
         self.pending_chunks = 0
         self.last_commit = time.monotonic()
         self.done = 0
@@ -86,7 +105,7 @@ class Processor:
         if chunks == []:
             self._settle(group, "empty", "文件中没有可用的文字（解析结果为空）。")
         elif chunks:
-            self.pending.append((group, chunks))
+            self.pending.append(_Pending(group, chunks))
             self.pending_chunks += len(chunks)
 
     def _split(self, f: SourceFile, docs: list) -> list[Chunk]:
@@ -107,16 +126,38 @@ class Processor:
         return time.monotonic() - self.last_commit >= self.settings.ingest.commit_every_s
 
     def _flush(self) -> None:
-        """Embed every pending chunk in one call (the embedder sorts by length and batches), store, maybe commit."""
-        if self.pending:
-            vectors = self._embed([c for _, cs in self.pending for c in cs])
-            start = 0
-            for group, cs in self.pending:
-                self._store(group, cs, vectors[start:start + len(cs)])
-                start += len(cs)
-            self.pending, self.pending_chunks = [], 0
-        if self._commit_due():
+        """Embed the pending chunks in steps of EMBED_STEP_CHUNKS, in file order, store each content as soon as all
+        its chunks have vectors, and checkpoint between steps when one is due: a long embedding batch is never one
+        uninterruptible call, so kill -9 loses at most the files finished since the last checkpoint."""
+        while self.pending:
+            self._embed_step()
+            while self.pending and self.pending[0].complete:
+                p = self.pending.pop(0)
+                self.pending_chunks -= len(p.chunks)
+                self._store(p.group, p.chunks, np.concatenate(p.vectors))
+            if self._commit_due():
+                self._checkpoint()
+        if self._commit_due():  # files settled without chunks (failed, empty) are checkpointed too
             self._checkpoint()
+
+    def _embed_step(self) -> None:
+        """One encode_passages call over the next EMBED_STEP_CHUNKS pending chunks (a file may span two steps; the
+        embedder sorts each step's texts by length and batches them)."""
+        todo: list[tuple[_Pending, int, int]] = []
+        n = 0
+        for p in self.pending:
+            if n >= EMBED_STEP_CHUNKS:
+                break
+            take = min(len(p.chunks) - p.embedded, EMBED_STEP_CHUNKS - n)
+            if take:
+                todo.append((p, p.embedded, p.embedded + take))
+                n += take
+        vectors = self._embed([c for p, a, b in todo for c in p.chunks[a:b]])
+        start = 0
+        for p, a, b in todo:
+            p.vectors.append(vectors[start:start + b - a])
+            p.embedded = b
+            start += b - a
 
     def _embed(self, chunks: list[Chunk]) -> np.ndarray:
         t0 = time.perf_counter()

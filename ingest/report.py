@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 # another live path, shares its chunks; empty: readable but no text; failed: see reason; removed: dropped from
 # the KB (--prune, or remove_files).
 STATUSES = ("ok", "unchanged", "renamed", "duplicate", "empty", "failed", "removed")
+# The one Chinese word for each status, in the CLI's table and on the page alike.
+STATUS_NAMES = {"ok": "已导入", "unchanged": "未变", "renamed": "改名", "duplicate": "重复", "empty": "无文本",
+                "failed": "失败", "removed": "已移除"}
 PHASES = ("scan", "parse", "split", "embed", "write")
 
 
@@ -67,8 +70,7 @@ class IngestReport:
     def to_table(self, *, only_problems: bool = False) -> str:
         """A fixed-width table (CJK-aware column widths) followed by totals and the time per phase."""
         rows = [f for f in self.files if not only_problems or f.status in ("failed", "empty")]
-        status_zh = {"ok": "已导入", "unchanged": "未变", "renamed": "改名", "duplicate": "重复", "empty": "无文本",
-                     "failed": "失败", "removed": "已移除"}
+        status_zh = STATUS_NAMES
         lines = []
         if rows:
             w = min(60, max(_width(f.path) for f in rows))

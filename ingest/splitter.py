@@ -29,6 +29,7 @@ from typing import Any
 from langchain_core.documents import Document
 from langchain_text_splitters import TextSplitter
 
+from configs import load_settings
 from retrieval.sentences import CLOSERS, SENTENCE_END, split_sentences
 from retrieval.types import Chunk
 
@@ -434,18 +435,23 @@ class ChineseTextSplitter(TextSplitter):
     Document's metadata and adds `heading_path` (list of headings, outermost first) and `position`.
 
     Heading lines go into `heading_path`, not into the text, except a heading with no body of its own, which is
-    a chunk by itself.
+    a chunk by itself. `chunk_size` / `chunk_overlap` left out are the product's settings (ingest.chunk_size /
+    chunk_overlap: configs/default.yaml, profile, ZHIWEN_CONFIG, ZHIWEN_INGEST__*).
     """
 
     def __init__(
         self,
-        chunk_size: int = 250,
-        chunk_overlap: int = 50,
+        chunk_size: int | None = None,
+        chunk_overlap: int | None = None,
         *,
         count_tokens: TokenCounter | None = None,
         max_tokens: int | None = None,
         **kwargs: Any,
     ) -> None:
+        if chunk_size is None or chunk_overlap is None:  # the product's ingest.chunk_size / chunk_overlap
+            ingest = load_settings().ingest
+            chunk_size = ingest.chunk_size if chunk_size is None else chunk_size
+            chunk_overlap = ingest.chunk_overlap if chunk_overlap is None else chunk_overlap
         super().__init__(chunk_size=chunk_size, chunk_overlap=chunk_overlap, **kwargs)
         self._count_tokens = count_tokens
         self._max_tokens = max_tokens
@@ -475,4 +481,5 @@ class ChineseTextSplitter(TextSplitter):
     def create_documents(self, texts: list[str], metadatas: list[dict[Any, Any]] | None = None) -> list[Document]:
         """Each text is split on its own (one text = one file)."""
         metadatas = metadatas or [{}] * len(texts)
-        return [d for t, m in zip(texts, metadatas, strict=False) for d in self.split_documents([Document(t, metadata=dict(m))])]
+        return [d for t, m in zip(texts, metadatas, strict=False)
+                for d in self.split_documents([Document(t, metadata=dict(m))])]

@@ -366,6 +366,9 @@ def _template_for(meta: dict[str, str], path: Path) -> tuple[str, str]:
 def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     """Resolve the GGUF (demo fallback), plan memory for the window, then load it with llama.cpp."""
     llm = settings.llm
+    if llm.adapter:
+        raise LLMError(f"llm.adapter={llm.adapter!r} is applied by the transformers backend only; for a GGUF model "
+                       f"convert the adapter with llama.cpp (or merge it first), or set llm.backend: transformers")
     path, is_demo, notice = resolve_model_path(settings)
     gguf = find_gguf(path)
     check_gguf_file(gguf)

@@ -2,7 +2,7 @@
 
     model = load_llm(settings)     # auto: a GGUF on CPU -> llama.cpp; a transformers folder -> transformers
                                    # (GPU nf4/int8 or CPU); openai: an intranet server
-    for piece in model.stream(messages, GenerationParams(max_new_tokens=64), stop_event=evt):
+    for piece in model.stream(messages, model.default_params.merged(max_new_tokens=64), stop_event=evt):
         print(piece, end="")
     model.info.is_demo, model.info.notice           # the UI and CLI show the notice when a demo model stands in
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from llm.adapters import apply_adapter, check_combination, describe, prepare_base_config, read_adapter
 from llm.locate import resolve_model_path
 from llm.planner import MemoryPlan, plan_memory
 from llm.streaming import stream_generate
@@ -327,7 +328,11 @@ def load_transformers_model(settings: Any) -> TransformersChatModel:
         log.warning(n)
 
     trust = llm.trust_remote_code
+    adapter = read_adapter(settings.model_path(llm.adapter)) if llm.adapter else None
+    if adapter is not None:  # refuse impossible combinations before the slow load (llm/adapters.py)
+        check_combination(adapter, remote_code=needs_remote_code(raw), quantization=quant, merge=llm.adapter_merge)
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
+    config = prepare_base_config(adapter, config)
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None)
     context = min(llm.max_context_tokens, max_pos) if max_pos else llm.max_context_tokens
 
@@ -346,7 +351,8 @@ def load_transformers_model(settings: Any) -> TransformersChatModel:
     qconfig = quantization_config(quant, dtype) if device == "cuda" else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=trust, dtype=dtype, quantization_config=qconfig,
+            folder, config=config, local_files_only=True, trust_remote_code=trust, dtype=dtype,
+            quantization_config=qconfig,
             device_map={"": 0} if device == "cuda" else None,
         )
     except torch.cuda.OutOfMemoryError:
@@ -358,16 +364,21 @@ def load_transformers_model(settings: Any) -> TransformersChatModel:
         raise LLMError(f"could not load the weights in {folder}: {e}. Check that the folder holds the model's "
                        f"*.safetensors files (copy it again if a download was interrupted)") from None
     model.eval()
+    name = folder.name
+    if adapter is not None:
+        model = apply_adapter(model, adapter, merge=llm.adapter_merge)
+        name += describe(adapter, merged=llm.adapter_merge)
 
     info = ModelInfo(
-        name=folder.name, backend="transformers", device=device, quantization=quant,
+        name=name, backend="transformers", device=device, quantization=quant,
         dtype=str(dtype).removeprefix("torch."), is_demo=is_demo, weights_path=str(folder),
         max_context_tokens=context, notes=tuple(notes),
     )
     static = device == "cuda" and llm.static_cache
     # llm.compile auto: only where it measured faster (H200, ChatGLM3-6B shape, docs/gpu.md): nf4 4-5x plain decoding;
     # int8 slower than the static cache alone (bitsandbytes' int8 kernels break the graph), bf16 no gain.
-    compile_decoding = static and (llm.compile is True or (llm.compile == "auto" and quant == "nf4"))
+    compile_decoding = static and (llm.compile is True or (llm.compile == "auto" and quant == "nf4")) \
+        and (adapter is None or llm.adapter_merge)        # a peft wrapper's generate() is not ours to compile
     chat = TransformersChatModel(model, tokenizer, info, GenerationParams.from_settings(llm), plan,
                                  static_cache=static, compile_decoding=compile_decoding)
     note = chat.warm_up_compiled_decoding()

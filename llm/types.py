@@ -55,15 +55,17 @@ class BackendUnavailableError(LLMError):
 # --- plain data ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GenerationParams:
-    """Sampling settings for one call; defaults come from settings.llm, any field can be overridden per call.
+    """Sampling settings for one call. No field has a default of its own (the defaults are settings.llm's, in
+    configs/default.yaml): take `model.default_params` or `GenerationParams.from_settings(settings.llm)` and override
+    per call with `.merged(temperature=0)`.
 
     temperature 0 means greedy decoding (top_p is then unused).
     """
 
-    max_new_tokens: int = 512
-    temperature: float = 0.1
-    top_p: float = 0.8
-    repetition_penalty: float = 1.1
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    repetition_penalty: float
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -94,10 +96,10 @@ class ModelInfo:
     backend: str                    # "transformers" | "llamacpp" | "openai"
     device: str                     # "cuda" | "cpu" | "remote"
     quantization: str               # "nf4" | "int8" | "none" | "remote" | the GGUF file type ("Q4_K_M", ...)
+    max_context_tokens: int         # settings.llm.max_context_tokens, or less when the model's window is smaller
     dtype: str = ""                 # "bfloat16", "float16", "float32", or "" when remote
     is_demo: bool = False           # True when settings.llm.demo_model stands in for a missing settings.llm.model
     weights_path: str = ""          # the folder actually loaded
-    max_context_tokens: int = 4096
     notes: tuple[str, ...] = field(default_factory=tuple)   # visible remarks (demo stand-in, quantization ignored)
 
     @property

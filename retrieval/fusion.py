@@ -63,3 +63,41 @@ def weighted(rankings: Sequence[Ranking], weights: Sequence[float]) -> dict[int,
         for row, s in min_max(ranking).items():
             fused[row] = fused.get(row, 0.0) + w * s
     return fused
+
+
+def agreement(a: Ranking, b: Ranking, depth: int = 10) -> float:
+    """Share of the top `depth` rows two rankings have in common, in [0, 1] (0 when either is empty).
+
+    >>> agreement([(1, .9), (2, .8)], [(2, 5.0), (3, 4.0)], depth=2)
+    0.5
+    """
+    top_a, top_b = {r for r, _ in a[:depth]}, {r for r, _ in b[:depth]}
+    if not top_a or not top_b:
+        return 0.0
+    return len(top_a & top_b) / min(depth, len(top_a), len(top_b))
+
+
+def confidence(ranking: Ranking) -> float:
+    """How clearly a ranking's first result stands out: the gap between the first and second score, on the list's
+    own min-max scale (1 = the second result is as weak as the last, 0 = a tie or a single result)."""
+    if len(ranking) < 2:
+        return 0.0
+    scaled = min_max(ranking)
+    return 1.0 - scaled[ranking[1][0]]
+
+
+def adaptive(dense: Ranking, sparse: Ranking, *, dense_weight: float = 0.5, depth: int = 10) -> dict[int, float]:
+    """Weighted fusion whose weights follow the two lists: when they agree, `dense_weight` as set; the less they agree,
+    the more weight goes to the list whose best result stands out more clearly (its `confidence`).
+
+    w_dense = agreement · dense_weight + (1 − agreement) · conf_dense / (conf_dense + conf_sparse)
+
+    >>> fused = adaptive([(1, .9), (2, .5), (3, .4)], [(4, 9.0), (5, 8.9), (6, 8.8)])
+    >>> max(fused, key=fused.get)        # the lists disagree and dense's first result stands out: dense wins
+    1
+    """
+    a = agreement(dense, sparse, depth)
+    cd, cs = confidence(dense), confidence(sparse)
+    share = cd / (cd + cs) if cd + cs > 0 else dense_weight
+    w = a * dense_weight + (1 - a) * share
+    return weighted([dense, sparse], [w, 1 - w])

@@ -182,6 +182,8 @@ class HybridSearcher:
             fused = {row: score for row, score in sparse}
         elif fusion_method == "rrf":
             fused = fusion.rrf([dense, sparse], k=s.rrf_k)
+        elif fusion_method == "adaptive":
+            fused = fusion.adaptive(dense, sparse, dense_weight=s.dense_weight)
         else:
             fused = fusion.weighted([dense, sparse], [s.dense_weight, 1 - s.dense_weight])
 
@@ -217,8 +219,8 @@ class HybridSearcher:
             raise ValueError(f"retrieval.fetch_k must be > 0, got {fetch_k}")
         if mode not in MODES:
             raise ValueError(f"retrieval.mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if fusion_method not in ("rrf", "weighted"):
-            raise ValueError(f"retrieval.fusion must be 'rrf' or 'weighted', got {fusion_method!r}")
+        if fusion_method not in ("rrf", "weighted", "adaptive"):
+            raise ValueError(f"retrieval.fusion must be 'rrf', 'weighted' or 'adaptive', got {fusion_method!r}")
         if mode != "bm25" and self.embedder is None:
             raise ValueError(f"retrieval.mode {mode!r} needs an embedding model, but the searcher has none: "
                              "build it with HybridSearcher.from_settings(settings) or set retrieval.mode: bm25")

@@ -244,7 +244,7 @@ def test_upload_and_background_ingestion(server, page, tmp_path):
     job = _wait_job_done(page)
     _shot(page, "2-ingest-done")
     assert "已完成" in job, job
-    assert f"sources/{DOC_NAME}" in job and f"sources/{GUIDE.name}" in job and "成功" in job
+    assert f"sources/{DOC_NAME}" in job and f"sources/{GUIDE.name}" in job and "已导入" in job
     table = page.inner_text("#file-table")
     assert DOC_NAME in table and GUIDE.name in table
     page.wait_for_function("() => /2 个文件 \\/ \\d+ 段/.test(document.querySelector('#status-line').innerText)",

@@ -20,7 +20,7 @@ pytestmark = [
 ]
 
 CHAT = [{"role": "user", "content": "北京是哪里？"}]
-GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
+GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0, top_p=1.0, repetition_penalty=1.0)
 
 
 def needs_bitsandbytes():

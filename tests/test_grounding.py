@@ -116,3 +116,24 @@ def test_near_miss_passages_hold_no_answer(cmrc_trial):
     gold_text = ds.passages[q.positives[0]].text
     assert noise_claims("1990年", q, [gold_text], ["他于1990年出生。"]) == (
         [] if any(supports(gold_text, c) for c in extract_claims("1990年")) else ["1990年"])
+
+
+def test_page_shows_an_ungrounded_answer_as_no_reliable_basis_and_links_citations():
+    from app import render
+
+    q = "zip 压缩包里最多能放多少个文件？"
+    bad = check_answer("最多 3000 个文件。", q, GUIDE)
+    html_bad = render.answer_markdown("最多 3000 个文件。", grounding=bad)
+    assert UNGROUNDED in html_bad and "数字「3000」在资料中没有出现" in html_bad and "未经核实" in html_bad
+    good_text = "一个 zip 压缩包里最多 2000 个文件[2]。"
+    good = check_answer(good_text, q, GUIDE)
+    html_good = render.answer_markdown(good_text, grounding=good)
+    assert UNGROUNDED not in html_good and 'class="zw-cite" data-passage="2"' in html_good
+    from retrieval.types import Hit
+
+    hits = [Hit(text=t, source=f"guide{i}.md", score=1.0, chunk_ids=(i,)) for i, t in enumerate(GUIDE)]
+    panel = render.hits_html(hits, good_text, title="答案来源", grounding=good)
+    assert 'class="zw-hit zw-cited" id="zw-src-2" data-rank="2"' in panel
+    assert "<mark>压缩包限制：一个 zip 压缩包里最多 2000 个文件，解压后不超过 500 MB。</mark>" in panel
+    # the case: before, the phone sentence of [1] was highlighted because it shares 「多少」 with the question
+    assert "<mark>" not in panel.split('id="zw-src-2"')[0]

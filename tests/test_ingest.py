@@ -2,6 +2,7 @@
 real FAISS, real worker processes, and the CLI in a subprocess for exit codes, locking and kill -9."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -399,6 +400,45 @@ def test_kill_9_mid_ingest_then_resume_matches_a_clean_run(tmp_path, settings, c
     assert _texts(resumed) == _texts(clean)
     assert {p: e.sha256 for p, e in resumed.manifest.files.items()} == {
         p: e.sha256 for p, e in clean.manifest.files.items()}
+
+
+def test_a_checkpoint_is_written_during_a_long_embedding_batch_and_a_rerun_embeds_only_the_rest(tmp_path, settings):
+    """issue 13 item 2: every file parses in a moment, then embedding takes long (a real model on a CPU). A kill -9
+    after the first checkpoint must leave the files embedded so far committed, and the re-run must embed only the
+    rest. The subprocess kills itself right after its first checkpoint: see tests/support/checkpoint_kill.py."""
+    folder = tmp_path / "long"
+    folder.mkdir()
+    for n in range(8):
+        (folder / f"{n}.txt").write_text(_text(n, repeat=6), encoding="utf-8")
+    _age(folder)
+    env = {**os.environ, "ZHIWEN_PATHS__KB_ROOT": str(settings.kb_root),
+           "ZHIWEN_EMBEDDING__MODEL": settings.embedding.model, "ZHIWEN_INGEST__COMMIT_EVERY_S": "2"}
+    log = tmp_path / "ingest.log"
+    with open(log, "w") as out:  # a file, not a pipe: the killed run's parse workers may still hold it open
+        p = subprocess.Popen([sys.executable, "-m", "tests.support.checkpoint_kill", str(folder), "kb"],
+                             cwd=PROJECT_ROOT, env=env, stdout=out, stderr=out, start_new_session=True)
+        try:
+            rc = p.wait(timeout=600)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)  # the run's own session: its orphaned parse workers, if any
+    assert rc == -signal.SIGKILL, f"killed after its first checkpoint: {rc} {log.read_text()[-2000:]}"
+
+    killed = KnowledgeBase.open("kb", settings)
+    assert_consistent(killed)
+    done = {k for k, e in killed.manifest.files.items() if e.status == "ok"}
+    assert 0 < len(done) < 8, f"the checkpoint came during the embedding batch: {len(done)} of 8 files committed"
+
+    embedder = CountingEmbedder.from_settings(settings)
+    r = _run(folder, settings, embedder)
+    assert r.exit_code == 0
+    assert {f.path for f in r.files if f.status == "unchanged"} == done, "the committed files are not embedded again"
+    resumed = KnowledgeBase.open("kb", settings)
+    assert_consistent(resumed)
+    assert embedder.encoded == len(resumed) - len(killed) > 0, "only the chunks missing from the checkpoint"
+    clean = ingest(folder, "clean", settings, embedder=embedder)
+    assert clean.exit_code == 0
+    assert _texts(resumed) == _texts(KnowledgeBase.open("clean", settings))
 
 
 def test_two_folders_with_the_same_name_stay_apart(tmp_path, settings, embedder):

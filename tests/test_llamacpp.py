@@ -20,7 +20,7 @@ from tests.support.tiny_gguf import GLM4_TEMPLATE, write_tiny_glm_gguf
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (scripts/setup.sh builds it)")
 
-GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
+GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0, top_p=1.0, repetition_penalty=1.0)
 CHAT = [{"role": "system", "content": "你是知问助手。"}, {"role": "user", "content": "北京是哪里？"}]
 
 

@@ -6,12 +6,13 @@ CMRC 2018 trial passages are read from /work/shared/data (never copied into the 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
 import pytest
 
-from app.service import AnswerParams, QAError, QAService
+from app.service import AnswerParams, QAError, QAService, QuestionTooLongError, UnknownKBError
 from configs import load_settings
 from ingest import ingest
 from llm import load_llm
@@ -114,30 +115,30 @@ def test_no_evidence_means_no_llm_call(world):
     service, para = world["service"], world["paragraphs"][0]
     # A threshold between the unrelated question's best cosine and the answerable one's (e5 cosines sit high:
     # on this small KB unrelated questions reach ~0.83, so the test places the line from the data).
-    unrelated = service.search(UNRELATED, "cmrc", threshold=-1.0).best_dense
-    related = service.search(para["question"], "cmrc", threshold=-1.0).best_dense
+    unrelated = service.search(UNRELATED, "cmrc", AnswerParams(threshold=-1.0)).best_dense
+    related = service.search(para["question"], "cmrc", AnswerParams(threshold=-1.0)).best_dense
     assert related > unrelated
     threshold = (related + unrelated) / 2
     with GenerateSpy(service.llm.model) as spy:
-        stream = service.answer(UNRELATED, "cmrc", [], {"threshold": threshold})
+        stream = service.answer(UNRELATED, "cmrc", [], AnswerParams(threshold=threshold))
         assert list(stream) == [REFUSAL]
     assert spy.calls == []                       # the model's generate was never invoked
     assert stream.refused is True and stream.sources == []
     assert stream.low_relevance, "the closest passages are offered"
     assert all(h.dense_score < threshold for h in stream.low_relevance)
     with GenerateSpy(service.llm.model) as spy:  # the same line lets the answerable question through
-        answered = service.answer(para["question"], "cmrc", [], {"threshold": threshold, "max_new_tokens": 2})
+        answered = service.answer(para["question"], "cmrc", [], AnswerParams(threshold=threshold, max_new_tokens=2))
         list(answered)
     assert not answered.refused and len(spy.calls) == 1
 
 
 def test_threshold_parameter_decides_abstention(world):
     service, question = world["service"], world["paragraphs"][1]["question"]
-    best = service.search(question, "cmrc", threshold=-1.0).best_dense
+    best = service.search(question, "cmrc", AnswerParams(threshold=-1.0)).best_dense
     assert best is not None
-    strict = service.answer(question, "cmrc", [], {"threshold": min(best + 0.01, 1.0)})
+    strict = service.answer(question, "cmrc", [], AnswerParams(threshold=min(best + 0.01, 1.0)))
     assert strict.refused and list(strict) == [REFUSAL]
-    loose = service.answer(question, "cmrc", [], {"threshold": best - 0.01, "max_new_tokens": 3})
+    loose = service.answer(question, "cmrc", [], AnswerParams(threshold=best - 0.01, max_new_tokens=3))
     assert not loose.refused and loose.sources
     list(loose)
     # UNRELATED is evidence only when the threshold is lowered below its best cosine.
@@ -148,8 +149,8 @@ def test_history_goes_into_the_prompt_up_to_history_turns(world):
     service, para = world["service"], world["paragraphs"][0]
     history = [("第一轮问题甲", "第一轮回答甲"), ("第二轮问题乙", "第二轮回答乙")]
     with MessagesSpy(service.llm) as seen:
-        list(service.answer(para["question"], "cmrc", history, {"history_turns": 1}))
-        list(service.answer(para["question"], "cmrc", history, {"history_turns": 0}))
+        list(service.answer(para["question"], "cmrc", history, AnswerParams(history_turns=1)))
+        list(service.answer(para["question"], "cmrc", history, AnswerParams(history_turns=0)))
     one, none = seen
     assert [m["content"] for m in one[:-1]] == ["第二轮问题乙", "第二轮回答乙"]   # newest turn kept, oldest dropped
     assert [m["role"] for m in one] == ["user", "assistant", "user"]
@@ -179,10 +180,10 @@ def test_prompt_budget_trims_passages_to_fit_the_window(world, tmp_path):
                              prompt={"context_tokens": 200})
     service = QAService(settings, llm=world["service"].llm, embedder=world["service"].searcher.embedder)
     question = world["paragraphs"][0]["question"]
-    wide = service.search(question, "cmrc", top_k=5, threshold=-1.0)
+    wide = service.search(question, "cmrc", AnswerParams(top_k=5, threshold=-1.0))
     assert len(wide.hits) >= 2
     with GenerateSpy(service.llm.model) as spy:
-        stream = service.answer(question, "cmrc", [], {"top_k": 5, "threshold": -1.0})
+        stream = service.answer(question, "cmrc", [], AnswerParams(top_k=5, threshold=-1.0))
         list(stream)
     # The context budget (200 tokens) cannot hold every hit: the lower-ranked ones are dropped or trimmed ...
     assert stream.dropped or any(h.metadata.get("trimmed") for h in stream.sources)
@@ -194,34 +195,44 @@ def test_prompt_budget_trims_passages_to_fit_the_window(world, tmp_path):
 def test_missing_kb_is_a_clear_error_never_plain_chat(world):
     service = world["service"]
     with GenerateSpy(service.llm.model) as spy:
-        with pytest.raises(QAError, match=r"knowledge base 'nope' does not exist \(existing ones: cmrc\).*ingest.py"):
+        with pytest.raises(UnknownKBError, match=r"知识库「nope」不存在（现有的知识库：cmrc）.*ingest.py"):
             service.answer("你好", "nope", [])
-        with pytest.raises(QAError, match="no knowledge base chosen"):
+        with pytest.raises(QAError, match="没有选择知识库"):
             service.answer("你好", "", [])
     assert spy.calls == []
 
 
 def test_bad_parameters_are_sentences(world):
     service = world["service"]
-    with pytest.raises(QAError, match="top_k must be > 0, got 0"):
-        service.answer("问题", "cmrc", [], {"top_k": 0})
-    with pytest.raises(QAError, match="unknown answer parameter.*colour"):
-        service.answer("问题", "cmrc", [], {"colour": "red"})
-    with pytest.raises(QAError, match="question is empty"):
+    with pytest.raises(QAError, match="参数 top_k 必须是大于 0 的整数，收到 0"):
+        AnswerParams(top_k=0)
+    with pytest.raises(QAError, match="参数 threshold 必须是-1 到 1 之间的数，收到 nan"):
+        AnswerParams(threshold=float("nan"))
+    with pytest.raises(QAError, match="参数 temperature"):
+        AnswerParams(temperature=float("inf"))
+    with pytest.raises(QAError, match="问题为空"):
         service.answer("  ", "cmrc", [])
+    with pytest.raises(QAError, match="max_new_tokens 为 1000000000.*llm.max_context_tokens"):
+        service.answer("问题", "cmrc", [], AnswerParams(max_new_tokens=10**9))
+    with pytest.raises(QuestionTooLongError, match="app.max_question_chars"):
+        service.answer("问" * (world["settings"].app.max_question_chars + 1), "cmrc", [])
+    with pytest.raises(QAError, match="无效的字符"):
+        service.search("问题\ud800", "cmrc")
+    with pytest.raises(QAError, match="名称 '../up' 无效"):
+        service.search("问题", "../up")
 
 
 def test_stop_event_ends_the_answer(world):
     service, para = world["service"], world["paragraphs"][0]
     stop = threading.Event()
-    stream = service.answer(para["question"], "cmrc", [], {"max_new_tokens": 200, "threshold": -1.0},
+    stream = service.answer(para["question"], "cmrc", [], AnswerParams(max_new_tokens=200, threshold=-1.0),
                             stop_event=stop)
     got = []
     for piece in stream:
         got.append(piece)
         stop.set()
     assert len(got) <= 2 and stream.error == "" and stream.done
-    full = "".join(service.answer(para["question"], "cmrc", [], {"max_new_tokens": 200, "threshold": -1.0}))
+    full = "".join(service.answer(para["question"], "cmrc", [], AnswerParams(max_new_tokens=200, threshold=-1.0)))
     assert len(full) > len("".join(got))
 
 
@@ -229,13 +240,14 @@ def test_new_generation_of_the_kb_is_seen_without_restart(world):
     service, settings, root = world["service"], world["settings"], world["root"]
     extra = world["paragraphs"][6]
     before = service.knowledge_base("cmrc").generation
-    assert not service.search(extra["question"], "cmrc", threshold=-1.0).hits[0].source.endswith("extra_00.txt")
+    wide = AnswerParams(threshold=-1.0)
+    assert not service.search(extra["question"], "cmrc", wide).hits[0].source.endswith("extra_00.txt")
     docs = root / "docs2"
     write_docs(docs, [extra], prefix="extra")
     assert ingest(docs, "cmrc", settings, embedder=service.searcher.embedder).exit_code == 0
     after = service.knowledge_base("cmrc")        # the same service, no restart
     assert after.generation != before
-    assert service.search(extra["question"], "cmrc", threshold=-1.0).hits[0].source.endswith("extra_00.txt")
+    assert service.search(extra["question"], "cmrc", wide).hits[0].source.endswith("extra_00.txt")
 
 
 def test_generation_failure_lands_in_error(world):
@@ -244,7 +256,7 @@ def test_generation_failure_lands_in_error(world):
                              llm={"backend": "openai", "openai_base_url": "http://127.0.0.1:9/v1",
                                   "openai_model": "glm-4"})
     service = QAService(settings, llm=load_llm(settings), embedder=world["service"].searcher.embedder)
-    stream = service.answer(world["paragraphs"][0]["question"], "cmrc", [], {"threshold": -1.0})
+    stream = service.answer(world["paragraphs"][0]["question"], "cmrc", [], AnswerParams(threshold=-1.0))
     assert list(stream) == []
     assert "cannot reach" in stream.error and "llm.openai_base_url" in stream.error
 
@@ -273,13 +285,16 @@ def test_cli_one_shot_question(world, monkeypatch, capsys):
     out = capsys.readouterr()
     assert REFUSAL in out.out and "最接近的段落" in out.out
     assert cli.main(["--kb", "nope", "-q", "你好"]) == 1
-    assert "knowledge base 'nope' does not exist" in capsys.readouterr().err
+    assert "知识库「nope」不存在" in capsys.readouterr().err
+    assert cli.main(["--kb", "cmrc", "-q", "你好", "--top-k", "0"]) == 2   # the same check as the page and the API
+    assert "参数 top_k 必须是大于 0 的整数，收到 0" in capsys.readouterr().err
 
 
 # --- end to end with the real demo model ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_end_to_end_real_models(tmp_path, cmrc_trial, models_dir):
-    """Real qwen2.5-coder-1.5b-instruct (CPU; fp32 unless the CPU has native bf16) + real e5 on 4 CMRC passages: one answer in the documents,
+    """Real qwen2.5-coder-1.5b-instruct (CPU; fp32 unless the CPU has native bf16) + real e5 on 4 CMRC passages:
+    one answer in the documents,
     one question whose answer is not there (refused without calling the LLM)."""
     require_model(models_dir, "qwen2.5-coder-1.5b-instruct")
     require_model(models_dir, "multilingual-e5-small")
@@ -303,3 +318,38 @@ def test_end_to_end_real_models(tmp_path, cmrc_trial, models_dir):
     text = "".join(missing)
     assert missing.error == ""
     assert missing.refused or REFUSAL in text or NOT_ENOUGH_INFO in text, text
+
+
+class ScriptedStream:
+    """Replaces the model's stream() with a chosen answer. Why not the real model: the tiny random GLM cannot be made
+    to say a particular sentence, and this test is about what the service does with a finished answer's text."""
+
+    def __init__(self, llm, pieces):
+        self.llm, self.pieces = llm, pieces
+
+    def __enter__(self):
+        self.llm.stream = lambda messages, params=None, stop_event=None: iter(self.pieces)
+        return self
+
+    def __exit__(self, *exc):
+        del self.llm.stream
+
+
+def test_grounding_check_marks_the_finished_answer(world):
+    service = world["service"]
+    # a paragraph whose answer is a number (CMRC trial has several among the first six)
+    para = next(p for p in world["paragraphs"][:6] if any(re.fullmatch(r"\d+.*", a) for a in p["answers"]))
+    stream = service.answer(para["question"], "cmrc", [])
+    assert stream.sources and any(para["answers"][0] in h.text for h in stream.sources[:1])
+    number = para["answers"][0]
+    with ScriptedStream(service.llm, ["答案是", number, "[1]。"]):
+        good = service.answer(para["question"], "cmrc", [])
+        assert good.grounding is None          # decided only once the whole answer is there
+        list(good)
+    assert good.grounding is not None and good.grounding.cited and not good.ungrounded, good.grounding
+    assert good.grounding.citations[0].passage == 1
+    with ScriptedStream(service.llm, ["答案是", "987654321", "。"]):
+        bad = service.answer(para["question"], "cmrc", [])
+        list(bad)
+    assert bad.ungrounded and bad.grounding.failures[0].kind == "number"
+    assert "987654321" in bad.grounding.summary()

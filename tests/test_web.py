@@ -255,14 +255,15 @@ def test_upload_job_ingests_reports_and_removes(tmp_settings, tmp_path, models_d
         assert rows["包.zip/../x.md"].status == "rejected" and rows["bad.exe"].status == "rejected"
         assert library.size("手册", tmp_settings).files == 2
         table = library.file_table("手册", tmp_settings)
-        assert [r[0] for r in table] == ["sources/02-导入文件.md", "sources/faq.md"] and table[0][3] == "成功"
+        assert [r[0] for r in table] == ["sources/02-导入文件.md", "sources/faq.md"] and table[0][3] == "已导入"
 
         # re-ingest re-parses the selected file even though it is unchanged (force=True): a retry after a fix
         again = jobs.wait(jobs.reingest("手册", ["sources/faq.md", "sources/nope.md"]).id, timeout=120)
         assert [(f.name, f.status) for f in again.files] == [("sources/faq.md", "ok"), ("sources/nope.md", "rejected")]
         rebuilt = jobs.wait(jobs.rebuild("手册").id, timeout=300)
         assert rebuilt.state == "done", rebuilt.error
-        assert sorted((f.name, f.status) for f in rebuilt.files) == [("sources/02-导入文件.md", "ok"), ("sources/faq.md", "ok")]
+        assert sorted((f.name, f.status) for f in rebuilt.files) == [("sources/02-导入文件.md", "ok"),
+                                                                      ("sources/faq.md", "ok")]
         assert library.size("手册", tmp_settings).files == 2
 
         gone = jobs.wait(jobs.remove("手册", ["sources/faq.md"]).id, timeout=120)
@@ -273,6 +274,44 @@ def test_upload_job_ingests_reports_and_removes(tmp_settings, tmp_path, models_d
 
         failed = jobs.wait(jobs.upload("不存在", [(guide, guide.name)]).id, timeout=60)
         assert failed.state == "failed" and "不存在" in failed.error
+    finally:
+        jobs.shutdown()
+
+
+def test_rebuild_when_the_first_folder_is_gone(tmp_settings, tmp_path, models_dir):
+    """Issue 12 bug: the rebuild passed rebuild=(i == 0) but skipped missing folders, so with the first folder gone
+    nothing was rebuilt (the second folder's files came back 'unchanged'). Now the first folder that exists starts
+    the fresh generation, and the gone folder's files are reported as removed, never silently kept or lost."""
+    from app import library
+    from app.jobs import JobManager
+    from ingest import ingest
+    from retrieval.embeddings import Embedder
+    from tests.conftest import require_model
+
+    require_model(models_dir, tmp_settings.embedding.model)
+    embedder = Embedder.from_settings(tmp_settings)
+    first, second = tmp_path / "a-first", tmp_path / "b-second"
+    for folder, text in ((first, "甲文件夹：报销需要发票原件。"), (second, "乙文件夹：年假为十五天，需提前申请。")):
+        folder.mkdir()
+        (folder / "doc.txt").write_text(text, encoding="utf-8")
+        assert ingest(folder, "两处", tmp_settings, embedder=embedder).exit_code == 0
+    assert library.file_paths("两处", tmp_settings) == ["a-first/doc.txt", "b-second/doc.txt"]
+    (first / "doc.txt").unlink()
+    first.rmdir()
+    jobs = JobManager(tmp_settings, embedder=lambda: embedder)
+    try:
+        done = jobs.wait(jobs.rebuild("两处").id, timeout=300)
+        assert done.state == "done", done.error
+        rows = {f.name: f for f in done.files}
+        assert rows["b-second/doc.txt"].status == "ok"          # re-parsed and re-embedded: a real rebuild
+        assert rows["a-first/doc.txt"].status == "removed" and "已不存在" in rows["a-first/doc.txt"].reason
+        assert library.file_paths("两处", tmp_settings) == ["b-second/doc.txt"]
+        # every folder gone: the job fails with a sentence and the knowledge base is left as it was
+        (second / "doc.txt").unlink()
+        second.rmdir()
+        failed = jobs.wait(jobs.rebuild("两处").id, timeout=60)
+        assert failed.state == "failed" and "都已不存在" in failed.error
+        assert library.file_paths("两处", tmp_settings) == ["b-second/doc.txt"]
     finally:
         jobs.shutdown()
 
@@ -288,13 +327,15 @@ def test_concurrent_chats_and_ingest_small(tmp_path, models_dir):
     proc, origin = start_local_app(tmp_path, "使用指南", {
         "ZHIWEN_PROFILE": "test", "ZHIWEN_LLM__DTYPE": "float32", "ZHIWEN_INGEST__WORKERS": "1"})
     try:
-        result = run_bench(Client(origin), "使用指南", chats=3, params={"max_new_tokens": 8, "top_k": 1, "temperature": 0})
+        result = run_bench(Client(origin), "使用指南", chats=3,
+                           params={"max_new_tokens": 8, "top_k": 1, "temperature": 0})
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     # What this small run can prove is concurrency: no errors, every chat streamed and was grounded in the file that
-    # holds its answer, and the ingest finished. Whether the tiny 0.5B model with 8 new tokens then answers or refuses
-    # is answer quality, measured by `python -m bench.concurrency` with the demo model (a refusal counts as wrong there).
+    # holds its answer, and the ingest finished. Whether the tiny 0.5B model with 8 new tokens then answers or
+    # refuses is answer quality, measured by `python -m bench.concurrency` with the demo model (a refusal counts as
+    # wrong there).
     from bench.concurrency import QUESTIONS
 
     assert [c.error for c in result.chats] == ["", "", ""]

@@ -97,6 +97,8 @@ def evaluate_answers(ask: Callable[[str], Any], questions: Sequence[Question], u
             "decode_tokens_per_s": (n_tokens - 1) / decode_s if decode_s and n_tokens > 1 and not service_refused
             else None,
             "sources": [getattr(s, "source", str(s)) for s in (getattr(stream, "sources", None) or [])][:5],
+            # the passages as given to the model, so the grounding check can be re-run on the saved report
+            "source_texts": [getattr(s, "text", "") for s in (getattr(stream, "sources", None) or [])],
             "error": getattr(stream, "error", "") or "",
         })
         if progress:

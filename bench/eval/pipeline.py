@@ -66,7 +66,10 @@ def _reuse_corpus(corpus: Path, index: Path, passages: list, formats: tuple[str,
 
 def _ask_fn(service: Any, kb_name: str, max_new_tokens: int) -> Callable[[str], Any]:
     """How the evaluation asks the service one question: no history, the run's answer length."""
-    return lambda question: service.answer(question, kb_name, [], {"max_new_tokens": max_new_tokens})
+    from app.service import AnswerParams
+
+    params = AnswerParams(max_new_tokens=max_new_tokens)
+    return lambda question: service.answer(question, kb_name, [], params)
 
 
 def run(opts: RunOptions) -> dict[str, Any]:
@@ -226,7 +229,8 @@ def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_
         pq.setdefault("answers", {})[cfg.name] = {k: row[k] for k in ("prediction", "refused", "em", "f1",
                                                                       "contains", "ttft_s", "tokens", "error",
                                                                       "grounding", "grounding_failures",
-                                                                      "refused_grounded", "noise_claims", "cited")
+                                                                      "refused_grounded", "noise_claims", "cited",
+                                                                      "source_texts")
                                                if k in row}
         if first:   # the Markdown's sample table shows the first answering configuration
             pq.update(references=row["references"], prediction=row["prediction"], f1=row["f1"],
