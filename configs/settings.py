@@ -132,7 +132,7 @@ class PromptSettings(_Section):
 
 
 class LLMSettings(_Section):
-    backend: Literal["transformers", "openai"]
+    backend: Literal["auto", "transformers", "llamacpp", "openai"]
     model: str
     demo_model: str
     device: Literal["auto", "cuda", "cpu"]
@@ -146,6 +146,10 @@ class LLMSettings(_Section):
     temperature: float = Field(ge=0)
     top_p: float = Field(gt=0, le=1)
     repetition_penalty: float = Field(gt=0)
+    threads: int = Field(ge=0, description="llama.cpp CPU threads; 0 = the machine's physical cores.")
+    n_gpu_layers: int = Field(ge=-1, description="llama.cpp layers offloaded to a GPU (-1 = all; needs a CUDA build).")
+    static_cache: bool = Field(description="transformers on CUDA: a static KV cache for the window.")
+    compile: bool | Literal["auto"] = Field(description="transformers on CUDA: torch.compile decoding; auto = nf4.")
     openai_base_url: str
     openai_api_key: str
     openai_model: str
