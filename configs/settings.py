@@ -122,6 +122,10 @@ class StoreSettings(_Section):
     """Where knowledge bases live: FAISS files under paths.kb_root, or Milvus (docs/deploy.md)."""
 
     backend: Literal["faiss", "milvus"]
+    faiss_index: Literal["auto", "flat", "ivf"] = Field(
+        description="FAISS index of a stored segment: flat (exact), ivf (approximate), auto (ivf from ivf_threshold).")
+    ivf_threshold: int = Field(gt=0, description="auto: segments with at least this many chunks use IVF.")
+    ivf_nprobe: int = Field(gt=0, description="IVF lists searched per question (recall vs speed).")
     # milvus: a *.db path runs Milvus Lite embedded (one process per file; "" = <kb_root>/milvus.db, relative paths
     # against the project root); http(s)://host:19530 a Milvus standalone/cluster server.
     uri: str
@@ -144,7 +148,7 @@ class PromptSettings(_Section):
 
 
 class LLMSettings(_Section):
-    backend: Literal["transformers", "openai"]
+    backend: Literal["auto", "transformers", "llamacpp", "openai"]
     model: str
     demo_model: str
     device: Literal["auto", "cuda", "cpu"]
@@ -158,6 +162,10 @@ class LLMSettings(_Section):
     temperature: float = Field(ge=0)
     top_p: float = Field(gt=0, le=1)
     repetition_penalty: float = Field(gt=0)
+    threads: int = Field(ge=0, description="llama.cpp CPU threads; 0 = the machine's physical cores.")
+    n_gpu_layers: int = Field(ge=-1, description="llama.cpp layers offloaded to a GPU (-1 = all; needs a CUDA build).")
+    static_cache: bool = Field(description="transformers on CUDA: a static KV cache for the window.")
+    compile: bool | Literal["auto"] = Field(description="transformers on CUDA: torch.compile decoding; auto = nf4.")
     openai_base_url: str
     openai_api_key: str
     openai_model: str

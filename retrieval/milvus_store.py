@@ -316,6 +316,25 @@ def delete_knowledge_base(name: str, settings: Settings, *, timeout: float | Non
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def read_manifest(name: str, settings: Settings) -> tuple[str, Manifest]:
+    """(generation, manifest) from the head row and the manifest parts only (the KB list, status line, file table)."""
+    kb_dir(name, settings)
+    c = client(settings)
+    with _engine_errors(settings, f"读取知识库「{name}」的清单"):
+        _ensure_meta(c)
+        for _ in range(10):
+            head = _read_head(c, name)
+            if head is None:
+                raise KBNotFoundError(f"知识库「{name}」不存在（Milvus {resolve_uri(settings)}）。")
+            try:
+                return f"gen-{int(head['generation'])}", _read_manifest(c, name, head)
+            except KBCorruptError:
+                again = _read_head(c, name)
+                if again is None or again.get("generation") == head.get("generation"):
+                    raise
+    raise KBCorruptError(f"知识库「{name}」一直在被改写，无法读到一个稳定的版本；请稍后再试。")
+
+
 class MilvusKnowledgeBase:
     """One committed generation of a KB in Milvus: its manifest in memory, its chunks searched in the engine."""
 
