@@ -23,7 +23,9 @@ from:
      "model_refused": bool,   # the model itself answered with one of the template's refusal sentences
      "sources": [{"file", "page", "heading", "score", "dense_score", "bm25_score", "text",
                   "spans": [[start, end], ...]}],   # spans: character offsets in text of the supporting sentences
-     "low_relevance": [...]}  # when refused: the closest passages (same shape), never used for an answer
+     "low_relevance": [...],  # when refused: the closest passages (same shape), never used for an answer
+     "ungrounded": bool,      # the answer failed the grounding check (the page shows 「资料中没有找到可靠依据」)
+     "grounding": {...}}      # that check's status, failures, citations, evidence sentence (null when not run)
 Usage counts: prompt_tokens is the built prompt (model tokenizer), completion_tokens the answer re-tokenized; both
 are 0 for a refusal (nothing was generated).
 
@@ -59,6 +61,7 @@ from retrieval.sentences import split_sentences
 from retrieval.types import Hit
 
 from . import library
+from .api import grounding_json
 from .context import AppContext
 from .render import supporting_sentences
 
@@ -294,6 +297,7 @@ class _Answer:
         except LLMError as e:
             raise _generation_error(str(e)) from None
         self._it: Iterator[str] = iter(self.stream)
+        self._lock = threading.Lock()              # one thread at a time inside the service's stream
         self.text = ""
         self.finished = False
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -301,6 +305,10 @@ class _Answer:
 
     def next_text(self) -> Any:
         """The next piece of visible text ("" possible), or _END. Runs in a worker thread."""
+        with self._lock:
+            return self._next_text()
+
+    def _next_text(self) -> Any:
         if self.finished:
             return _END
         piece = next(self._it, _END)
@@ -318,7 +326,17 @@ class _Answer:
         return out
 
     def abandon(self) -> None:
+        """The client is gone (or the answer is complete): stop the generation and give its slot back now. Closing
+        the service's stream releases app.concurrency_limit's slot; it waits (in its own thread) for a next_text()
+        still running in a worker, which the stop event ends at the next token."""
         self.stop_event.set()
+        if not self.finished:
+            threading.Thread(target=self._close, name="v1-abandon", daemon=True).start()
+
+    def _close(self) -> None:
+        with self._lock:
+            self.finished = True
+            self._it.close()
 
     @property
     def refused(self) -> bool:
@@ -346,7 +364,8 @@ class _Answer:
     def extra(self) -> dict[str, Any]:
         return {"refused": self.refused, "model_refused": (not self.refused) and is_refusal(self.text),
                 "sources": [source_json(h, self.text) for h in getattr(self.stream, "sources", None) or []],
-                "low_relevance": [source_json(h) for h in getattr(self.stream, "low_relevance", None) or []]}
+                "low_relevance": [source_json(h) for h in getattr(self.stream, "low_relevance", None) or []],
+                **grounding_json(getattr(self.stream, "grounding", None))}
 
     def headers(self) -> dict[str, str]:
         return {"X-Zhiwen-Refused": "true" if self.refused else "false"}
@@ -422,12 +441,23 @@ def build_openai_router(ctx: AppContext) -> APIRouter:
             req, question, history, stops = parse_request(await request.body())
             known_model(req.model)
             answer = await run_in_threadpool(_Answer, ctx, req, question, history, stops)
-            first = await run_in_threadpool(_first_piece, answer)
         except _ApiError as e:
             return e.response()
         except Exception:
             log.exception("/v1/chat/completions failed before answering")
             return _ApiError(500, "内部错误：详细信息已记录在服务器日志中。", code="internal_error").response()
+        try:
+            first = await run_in_threadpool(_first_piece, answer)
+        except _ApiError as e:
+            answer.abandon()
+            return e.response()
+        except Exception:
+            answer.abandon()
+            log.exception("/v1/chat/completions failed before answering")
+            return _ApiError(500, "内部错误：详细信息已记录在服务器日志中。", code="internal_error").response()
+        except BaseException:            # the client left while the first token was coming: free the slot
+            answer.abandon()
+            raise
         if req.stream:
             return StreamingResponse(_events(answer, first), media_type="text/event-stream",
                                      headers={**answer.headers(), "Cache-Control": "no-cache"})
