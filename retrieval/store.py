@@ -29,7 +29,6 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +36,7 @@ import faiss
 import numpy as np
 from filelock import FileLock, Timeout
 
+from common.files import now_iso
 from retrieval.types import Chunk
 
 if TYPE_CHECKING:
@@ -83,10 +83,6 @@ class KBCorruptError(KBError):
 
 class KBIncompatibleError(KBError):
     """The KB was built with another embedding model or chunking: it must be rebuilt."""
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -497,7 +493,7 @@ def _writer_lock(path: Path, name: str, timeout: float | None) -> Iterator[None]
     info = path / LOCK_INFO_FILE
     try:
         info.write_text(
-            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now_iso()}), encoding="utf-8"
+            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso()}), encoding="utf-8"
         )
         yield
     finally:
@@ -541,7 +537,7 @@ class KBWriter:
         self._contents: dict[str, _Content] = {}
         self._files: dict[str, FileEntry] = {}
         self._spec: IndexSpec | None = None
-        self._created_at = _now_iso()
+        self._created_at = now_iso()
         self._live_gen: str | None = _read_current(path)
         self.dirty = False
         # Chunks and vectors of the live generation are read only when a commit needs them: an unchanged rerun
@@ -651,7 +647,7 @@ class KBWriter:
         chunks, vectors, files = self._normalise()
         n = 1 + max((int(m.group(1)) for p in self.path.iterdir() if (m := _GEN_RE.match(p.name))), default=-1)
         gen = f"gen-{n}"
-        now = _now_iso()
+        now = now_iso()
         manifest = Manifest(n, self._spec, files, created_at=self._created_at or now, updated_at=now)
         dim = self._spec.dim if self._spec else (vectors.shape[1] if len(vectors) else 0)
         index = faiss.IndexFlatIP(dim)
