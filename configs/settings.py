@@ -116,6 +116,13 @@ class RetrievalSettings(_Section):
     dedupe_threshold: float = Field(gt=0, le=1)
 
 
+class StoreSettings(_Section):
+    faiss_index: Literal["auto", "flat", "ivf"] = Field(
+        description="FAISS index of a stored segment: flat (exact), ivf (approximate), auto (ivf from ivf_threshold).")
+    ivf_threshold: int = Field(gt=0, description="auto: segments with at least this many chunks use IVF.")
+    ivf_nprobe: int = Field(gt=0, description="IVF lists searched per question (recall vs speed).")
+
+
 class PromptSettings(_Section):
     template: str
     history_turns: int = Field(ge=0)
@@ -212,6 +219,7 @@ class Settings(BaseSettings):
     embedding: EmbeddingSettings
     ingest: IngestSettings
     retrieval: RetrievalSettings
+    store: StoreSettings
     prompt: PromptSettings
     llm: LLMSettings
     app: AppSettings

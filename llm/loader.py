@@ -47,6 +47,8 @@ def choose_backend(settings: Settings, path: Path | None = None) -> str:
     if not (gguf or hf):
         raise LLMError(f"{path} holds neither a .gguf file nor a transformers model (config.json + weights); point "
                        f"llm.model at a model folder or a .gguf file")
+    if settings.llm.adapter:  # LoRA / P-Tuning adapters are applied by the transformers backend (llm/adapters.py)
+        return "transformers"
     device = settings.llm.device
     on_gpu = device == "cuda" or (device == "auto" and _cuda_available())
     if on_gpu or importlib.util.find_spec("llama_cpp") is None:
@@ -56,7 +58,14 @@ def choose_backend(settings: Settings, path: Path | None = None) -> str:
 
 def load_llm(settings: Settings) -> ChatModel:
     """Build the chat model chosen by settings.llm.backend (one place; optional packages imported in their case)."""
-    match choose_backend(settings):
+    backend = choose_backend(settings)
+    if settings.llm.adapter and backend != "transformers":
+        from llm.adapters import AdapterError
+        raise AdapterError(
+            f"llm.adapter is set, but adapters (peft LoRA / prefix tuning, P-Tuning v2) are applied by the "
+            f"transformers backend and llm.backend resolves to {backend!r} here; use a transformers model folder with "
+            f"llm.backend: transformers or auto, or set llm.adapter: \"\"")
+    match backend:
         case "transformers":
             try:
                 from llm.transformers_backend import load_transformers_model

@@ -30,6 +30,12 @@ STOPWORDS: frozenset[str] = frozenset(STOPWORDS_CHINESE) | frozenset(STOPWORDS_E
 _WORDLIKE = re.compile(r"[\w\u3400-\u9fff]")
 
 
+# Knowledge bases store each chunk's tokens (retrieval/segments.py). Change this whenever `tokenize` changes what it
+# returns for some text: segments made by another version are re-tokenised once (in memory when opened, on disk at
+# the next commit), so stored tokens never disagree with the tokens of a question.
+TOKENIZER_VERSION = "jieba-search-1"
+
+
 def tokenize(text: str) -> list[str]:
     """jieba search-mode tokens, lower-cased, without punctuation, whitespace or stopwords.
 
