@@ -25,7 +25,6 @@ Write side: `with kb.writer() as w: ...; w.commit()` (ingest only).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -42,7 +41,7 @@ import faiss
 import numpy as np
 from filelock import FileLock, Timeout
 
-from common.files import now_iso
+from common.files import now_iso, sha256_file
 from retrieval import segments as seglib
 from retrieval.segments import (
     SEGMENTS,
@@ -535,18 +534,13 @@ def _read_manifest(gen_dir: Path) -> Manifest:
         raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 有误（{type(e).__name__}: {e}）") from None
 
 
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _verify_files(gen_dir: Path, checksums: Mapping[str, str]) -> None:
     """Files still hold the bytes their commit recorded (generations and segments are never modified)."""
     for fname, expected in checksums.items():
         if Path(fname).name != fname:
             raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 的校验和列出了可疑的文件名 {fname!r}")
         try:
-            got = _sha256_file(gen_dir / fname)
+            got = sha256_file(gen_dir / fname)
         except FileNotFoundError:
             raise KBCorruptError(f"{gen_dir.name} 缺少 {fname}") from None
         if got != expected:
