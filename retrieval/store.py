@@ -635,7 +635,7 @@ class KnowledgeBase:
         self._contents = loaded.contents
         self._layout = Layout(loaded.segments, loaded.contents)
         owners = {sha: paths[0] for sha in loaded.contents if (paths := self.sources_for(sha))}
-        nprobe = settings.store.ivf_nprobe if settings is not None else 32
+        nprobe = settings.store.ivf_nprobe if settings is not None else 64
         self.chunks: ChunkTable = ChunkTable(self._layout, owners)          # row i of index is chunks[i]
         self.index = SegmentedIndex(self._layout, self.manifest.dim or (loaded.segments[0].info.dim
                                                                         if loaded.segments else 0), nprobe)
