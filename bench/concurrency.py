@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "guide"
 
 # (question, texts of which a right answer contains at least one, the guide file that holds the answer).
-# Compared with quotes and spaces removed (「停止」按钮 = “停止”按钮 = 停止按钮). 回答很慢 has three right answers in the
+# Compared with quotes and spaces removed (「停止」按钮 = “停止”按钮 = 停止按钮). 回答很慢 has three right answers in
+# the
 # guide (smaller model or fewer max_new_tokens; use the GPU; raise concurrency_limit when many people ask).
 QUESTIONS: list[tuple[str, tuple[str, ...], str]] = [
     ("如何上传文件？", ("开始导入",), "02-导入文件.md"),

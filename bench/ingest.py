@@ -68,7 +68,8 @@ def part_one_and_two(args: argparse.Namespace, tmp: Path, settings, embedder: Em
     print(f"  phases: {phases(r)}")
     ps = r.phase_seconds
     overhead = ps["parse"] + ps["split"] + ps["write"]
-    print(f"  parse+split+write = {overhead:.2f}s = {100 * overhead / ps['embed']:.1f} % of embed time (target <= 15 %)")
+    print(f"  parse+split+write = {overhead:.2f}s = {100 * overhead / ps['embed']:.1f} % of embed time (target <= "
+          "15 %)")
 
     t0 = time.perf_counter()
     r2 = ingest(docs, "bench", settings, embedder=embedder)
@@ -120,7 +121,8 @@ def main() -> None:
     ap.add_argument("--cmrc-limit", type=int, default=None, help="only the first N CMRC passages (default: all 256)")
     ap.add_argument("--no-messy", action="store_true", help="leave out messy_docs (OCR makes it slow)")
     ap.add_argument("--small-files", type=int, default=2000, help="files for the unchanged-rerun test (0: skip)")
-    ap.add_argument("--compare-limit", type=int, default=None, help="texts for the bare-encode comparison (default all)")
+    ap.add_argument("--compare-limit", type=int, default=None, help="texts for the bare-encode comparison (default "
+                                                                    "all)")
     ap.add_argument("--workers", type=int, default=None, help="parser processes (default: ingest.workers)")
     ap.add_argument("--only-small-files", action="store_true", help="skip parts 1-2 (just the unchanged-rerun test)")
     ap.add_argument("--small-files-model", default=None,

@@ -56,7 +56,8 @@ def template_variables(text: str, *, name: str = "template") -> set[str]:
     try:
         return {field for _, field, _, _ in Formatter().parse(text) if field is not None}
     except ValueError as e:  # a lone "{" or "}"
-        raise PromptTemplateError(f"{name}: not a valid template ({e}); write literal braces as {{{{ and }}}}") from None
+        raise PromptTemplateError(f"{name}: not a valid template ({e}); write literal braces as "
+                                  f"{{{{ and }}}}") from None
 
 
 def check_template(text: str, *, name: str = "template") -> None:

@@ -94,9 +94,12 @@ EXPECT: dict[str, tuple] = {
     "unstructured/fake-html-cp1252.html": ("ok", {"text": ["# My First Heading", "\nEl niño comió paella", "15,50 €"]}),
     "unstructured/fake-html-with-base64-image.html": ("ok", {"text": ["Test page"]}),
     "unstructured/fake-text-all-whitespace.txt": ("error", "empty"),
-    "unstructured/fake-text-utf-16-be.txt": ("ok", {"text": ["This is a test document to use for unit tests.", "Doylestown, PA 18901"]}),
-    "unstructured/fake-text-utf-32.txt": ("ok", {"text": ["This is a test document to use for unit tests.", "Doylestown, PA 18901"]}),
-    "unstructured/fake.doc": ("ok", {"text": ["Lorem ipsum dolor sit amet."]}) if HAS_DOC_CONVERTER else ("error", "unsupported"),
+    "unstructured/fake-text-utf-16-be.txt": ("ok", {"text": ["This is a test document to use for unit "
+                                                             "tests.", "Doylestown, PA 18901"]}),
+    "unstructured/fake-text-utf-32.txt": ("ok", {"text": ["This is a test document to use for unit "
+                                                          "tests.", "Doylestown, PA 18901"]}),
+    "unstructured/fake.doc": ("ok", {"text": ["Lorem ipsum dolor sit "
+                                              "amet."]}) if HAS_DOC_CONVERTER else ("error", "unsupported"),
     "unstructured/fake.odt": ("ok", {"text": ["Lorem ipsum dolor sit amet."], "table": ["Mon: Blue"]}),
     "unstructured/hebrew-text-base64-iso88598i.txt": ("ok", {"text": ["8uPr5e8gVGVzbGEg"]}),
     "unstructured/img_DA-1p.png": ("ok", {"ocr": ["CREATURES", "Abomination"]}),
@@ -608,7 +611,8 @@ def test_gbk_csv_with_semicolons_and_md_table(tmp_path):
     docs = load_file(f, settings())
     assert docs[0].page_content == "姓名: 王五 | 城市: 杭州\n姓名: 赵六 | 城市: 成都"
     md = tmp_path / "说明.md"
-    md.write_text("价格表\n===\n\n| 商品 | 价格 |\n|---|---:|\n| 苹果 | 5 |\n\n```\n| 不是 | 表格 |\n|---|---|\n```\n", encoding="utf-8")
+    md.write_text("价格表\n===\n\n| 商品 | 价格 |\n|---|---:|\n| 苹果 | 5 |\n\n```\n| 不是 | 表格 "
+                  "|\n|---|---|\n```\n", encoding="utf-8")
     docs = load_file(md, settings())
     assert [d.metadata["kind"] for d in docs] == ["text", "table", "text"]
     assert docs[0].page_content == "# 价格表"  # setext heading rewritten for the splitter

@@ -349,7 +349,8 @@ def test_search_result_hits_are_frozen_dataclasses(corpus):
 
 # --- real model, real data: CMRC 2018 trial, first 40 paragraphs ------------------------------------------------------
 # Measured with multilingual-e5-small, chunk_size 250 / overlap 50, default retrieval settings (docs/retrieval.md):
-# 151 questions, hybrid hit@5 0.993, hit@1 0.921 (dense hit@5 0.987, BM25 0.980). The bar leaves room for a different CPU's float noise
+# 151 questions, hybrid hit@5 0.993, hit@1 0.921 (dense hit@5 0.987, BM25 0.980). The bar leaves room for a different
+# CPU's float noise
 # and small splitter changes, not for a broken retriever (no merging alone drops hybrid hit@5 to ~0.97, BM25 without
 # jieba to far less).
 CMRC_SUBSET_PASSAGES = 40

@@ -48,10 +48,13 @@ def load_pdf(ctx: Ctx) -> None:
                         ctx.path, ctx.settings.ocr_max_pages, ctx.ocr_skipped)
         if not ctx.docs:
             if not ctx.settings.ocr:
-                raise LoadError("no_text", f"PDF「{ctx.name}」没有文字层（可能是扫描件），而 OCR 已关闭：请在设置中开启 ingest.ocr 后重新导入")
+                raise LoadError("no_text", f"PDF「{ctx.name}」没有文字层（可能是扫描件），而 OCR 已关闭："
+                                           "请在设置中开启 ingest.ocr 后重新导入")
             if ctx.ocr_skipped:
-                raise LoadError("no_text", f"PDF「{ctx.name}」没有文字层，且超过了每个文件的 OCR 页数上限 ingest.ocr_max_pages：请调大该设置")
-            raise LoadError("no_text", f"PDF「{ctx.name}」没有文字层，OCR 也未识别出文字：请确认扫描件清晰，或提供带文字的版本")
+                raise LoadError("no_text", f"PDF「{ctx.name}」没有文字层，且超过了每个文件的 OCR 页数上限 "
+                                           "ingest.ocr_max_pages：请调大该设置")
+            raise LoadError("no_text", f"PDF「{ctx.name}」没有文字层，OCR 也未识别出文字：请确认扫描件清晰，"
+                                       "或提供带文字的版本")
     finally:
         pdf.close()
 
