@@ -66,7 +66,8 @@ def check_template(text: str, *, name: str = "template") -> None:
     >>> check_template("问题是：{question}")
     Traceback (most recent call last):
     ...
-    prompts.template_files.PromptTemplateError: template: missing variables: context; unknown variables: none; provided variables: context, question
+    prompts.template_files.PromptTemplateError: template: missing variables: context; unknown variables: none;
+    provided variables: context, question
     """
     used = template_variables(text, name=name)
     missing = sorted(REQUIRED_VARIABLES - used)

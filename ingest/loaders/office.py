@@ -1,8 +1,9 @@
 """Word documents: .docx (python-docx), legacy .doc (antiword / catdoc, or LibreOffice converting to .docx).
 
-docx: paragraphs (and their text boxes) and tables in body order; headings (built-in "Heading N"/"标题 N" styles, "Title", or any style
-with an outline level) become '#' lines; list paragraphs get '- '; tables become table Documents; header and
-footer text is kept once at the end; embedded pictures are OCRed (counted against settings.ocr_max_pages).
+docx: paragraphs (and their text boxes) and tables in body order; headings (built-in "Heading N"/"标题 N" styles,
+"Title", or any style with an outline level) become '#' lines; list paragraphs get '- '; tables become table
+Documents; header and footer text is kept once at the end; embedded pictures are OCRed (counted against
+settings.ocr_max_pages).
 """
 from __future__ import annotations
 

@@ -35,7 +35,8 @@ def load_pdf(ctx: Ctx) -> None:
         if code in (pdfium_c.FPDF_ERR_PASSWORD, pdfium_c.FPDF_ERR_SECURITY):
             raise LoadError("encrypted", f"PDF「{ctx.name}」已加密，需要密码才能读取：请去除密码后重新导入") from e
         raise LoadError(
-            "corrupt", f"PDF「{ctx.name}」无法打开（{_summary(e)}）：文件可能已损坏，请用 PDF 阅读器打开并另存后重新导入"
+            "corrupt", f"PDF「{ctx.name}」无法打开（{_summary(e)}）：文件可能已损坏，"
+                       "请用 PDF 阅读器打开并另存后重新导入"
         ) from e
     try:
         n = len(pdf)

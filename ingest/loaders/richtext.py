@@ -63,7 +63,8 @@ def _odf_rows(table: Element) -> list[list[str]]:
     for row in _find(table, (TABLENS, "table-row")):
         cells = []
         for cell in row.childNodes:
-            if cell.nodeType != cell.ELEMENT_NODE or cell.qname not in ((TABLENS, "table-cell"), (TABLENS, "covered-table-cell")):
+            if cell.nodeType != cell.ELEMENT_NODE \
+                    or cell.qname not in ((TABLENS, "table-cell"), (TABLENS, "covered-table-cell")):
                 continue
             repeat = cell.getAttrNS(TABLENS, "number-columns-repeated")
             # Spreadsheet-style rows repeat an empty cell thousands of times: cap it.
