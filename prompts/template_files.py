@@ -11,8 +11,9 @@ from string import Formatter
 
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder, PromptTemplate
 
+from configs import PROJECT_ROOT
+
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_VARIABLES: frozenset[str] = frozenset({"context", "question"})
 
 
