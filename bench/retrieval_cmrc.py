@@ -288,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     kb = build_kb(passages, settings)
     print(f"knowledge base: {len(passages)} paragraphs -> {len(kb.chunks)} chunks "
           f"(chunk_size {settings.ingest.chunk_size}, overlap {settings.ingest.chunk_overlap}, "
-          f"model {kb.embedder.model_id}, {getattr(kb.embedder, 'precision', 'fp32')}); built in {kb.build_seconds:.1f} s"
+          f"model {kb.embedder.model_id}, {getattr(kb.embedder, 'precision', 'fp32')}); "
+          f"built in {kb.build_seconds:.1f} s"
           + (" (vectors from cache)" if kb.cached else ""))
     r = settings.retrieval
     print(f"retrieval: fusion {r.fusion}, rrf_k {r.rrf_k}, dense_weight {r.dense_weight}, fetch_k {r.fetch_k}, "
