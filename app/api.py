@@ -6,11 +6,15 @@
                                       "temperature"?, "max_new_tokens"?}  -> NDJSON stream:
                                      {"type":"token","text":...}* then {"type":"done","answer","refused","sources",...}
     POST /api/search                 {"question", "kb", "top_k"?, "threshold"?} -> hits
+    POST /api/kbs                    {"name"} -> 201 {"name"}  (a new, empty knowledge base; 409 if it exists)
     POST /api/kbs/{kb}/files         multipart "files" -> {"job_id"}  (background ingestion, as on the page)
     GET  /api/jobs/{job_id}          progress and per-file results
 
-When login is on, every route needs HTTP Basic credentials of an app.users entry (the same check as the page).
-Errors are JSON {"error": sentence} with a fitting status code.
+When login is on, every route needs HTTP Basic credentials of an app.users entry (the same check as the page);
+too many failed logins → 429. Errors are JSON {"error": sentence} with a fitting status code, sent before any
+streaming starts: 400 bad request (invalid KB name, empty question, bad parameter, empty KB, malformed body),
+404 unknown knowledge base or job, 409 KB exists, 413 question longer than app.max_question_chars or a file over
+app.max_upload_mb (refused while it streams in).
 """
 from __future__ import annotations
 
@@ -25,12 +29,18 @@ import threading
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, File, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
+from starlette.datastructures import UploadFile as StarletteUploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
+from retrieval.store import KBNameError, validate_kb_name
 from retrieval.types import Hit
 
 from . import library
@@ -38,8 +48,13 @@ from .context import AppContext
 from .errors import friendly_error
 from .jobs import JobError
 from .service import AnswerParams, QAError, QuestionTooLongError, UnknownKBError
+from .uploads import safe_filename, too_big_reason
 
 log = logging.getLogger(__name__)
+
+
+class CreateKBRequest(BaseModel):
+    name: str
 
 
 class SearchRequest(BaseModel):
@@ -104,14 +119,18 @@ def build_router(ctx: AppContext) -> APIRouter:
     def require_user(request: Request) -> str | None:
         if not ctx.auth.enabled:
             return None
+        address = request.client.host if request.client else None
         creds = basic_credentials(request.headers.get("authorization", ""))
-        if creds is None or not ctx.auth.verify(*creds):
+        if ctx.auth.blocked(creds[0] if creds else None, address):
+            raise HTTPException(429, "登录失败次数过多，请稍后再试（配置项 app.login_lockout_s）。",
+                                headers={"Retry-After": str(int(s.app.login_lockout_s))})
+        if creds is None or not ctx.auth.verify(*creds, address=address):
             raise HTTPException(401, "需要登录：请用 app.users 中的用户名和密码（HTTP Basic 认证）访问。",
                                 headers={"WWW-Authenticate": 'Basic realm="zhiwen", charset="UTF-8"'})
         return creds[0]
 
-    router = APIRouter(prefix="/api", dependencies=[Depends(require_user)])
     s = ctx.settings
+    router = APIRouter(prefix="/api", dependencies=[Depends(require_user)])
 
     @router.get("/health")
     def health() -> dict[str, Any]:
@@ -171,21 +190,45 @@ def build_router(ctx: AppContext) -> APIRouter:
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
-    @router.post("/kbs/{kb}/files")
-    def upload(kb: str, files: Annotated[list[UploadFile], File()]) -> Any:
-        tmp = Path(tempfile.mkdtemp(prefix="zhiwen-upload-"))
+    @router.post("/kbs", status_code=201)
+    def create_kb(req: CreateKBRequest) -> Any:
+        name = req.name.strip()
+        if name in library.names(s):
+            return _error(409, f"知识库「{name}」已存在。")
         try:
-            pairs = []
-            for i, f in enumerate(files):
-                dest = tmp / f"{i}-{secrets.token_hex(4)}"
-                with dest.open("wb") as out:
-                    shutil.copyfileobj(f.file, out)
-                pairs.append((dest, f.filename or dest.name))
-            job = ctx.jobs.upload(kb, pairs, cleanup=tmp)
-        except (JobError, ValueError) as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return _error(400, friendly_error(e))
-        return {"job_id": job.id}
+            created = library.create(name, s)
+        except KBNameError as e:
+            return _error(400, str(e))
+        except Exception as e:
+            log.exception("creating knowledge base %r failed", name)
+            return _error(500, friendly_error(e))
+        return {"name": created}
+
+    @router.post("/kbs/{kb}/files")
+    async def upload(kb: str, request: Request) -> Any:
+        """Multipart field "files". The knowledge base is checked before the body is read, and each file's size
+        while it streams in: a file over app.max_upload_mb is answered 413 without reading the rest."""
+        try:
+            validate_kb_name(kb)
+        except KBNameError as e:
+            return _error(400, str(e))
+        if kb not in library.names(s):
+            return _error(404, f"知识库「{kb}」不存在：先用 POST /api/kbs 新建，或在页面上新建。")
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return _error(400, "上传需要 multipart/form-data 请求，文件放在字段 files 中。")
+        limit = int(min(s.app.max_upload_mb, s.ingest.max_file_mb) * 2**20)
+        parser = SizeCappedParser(request.headers, request.stream(), max_file_bytes=limit)
+        try:
+            form = await parser.parse()
+        except FileTooLarge as e:
+            return _error(413, f"「{safe_filename(e.name)}」：{too_big_reason(e.size, limit)}")
+        except MultiPartException as e:
+            return _error(400, f"上传的请求格式不对：{e.message}")
+        files = [f for f in form.getlist("files") if isinstance(f, StarletteUploadFile)]
+        try:
+            return await run_in_threadpool(_start_upload_job, ctx, kb, files)
+        finally:
+            await form.close()
 
     @router.get("/jobs/{job_id}")
     def job(job_id: str) -> Any:
@@ -194,9 +237,65 @@ def build_router(ctx: AppContext) -> APIRouter:
         except JobError as e:
             return _error(404, str(e))
         return {"id": j.id, "kind": j.kind, "kb": j.kb_name, "state": j.state, "message": j.message,
-                "done": j.done, "total": j.total, "error": j.error, "files": [asdict(f) for f in j.files]}
+                "done": j.done, "total": j.total, "error": j.error, "resumed_by": j.resumed_by,
+                "files": [asdict(f) for f in j.files]}
 
     return router
+
+
+def _start_upload_job(ctx: AppContext, kb: str, files: list[StarletteUploadFile]) -> Any:
+    tmp = Path(tempfile.mkdtemp(prefix="zhiwen-upload-"))
+    try:
+        pairs = []
+        for i, f in enumerate(files):
+            dest = tmp / f"{i}-{secrets.token_hex(4)}"
+            with dest.open("wb") as out:
+                shutil.copyfileobj(f.file, out)
+            pairs.append((dest, f.filename or dest.name))
+        job = ctx.jobs.upload(kb, pairs, cleanup=tmp)
+    except (JobError, ValueError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return _error(400, friendly_error(e))
+    return {"job_id": job.id}
+
+
+class FileTooLarge(Exception):
+    def __init__(self, name: str, size: int) -> None:
+        super().__init__(name)
+        self.name, self.size = name, size
+
+
+class SizeCappedParser(MultiPartParser):
+    """Starlette's multipart parser, stopping as soon as one file passes `max_file_bytes` (Starlette caps only
+    non-file fields): the rest of an oversized upload is never read."""
+
+    def __init__(self, *args: Any, max_file_bytes: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_file_bytes = max_file_bytes
+        self._sizes: dict[int, int] = {}
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._current_part
+        if part.file is not None:
+            size = self._sizes[id(part)] = self._sizes.get(id(part), 0) + (end - start)
+            if size > self.max_file_bytes:
+                raise FileTooLarge(part.file.filename or "", size)
+        super().on_part_data(data, start, end)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Malformed /api requests (bad JSON, a wrong type, a missing field) → 400 {"error": sentence}, naming the
+    field but never echoing the value (it may hold a lone surrogate, which cannot be encoded as JSON)."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Any:
+        if not request.scope.get("path", "").startswith("/api/"):
+            return await request_validation_exception_handler(request, exc)
+        problems = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "请求体"
+            problems.append(f"{where}：{err.get('msg', '')}")
+        return _error(400, "请求格式不对：" + "；".join(problems))
 
 
 def _line(obj: dict[str, Any]) -> bytes:

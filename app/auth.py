@@ -4,6 +4,11 @@ Users come from `app.users` in the settings (bcrypt hashes) or from environment 
 ZHIWEN_PASSWORD_<USERNAME> (plain text, for a container secret; the username upper-cased, '-' and '.' as '_').
 The same check guards the Gradio page (its login form) and the API (HTTP Basic).
 
+Failed logins are counted per user name and per client address (`LoginLimiter`): past app.login_max_failures /
+app.login_max_failures_per_address within app.login_lockout_s, that name or address is refused until the window has
+passed since its last failure. A verified password is remembered for app.auth_cache_s (as a keyed hash, in memory),
+so an HTTP Basic client pays one bcrypt check (~0.25 s of CPU), not one per request.
+
     python -m app.auth hash            # asks for a password twice, prints a bcrypt hash for configs/*.yaml
     echo 's3cret' | python -m app.auth hash --stdin
 """
@@ -11,13 +16,18 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import hashlib
 import hmac
 import os
 import re
+import secrets
 import sys
+import threading
 from collections.abc import Callable
 
+import anyio.to_thread
 import bcrypt
+from cachetools import TTLCache
 
 from configs import Settings
 
@@ -44,7 +54,10 @@ def hash_password(password: str) -> str:
 
 
 def _check_hash(password: str, password_hash: str) -> bool:
-    pw = password.encode("utf-8")
+    try:
+        pw = password.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: never a match
+        return False
     if len(pw) > 72:
         return False
     try:
@@ -53,11 +66,43 @@ def _check_hash(password: str, password_hash: str) -> bool:
         return False
 
 
+class LoginLimiter:
+    """Counts failed logins per key ("user:<name>", "addr:<ip>"); a key past its limit is blocked until `window_s`
+    after its last counted failure. Memory is bounded: the oldest keys are forgotten first."""
+
+    def __init__(self, max_user: int, max_address: int, window_s: float, maxsize: int = 100_000) -> None:
+        self._limits = {"user": max_user, "addr": max_address}
+        self.window_s = window_s
+        self._failures: TTLCache[str, int] = TTLCache(maxsize=maxsize, ttl=window_s)
+        self._lock = threading.Lock()
+
+    def _keys(self, username: str | None, address: str | None) -> list[tuple[str, str]]:
+        return [(kind, f"{kind}:{value}") for kind, value in (("user", username), ("addr", address))
+                if value is not None]
+
+    def blocked(self, username: str | None = None, address: str | None = None) -> bool:
+        with self._lock:
+            return any(self._failures.get(key, 0) >= self._limits[kind] for kind, key in self._keys(username, address))
+
+    def failed(self, username: str | None = None, address: str | None = None) -> None:
+        with self._lock:
+            for _kind, key in self._keys(username, address):
+                self._failures[key] = self._failures.get(key, 0) + 1  # re-inserting restarts the key's window
+
+
 class Authenticator:
-    """verify(username, password) -> bool, against the settings' users and ZHIWEN_PASSWORD_* variables."""
+    """verify(username, password, address=None) -> bool, against the settings' users and ZHIWEN_PASSWORD_*
+    variables, with failed logins limited (`limiter`) and verified passwords remembered for app.auth_cache_s."""
 
     def __init__(self, settings: Settings, environ: dict[str, str] | None = None) -> None:
         self.enabled = settings.app.auth_enabled
+        a = settings.app
+        self.limiter = LoginLimiter(a.login_max_failures, a.login_max_failures_per_address, a.login_lockout_s)
+        # keyed by an HMAC of (user, password) under a per-process secret: the memory never holds a password
+        self._verified: TTLCache[bytes, bool] | None = (
+            TTLCache(maxsize=10_000, ttl=a.auth_cache_s) if a.auth_cache_s > 0 else None)
+        self._cache_key = secrets.token_bytes(32)
+        self._cache_lock = threading.Lock()
         env = os.environ if environ is None else environ
         self._hashes: dict[str, str] = {}
         self._plain: dict[str, str] = {}
@@ -82,21 +127,52 @@ class Authenticator:
                 "(`python -m app.auth hash`) or set app.auth_enabled to false"
             )
 
-    def verify(self, username: str, password: str) -> bool:
+    def blocked(self, username: str | None = None, address: str | None = None) -> bool:
+        """True while this user name or client address has too many recent failed logins."""
+        return self.enabled and self.limiter.blocked(username, address)
+
+    def verify(self, username: str, password: str, address: str | None = None) -> bool:
+        """The password is right and neither the name nor the address is blocked. A failure counts for both."""
         if not self.enabled:
             return True
+        if self.limiter.blocked(username, address):
+            return False
+        key = hmac.new(self._cache_key, f"{username}\0{password}".encode("utf-8", "surrogatepass"),
+                       hashlib.sha256).digest()
+        if self._verified is not None:
+            with self._cache_lock:
+                if self._verified.get(key):
+                    return True
+        ok = self._check(username, password)
+        if not ok:
+            self.limiter.failed(username, address)
+        elif self._verified is not None:
+            with self._cache_lock:
+                self._verified[key] = True
+        return ok
+
+    def _check(self, username: str, password: str) -> bool:
         if username in self._hashes:
             return _check_hash(password, self._hashes[username])
         if username in self._plain:
             # Constant-time comparison: the answer time must not reveal how much of the password matched.
-            return hmac.compare_digest(password.encode("utf-8"), self._plain[username].encode("utf-8"))
+            return hmac.compare_digest(password.encode("utf-8", "surrogatepass"),
+                                       self._plain[username].encode("utf-8"))
         # Unknown user: still spend a bcrypt check so that timing does not reveal which usernames exist.
         _check_hash(password, "$2b$12$" + "." * 53)
         return False
 
     def gradio_auth(self) -> Callable[[str, str], bool] | None:
-        """What Gradio's `auth=` expects: None when login is off."""
-        return self.verify if self.enabled else None
+        """What Gradio's `auth=` expects: None when login is off. Gradio does not pass the client address; the
+        per-address limit on the page's login form is `LoginAddressGuard` in app/server.py."""
+        if not self.enabled:
+            return None
+
+        async def gradio_verify(username: str, password: str) -> bool:
+            # Gradio awaits a coroutine function; bcrypt (~0.25 s of CPU) then runs off the event loop
+            return await anyio.to_thread.run_sync(self.verify, username, password)
+
+        return gradio_verify
 
 
 def main(argv: list[str] | None = None) -> int:

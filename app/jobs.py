@@ -3,17 +3,25 @@
 One worker thread runs the jobs one after another: ingestion already uses every core and the knowledge base's
 writer lock would serialise writers anyway, while chat keeps answering from the last committed generation.
 Each job has an id; the page polls `JobManager.get(id)` for live progress and per-file results.
+
+Nothing is lost when the app is killed: every job is recorded in `<kb_root>/.jobs/<id>.json` (written when it is
+queued, starts, ends or gets its results), so `get(id)` still answers after a restart; a job the restart found
+unfinished is marked failed with the reason. `resume_pending()` (called at start) finds files in a knowledge base's
+sources/ that its manifest does not hold — uploads stored before the kill but never indexed — and ingests them in
+a "resume" job; the interrupted job names it (`resumed_by`).
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +49,7 @@ class Job:
     """A snapshot of a job; the manager keeps the live copy and hands out snapshots."""
 
     id: str
-    kind: str            # upload | reingest | rebuild | remove
+    kind: str            # upload | reingest | rebuild | remove | resume (files stored before a restart)
     kb_name: str
     state: JobState = "queued"
     message: str = "排队中…"
@@ -51,6 +59,7 @@ class Job:
     error: str = ""
     created: float = field(default_factory=time.time)
     finished: float | None = None
+    resumed_by: str = ""  # an interrupted job: the id of the job that ingests its stored files after the restart
 
     @property
     def active(self) -> bool:
@@ -61,6 +70,7 @@ class JobError(Exception):
     """A job could not run; the message is a sentence for the page."""
 
 
+JOBS_DIR = ".jobs"   # under kb_root; KB names cannot start with a dot, so it is never taken for a knowledge base
 PHASES = {"scan": "扫描", "parse": "解析", "embed": "计算向量", "write": "写入索引", "done": "完成"}
 
 
@@ -101,13 +111,18 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._keep = keep
+        self._records = settings.kb_root / JOBS_DIR
+        self._interrupted: list[Job] = []
+        self._load_records()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zhiwen-ingest")
 
     # --- public: what the handlers call ----------------------------------------------------------
-    def upload(self, kb_name: str, files: Iterable[tuple[Path, str]], cleanup: Path | None = None) -> Job:
+    def upload(self, kb_name: str, files: Iterable[tuple[Path, str]], cleanup: Iterable[Path] | Path | None = None,
+               ) -> Job:
         """Store uploaded (temp path, original name) pairs in the KB's sources/ and ingest them, in the background.
 
-        `cleanup`: a temporary folder to delete once the files are stored (API uploads)."""
+        `cleanup`: temporary folders or files to delete once the files are stored (the API's temporary folder, the
+        page's Gradio upload folders)."""
         files = [(Path(p), n) for p, n in files]
         if not files:
             raise JobError("没有选择文件：请先选择要上传的文件或 zip 压缩包。")
@@ -132,8 +147,44 @@ class JobManager:
     def get(self, job_id: str) -> Job:
         with self._lock:
             if job_id not in self._jobs:
-                raise JobError(f"任务 {job_id} 不存在（服务重启后旧任务不再保留）。")
+                raise JobError(f"任务 {job_id} 不存在（只保留最近 {self._keep} 个任务）。")
             return self._jobs[job_id]
+
+    def pending_files(self, kb_name: str) -> list[Path]:
+        """Files in the KB's sources/ that its manifest does not hold: stored uploads that were never indexed."""
+        from retrieval.store import KnowledgeBase
+
+        kb = KnowledgeBase.open(kb_name, self.settings)
+        known = {fp.resolve() for e in kb.manifest.files.values() if (fp := e.file_path) is not None}
+        if not kb.sources_dir.is_dir():
+            return []
+        return sorted(p for p in kb.sources_dir.rglob("*")
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(kb.sources_dir).parts)
+                      and p.resolve() not in known)
+
+    def resume_pending(self) -> list[Job]:
+        """At start: ingest, per knowledge base, the files stored in sources/ but missing from the manifest (an
+        upload job killed with the app), and point the jobs the restart interrupted at the job doing it."""
+        from retrieval.store import list_knowledge_bases
+
+        started: dict[str, Job] = {}
+        for kb_name in list_knowledge_bases(self.settings):
+            try:
+                pending = self.pending_files(kb_name)
+            except Exception:  # a damaged KB is reported where it is opened; it must not stop the app starting
+                log.exception("cannot look for pending files of knowledge base %s", kb_name)
+                continue
+            if pending:
+                log.info("knowledge base %s: %d stored files were never indexed; ingesting them", kb_name,
+                         len(pending))
+                started[kb_name] = self._submit("resume", kb_name, lambda job_id, k=kb_name, f=pending:
+                                                self._run_ingest_files(job_id, k, f))
+        for job in self._interrupted:
+            if job.kb_name in started:
+                self._update(job.id, resumed_by=started[job.kb_name].id,
+                             error=job.error + f"已保存但未导入的文件由任务 {started[job.kb_name].id} 继续导入。")
+        self._interrupted = []
+        return list(started.values())
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Block until the job finishes (tests, the start script); returns its final snapshot."""
@@ -150,7 +201,43 @@ class JobManager:
     # --- machinery -------------------------------------------------------------------------------
     def _update(self, job_id: str, **changes: Any) -> None:
         with self._lock:
-            self._jobs[job_id] = replace(self._jobs[job_id], **changes)
+            job = self._jobs[job_id] = replace(self._jobs[job_id], **changes)
+        if set(changes) - {"message", "done", "total"}:  # progress ticks stay in memory; the rest is recorded
+            self._save(job)
+
+    def _save(self, job: Job) -> None:
+        """Write the job's record atomically (a kill mid-write leaves the previous record)."""
+        try:
+            self._records.mkdir(parents=True, exist_ok=True)
+            tmp = self._records / f".{job.id}.{threading.get_ident()}.tmp"
+            tmp.write_text(json.dumps(asdict(job), ensure_ascii=False), encoding="utf-8")
+            os.replace(tmp, self._records / f"{job.id}.json")
+        except OSError:
+            log.exception("cannot record job %s in %s", job.id, self._records)
+
+    def _load_records(self) -> None:
+        """The recorded jobs, newest `keep`; one the app stopped during is marked failed with the reason."""
+        if not self._records.is_dir():
+            return
+        jobs = []
+        names = {f.name for f in fields(Job)}
+        for path in self._records.glob("*.json"):
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                data["files"] = tuple(FileRow(**row) for row in data.get("files", []))
+                jobs.append(Job(**{k: v for k, v in data.items() if k in names}))
+            except (OSError, ValueError, TypeError):
+                log.warning("ignoring an unreadable job record %s", path)
+        jobs.sort(key=lambda j: j.created, reverse=True)
+        for old in jobs[self._keep:]:
+            (self._records / f"{old.id}.json").unlink(missing_ok=True)
+        for job in jobs[: self._keep]:
+            if job.active:
+                job = replace(job, state="failed", message="任务中断", finished=time.time(),
+                              error="任务中断：服务在任务进行中停止了（进程被结束或重启）。")
+                self._save(job)
+                self._interrupted.append(job)
+            self._jobs[job.id] = job
 
     def _submit(self, kind: str, kb_name: str, work: Callable[[str], None]) -> Job:
         job = Job(id=uuid.uuid4().hex[:12], kind=kind, kb_name=kb_name)
@@ -158,8 +245,12 @@ class JobManager:
             self._jobs[job.id] = job
             # forget the oldest finished jobs so a long-running server does not grow without bound
             finished = sorted((j for j in self._jobs.values() if not j.active), key=lambda j: j.created)
-            for old in finished[: max(0, len(self._jobs) - self._keep)]:
+            forgotten = finished[: max(0, len(self._jobs) - self._keep)]
+            for old in forgotten:
                 del self._jobs[old.id]
+        for old in forgotten:
+            (self._records / f"{old.id}.json").unlink(missing_ok=True)
+        self._save(job)
         self._pool.submit(self._run, job.id, work)
         return job
 
@@ -215,7 +306,8 @@ class JobManager:
         summary = f"完成：{len(rows)} 个文件" + (f"，其中 {bad} 个未能导入（原因见下表）" if bad else "")
         self._update(job_id, files=tuple(rows), message=summary, done=len(rows), total=len(rows))
 
-    def _run_upload(self, job_id: str, kb_name: str, files: list[tuple[Path, str]], cleanup: Path | None) -> None:
+    def _run_upload(self, job_id: str, kb_name: str, files: list[tuple[Path, str]],
+                    cleanup: Iterable[Path] | Path | None) -> None:
         from retrieval.store import KnowledgeBase
 
         self._update(job_id, message=f"保存 {len(files)} 个上传文件…")
@@ -223,8 +315,11 @@ class JobManager:
             sources = KnowledgeBase.open(kb_name, self.settings).sources_dir
             stored = store_uploads(files, sources, self._limits())
         finally:
-            if cleanup is not None:
-                shutil.rmtree(cleanup, ignore_errors=True)
+            for path in [cleanup] if isinstance(cleanup, Path) else cleanup or []:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
         self._run_ingest_files(job_id, kb_name, stored.saved, stored.rejected)
 
     def _run_ingest_files(self, job_id: str, kb_name: str, paths: list[Path], rejected: Sequence[Rejected] = (), *,

@@ -23,7 +23,9 @@ from:
      "model_refused": bool,   # the model itself answered with one of the template's refusal sentences
      "sources": [{"file", "page", "heading", "score", "dense_score", "bm25_score", "text",
                   "spans": [[start, end], ...]}],   # spans: character offsets in text of the supporting sentences
-     "low_relevance": [...]}  # when refused: the closest passages (same shape), never used for an answer
+     "low_relevance": [...],  # when refused: the closest passages (same shape), never used for an answer
+     "ungrounded": bool,      # the answer failed the grounding check (the page shows 「资料中没有找到可靠依据」)
+     "grounding": {...}}      # that check's status, failures, citations, evidence sentence (null when not run)
 Usage counts: prompt_tokens is the built prompt (model tokenizer), completion_tokens the answer re-tokenized; both
 are 0 for a refusal (nothing was generated).
 
@@ -59,6 +61,7 @@ from retrieval.sentences import split_sentences
 from retrieval.types import Hit
 
 from . import library
+from .api import grounding_json
 from .context import AppContext
 from .render import supporting_sentences
 
@@ -346,7 +349,8 @@ class _Answer:
     def extra(self) -> dict[str, Any]:
         return {"refused": self.refused, "model_refused": (not self.refused) and is_refusal(self.text),
                 "sources": [source_json(h, self.text) for h in getattr(self.stream, "sources", None) or []],
-                "low_relevance": [source_json(h) for h in getattr(self.stream, "low_relevance", None) or []]}
+                "low_relevance": [source_json(h) for h in getattr(self.stream, "low_relevance", None) or []],
+                **grounding_json(getattr(self.stream, "grounding", None))}
 
     def headers(self) -> dict[str, str]:
         return {"X-Zhiwen-Refused": "true" if self.refused else "false"}

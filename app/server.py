@@ -10,7 +10,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import socket
+from pathlib import Path
+from typing import Any
 
 # Must precede any gradio import: gradio reads these at import time / Blocks() time.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -20,10 +23,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from configs import Settings
 
-from .api import build_router
+from .api import build_router, install_error_handlers
 from .context import AppContext
 from .openai_api import build_openai_router
 from .render import CITATION_JS
@@ -35,8 +39,11 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
     """The ASGI app: API routes first (so / does not shadow them), then the page."""
     ctx = ctx or AppContext(settings)
+    prepare_upload_folder(settings)  # before the page is built: Gradio reads GRADIO_TEMP_DIR then
     app = FastAPI(title="知问 Zhiwen", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
+    install_error_handlers(app)
+    app.add_middleware(LoginAddressGuard, auth=ctx.auth)
     app.include_router(build_router(ctx))
     app.include_router(build_openai_router(ctx))  # OpenAI-compatible /v1 (app/openai_api.py)
     page = build_page(ctx)
@@ -53,6 +60,63 @@ def create_app(settings: Settings, ctx: AppContext | None = None) -> FastAPI:
         theme=theme(), css=CSS, head=CITATION_JS,
         server_name=settings.app.host, server_port=settings.app.port,
     )
+
+
+UPLOAD_MARKER = ".zhiwen-uploads"  # marks a Gradio upload folder as this app's own, so it may be emptied
+
+
+def prepare_upload_folder(settings: Settings) -> Path:
+    """Gradio's upload folder for the page: GRADIO_TEMP_DIR if set, else <kb_root>/.gradio-uploads. It is emptied
+    here (at start) when it is this app's own (new, empty, or marked); a folder someone else also uses is left
+    alone with a warning. After ingest each upload's files are deleted by the job (app/web.py)."""
+    folder = Path(os.environ.get("GRADIO_TEMP_DIR") or settings.kb_root / ".gradio-uploads").expanduser()
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = list(folder.iterdir())
+    if entries and not (folder / UPLOAD_MARKER).is_file():
+        log.warning("GRADIO_TEMP_DIR %s holds files that are not this app's; uploads are still cleaned after "
+                    "ingest, but the folder is not emptied at start", folder)
+        return folder
+    for entry in entries:
+        if entry.name == UPLOAD_MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    (folder / UPLOAD_MARKER).write_text("Gradio uploads of Zhiwen; emptied when the app starts.\n", encoding="utf-8")
+    return folder
+
+
+class LoginAddressGuard:
+    """The per-address limit on the page's login form (ASGI middleware): Gradio calls the auth function with the
+    name and password only, so failed POSTs to /login are counted here by client address, and an address past
+    app.login_max_failures_per_address gets 429 until app.login_lockout_s after its last failure."""
+
+    def __init__(self, app: Any, auth: Any) -> None:
+        self.app, self.auth = app, auth
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if (scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path", "").rstrip("/") != "/login"
+                or not self.auth.enabled):
+            await self.app(scope, receive, send)
+            return
+        address = (scope.get("client") or (None,))[0]
+        if self.auth.blocked(None, address):
+            response = JSONResponse({"detail": "登录失败次数过多，请稍后再试。"}, status_code=429,
+                                    headers={"Retry-After": str(int(self.auth.limiter.window_s))})
+            await response(scope, receive, send)
+            return
+        status: dict[str, int] = {}
+
+        async def watch(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        if status.get("code") in (400, 401, 403):
+            self.auth.limiter.failed(None, address)
 
 
 class PortInUseError(OSError):
@@ -85,6 +149,7 @@ def serve(settings: Settings, *, warm_up: bool = True) -> None:
                 log.info("loading models…")
                 ctx.warm_up()
             app = create_app(settings, ctx)
+            ctx.jobs.resume_pending()  # uploads stored before a kill but never indexed are ingested now
             print(f"知问已启动：http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
                   f"{settings.app.root_path}/", flush=True)
             # root_path goes to Gradio only (it builds URLs with it); the proxy strips the prefix before us.

@@ -1,7 +1,8 @@
 """Put uploaded files into a knowledge base's sources/ folder without ever writing outside it.
 
 Rules (each rejection carries a Chinese sentence for the file table):
-  - a name is reduced to its last path component, stripped of control and reserved characters;
+  - a name is reduced to its last path component, stripped of control and reserved characters and of invisible
+    format characters (bidi overrides such as U+202E, which make "gpj.exe" look like "exe.jpg", zero widths);
   - a name that already exists with other content gets " (2)", " (3)", ... — nothing is overwritten;
     the same name with the same bytes is reused, so ingestion reports it as unchanged;
   - only extensions the loaders support; each file at most `max_file_bytes`;
@@ -22,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-_RESERVED = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
+_RESERVED = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f-\x9f]')
 _WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 MAX_NAME_BYTES = 200  # below the usual 255-byte file-name limit, leaving room for " (n)"
 
@@ -55,6 +56,7 @@ def safe_filename(name: str) -> str:
 
     safe_filename("../../etc/pass wd") -> "pass wd"; safe_filename("a\\b:c.txt") -> "b_c.txt"."""
     name = unicodedata.normalize("NFC", name.replace("\\", "/")).split("/")[-1]
+    name = "".join(ch for ch in name if unicodedata.category(ch) != "Cf")  # bidi overrides, zero widths
     # leading dots would hide the file; trailing ones vanish on Windows
     name = _RESERVED.sub("_", name).strip().strip(".")
     stem, dot, ext = name.rpartition(".")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -195,7 +196,12 @@ class Handlers:
     def upload(self, kb: str | None, files: list[str] | None) -> tuple[str, str, dict, None]:
         if not kb:
             raise gr.Error("请先选择或新建一个知识库，再上传文件。", title="没有选择知识库")
-        job = self.ctx.jobs.upload(kb, [(Path(f), Path(f).name) for f in files or []])
+        paths = [Path(f) for f in files or []]
+        # Gradio keeps each upload in its own folder under GRADIO_TEMP_DIR: the job deletes it once stored
+        upload_root = Path(os.environ.get("GRADIO_TEMP_DIR", "/nonexistent")).resolve()
+        cleanup = {p.parent for p in paths if p.parent.resolve().is_relative_to(upload_root)
+                   and p.parent.resolve() != upload_root}
+        job = self.ctx.jobs.upload(kb, [(p, p.name) for p in paths], cleanup=sorted(cleanup) or None)
         return job.id, render.job_html(job), gr.update(active=True), None
 
     @_friendly

@@ -64,10 +64,12 @@ def measure(folder: Path, adapter: Path | None, quant: str, merge: bool, prompt:
     load_s = time.perf_counter() - t
     weights = torch.cuda.memory_allocated() - before
     model = chat.model
-    model.generate(input_ids=torch.tensor([[20, 21, 22]], device="cuda"), max_new_tokens=2, do_sample=False)
     ids = torch.randint(20, len(chat.tokenizer) - 1, (1, prompt), generator=torch.Generator().manual_seed(prompt))
     cfg = chat.generation_config(chat.default_params.merged(temperature=0.0, repetition_penalty=1.0), new_tokens)
     cfg.min_new_tokens = new_tokens
+    # Warm-up with the measured shapes: the first generation of the process pays for CUDA/cuBLAS/bitsandbytes set-up
+    # (a 2-token warm-up was not enough: the first case measured 8 tok/s, below its own +LoRA variant).
+    model.generate(input_ids=ids.cuda(), attention_mask=torch.ones_like(ids).cuda(), generation_config=cfg)
     clock = TokenClock()
     torch.cuda.synchronize()
     t0 = time.perf_counter()

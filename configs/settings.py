@@ -171,6 +171,10 @@ class AppSettings(_Section):
     max_zip_ratio: float = Field(gt=1, description="Largest unpacked/compressed ratio of one zip entry.")
     auth_enabled: bool
     users: list[UserSettings]
+    login_max_failures: int = Field(gt=0, description="Wrong logins per user name within login_lockout_s.")
+    login_max_failures_per_address: int = Field(gt=0, description="Wrong logins per client address.")
+    login_lockout_s: float = Field(gt=0, description="How long failed logins count, and the refusal lasts.")
+    auth_cache_s: float = Field(ge=0, description="How long a verified password is remembered (0: never).")
     api_keys: list[ApiKeySettings]  # Bearer keys of the OpenAI-compatible /v1 API (app/openai_api.py)
 
 

@@ -1,15 +1,21 @@
-"""A chat model served by any OpenAI-compatible server on the intranet (vLLM, llama.cpp server, FastChat, TGI...).
+"""A chat model served by any OpenAI-compatible server on the intranet (vLLM, llama.cpp's server, Xinference,
+FastChat...), spoken to with the official `openai` client library: it does the HTTP, the server-sent events, the
+timeouts and the error classes; this module turns each failure into one sentence that names the setting to check.
 
-POST {llm.openai_base_url}/chat/completions with "stream": true and read the server-sent events
-("data: {json}" lines, ended by "data: [DONE]"). Standard library only (urllib): no extra package to install.
+    llm:
+      backend: openai
+      openai_base_url: http://10.0.0.5:8000/v1
+      openai_model: glm-4-9b-chat          # "" = the first model the server lists
+      openai_api_key: ""                   # if the server wants one
+
+At start the server's model list is read once (GET /models): a server that is down, a wrong key or a model name the
+server does not serve fails here, before the first question, with the names it does serve. (llama.cpp's Python server
+answers any model name with its one model, so without this check a typo would go unnoticed.)
 """
 from __future__ import annotations
 
-import json
 import re
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -31,11 +37,18 @@ class OpenAIChatModel(ChatModel):
         if not base_url:
             raise LLMError("llm.backend is 'openai' but llm.openai_base_url is empty; set it to the server's "
                            "/v1 address, e.g. http://10.0.0.5:8000/v1")
+        try:
+            import openai
+        except ImportError:
+            raise BackendUnavailableError("llm.backend is 'openai' but the openai package is not installed; run "
+                                          "`pip install openai==3.51.0` (pinned in requirements.txt)") from None
+        self._openai = openai
         self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
-        self.timeout_s = timeout_s
         self.default_params = default_params
-        self.model = model or self._first_served_model()
+        # max_retries=0: a retry would re-send a question whose answer is already half shown; the person retries.
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key or "none", timeout=timeout_s,
+                                    max_retries=0)
+        self.model = self._check_model(model)
         self.info = ModelInfo(name=self.model, backend="openai", device="remote", quantization="remote",
                               weights_path=self.base_url, max_context_tokens=max_context_tokens)
 
@@ -45,34 +58,21 @@ class OpenAIChatModel(ChatModel):
         return cls(llm.openai_base_url, llm.openai_model, llm.openai_api_key,
                    default_params=GenerationParams.from_settings(llm), max_context_tokens=llm.max_context_tokens)
 
-    # -- HTTP --
-    def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream, application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8") if body is not None else None
-        req = urllib.request.Request(self.base_url + path, data=data, headers=headers,
-                                     method="POST" if data is not None else "GET")
+    def _check_model(self, wanted: str) -> str:
+        """The model to ask for: `wanted` if the server serves it, else the first served one when `wanted` is ""."""
         try:
-            return urllib.request.urlopen(req, timeout=self.timeout_s)
-        except urllib.error.HTTPError as e:
-            detail = e.read(500).decode("utf-8", "replace").strip()
-            raise BackendUnavailableError(
-                f"the OpenAI-compatible server at {self.base_url} answered HTTP {e.code} to {path}: {detail}; "
-                f"check llm.openai_model and llm.openai_api_key") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            reason = getattr(e, "reason", e)
-            raise BackendUnavailableError(
-                f"cannot reach the OpenAI-compatible server at {self.base_url} ({reason}); check llm.openai_base_url "
-                f"and that the server is running") from None
-
-    def _first_served_model(self) -> str:
-        with self._request("/models") as resp:
-            payload = json.load(resp)
-        models = [m.get("id") for m in payload.get("data", []) if m.get("id")]
-        if not models:
+            served = [m.id for m in self.client.models.list()]
+        except self._openai.APIError as e:
+            raise self._translate(e, "/models") from None
+        if not served:
             raise LLMError(f"the server at {self.base_url} lists no models at /models; set llm.openai_model")
-        return models[0]
+        if not wanted:
+            return served[0]
+        if wanted not in served:
+            raise BackendUnavailableError(
+                f"the server at {self.base_url} does not serve llm.openai_model={wanted!r}; it serves "
+                f"{', '.join(repr(s) for s in served)}; set llm.openai_model to one of these")
+        return wanted
 
     # -- ChatModel --
     def count_tokens(self, text: str) -> int:
@@ -81,35 +81,91 @@ class OpenAIChatModel(ChatModel):
     def stream(self, messages: Sequence[Any], params: GenerationParams | None = None,
                stop_event: threading.Event | None = None) -> Iterator[str]:
         params = params or self.default_params
-        body: dict[str, Any] = {
+        request: dict[str, Any] = {
             "model": self.model, "messages": normalize_messages(messages), "stream": True,
             "max_tokens": params.max_new_tokens, "temperature": params.temperature,
         }
         if params.temperature > 0:
-            body["top_p"] = params.top_p
+            request["top_p"] = params.top_p
         if params.repetition_penalty != 1.0:
-            body["repetition_penalty"] = params.repetition_penalty   # vLLM / llama.cpp / FastChat extension
-        return self._stream_events(body, stop_event)
+            # not in the OpenAI API: vLLM / FastChat read repetition_penalty, llama.cpp's servers repeat_penalty
+            request["extra_body"] = {"repetition_penalty": params.repetition_penalty,
+                                     "repeat_penalty": params.repetition_penalty}
+        return self._pieces(request, stop_event)
 
-    def _stream_events(self, body: dict[str, Any], stop_event: threading.Event | None) -> Iterator[str]:
-        with self._request("/chat/completions", body) as resp:
-            for raw in resp:
+    def _pieces(self, request: dict[str, Any], stop_event: threading.Event | None) -> Iterator[str]:
+        try:
+            stream = self.client.chat.completions.create(**request)
+        except self._openai.APIError as e:
+            raise self._translate(e, "/chat/completions") from None
+        got_any = False
+        try:
+            for chunk in stream:
                 if stop_event is not None and stop_event.is_set():
-                    return                     # leaving the with-block closes the connection: the server stops
-                line = raw.decode("utf-8", "replace").strip()
-                if not line.startswith("data:"):
-                    continue                   # blank separators, ": keep-alive" comments, "event:" lines
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    return
-                try:
-                    event = json.loads(data)
-                except json.JSONDecodeError:
-                    raise LLMError(f"the server at {self.base_url} sent a malformed stream event: {data[:200]!r}") \
-                        from None
-                if "error" in event:
-                    raise LLMError(f"the server at {self.base_url} reported an error: {event['error']}")
-                for choice in event.get("choices", []):
-                    text = (choice.get("delta") or {}).get("content")
+                    return                        # the finally closes the connection: the server stops generating
+                for choice in chunk.choices:
+                    text = choice.delta.content if choice.delta else None
                     if text:
+                        got_any = True
                         yield text
+        except self._openai.APIConnectionError as e:   # the connection broke while reading: the server went away
+            raise self._gone(e) if got_any else self._translate(e, "/chat/completions") from None
+        except self._openai.APIError as e:              # an error event in the stream
+            raise self._translate(e, "/chat/completions", mid_answer=got_any) from None
+        except Exception as e:  # noqa: BLE001 - a transport error the client did not wrap
+            if not _is_transport_error(e):
+                raise
+            raise self._gone(e) from None
+        finally:
+            stream.close()
+
+    # -- errors --
+    def _gone(self, e: Exception) -> LLMError:
+        cause = e.__cause__ or e.__context__ or e
+        return BackendUnavailableError(
+            f"the OpenAI-compatible server at {self.base_url} stopped answering in the middle of the answer "
+            f"({type(cause).__name__}); the text so far is kept. Check that the server is still running and ask "
+            f"again")
+
+    def _translate(self, e: Exception, path: str, *, mid_answer: bool = False) -> LLMError:
+        """One sentence for each way an OpenAI-compatible call fails."""
+        o = self._openai
+        where = f"the OpenAI-compatible server at {self.base_url}"
+        if isinstance(e, o.APITimeoutError):
+            return BackendUnavailableError(f"{where} did not answer {path} in time; check that it is not overloaded, "
+                                           f"and llm.openai_base_url")
+        if isinstance(e, o.APIConnectionError):
+            return BackendUnavailableError(f"cannot reach {where} ({_cause(e)}); check llm.openai_base_url and that "
+                                           f"the server is running")
+        if isinstance(e, o.AuthenticationError):
+            return BackendUnavailableError(f"{where} refused the API key (HTTP 401); check llm.openai_api_key")
+        if isinstance(e, o.NotFoundError):
+            return BackendUnavailableError(f"{where} answered HTTP 404 to {path} ({_detail(e)}); check "
+                                           f"llm.openai_model and that llm.openai_base_url ends in /v1")
+        if isinstance(e, o.APIStatusError):
+            return BackendUnavailableError(f"{where} answered HTTP {e.status_code} to {path}: {_detail(e)}")
+        prefix = "failed in the middle of the answer" if mid_answer else "reported an error"
+        return LLMError(f"{where} {prefix}: {_detail(e)}")
+
+
+def _detail(e: Exception) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        msg = err.get("message") if isinstance(err, dict) else err
+        if msg:
+            return str(msg)[:300]
+    return (getattr(e, "message", None) or str(e) or type(e).__name__)[:300]
+
+
+def _cause(e: Exception) -> str:
+    cause = e.__cause__ or e.__context__
+    return f"{type(cause).__name__}: {cause}"[:200] if cause else str(e)
+
+
+def _is_transport_error(e: Exception) -> bool:
+    try:
+        import httpx
+    except ImportError:  # pragma: no cover - openai depends on httpx
+        return False
+    return isinstance(e, (httpx.TransportError, httpx.StreamError, ConnectionError))

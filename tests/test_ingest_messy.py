@@ -6,6 +6,7 @@ Uses the tiny random embedder: the point is the pipeline's bookkeeping, and OCR 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,8 @@ def test_failures_do_not_stop_the_batch(messy_run):
             assert f.status == "ok", (f.path, f.reason)
     kb = KnowledgeBase.open("messy", settings)
     assert len(kb) == report.totals["chunks"] == report.chunks_embedded
+    leaked = [c.text[:80] for c in kb.chunks if "tag:blogger.com" in c.text or re.search(r"(?i)<br\s*/?>", c.text)]
+    assert not leaked, f"feed bookkeeping or markup in chunks: {leaked[:3]}"
 
 
 def test_rerun_is_all_unchanged_and_parses_nothing(messy_run, messy_docs):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -252,84 +251,7 @@ def test_loader_refuses_model_that_does_not_fit(glm_folders, monkeypatch):
         load_llm(settings_for(str(glm_folders["glm"])))
 
 
-# --- openai backend against a real loopback server ------------------------------------------------------------------
-class _FakeOpenAI(BaseHTTPRequestHandler):
-    received: list[dict] = []
-
-    def log_message(self, *args):   # keep pytest output clean
-        pass
-
-    def do_GET(self):
-        body = json.dumps({"data": [{"id": "glm-4-9b-chat"}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self):
-        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).received.append({"body": req, "auth": self.headers.get("Authorization")})
-        if req["model"] != "glm-4-9b-chat":
-            self.send_response(404)
-            self.end_headers()
-            self.wfile.write(b'{"error": "model not found"}')
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        for piece in ["北京", "是", "中国的", "首都。"][: req["max_tokens"]]:
-            event = {"choices": [{"index": 0, "delta": {"content": piece}}]}
-            self.wfile.write(f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
-            self.wfile.flush()
-        self.wfile.write(b"data: [DONE]\n\n")
-
-
-@pytest.fixture()
-def openai_server():
-    _FakeOpenAI.received = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
-
-
-def test_openai_backend_streams_from_server(openai_server):
-    settings = load_settings(llm={"backend": "openai", "openai_base_url": openai_server, "openai_api_key": "k1"})
-    model = load_llm(settings)
-    assert model.info.name == "glm-4-9b-chat" and model.info.backend == "openai"   # taken from GET /models
-    pieces = list(model.stream(CHAT, model.default_params.merged(max_new_tokens=10, temperature=0.0)))
-    assert pieces == ["北京", "是", "中国的", "首都。"]
-    sent = _FakeOpenAI.received[-1]
-    assert sent["auth"] == "Bearer k1"
-    assert sent["body"]["stream"] is True and sent["body"]["messages"] == CHAT
-    assert sent["body"]["temperature"] == 0.0 and sent["body"]["max_tokens"] == 10
-
-
-def test_openai_backend_stop_event(openai_server):
-    model = load_llm(load_settings(llm={"backend": "openai", "openai_base_url": openai_server,
-                                        "openai_model": "glm-4-9b-chat"}))
-    event = threading.Event()
-    got = []
-    for piece in model.stream(CHAT, stop_event=event):
-        got.append(piece)
-        event.set()
-    assert got == ["北京"]
-
-
-def test_openai_backend_errors_are_sentences(openai_server):
-    from llm import BackendUnavailableError, LLMError
-
-    bad_model = load_llm(load_settings(llm={"backend": "openai", "openai_base_url": openai_server,
-                                            "openai_model": "nope"}))
-    with pytest.raises(BackendUnavailableError, match="HTTP 404.*llm.openai_model"):
-        list(bad_model.stream(CHAT))
-    with pytest.raises(BackendUnavailableError, match="cannot reach .*llm.openai_base_url"):
-        load_llm(load_settings(llm={"backend": "openai", "openai_base_url": "http://127.0.0.1:9/v1"}))
-    with pytest.raises(LLMError, match="openai_base_url is empty"):
-        load_llm(load_settings(llm={"backend": "openai"}))
+# --- the openai backend: tests/test_openai_backend.py (a real llama_cpp.server process) ---------------------------
 
 
 def test_langchain_chat_model_wraps_the_loaded_model(glm_model):

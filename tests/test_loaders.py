@@ -185,6 +185,25 @@ def test_gb2312_pages_decode_to_chinese(messy_results):
     assert sum(len(CJK.findall(text_of(got[1]))) >= 100 for got in gb.values()) >= len(gb) // 2
 
 
+def test_feeds_keep_entries_and_drop_bookkeeping(messy_results):
+    """issue 13 item 8: a blog feed's ids (tag:blogger.com,...), timestamps, flags (true/false) and markup never
+    reach the text; the feed title and each entry title are headings above the entry's text."""
+    gb = {k: v for k, v in messy_results.items() if k.startswith("chardet-5.2.0-tests/GB2312/") and k.endswith(".xml")}
+    feeds = 0
+    for name, got in gb.items():
+        body = text_of(got[1])
+        assert "tag:blogger.com" not in body, name
+        assert not re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d", body), (name, "timestamp")
+        assert not re.search(r"^(true|false)$", body, re.M), (name, "a flag")
+        markup = re.search(r"(?i)<(br|p|div|a|img)\b[^>]*>", body)
+        assert not markup, (name, markup)
+        feeds += body.startswith("# ") and "\n## " in body
+    assert feeds >= 15, "the feeds are read entry by entry: feed title, then entry titles as headings"
+    blogger = text_of(gb["chardet-5.2.0-tests/GB2312/eighthday.blogspot.com.xml"][1]).splitlines()
+    assert blogger[:2] == ["# Live for the moment...", "## 又颠了"]
+    assert "## 梦醒时分" in blogger
+
+
 def test_ocr_docs_carry_pages(messy_results):
     docs = messy_results["langchain-chatchat/ocr_test.pdf"][1]
     assert {(d.metadata["kind"], d.metadata["page"]) for d in docs} == {("text", 1), ("ocr", 1)}
@@ -233,6 +252,68 @@ def test_big5_text(tmp_path):
     f.write_bytes(text.encode("big5"))
     docs = load_file(f, settings())
     assert text_of(docs) == text and docs[0].metadata["encoding"] == "cp950"
+
+
+TW = ("中華民國的教育制度分為國民教育、高級中等教育與高等教育三個階段。國民教育為九年，包括國民小學六年與國民中學三年。"
+      "學生完成國民教育後，可以選擇進入高級中學、職業學校或五年制專科學校就讀。政府每年編列預算，補助偏遠地區的學校。")
+
+
+@pytest.mark.skipif(not shutil.which("iconv"), reason="no iconv (glibc) to write EUC-TW with")
+def test_euc_tw_text_is_decoded_not_stored_as_mojibake(tmp_path):
+    """issue 13 item 7: Python has no EUC-TW codec; the bytes decode cleanly as GB18030 or EUC-JP into nonsense.
+    The file is written by glibc's iconv (the real encoder) and must come back as the original text."""
+    f = tmp_path / "教育.txt"
+    f.write_bytes(subprocess.run(["iconv", "-f", "UTF-8", "-t", "EUC-TW"], input=TW.encode(), capture_output=True,
+                                 check=True).stdout)
+    docs = load_file(f, settings())
+    assert text_of(docs) == TW
+    assert docs[0].metadata["encoding"] == "euc-tw"
+
+
+def test_text_no_codec_reads_as_text_fails_with_a_reason(tmp_path):
+    """issue 13 item 7: bytes that decode 'cleanly' as GB18030 but read as nonsense in every codec (here a seeded
+    random run of high bytes, as from a wrong or unknown legacy encoding) fail that file with a reason instead of
+    being stored as mojibake."""
+    import random
+
+    rnd = random.Random(13)
+    f = tmp_path / "乱码.txt"
+    f.write_bytes(bytes(rnd.randrange(0xA1, 0xFF) for _ in range(600)))
+    with pytest.raises(LoadError) as e:
+        load_file(f, settings())
+    assert e.value.kind == "corrupt"
+    assert "乱码.txt" in e.value.reason and "编码" in e.value.reason and "UTF-8" in e.value.reason
+
+
+def test_plausibility_separates_text_from_mojibake():
+    from ingest.encoding import plausibility
+
+    gbk = ZH.encode("gbk") * 3
+    assert plausibility(gbk.decode("gb18030")).ok
+    assert not plausibility(gbk.decode("cp950", errors="ignore")).ok, "GBK read as Big5"
+    assert not plausibility(TW.encode("cp950").decode("gb18030", errors="ignore")).ok, "Big5 read as GB18030"
+    assert plausibility(TW).ok
+    assert plausibility("한국어 텍스트입니다. 서울에 사는 사람들은 매일 지하철로 출근합니다.").ok
+
+
+def test_markup_line_breaks_never_reach_the_text(tmp_path):
+    """issue 13 item 8: <br> written into markdown, and an RSS item whose HTML was escaped twice."""
+    md = tmp_path / "说明.md"
+    md.write_text("# 说明\n\n第一行<br>第二行<br />第三行\n\n| 项目 | 说明 |\n|---|---|\n| 甲 | 一<br/>二 |\n\n"
+                  "```html\n<p>代码里的<br>保留</p>\n```\n", encoding="utf-8")
+    docs = load_file(md, settings())
+    text = text_of(docs, "text")
+    assert "第一行\n第二行\n第三行" in text and "<br>保留" in text, "code blocks keep their markup"
+    assert text_of(docs, "table") == "项目: 甲 | 说明: 一 二"
+    rss = tmp_path / "feed.xml"
+    rss.write_text('<?xml version="1.0" encoding="utf-8"?><rss version="2.0"><channel><title>公司新闻</title>'
+                   "<link>http://example.com/</link><lastBuildDate>Mon, 06 Sep 2010 00:01:00 +0000</lastBuildDate>"
+                   "<item><title>年会通知</title><guid>tag:example.com,2010:post-1</guid>"
+                   "<pubDate>Mon, 06 Sep 2010 00:01:00 +0000</pubDate>"
+                   "<description>&amp;lt;p&amp;gt;年会在一月举行。&amp;lt;br /&amp;gt;&amp;lt;br /&amp;gt;请准时参加。"
+                   "&amp;lt;/p&amp;gt;</description></item></channel></rss>", encoding="utf-8")
+    lines = text_of(load_file(rss, settings())).splitlines()
+    assert lines == ["# 公司新闻", "## 年会通知", "年会在一月举行。", "请准时参加。"]
 
 
 def test_short_gbk_is_not_read_as_korean_or_latin1(tmp_path):

@@ -136,6 +136,8 @@ def test_answer_with_sources_and_usage(client, server):
     assert choice.message.content and choice.finish_reason in ("stop", "length")
     extra = r.model_extra["zhiwen"]
     assert extra["refused"] is False and extra["low_relevance"] == []
+    # the finished answer went through the same grounding check as on the page (prompt.grounding_check)
+    assert isinstance(extra["grounding"], dict) and extra["ungrounded"] == (not extra["grounding"]["ok"])
     top = extra["sources"][0]
     assert top["file"].endswith("02-导入文件.md") and top["text"] in calls[0][-1]["content"]
     assert set(top) >= {"file", "page", "heading", "score", "text", "spans"}

@@ -8,9 +8,11 @@ unexpected library exception into LoadError("corrupt") with the library's messag
 never sees a bare traceback. load_file is a top-level function holding no state: it pickles for
 ProcessPoolExecutor, and the heavy OCR engine is created lazily inside the worker that first needs it.
 
-Why not `unstructured`'s partitioners? In unstructured 0.27 the HTML, DOCX, PPTX, text and e-mail partitioners
-classify elements with spaCy and download the en_core_web_sm model from GitHub on first use, and the EPUB,
-ODT and RTF ones need pandoc: neither works offline. The libraries below are what those partitioners wrap.
+Why not `unstructured`'s partitioners? Measured offline (bench/unstructured_eval.py, docs/models.md "Parsers"):
+unstructured 0.27 read 7 of the 81 messy_docs files (tables only) and none of 240 CMRC passage files; its text,
+HTML, DOCX, PPTX and e-mail partitioners download spaCy's en_core_web_sm from GitHub at run time (no pinned
+PyPI package of it exists), and md, PDF, images, ODT and RTF need extras. It is not a dependency; the
+libraries below are what those partitioners wrap.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pathlib import Path
 from langchain_core.documents import Document
 
 from configs.settings import IngestSettings
+from ingest.encoding import EncodingError
 from ingest.loaders.base import Ctx, LoadError
 
 log = logging.getLogger(__name__)
@@ -107,12 +110,14 @@ def load_file(path: Path, settings: IngestSettings) -> list[Document]:
     if loader is None:
         raise LoadError(
             "unsupported",
-            f"不支持的文件类型「{ext or '无扩展名'}」（{path.name}）：支持的类型有 {' '.join(sorted(SUPPORTED_EXTENSIONS))}",
+            f"不支持的文件类型「{ext or '无扩展名'}」（{path.name}）："
+            f"支持的类型有 {' '.join(sorted(SUPPORTED_EXTENSIONS))}",
         )
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise LoadError("corrupt", f"无法读取文件「{path.name}」（{e.strerror or e}）：请检查文件是否存在、是否有读取权限") from e
+        raise LoadError("corrupt",
+                        f"无法读取文件「{path.name}」（{e.strerror or e}）：请检查文件是否存在、是否有读取权限") from e
     if size > settings.max_file_mb * 1024 * 1024:
         raise LoadError(
             "too_large",
@@ -133,6 +138,8 @@ def load_file(path: Path, settings: IngestSettings) -> list[Document]:
         loader(ctx)
     except LoadError:
         raise
+    except EncodingError as e:  # legacy-encoded text that no codec reads as plausible text: never store mojibake
+        raise LoadError("corrupt", f"文件「{path.name}」{e.reason}") from e
     except MemoryError as e:
         raise LoadError("too_large", f"文件「{path.name}」解析时内存不足：请拆分文件后重新导入") from e
     except Exception as e:  # any library's failure on a malformed file
@@ -140,7 +147,8 @@ def load_file(path: Path, settings: IngestSettings) -> list[Document]:
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise LoadError(
             "corrupt",
-            f"文件「{path.name}」解析失败（{type(e).__name__}: {detail}）：文件可能已损坏，请用原程序打开并另存后重新导入",
+            f"文件「{path.name}」解析失败（{type(e).__name__}: {detail}）："
+            "文件可能已损坏，请用原程序打开并另存后重新导入",
         ) from e
     if not any(d.page_content.strip() for d in ctx.docs):
         raise LoadError("empty", f"文件「{path.name}」没有可读取的文字内容（只有空白）：请确认文件内容后重新导入")

@@ -3,9 +3,15 @@
 Encoding: a charset the page declares (<meta charset>, XML prolog) is used when the bytes decode cleanly with it,
 otherwise ingest.encoding detects (see decode_markup). Parsing is lxml through BeautifulSoup, which never
 fetches external entities or DTDs.
+
+Feeds (RSS 0.9x/1.0/2.0, Atom 0.3/1.0, saved as .xml) are read with feedparser: the feed's title and each
+entry's title and content, as '#'/'##' headings and HTML text; the bookkeeping (ids such as
+tag:blogger.com,1999:..., timestamps, generator, flags such as <draft>false</draft>, links) is left out, and the
+entries' escaped HTML (<br />, <p>) is read as HTML, never kept as literal markup.
 """
 from __future__ import annotations
 
+import html
 import re
 import warnings
 
@@ -140,8 +146,12 @@ def _table_rows(table: Tag) -> list[list[str]]:
     return rows
 
 
+_FEED_ROOTS = {"rss", "feed", "rdf", "channel"}
+
+
 def load_xml(ctx: Ctx) -> None:
-    """XML: the text of every element, one per line; pages that are really XHTML/HTML go to the HTML walker."""
+    """XML: the text of every element, one per line; pages that are really XHTML/HTML go to the HTML walker, feeds
+    to feed_to_docs."""
     data = ctx.path.read_bytes()
     decoded = decode_markup(data, is_html=False)
     text = decoded.text
@@ -154,6 +164,8 @@ def load_xml(ctx: Ctx) -> None:
     parser = etree.XMLParser(recover=True, resolve_entities=False, no_network=True, huge_tree=False,
                              remove_comments=True, remove_pis=True, encoding="utf-8")
     root = etree.fromstring(body.encode("utf-8"), parser)
+    if root is not None and etree.QName(root).localname.lower() in _FEED_ROOTS and feed_to_docs(ctx, body, decoded):
+        return
     if root is None:
         ctx.add_text(BeautifulSoup(text, "lxml").get_text("\n"), encoding=decoded.encoding)
         return
@@ -169,3 +181,46 @@ def load_xml(ctx: Ctx) -> None:
             if piece:
                 lines.append(" ".join(piece.split()))
     ctx.add_text("\n".join(lines), encoding=decoded.encoding)
+
+
+def feed_to_docs(ctx: Ctx, xml: str, decoded: Decoded) -> bool:
+    """An RSS/Atom feed into ctx as one HTML page: feed title (h1), subtitle, then per entry its title (h2) and
+    content. False when feedparser finds no entry with text (the caller then reads the XML as plain XML)."""
+    import feedparser
+
+    # Bytes, never a str: feedparser.parse fetches a string that looks like a URL. UTF-8, as the prolog is gone.
+    feed = feedparser.parse(xml.encode("utf-8"), response_headers={"content-type": "application/xml; charset=utf-8"},
+                            resolve_relative_uris=False)
+    parts: list[str] = []
+    for entry in feed.entries:
+        body = _entry_html(entry)
+        title = entry.get("title", "").strip()
+        if body or title:
+            parts.append(f"<h2>{html.escape(title)}</h2>" if title else "")
+            parts.append(f"<div>{body}</div>")
+    if not parts:
+        return False
+    head = [f"<h1>{html.escape(t)}</h1>" if (t := feed.feed.get("title", "").strip()) else ""]
+    subtitle = feed.feed.get("subtitle_detail") or feed.feed.get("tagline_detail")
+    if subtitle and subtitle.get("value", "").strip():
+        head.append(f"<p>{_detail_html(subtitle)}</p>")
+    html_to_docs(ctx, "<html><body>" + "".join(head + parts) + "</body></html>", encoding=decoded.encoding)
+    return True
+
+
+def _entry_html(entry) -> str:
+    """The entry's fullest text as HTML: content, else summary (feedparser has already unescaped escaped modes)."""
+    for detail in [*entry.get("content", []), entry.get("summary_detail")]:
+        if detail and detail.get("value", "").strip():
+            return _detail_html(detail)
+    return ""
+
+
+def _detail_html(detail) -> str:
+    value = detail.get("value", "")
+    if "html" in (detail.get("type") or "text/html"):
+        # Some engines escape their HTML twice: a second round of tags shows up as text ("<br />"); parse it too.
+        if re.search(r"&lt;(br|p|div|a|img|span)\b", value, re.I) and "<" not in value:
+            value = html.unescape(value)
+        return value
+    return html.escape(value).replace("\n", "<br>")

@@ -14,6 +14,8 @@ from ingest.loaders.base import Ctx, LoadError, heading
 _MD_SEPARATOR = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
 _FENCE = re.compile(r"^\s*(```|~~~)")
 _SETEXT = re.compile(r"^\s{0,3}(=+|-+)\s*$")
+# An HTML line break written into markdown (<br>, <br/>, <BR />): a line break in text, a space inside a table cell.
+_BR = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 
 def load_txt(ctx: Ctx) -> None:
@@ -54,7 +56,7 @@ def load_md(ctx: Ctx) -> None:
             buf[-1] = heading(1 if line.strip().startswith("=") else 2, buf[-1])
             i += 1
             continue
-        buf.append(line)
+        buf.append(line if in_fence else _BR.sub("\n", line))
         i += 1
     ctx.add_text("\n".join(buf), encoding=decoded.encoding)
 
@@ -64,7 +66,7 @@ def _md_cells(line: str) -> list[str]:
     line = line.removeprefix("|")
     if line.endswith("|") and not line.endswith("\\|"):
         line = line[:-1]
-    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)]
+    return [_BR.sub(" ", c).strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)]
 
 
 def load_csv(ctx: Ctx) -> None:
@@ -81,7 +83,8 @@ def load_csv(ctx: Ctx) -> None:
     try:
         rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
     except csv.Error as e:
-        raise LoadError("corrupt", f"表格文件「{ctx.name}」格式有误（{e}）：请用 Excel 打开另存为 CSV 后重新导入") from e
+        raise LoadError("corrupt",
+                        f"表格文件「{ctx.name}」格式有误（{e}）：请用 Excel 打开另存为 CSV 后重新导入") from e
     ctx.add_table(rows, title_as_heading=True, encoding=decoded.encoding)
 
 
@@ -100,7 +103,8 @@ def load_json(ctx: Ctx) -> None:
                 except json.JSONDecodeError:
                     bad += 1
         if bad and not values:
-            raise LoadError("corrupt", f"文件「{ctx.name}」不是有效的 JSON Lines（每行一个 JSON）：请检查文件内容后重新导入")
+            raise LoadError("corrupt",
+                            f"文件「{ctx.name}」不是有效的 JSON Lines（每行一个 JSON）：请检查文件内容后重新导入")
         data: Any = values
     else:
         try:
