@@ -236,10 +236,10 @@ class QAService:
         result = self.search(question, kb_name, p)
         if not result.evidence:
             return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.low_relevance)
-        coverage = key_term_coverage(question, result.hits[0].text)
+        coverage = max(key_term_coverage(question, h.text) for h in result.hits)
         if coverage < self.settings.retrieval.min_key_term_coverage:
             # the passages are about the topic but not about what is asked (a near miss): no LLM call either
-            log.info("refused: the best passage holds %.0f%% of the question's key terms", 100 * coverage)
+            log.info("refused: no passage holds %.0f%% of the question's key terms", 100 * coverage)
             return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.hits)
 
         llm = self.llm

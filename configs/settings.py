@@ -114,7 +114,7 @@ class RetrievalSettings(_Section):
     merge_neighbors: bool
     max_hit_chars: int = Field(gt=0)
     dedupe_threshold: float = Field(gt=0, le=1)
-    min_key_term_coverage: float = Field(ge=0, le=1, description="Share of the question's key terms the best passage "
+    min_key_term_coverage: float = Field(ge=0, le=1, description="Share of the question's key terms one passage "
                                          "must contain, else no LLM call (0 = off).")
 
 
