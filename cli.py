@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print("正在加载模型… / loading models…", file=sys.stderr, flush=True)
         service.warm_up()
         info = service.info
-        print(f"模型 {info.name} · {info.device} · {info.quantization}", file=sys.stderr)
+        print(f"模型 {info.name} · {info.engine} · {info.device} · {info.quantization}", file=sys.stderr)
         if info.notice:
             print(info.notice, file=sys.stderr)
         if args.question:

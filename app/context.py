@@ -77,7 +77,8 @@ class AppContext:
                 raise RuntimeError("模型尚未加载，第一次提问时加载（需要约一分钟）")
             info = self.model_info()
             kind = "演示模型" if info.is_demo else "正式模型"
-            model = f"模型 **{info.name}**（{kind}） · 设备 {info.device} · 量化 {info.quantization}"
+            model = (f"模型 **{info.name}**（{kind}） · 引擎 {info.engine} · 设备 {info.device} · "
+                     f"量化 {info.quantization}")
         except Exception as e:  # noqa: BLE001 - the page must still open so that people can read the reason
             model = f"模型未就绪：{getattr(e, 'reason', None) or e}"
         if not kb_name:

@@ -297,6 +297,7 @@ class _Answer:
         except LLMError as e:
             raise _generation_error(str(e)) from None
         self._it: Iterator[str] = iter(self.stream)
+        self._lock = threading.Lock()              # one thread at a time inside the service's stream
         self.text = ""
         self.finished = False
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -304,6 +305,10 @@ class _Answer:
 
     def next_text(self) -> Any:
         """The next piece of visible text ("" possible), or _END. Runs in a worker thread."""
+        with self._lock:
+            return self._next_text()
+
+    def _next_text(self) -> Any:
         if self.finished:
             return _END
         piece = next(self._it, _END)
@@ -321,7 +326,17 @@ class _Answer:
         return out
 
     def abandon(self) -> None:
+        """The client is gone (or the answer is complete): stop the generation and give its slot back now. Closing
+        the service's stream releases app.concurrency_limit's slot; it waits (in its own thread) for a next_text()
+        still running in a worker, which the stop event ends at the next token."""
         self.stop_event.set()
+        if not self.finished:
+            threading.Thread(target=self._close, name="v1-abandon", daemon=True).start()
+
+    def _close(self) -> None:
+        with self._lock:
+            self.finished = True
+            self._it.close()
 
     @property
     def refused(self) -> bool:
@@ -426,12 +441,23 @@ def build_openai_router(ctx: AppContext) -> APIRouter:
             req, question, history, stops = parse_request(await request.body())
             known_model(req.model)
             answer = await run_in_threadpool(_Answer, ctx, req, question, history, stops)
-            first = await run_in_threadpool(_first_piece, answer)
         except _ApiError as e:
             return e.response()
         except Exception:
             log.exception("/v1/chat/completions failed before answering")
             return _ApiError(500, "内部错误：详细信息已记录在服务器日志中。", code="internal_error").response()
+        try:
+            first = await run_in_threadpool(_first_piece, answer)
+        except _ApiError as e:
+            answer.abandon()
+            return e.response()
+        except Exception:
+            answer.abandon()
+            log.exception("/v1/chat/completions failed before answering")
+            return _ApiError(500, "内部错误：详细信息已记录在服务器日志中。", code="internal_error").response()
+        except BaseException:            # the client left while the first token was coming: free the slot
+            answer.abandon()
+            raise
         if req.stream:
             return StreamingResponse(_events(answer, first), media_type="text/event-stream",
                                      headers={**answer.headers(), "Cache-Control": "no-cache"})

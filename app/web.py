@@ -75,9 +75,10 @@ class Handlers:
 
     # --- common --------------------------------------------------------------------------------
     def _kb_choices(self, selected: str | None = None) -> dict:
-        names = library.names(self.ctx.settings)
+        choices = library.choices(self.ctx.settings)  # (label, name): a damaged KB is labelled 已损坏
+        names = [n for _, n in choices]
         value = selected if selected in names else (names[0] if names else None)
-        return gr.update(choices=names, value=value)
+        return gr.update(choices=choices, value=value)
 
     @_friendly
     def load(self, selected: str | None) -> tuple[dict, str]:

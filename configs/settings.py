@@ -118,6 +118,13 @@ class RetrievalSettings(_Section):
                                          "must contain, else no LLM call (0 = off).")
 
 
+class StoreSettings(_Section):
+    faiss_index: Literal["auto", "flat", "ivf"] = Field(
+        description="FAISS index of a stored segment: flat (exact), ivf (approximate), auto (ivf from ivf_threshold).")
+    ivf_threshold: int = Field(gt=0, description="auto: segments with at least this many chunks use IVF.")
+    ivf_nprobe: int = Field(gt=0, description="IVF lists searched per question (recall vs speed).")
+
+
 class PromptSettings(_Section):
     template: str
     history_turns: int = Field(ge=0)
@@ -127,7 +134,7 @@ class PromptSettings(_Section):
 
 
 class LLMSettings(_Section):
-    backend: Literal["transformers", "openai"]
+    backend: Literal["auto", "transformers", "llamacpp", "openai"]
     model: str
     demo_model: str
     device: Literal["auto", "cuda", "cpu"]
@@ -141,6 +148,10 @@ class LLMSettings(_Section):
     temperature: float = Field(ge=0)
     top_p: float = Field(gt=0, le=1)
     repetition_penalty: float = Field(gt=0)
+    threads: int = Field(ge=0, description="llama.cpp CPU threads; 0 = the machine's physical cores.")
+    n_gpu_layers: int = Field(ge=-1, description="llama.cpp layers offloaded to a GPU (-1 = all; needs a CUDA build).")
+    static_cache: bool = Field(description="transformers on CUDA: a static KV cache for the window.")
+    compile: bool | Literal["auto"] = Field(description="transformers on CUDA: torch.compile decoding; auto = nf4.")
     openai_base_url: str
     openai_api_key: str
     openai_model: str
@@ -210,6 +221,7 @@ class Settings(BaseSettings):
     embedding: EmbeddingSettings
     ingest: IngestSettings
     retrieval: RetrievalSettings
+    store: StoreSettings
     prompt: PromptSettings
     llm: LLMSettings
     app: AppSettings

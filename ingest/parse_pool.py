@@ -6,7 +6,8 @@ pool, and it is reported as failed (CRASH_REASON). A parse that hangs is bounded
 (0 = no limit): workers record in shared memory which file they start and when; an overdue one is killed (with
 anything it spawned), its file fails with timeout_reason(), and the other unfinished files run again in a fresh
 pool. Every pool is shut down with its workers joined (killed first when the run is aborted), so no worker
-process outlives a run.
+process outlives a run; when the run itself is killed (kill -9), the kernel kills the forkserver and the workers
+with it (ingest/_parser_guard.py).
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def _init_worker(members: Any = None, task_pids: Any = None, task_starts: Any = 
     """Runs once in each new worker: import the parsers, and register (pid, parent pid) so the pool can kill it."""
     global _TASK_PIDS, _TASK_STARTS
     import ingest.loaders  # noqa: F401  (import the parsers once per worker, not once per file)
+    from ingest._parser_guard import die_with_parent
+
+    die_with_parent()  # the forkserver is the parent: kill -9 of the ingest takes both down
 
     _TASK_PIDS, _TASK_STARTS = task_pids, task_starts
     if members is not None:
@@ -106,7 +110,8 @@ class WorkerPool:
         # forkserver: workers fork from a small clean server process, not from this one (which may hold a loaded
         # torch model and its threads, which fork() does not copy safely).
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["ingest.loaders"])
+        # ingest._parser_guard makes the forkserver die with this process (Linux), its workers with it.
+        ctx.set_forkserver_preload(["ingest._parser_guard", "ingest.loaders"])
         self.members = ctx.Array("i", 2 * workers)
         self.task_pids = ctx.RawArray("i", n_tasks)
         self.task_starts = ctx.RawArray("d", n_tasks)

@@ -28,16 +28,27 @@ def find_model_dir(settings: Settings, name: str) -> Path:
     return path
 
 
-def resolve_model_folder(settings: Settings) -> tuple[Path, bool, str]:
-    """(folder, is_demo, notice) for settings.llm.model, falling back to settings.llm.demo_model when absent."""
+def resolve_model_path(settings: Settings) -> tuple[Path, bool, str]:
+    """(path, is_demo, notice) for settings.llm.model — a model folder or a .gguf file — falling back to
+    settings.llm.demo_model when it is absent."""
     wanted = find_model_dir(settings, settings.llm.model)
-    if wanted.is_dir():
+    if wanted.exists():
         return wanted, False, ""
     demo = find_model_dir(settings, settings.llm.demo_model)
-    if demo.is_dir():
+    if demo.exists():
         return demo, True, demo_notice(settings.llm.model, wanted, demo.name)
     raise ModelNotFoundError(
         f"no model folder found: llm.model={settings.llm.model!r} ({wanted}) and the demo model "
         f"llm.demo_model={settings.llm.demo_model!r} ({demo}) are both missing. Run `python -m modelpack pull demo` "
-        f"to install the demo models, or set llm.model to a model folder."
+        f"to install the demo models, or set llm.model to a model folder or a .gguf file."
     )
+
+
+def has_gguf(path: Path) -> bool:
+    """A .gguf file, or a folder with at least one .gguf file in it."""
+    return path.suffix == ".gguf" if path.is_file() else any(path.glob("*.gguf"))
+
+
+def has_transformers_weights(path: Path) -> bool:
+    """A transformers model folder: config.json next to the weights."""
+    return path.is_dir() and (path / "config.json").is_file()

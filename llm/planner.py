@@ -146,7 +146,8 @@ class MemoryPlan:
 
     def summary(self) -> str:
         free = f"{self.free_bytes / GiB:.2f} GiB free" if self.free_bytes is not None else "free memory unknown"
-        return (f"{self.params / 1e9:.2f}B params, {self.quantization} on {self.device}: weights "
+        size = f"{self.params / 1e9:.2f}B params, " if self.params else ""
+        return (f"{size}{self.quantization} on {self.device}: weights "
                 f"{self.weights_bytes / GiB:.2f} GiB + KV cache {self.kv_cache_bytes / GiB:.2f} GiB + activations "
                 f"{self.activation_bytes / GiB:.2f} GiB + overhead {self.overhead_bytes / GiB:.2f} GiB = "
                 f"{self.total_bytes / GiB:.2f} GiB for {self.context_tokens} tokens ({free})")
@@ -256,3 +257,45 @@ def _advice(dims: ModelDims, device: str, quant: str, tokens: int, free: int, dt
     else:
         tips.append("use a smaller model (llm.model) or close other programs to free memory")
     return f"the model {need}: " + "; or ".join(tips) + "."
+
+
+# --- llama.cpp (a GGUF file) ---------------------------------------------------------------------------------------
+LLAMACPP_UBATCH = 512                  # tokens a prefill step computes at once (llama.cpp's n_ubatch default)
+
+
+def plan_gguf_memory(dims: Mapping[str, int], file_bytes: int, context_tokens: int, file_type: str,
+                     free_bytes: int | None) -> MemoryPlan:
+    """Memory of a GGUF model run by llama.cpp on the CPU, before it is loaded.
+
+    weights      the file's size: llama.cpp memory-maps it and touches every tensor while generating.
+    kv_cache     2 × layers × kv_heads × head_dim × context × 2 bytes (llama.cpp's default f16 cache), allocated
+                 for the whole window when the context is created.
+    activations  the compute buffer of one 512-token prefill step: fp32 logits for the step (vocab × 4 bytes a
+                 token) and the FF intermediates (3 × FF × 4 bytes a token).
+    `dims` holds layers, hidden, kv_heads, head_dim, ff and vocab (llm.llamacpp_backend.gguf_dims).
+    """
+    if context_tokens <= 0:
+        raise ValueError(f"context_tokens must be > 0, got {context_tokens}")
+
+    def terms(tokens: int) -> tuple[int, int, int]:
+        kv = 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * tokens * 2
+        act = min(LLAMACPP_UBATCH, tokens) * (dims["vocab"] * 4 + 3 * dims["ff"] * 4)
+        return file_bytes, kv, act
+
+    w, kv, act = terms(context_tokens)
+    total = w + kv + act
+    fits = free_bytes is None or total <= free_bytes
+    advice = ""
+    if not fits:
+        shorter = 0
+        for tokens in range(context_tokens - 256, 255, -256):
+            if sum(terms(tokens)) <= free_bytes:
+                shorter = tokens
+                break
+        tips = [f"lower llm.max_context_tokens from {context_tokens} to {shorter} or less"] if shorter >= 512 else []
+        tips.append("use a smaller or more strongly quantized GGUF file (e.g. Q4_K_M), or close other programs")
+        advice = (f"the model needs about {total / GiB:.1f} GiB but only {free_bytes / GiB:.1f} GiB is free on cpu: "
+                  + "; or ".join(tips) + ".")
+    return MemoryPlan(device="cpu", quantization=file_type, context_tokens=context_tokens, params=0,  # not in the file
+                      weights_bytes=w, kv_cache_bytes=kv, activation_bytes=act, overhead_bytes=0,
+                      free_bytes=free_bytes, fits=fits, advice=advice)

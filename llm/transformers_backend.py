@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llm.adapters import apply_adapter, check_combination, describe, prepare_base_config, read_adapter
-from llm.locate import resolve_model_folder
+from llm.locate import resolve_model_path
 from llm.planner import MemoryPlan, plan_memory
 from llm.streaming import stream_generate
 from llm.types import (
@@ -28,6 +29,7 @@ from llm.types import (
     ChatModel,
     ChatTemplateMissingError,
     ContextTooLongError,
+    GenerationOOMError,
     GenerationParams,
     InsufficientMemoryError,
     LLMError,
@@ -146,15 +148,44 @@ def free_memory_bytes(device: str) -> int:
 
 
 class TransformersChatModel(ChatModel):
-    """A loaded model + tokenizer. Thread-safe for concurrent stream() calls (each has its own stop event)."""
+    """A loaded model + tokenizer. Thread-safe for concurrent stream() calls (each has its own stop event).
+
+    On CUDA (llm.static_cache) every generation decodes into a static KV cache sized for the whole window
+    (llm.max_context_tokens): fixed shapes, no per-token reallocation. Caches are pooled, one per generation running
+    at once, so concurrent answers never share one. With llm.compile the decoding step (not the prefill, whose shape
+    changes with every prompt) is compiled by torch.compile once per cache shape; a compile failure at load time turns
+    it off with a note instead of failing.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, info: ModelInfo, default_params: GenerationParams,
-                 plan: MemoryPlan | None = None):
+                 plan: MemoryPlan | None = None, *, static_cache: bool = False, compile_decoding: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
         self.default_params = default_params
         self.plan = plan
+        self.static_cache = static_cache
+        self.compile_decoding = static_cache and compile_decoding
+        self._free_caches: list[Any] = []
+        self._cache_lock = threading.Lock()
+        if self.compile_decoding:
+            enable_compiled_decoding(model)
+
+    # -- static KV caches --
+    def _take_cache(self) -> Any:
+        with self._cache_lock:
+            cache = self._free_caches.pop() if self._free_caches else None
+        if cache is None:
+            from transformers import StaticCache
+
+            return StaticCache(config=self.model.config, max_cache_len=self.info.max_context_tokens)
+        with torch.inference_mode():    # its tensors were made inside generate's inference mode
+            cache.reset()
+        return cache
+
+    def _give_back(self, cache: Any) -> None:
+        with self._cache_lock:
+            self._free_caches.append(cache)
 
     # -- prompt side --
     def encode_messages(self, messages: Sequence[Any]) -> dict[str, torch.Tensor]:
@@ -185,6 +216,14 @@ class TransformersChatModel(ChatModel):
     def generation_config(self, params: GenerationParams, max_new_tokens: int) -> Any:
         cfg = copy.deepcopy(self.model.generation_config)
         cfg.max_new_tokens = max_new_tokens
+        if self.compile_decoding:
+            from transformers import CompileConfig
+
+            # "default" mode: "reduce-overhead" (CUDA graphs) failed on an H200 with "accessing tensor output of
+            # CUDAGraphs that has been overwritten" while streaming (docs/gpu.md).
+            cfg.compile_config = CompileConfig(mode="default", fullgraph=False, dynamic=False)
+        else:
+            cfg.disable_compile = True     # a static cache alone must not switch transformers' auto-compile on
         cfg.repetition_penalty = params.repetition_penalty
         if params.temperature > 0:
             cfg.do_sample, cfg.temperature, cfg.top_p = True, params.temperature, params.top_p
@@ -208,7 +247,61 @@ class TransformersChatModel(ChatModel):
         device = self.model.device
         inputs = {k: v.to(device) for k, v in inputs.items()}
         cfg = self.generation_config(params, min(params.max_new_tokens, room))
-        return stream_generate(self.model.generate, self.tokenizer, inputs, {"generation_config": cfg}, stop_event)
+        if not self.static_cache:
+            return stream_generate(self.model.generate, self.tokenizer, inputs, {"generation_config": cfg}, stop_event)
+        return self._stream_static(inputs, cfg, stop_event)
+
+    def _stream_static(self, inputs: dict[str, torch.Tensor], cfg: Any,
+                       stop_event: threading.Event | None) -> Iterator[str]:
+        cache = self._take_cache()
+        try:
+            yield from stream_generate(self.model.generate, self.tokenizer, inputs,
+                                       {"generation_config": cfg, "past_key_values": cache}, stop_event)
+        finally:
+            self._give_back(cache)      # stream_generate has joined its worker: the cache is free again
+
+    def warm_up_compiled_decoding(self) -> str:
+        """Compile the decoding step now (a 4-token generation) so the first answer does not pay for it; on any
+        failure turn compilation off and return a note saying so ("" when it worked or was not asked for)."""
+        if not self.compile_decoding:
+            return ""
+        try:
+            params = self.default_params.merged(max_new_tokens=4, temperature=0.0)
+            for _ in self.stream([{"role": "user", "content": "你好"}], params):
+                pass
+        except GenerationOOMError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any compiler failure: decode uncompiled instead
+            disable_compiled_decoding(self.model)
+            self.compile_decoding = False
+            note = (f"llm.compile is on but torch.compile failed ({type(e).__name__}: {str(e)[:200]}); decoding "
+                    f"without compilation (static KV cache only). / torch.compile 失败，已改为不编译解码。")
+            log.warning(note)
+            return note
+        return ""
+
+
+def enable_compiled_decoding(model: Any) -> None:
+    """Let generate() compile the decoding step even for bitsandbytes models.
+
+    transformers compiles decoding only when the model's quantizer declares itself compilable, which bitsandbytes'
+    quantizers do not (yet) although torch.compile traces them (measured: nf4 decoding static 2x, compiled 3x plain
+    on an H200, docs/gpu.md). Prefill stays uncompiled either way (transformers runs it through __call__)."""
+    model._valid_auto_compile_criteria = lambda model_kwargs, generation_config: True
+    # bitsandbytes' kernels break the graph inside every decoder layer, so dynamo compiles each layer's frame once
+    # per layer index (an int attribute it treats as static): with the default limit of 8 recompilations the
+    # layers past the 8th ran uncompiled (measured: int8 and bf16 gained nothing). Allow one per layer and some.
+    import torch._dynamo
+
+    layers = getattr(model.config.get_text_config(), "num_hidden_layers", None) or 64
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 2 * layers + 16))
+
+
+def disable_compiled_decoding(model: Any) -> None:
+    model.__dict__.pop("_valid_auto_compile_criteria", None)
+    model.__dict__.pop("_compiled_call", None)
 
 
 def load_transformers_model(settings: Any) -> TransformersChatModel:
@@ -216,7 +309,10 @@ def load_transformers_model(settings: Any) -> TransformersChatModel:
     _offline()
     configure_cuda_allocator()
     llm = settings.llm
-    folder, is_demo, notice = resolve_model_folder(settings)
+    folder, is_demo, notice = resolve_model_path(settings)
+    if folder.is_file():
+        raise LLMError(f"llm.model points at the file {folder}; the transformers backend loads a model folder "
+                       f"(config.json, tokenizer, *.safetensors). For a .gguf file set llm.backend: llamacpp or auto")
     raw = read_config_json(folder)
     check_remote_code(raw, folder, llm.trust_remote_code)
     notes: list[str] = [notice] if notice else []
@@ -278,4 +374,14 @@ def load_transformers_model(settings: Any) -> TransformersChatModel:
         dtype=str(dtype).removeprefix("torch."), is_demo=is_demo, weights_path=str(folder),
         max_context_tokens=context, notes=tuple(notes),
     )
-    return TransformersChatModel(model, tokenizer, info, GenerationParams.from_settings(llm), plan)
+    static = device == "cuda" and llm.static_cache
+    # llm.compile auto: only where it measured faster (H200, ChatGLM3-6B shape, docs/gpu.md): nf4 4-5x plain decoding;
+    # int8 slower than the static cache alone (bitsandbytes' int8 kernels break the graph), bf16 no gain.
+    compile_decoding = static and (llm.compile is True or (llm.compile == "auto" and quant == "nf4")) \
+        and (adapter is None or llm.adapter_merge)        # a peft wrapper's generate() is not ours to compile
+    chat = TransformersChatModel(model, tokenizer, info, GenerationParams.from_settings(llm), plan,
+                                 static_cache=static, compile_decoding=compile_decoding)
+    note = chat.warm_up_compiled_decoding()
+    if note:
+        chat.info = replace(info, notes=(*info.notes, note))
+    return chat

@@ -93,14 +93,20 @@ class ModelInfo:
     """What is running, for the UI's status line and the logs."""
 
     name: str                       # folder name, or the remote model id
-    backend: str                    # "transformers" | "openai"
+    backend: str                    # "transformers" | "llamacpp" | "openai"
     device: str                     # "cuda" | "cpu" | "remote"
-    quantization: str               # "nf4" | "int8" | "none" | "remote"
+    quantization: str               # "nf4" | "int8" | "none" | "remote" | the GGUF file type ("Q4_K_M", ...)
     max_context_tokens: int         # settings.llm.max_context_tokens, or less when the model's window is smaller
     dtype: str = ""                 # "bfloat16", "float16", "float32", or "" when remote
     is_demo: bool = False           # True when settings.llm.demo_model stands in for a missing settings.llm.model
     weights_path: str = ""          # the folder actually loaded
     notes: tuple[str, ...] = field(default_factory=tuple)   # visible remarks (demo stand-in, quantization ignored)
+
+    @property
+    def engine(self) -> str:
+        """Which engine answers, for the status line: llama.cpp, transformers, or the remote server."""
+        return {"llamacpp": "llama.cpp", "transformers": "transformers", "openai": "OpenAI 兼容服务"}.get(
+            self.backend, self.backend)
 
     @property
     def notice(self) -> str:

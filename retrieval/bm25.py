@@ -65,9 +65,10 @@ def char_bigrams(text: str) -> list[str]:
 
 
 # The one tokenisation of BM25: jieba words plus character bigrams (prefixed "@" so a bigram never collides with a
-# two-character word). TOKENIZER names it; anything storing tokens must store this name with them and re-tokenise
-# when it changes.
-TOKENIZER = "jieba-search+cjk-bigram/2"
+# two-character word). Knowledge bases store each chunk's tokens (retrieval/segments.py). Change this whenever
+# `tokenize` changes what it returns for some text: segments made by another version are re-tokenised once (in memory
+# when opened, on disk at the next commit), so stored tokens never disagree with the tokens of a question.
+TOKENIZER_VERSION = "jieba-search-cjk-bigram-2"
 
 
 def tokenize(text: str) -> list[str]:

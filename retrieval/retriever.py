@@ -102,6 +102,15 @@ def prepare(chunks: Sequence[Chunk]) -> _Prepared:
     return _Prepared(bm25=BM25Index(chunks), by_position=position_map(chunks))
 
 
+def _prepare_kb(kb: Any) -> _Prepared:
+    """A store that keeps BM25 postings and a neighbour map (retrieval/store.py builds them from stored tokens when
+    it opens a generation) gives them as they are: the first question after a commit tokenises nothing."""
+    bm25, by_position = getattr(kb, "bm25", None), getattr(kb, "by_position", None)
+    if bm25 is not None and by_position is not None:
+        return _Prepared(bm25=bm25, by_position=by_position)
+    return prepare(kb.chunks)
+
+
 def _vectors(index: Any, rows: Sequence[int]) -> np.ndarray | None:
     """Stored vectors of `rows`, or None when the index cannot give them back (e.g. a compressed index)."""
     if not rows:
@@ -136,7 +145,7 @@ class HybridSearcher:
         Answers from the generation `kb` was opened on; callers reopen when `kb.is_stale()` (KnowledgeBaseRetriever
         does). Derived indexes are cached per (kb path, generation), so a new generation never sees an old BM25.
         """
-        prepared = self._cache.get((str(kb.path), kb.generation), lambda: prepare(kb.chunks))
+        prepared = self._cache.get((str(kb.path), kb.generation), lambda: _prepare_kb(kb))
         return self.search_chunks(
             question, kb.chunks, kb.index, prepared=prepared, sources_for=kb.sources_for, **options
         )

@@ -3,13 +3,18 @@
     knowledge_base/<name>/
       sources/     files uploaded through the web page (CLI-ingested files stay where they are)
       CURRENT      text file naming the live generation, replaced atomically (os.replace)
-      gen-<n>/     index.faiss (faiss native format), chunks.jsonl, manifest.json
+      gen-<n>/     manifest.json + the segments it uses (seg-<id>.faiss / .chunks.jsonl / .bm25.<v>.npz, see
+                   retrieval/segments.py); segments shared with the previous generation are hard links
       .lock        writer lock (filelock); .lock.info says who holds it (pid, host, since)
 
 Why generations: a commit writes a complete new folder next to the live one, fsyncs it, renames it into place
 and only then switches CURRENT. A reader therefore always sees one consistent generation, and a writer killed
-at any moment (kill -9, power loss) leaves the previous generation loadable. Nothing here is a pickle: FAISS
-writes its own format, everything else is JSON.
+at any moment (kill -9, power loss) leaves the previous generation loadable. A commit writes only the segment
+of the contents it adds (plus the manifest); unchanged segments are hard-linked (immutable files, so sharing
+is safe), and small segments are merged now and then (MAX_SEGMENTS). Nothing here is a pickle: FAISS writes
+its own format, BM25 postings are .npz arrays loaded with allow_pickle=False, everything else is JSON.
+Generations written before segments (format 1: index.faiss + chunks.jsonl) are read as they are and rewritten
+as segments by their next commit.
 
 Chunks are content-addressed: they belong to a file *content* (sha256), and the manifest maps each path to a
 sha256. Renaming a file is a manifest change; two paths with the same bytes share one set of chunks (the second
@@ -20,6 +25,7 @@ Write side: `with kb.writer() as w: ...; w.commit()` (ingest only).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -37,12 +43,28 @@ import faiss
 import numpy as np
 from filelock import FileLock, Timeout
 
+from retrieval import segments as seglib
+from retrieval.segments import (
+    SEGMENTS,
+    ChunkTable,
+    Layout,
+    PositionMap,
+    Postings,
+    Segment,
+    SegmentedBM25,
+    SegmentedIndex,
+    SegmentError,
+    SegmentInfo,
+)
 from retrieval.types import Chunk
 
 if TYPE_CHECKING:
     from configs import Settings
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2       # 2: segments; 1: one index.faiss + chunks.jsonl per generation (still read)
+MAX_SEGMENTS = 8          # more after a commit: the smaller half are merged into one
+IVF_MIN_ROWS = 1_000      # store.faiss_index ivf: smaller segments stay exact
+MOSTLY_DEAD = 0.5         # a segment whose live share falls below this is rewritten at the next commit
 CURRENT_FILE = "CURRENT"
 LOCK_FILE = ".lock"
 LOCK_INFO_FILE = ".lock.info"
@@ -124,13 +146,22 @@ class FileEntry:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["chunk_ids"] = list(self.chunk_ids)
+        ids = self.chunk_ids
+        if ids and ids == tuple(range(ids[0], ids[0] + len(ids))):  # always, from this store: [first, count]
+            del d["chunk_ids"]
+            d["chunk_range"] = [ids[0], len(ids)]
+        else:
+            d["chunk_ids"] = list(ids)
         return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> FileEntry:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}  # tolerate keys added by newer versions
-        known["chunk_ids"] = tuple(int(i) for i in known.get("chunk_ids", ()))
+        if "chunk_range" in d:
+            first, count = (int(x) for x in d["chunk_range"])
+            known["chunk_ids"] = tuple(range(first, first + count))
+        else:
+            known["chunk_ids"] = tuple(int(i) for i in known.get("chunk_ids", ()))
         return cls(**known)
 
     @property
@@ -181,6 +212,9 @@ class Manifest:
     created_at: str = ""
     updated_at: str = ""
     format: int = MANIFEST_FORMAT
+    checksums: dict[str, str] = field(default_factory=dict)  # format 1: file name -> sha256, set at commit
+    segments: tuple[SegmentInfo, ...] = ()                   # format 2: the segments, in row order
+    contents: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # sha256 -> (segment id, first row, n)
 
     @property
     def model_id(self) -> str:
@@ -198,10 +232,22 @@ class Manifest:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "files": {p: e.to_json() for p, e in self.files.items()},
+            "checksums": dict(self.checksums),
+            "segments": [i.to_json() for i in self.segments],
+            "contents": {sha: list(loc) for sha, loc in self.contents.items()},
         }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Manifest:
+        if not isinstance(d, Mapping):
+            raise KBCorruptError(f"清单应是一个 JSON 对象，实际是 {type(d).__name__}")
+        if not isinstance(d.get("files", {}), Mapping):
+            raise KBCorruptError(f"清单的 files 应是 路径→条目 的对象，实际是 {type(d.get('files')).__name__}")
+        if not isinstance(d.get("checksums", {}), Mapping):
+            raise KBCorruptError("清单的 checksums 应是一个对象")
+        bad = [p for p, e in d.get("files", {}).items() if not isinstance(e, Mapping)]
+        if bad:
+            raise KBCorruptError(f"清单中文件条目「{bad[0]}」不是对象")
         fmt = int(d.get("format", 0))
         if fmt > MANIFEST_FORMAT:
             raise KBCorruptError(
@@ -214,7 +260,28 @@ class Manifest:
             created_at=d.get("created_at", ""),
             updated_at=d.get("updated_at", ""),
             format=fmt,
+            checksums={str(k): str(v) for k, v in d.get("checksums", {}).items()},
+            segments=tuple(_segment_infos(d.get("segments", []))),
+            contents=_contents(d.get("contents", {})),
         )
+
+    def check_segments(self) -> None:
+        """Format 2: every live content lies inside a listed segment, without overlaps (else KBCorruptError)."""
+        if self.format < 2:
+            return
+        rows = {i.id: i.rows for i in self.segments}
+        used: dict[str, list[tuple[int, int]]] = {}
+        for sha, (seg, start, n) in self.contents.items():
+            if seg not in rows or start < 0 or n <= 0 or start + n > rows[seg]:
+                raise KBCorruptError(f"清单中内容 {sha[:12]} 的位置 {seg}:{start}+{n} 不在任何段内")
+            used.setdefault(seg, []).append((start, start + n))
+        for spans in used.values():
+            spans.sort()
+            if any(a[1] > b[0] for a, b in zip(spans, spans[1:], strict=False)):
+                raise KBCorruptError("清单中两份内容占用了同一段的同一些行")
+        live = {e.sha256 for e in self.files.values() if e.status in LIVE_STATUSES}
+        if live != set(self.contents):
+            raise KBCorruptError(f"清单的文件（{len(live)} 份内容）与内容表（{len(self.contents)} 份）不一致")
 
     def check_compatible(self, spec: IndexSpec, kb_name: str) -> None:
         """Raise KBIncompatibleError if this KB's vectors were made under another spec (and it holds any)."""
@@ -226,6 +293,27 @@ class Manifest:
             f"请加 --rebuild 重新建库（python ingest.py <文件夹> --kb {kb_name} --rebuild），"
             f"或把设置改回原来的值。"
         )
+
+
+def _segment_infos(raw: Any) -> list[SegmentInfo]:
+    if not isinstance(raw, list):
+        raise KBCorruptError(f"清单的 segments 应是列表，实际是 {type(raw).__name__}")
+    try:
+        return [SegmentInfo.from_json(d) for d in raw]
+    except SegmentError as e:
+        raise KBCorruptError(str(e)) from None
+
+
+def _contents(raw: Any) -> dict[str, tuple[str, int, int]]:
+    if not isinstance(raw, Mapping):
+        raise KBCorruptError(f"清单的 contents 应是对象，实际是 {type(raw).__name__}")
+    out = {}
+    for sha, loc in raw.items():
+        if not (isinstance(loc, list) and len(loc) == 3 and isinstance(loc[0], str)
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in loc[1:])):
+            raise KBCorruptError(f"清单中内容 {str(sha)[:12]} 的位置 {str(loc)[:40]} 有误")
+        out[str(sha)] = (loc[0], loc[1], loc[2])
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -255,7 +343,8 @@ def list_knowledge_bases(settings: Settings) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(
-        p.name for p in root.iterdir() if p.is_dir() and KB_NAME_RE.fullmatch(p.name) and (p / CURRENT_FILE).is_file()
+        p.name for p in root.iterdir()
+        if p.is_dir() and KB_NAME_RE.fullmatch(p.name) and ((p / CURRENT_FILE).is_file() or _generations(p))
     )
 
 
@@ -269,6 +358,82 @@ def delete_knowledge_base(name: str, settings: Settings, *, timeout: float | Non
         trash = path.with_name(f"{_TMP_PREFIX}deleted-{name}-{uuid.uuid4().hex[:8]}")
         os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def read_manifest(name: str, settings: Settings) -> tuple[str, Manifest]:
+    """(generation, manifest) of the live generation, reading CURRENT and manifest.json only — never the index or
+    the chunks: what the KB list, the status line and the file table show. KBNotFoundError / KBCorruptError."""
+    path = kb_dir(name, settings)
+    for _ in range(10):
+        gen = _live_generation(path, name) if path.is_dir() else None
+        if gen is None:
+            raise KBNotFoundError(f"知识库「{name}」不存在（{path} 下没有 CURRENT）。")
+        try:
+            return gen, _read_manifest(path / gen)
+        except KBCorruptError as e:
+            if _read_current(path) != gen:
+                continue  # a writer switched CURRENT and collected this generation meanwhile
+            raise _damaged(name, str(e)) from None
+    raise KBCorruptError(f"知识库「{name}」一直在被改写，无法读到一个稳定的版本；请稍后再试。")
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    """What repair_knowledge_base did. skipped: (generation, why it is not complete), newest first."""
+
+    name: str
+    generation: str
+    before: str | None           # what CURRENT held (None: missing)
+    changed: bool
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    def describe(self) -> str:
+        lines = [f"  {g}：不完整，跳过（{why}）" for g, why in self.skipped]
+        if self.changed:
+            lines.append(f"知识库「{self.name}」已修复：CURRENT 原为 {self.before!r}，"
+                         f"现指向最新的完整版本 {self.generation}。")
+        else:
+            lines.append(f"知识库「{self.name}」无需修复：CURRENT 指向的 {self.generation} 完整可用。")
+        return "\n".join(lines)
+
+
+def repair_knowledge_base(name: str, settings: Settings, *, timeout: float | None = 0) -> RepairResult:
+    """Point CURRENT at the newest complete generation (fully verified, as on open), under the writer lock.
+
+    A CURRENT whose generation verifies is left alone. Nothing is deleted here; generations newer than the one
+    chosen are collected by the next writer. KBCorruptError when no generation is complete (then --rebuild).
+    """
+    path = kb_dir(name, settings)
+    if not path.is_dir():
+        raise KBNotFoundError(f"知识库「{name}」不存在（{path}）。")
+    with _writer_lock(path, name, timeout):
+        try:
+            before: str | None = (path / CURRENT_FILE).read_bytes().decode("utf-8", errors="replace").strip()
+        except FileNotFoundError:
+            before = None
+        except OSError as e:
+            before = f"<无法读取：{e.strerror or e}>"
+        candidates = _generations(path)
+        if before in candidates:  # a CURRENT that verifies is kept even if a newer (orphaned) generation exists
+            candidates = [before] + [g for g in candidates if g != before]
+        skipped: list[tuple[str, str]] = []
+        for gen in candidates:
+            try:
+                _load_generation(path / gen)
+            except (KBCorruptError, FileNotFoundError) as e:
+                skipped.append((gen, str(e) or type(e).__name__))
+                continue
+            changed = before != gen
+            if changed:
+                _write_durable(path / (CURRENT_FILE + ".tmp"), (gen + "\n").encode("utf-8"))
+                os.replace(path / (CURRENT_FILE + ".tmp"), path / CURRENT_FILE)
+                _fsync_path(path)
+            return RepairResult(name, gen, before, changed, tuple(skipped))
+        detail = "；".join(f"{g}：{why}" for g, why in skipped) or "没有任何版本文件夹"
+        raise KBCorruptError(
+            f"知识库「{name}」没有可以恢复的完整版本（{detail}）。请用 python ingest.py <文件夹> --kb {name} --rebuild "
+            f"重新建库（上传的原文件在 {path / SOURCES_DIR}）。"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -290,67 +455,173 @@ def _write_durable(path: Path, data: bytes) -> None:
 
 
 def _read_current(path: Path) -> str | None:
+    """The generation CURRENT names; None when absent or not a generation name (_live_generation tells which)."""
     try:
         name = (path / CURRENT_FILE).read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError):
         return None
     return name if _GEN_RE.fullmatch(name) else None
 
 
-def _chunk_to_json(c: Chunk) -> dict[str, Any]:
-    return {
-        "id": c.id,
-        "text": c.text,
-        "source": c.source,
-        "sha256": c.sha256,
-        "position": c.position,
-        "page": c.page,
-        "heading_path": list(c.heading_path),
-        "metadata": c.metadata,
-    }
+def _generations(path: Path) -> list[str]:
+    """Generation folders of a KB, newest first."""
+    try:
+        found = [(int(m.group(1)), p.name) for p in path.iterdir() if (m := _GEN_RE.fullmatch(p.name)) and p.is_dir()]
+    except OSError:
+        return []
+    return [name for _, name in sorted(found, reverse=True)]
 
 
-def _chunk_from_json(d: Mapping[str, Any]) -> Chunk:
-    return Chunk(
-        text=d["text"],
-        source=d["source"],
-        sha256=d["sha256"],
-        position=int(d["position"]),
-        page=d.get("page"),
-        heading_path=tuple(d.get("heading_path") or ()),
-        id=int(d["id"]),
-        metadata=dict(d.get("metadata") or {}),
+def repair_command(name: str) -> str:
+    return f"python ingest.py --repair --kb {name}"
+
+
+def _damaged(name: str, problem: str) -> KBCorruptError:
+    return KBCorruptError(
+        f"知识库「{name}」已损坏：{problem}。已有版本都原样保留；请运行 {repair_command(name)} "
+        f"把 CURRENT 指回最新的完整版本（若没有完整版本，用 --rebuild 重新建库）。"
     )
 
 
-def _read_manifest(gen_dir: Path) -> Manifest:
+def _live_generation(path: Path, name: str) -> str | None:
+    """The generation CURRENT names; None for a KB never committed. Raises KBCorruptError when CURRENT is damaged.
+
+    Damaged means: CURRENT holds anything but `gen-<n>` (e.g. "../../../etc"), names a generation folder that does
+    not exist, or is missing while committed generations (ones holding files) exist. A writer must never take such
+    a KB for a new one: it would collect every existing generation as an orphan.
+    """
+    current = path / CURRENT_FILE
     try:
-        return Manifest.from_json(json.loads((gen_dir / MANIFEST_FILE).read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise KBCorruptError(f"{gen_dir / MANIFEST_FILE} is damaged ({e}); rebuild with --rebuild") from e
+        raw = current.read_bytes()
+    except FileNotFoundError:
+        committed = [g for g in _generations(path) if _holds_files(path / g)]
+        if committed:
+            raise _damaged(name, f"CURRENT 文件不见了，但还有版本 {', '.join(committed)}") from None
+        return None
+    except OSError as e:
+        raise _damaged(name, f"CURRENT 无法读取（{e.strerror or e}）") from None
+    text = raw.decode("utf-8", errors="replace").strip()
+    if not _GEN_RE.fullmatch(text):
+        raise _damaged(name, f"CURRENT 的内容 {text[:60]!r} 不是一个版本名（应为 gen-<编号>）")
+    if not (path / text).is_dir():
+        raise _damaged(name, f"CURRENT 指向的版本 {text} 不存在")
+    return text
 
 
-def _load_generation(gen_dir: Path) -> tuple[list[Chunk], faiss.Index, Manifest]:
-    """Read one generation; FileNotFoundError propagates (the caller retries if CURRENT moved)."""
-    manifest = _read_manifest(gen_dir)
+def _holds_files(gen_dir: Path) -> bool:
+    """True if a generation's manifest lists any file (an empty first generation carries nothing to lose)."""
+    try:
+        d = json.loads((gen_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True  # unreadable: keep it and let a person decide
+    return not isinstance(d, dict) or bool(d.get("files"))
+
+
+def _read_manifest(gen_dir: Path) -> Manifest:
+    """Parse a generation's manifest; KBCorruptError (message without the KB name: callers wrap it) if damaged."""
+    try:
+        raw = (gen_dir / MANIFEST_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KBCorruptError(f"{gen_dir.name} 缺少 {MANIFEST_FILE}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 无法读取（{e}）") from None
+    try:
+        m = Manifest.from_json(json.loads(raw))
+        m.check_segments()
+        return m
+    except KBCorruptError as e:
+        raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 有误：{e}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 有误（{type(e).__name__}: {e}）") from None
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _verify_files(gen_dir: Path, checksums: Mapping[str, str]) -> None:
+    """Files still hold the bytes their commit recorded (generations and segments are never modified)."""
+    for fname, expected in checksums.items():
+        if Path(fname).name != fname:
+            raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 的校验和列出了可疑的文件名 {fname!r}")
+        try:
+            got = _sha256_file(gen_dir / fname)
+        except FileNotFoundError:
+            raise KBCorruptError(f"{gen_dir.name} 缺少 {fname}") from None
+        if got != expected:
+            raise KBCorruptError(f"{gen_dir.name}/{fname} 的内容与提交时记录的校验和不符（文件被改动或损坏）")
+
+
+@dataclass
+class _Generation:
+    manifest: Manifest
+    segments: list[Segment]
+    contents: dict[str, tuple[str, int, int]]
+
+
+def _load_legacy(gen_dir: Path, manifest: Manifest) -> _Generation:
+    """A format-1 generation (one index.faiss + chunks.jsonl) as one in-memory segment; BM25 is tokenised here."""
+    _verify_files(gen_dir, manifest.checksums)
     try:
         with open(gen_dir / CHUNKS_FILE, encoding="utf-8") as f:
-            chunks = [_chunk_from_json(json.loads(line)) for line in f if line.strip()]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise KBCorruptError(f"{gen_dir / CHUNKS_FILE} is damaged ({e}); rebuild with --rebuild") from e
+            chunks = [seglib.chunk_from_json(json.loads(line)) for line in f if line.strip()]
+    except FileNotFoundError:
+        raise KBCorruptError(f"{gen_dir.name} 缺少 {CHUNKS_FILE}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise KBCorruptError(f"{gen_dir.name}/{CHUNKS_FILE} 有误（{e}）") from None
     index_path = gen_dir / INDEX_FILE
     if not index_path.is_file():
-        raise FileNotFoundError(index_path)
+        raise KBCorruptError(f"{gen_dir.name} 缺少 {INDEX_FILE}")
     try:
         index = faiss.read_index(str(index_path))
     except RuntimeError as e:
-        raise KBCorruptError(f"{index_path} cannot be read by FAISS ({e}); rebuild with --rebuild") from e
+        detail = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise KBCorruptError(f"{gen_dir.name}/{INDEX_FILE} 无法被 FAISS 读取（{detail}）") from None
     if index.ntotal != len(chunks) or any(c.id != i for i, c in enumerate(chunks)):
         raise KBCorruptError(
-            f"{gen_dir}: index.faiss has {index.ntotal} rows but chunks.jsonl has {len(chunks)} chunks "
-            f"(or ids out of order); rebuild with --rebuild"
+            f"{gen_dir.name}: index.faiss has {index.ntotal} rows but chunks.jsonl has {len(chunks)} chunks "
+            f"(or ids out of order)"
         )
-    return chunks, index, manifest
+    if manifest.dim and index.d != manifest.dim:
+        raise KBCorruptError(f"{gen_dir.name}/{INDEX_FILE} 的向量是 {index.d} 维，清单记录的模型是 {manifest.dim} 维")
+    try:
+        seglib.check_index_vectors(index, f"{gen_dir.name}/{INDEX_FILE}")
+    except SegmentError as e:
+        raise KBCorruptError(str(e)) from None
+    info = SegmentInfo("legacy", len(chunks), index.d, "flat", "", {}, {})
+    seg = Segment(info, chunks, index, Postings.from_texts([c.embedding_text() for c in chunks]))
+    contents = {sha: ("legacy", group[0].id, len(group)) for sha, group in _group_by_sha(chunks)}
+    return _Generation(manifest, [seg], contents)
+
+
+def _load_generation(gen_dir: Path) -> _Generation:
+    """Read and verify one generation; FileNotFoundError if the folder went away (the caller retries if CURRENT moved).
+
+    Verified on every open (segments once per process: they never change): the checksums written at commit,
+    chunk field types, row ids, each index's row count and dimension, and that every vector is finite with norm 1.
+    Problems raise KBCorruptError naming the file; callers add the KB name and the repair command.
+    """
+    if not gen_dir.is_dir():
+        raise FileNotFoundError(gen_dir)
+    manifest = _read_manifest(gen_dir)
+    if manifest.format < 2:
+        return _load_legacy(gen_dir, manifest)
+    dim = manifest.dim
+    segs = []
+    for info in manifest.segments:
+        if dim and info.dim != dim:
+            raise KBCorruptError(f"{gen_dir.name}/{info.files['faiss']} 的向量是 {info.dim} 维，"
+                                 f"清单记录的模型是 {dim} 维")
+        try:
+            segs.append(SEGMENTS.get(gen_dir, info))
+        except SegmentError as e:
+            raise KBCorruptError(str(e)) from None
+    return _Generation(manifest, segs, dict(manifest.contents))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -363,17 +634,23 @@ class KnowledgeBase:
     before use and reopen when it is True, so a deleted file's chunks never come back from a cache.
     """
 
-    def __init__(self, name: str, path: Path, generation: str, chunks: list[Chunk], index: faiss.Index,
-                 manifest: Manifest, settings: Settings | None = None) -> None:
+    def __init__(self, name: str, path: Path, generation: str, loaded: _Generation,
+                 settings: Settings | None = None) -> None:
         self.name = name
         self.path = path
         self.generation = generation
-        self.chunks = chunks
-        self.index = index
-        self.manifest = manifest
+        self.manifest = loaded.manifest
         self._settings = settings
         self._by_sha: dict[str, list[str]] | None = None
-        self._chunks_by_sha: dict[str, list[Chunk]] | None = None
+        self._contents = loaded.contents
+        self._layout = Layout(loaded.segments, loaded.contents)
+        owners = {sha: paths[0] for sha in loaded.contents if (paths := self.sources_for(sha))}
+        nprobe = settings.store.ivf_nprobe if settings is not None else 32
+        self.chunks: ChunkTable = ChunkTable(self._layout, owners)          # row i of index is chunks[i]
+        self.index = SegmentedIndex(self._layout, self.manifest.dim or (loaded.segments[0].info.dim
+                                                                        if loaded.segments else 0), nprobe)
+        self.bm25 = SegmentedBM25(self._layout)                             # from the stored tokens
+        self.by_position = PositionMap(self._layout, loaded.contents)       # (sha256, position) -> row
 
     # -- opening -------------------------------------------------------------------------------------------
     @classmethod
@@ -381,32 +658,42 @@ class KnowledgeBase:
         """Open the live generation of KB `name`; KBNotFoundError if it does not exist."""
         path = kb_dir(name, settings)
         for _ in range(10):  # a writer may switch CURRENT and collect our generation between two reads
-            gen = _read_current(path)
+            try:
+                gen = _live_generation(path, name)
+            except KBCorruptError:
+                if _read_current(path) is not None and (path / str(_read_current(path))).is_dir():
+                    continue  # CURRENT moved on between the two reads
+                raise
             if gen is None:
                 raise KBNotFoundError(
-                    f"知识库「{name}」不存在（{path} 下没有 CURRENT）。先用 python ingest.py <文件夹> --kb {name} 建库。"
+                    f"知识库「{name}」不存在（{path} 下没有 CURRENT）。"
+                    f"先用 python ingest.py <文件夹> --kb {name} 建库。"
                 )
             try:
-                chunks, index, manifest = _load_generation(path / gen)
+                loaded = _load_generation(path / gen)
             except FileNotFoundError:
                 if _read_current(path) != gen:
                     continue
-                raise KBCorruptError(f"知识库「{name}」的 CURRENT 指向 {gen}，但该文件夹不完整；请用 --rebuild 重建。")
-            return cls(name, path, gen, chunks, index, manifest, settings)
+                raise _damaged(name, f"CURRENT 指向的版本 {gen} 不存在") from None
+            except KBCorruptError as e:
+                if _read_current(path) != gen:
+                    continue
+                raise _damaged(name, str(e)) from None
+            return cls(name, path, gen, loaded, settings)
         raise KBCorruptError(f"知识库「{name}」一直在被改写，无法读到一个稳定的版本；请稍后再试。")
 
     @classmethod
     def create(cls, name: str, settings: Settings, *, exist_ok: bool = True) -> KnowledgeBase:
         """Create an empty KB (generation 0) and return it; with exist_ok, open an existing one instead."""
         path = kb_dir(name, settings)
-        if _read_current(path) is not None:
+        if path.is_dir() and _live_generation(path, name) is not None:
             if not exist_ok:
                 raise KBError(f"知识库「{name}」已存在（{path}）。")
             return cls.open(name, settings)
         path.mkdir(parents=True, exist_ok=True)
         (path / SOURCES_DIR).mkdir(exist_ok=True)
         with _writer_lock(path, name, timeout=0):
-            if _read_current(path) is None:  # re-check under the lock: another process may have won the race
+            if _live_generation(path, name) is None:  # re-check under the lock: another process may have won the race
                 w = KBWriter(name, path)
                 w.commit(force=True)
         return cls.open(name, settings)
@@ -444,20 +731,19 @@ class KnowledgeBase:
 
     def chunks_for(self, sha256: str) -> list[Chunk]:
         """The chunks of one file content in file order (position 0..n-1): for neighbour merging."""
-        if self._chunks_by_sha is None:
-            by: dict[str, list[Chunk]] = {}
-            for c in self.chunks:
-                by.setdefault(c.sha256, []).append(c)
-            for lst in by.values():
-                lst.sort(key=lambda c: c.position)
-            self._chunks_by_sha = by
-        return list(self._chunks_by_sha.get(sha256, ()))
+        if sha256 not in self._contents:
+            return []
+        seg_id, start, n = self._contents[sha256]
+        k = next(i for i, s in enumerate(self._layout.segments) if s.info.id == seg_id)
+        rows = self._layout.global_of_local[k][start:start + n]
+        return sorted((self.chunks[int(r)] for r in rows), key=lambda c: c.position)
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def __repr__(self) -> str:
-        return f"KnowledgeBase({self.name!r}, {self.generation}, {len(self.chunks)} chunks, {len(self.manifest.files)} files)"
+        return (f"KnowledgeBase({self.name!r}, {self.generation}, {len(self.chunks)} chunks, "
+                f"{len(self.manifest.files)} files)")
 
     # -- writing -------------------------------------------------------------------------------------------
     @staticmethod
@@ -467,8 +753,8 @@ class KnowledgeBase:
         path = kb_dir(name, settings)
         (path / SOURCES_DIR).mkdir(parents=True, exist_ok=True)
         with _writer_lock(path, name, timeout):
-            w = KBWriter(name, path)
-            if w.live_generation is None:
+            w = KBWriter(name, path, settings)
+            if w.live_generation is None and w._damage is None:
                 w.commit(force=True)
             yield w
 
@@ -480,7 +766,7 @@ class KnowledgeBase:
         Nothing is written unless you call commit(); leaving the block without commit discards the changes.
         """
         with _writer_lock(self.path, self.name, timeout):
-            yield KBWriter(self.name, self.path)
+            yield KBWriter(self.name, self.path, self._settings)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -533,64 +819,90 @@ class KBWriter:
     The KB is a set of contents (sha256 -> chunks + vectors) and a set of file entries (path -> FileEntry).
     At commit the store decides ownership: per sha256 the first live entry is "ok" and owns the chunks, the
     other live entries become "duplicate" of it; contents no live entry refers to are dropped.
+
+    Stored contents stay in their segments (`_stored`: sha -> (segment, first row, n)); contents added in this
+    writer (`_new`) become one new segment at commit, together with the live rows of any segments merged then.
     """
 
-    def __init__(self, name: str, path: Path) -> None:
+    def __init__(self, name: str, path: Path, settings: Settings | None = None) -> None:
         self.name = name
         self.path = path
-        self._contents: dict[str, _Content] = {}
+        self._settings = settings
+        self._new: dict[str, _Content] = {}
+        self._stored: dict[str, tuple[str, int, int]] = {}
+        self._segments: list[SegmentInfo] = []
+        self._legacy: _Generation | None = None  # a format-1 live generation: rewritten as a segment at commit
+        self._held: list[Segment] = []           # the live segments, loaded (and verified) once
         self._files: dict[str, FileEntry] = {}
         self._spec: IndexSpec | None = None
         self._created_at = _now_iso()
-        self._live_gen: str | None = _read_current(path)
         self.dirty = False
-        # Chunks and vectors of the live generation are read only when a commit needs them: an unchanged rerun
-        # reads the manifest alone. Until then, what is stored is known from the manifest (sha -> chunk count).
-        self._stored: dict[str, int] = {}
-        self._loaded = self._live_gen is None
-        self._collect_orphans()
-        if self._live_gen is not None:
-            manifest = _read_manifest(path / self._live_gen)
-            self._spec, self._files, self._created_at = manifest.spec, dict(manifest.files), manifest.created_at
-            for e in manifest.files.values():
-                if e.status in LIVE_STATUSES:
-                    self._stored[e.sha256] = len(e.chunk_ids)
-
-    def _load_stored(self) -> None:
-        """Read the live generation's chunks and vectors (stored contents first, in their order, then new ones)."""
-        if self._loaded:
+        self.last_commit_bytes = 0  # bytes of files the last commit wrote (hard links not counted)
+        # A damaged KB (CURRENT, manifest, segments) is never written over: every use of this writer raises the
+        # damage, with the repair command, until set_spec(rebuild=True) starts the KB over on purpose.
+        self._damage: KBCorruptError | None = None
+        self._damage_cleared = False
+        try:
+            self._live_gen: str | None = _live_generation(path, name)
+            manifest = self._verify_live() if self._live_gen else None
+        except KBCorruptError as e:
+            self._live_gen = _read_current(path)
+            self._damage = e if str(e).startswith("知识库") else _damaged(name, str(e))
             return
-        chunks, index, _ = _load_generation(self.path / self._live_gen)
-        contents: dict[str, _Content] = {}
-        if chunks:
-            vectors = index.reconstruct_n(0, index.ntotal)
-            start = 0
-            for sha, group in _group_by_sha(chunks):
-                contents[sha] = _Content(group, vectors[start:start + len(group)])
-                start += len(group)
-        contents.update(self._contents)
-        self._contents, self._loaded = contents, True
+        self._collect_orphans()
+        if manifest is not None:
+            self._spec, self._files, self._created_at = manifest.spec, dict(manifest.files), manifest.created_at
+
+    def _verify_live(self) -> Manifest:
+        """Check the live generation before anything is built on it: its manifest and, by checksum, every file
+        (a format-1 generation is loaded in full: the next commit rewrites it as a segment)."""
+        gen_dir = self.path / self._live_gen
+        manifest = _read_manifest(gen_dir)
+        if manifest.format < 2:
+            self._legacy = _load_legacy(gen_dir, manifest)
+            self._stored = dict(self._legacy.contents)
+            return manifest
+        for info in manifest.segments:
+            if manifest.dim and info.dim != manifest.dim:
+                raise KBCorruptError(f"{gen_dir.name}/{info.files['faiss']} 的向量是 {info.dim} 维，"
+                                     f"清单记录的模型是 {manifest.dim} 维")
+            try:  # loaded and verified in full (free when this process holds it already): damage is not built on
+                self._held.append(SEGMENTS.get(gen_dir, info))
+            except SegmentError as e:
+                raise KBCorruptError(str(e)) from None
+        self._segments = list(manifest.segments)
+        self._stored = dict(manifest.contents)
+        return manifest
+
+    def _check(self) -> None:
+        if self._damage is not None:
+            raise self._damage
 
     # -- reading the pending state -------------------------------------------------------------------------
     @property
     def spec(self) -> IndexSpec | None:
+        self._check()
         return self._spec
 
     @property
     def files(self) -> Mapping[str, FileEntry]:
+        self._check()
         return self._files
 
     def has_content(self, sha256: str) -> bool:
-        return sha256 in self._contents or (not self._loaded and sha256 in self._stored)
+        self._check()
+        return sha256 in self._new or sha256 in self._stored
 
     def chunk_count(self, sha256: str) -> int:
-        c = self._contents.get(sha256)
+        self._check()
+        c = self._new.get(sha256)
         if c is not None:
             return len(c.chunks)
-        return 0 if self._loaded else self._stored.get(sha256, 0)
+        return self._stored[sha256][2] if sha256 in self._stored else 0
 
     def live_paths(self, sha256: str) -> list[str]:
         """Live paths holding this content, the current owner (status ok) first."""
+        self._check()
         live = [e for e in self._files.values() if e.sha256 == sha256 and e.status in LIVE_STATUSES]
         return [e.path for e in sorted(live, key=lambda e: (e.status != "ok", e.ingested_at, e.path))]
 
@@ -603,11 +915,15 @@ class KBWriter:
     def set_spec(self, spec: IndexSpec, *, rebuild: bool = False) -> None:
         """Record the spec; with rebuild, drop every content and entry first (a full re-ingest follows)."""
         if rebuild:
-            self._contents.clear()
-            self._files.clear()
+            self._damage_cleared = self._damage is not None
+            self._damage = None  # starting over on purpose: the damaged generations go at this writer's commit
+            self._new.clear()
             self._stored.clear()
-            self._loaded = True
+            self._segments.clear()
+            self._legacy = None
+            self._files.clear()
         else:
+            self._check()
             Manifest(0, self._spec, self._files).check_compatible(spec, self.name)
         if spec != self._spec or rebuild:
             self._spec = spec
@@ -615,16 +931,18 @@ class KBWriter:
 
     def add_content(self, sha256: str, chunks: list[Chunk], vectors: np.ndarray) -> None:
         """Store the chunks + vectors of one file content (replacing any earlier ones of that sha)."""
+        self._check()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[0] != len(chunks) or not chunks:
             raise ValueError(f"add_content({sha256[:12]}): {len(chunks)} chunks but vectors of shape {vectors.shape}")
         if self._spec is not None and self._spec.dim and vectors.shape[1] != self._spec.dim:
             raise ValueError(f"add_content: vectors have dim {vectors.shape[1]}, the KB uses {self._spec.dim}")
-        self._contents[sha256] = _Content(list(chunks), vectors)
+        self._new[sha256] = _Content(list(chunks), vectors)
         self.dirty = True
 
     def put(self, entry: FileEntry) -> None:
         """Add or replace a file entry. Live entries (ok/duplicate) need their content added first."""
+        self._check()
         if entry.status not in STORED_STATUSES:
             raise ValueError(f"FileEntry.status must be one of {sorted(STORED_STATUSES)}, got {entry.status!r}")
         if entry.status in LIVE_STATUSES and not self.has_content(entry.sha256):
@@ -634,6 +952,7 @@ class KBWriter:
 
     def remove(self, path: str) -> FileEntry | None:
         """Forget a path. Its chunks stay while another live path has the same content (dropped at commit)."""
+        self._check()
         e = self._files.pop(path, None)
         if e is not None:
             self.dirty = True
@@ -643,30 +962,54 @@ class KBWriter:
     def commit(self, *, force: bool = False) -> str | None:
         """Write the pending state as gen-<n+1>, switch CURRENT to it, collect old generations.
 
-        Returns the new generation's name, or None when nothing changed (and not force).
+        Only new contents (and the live rows of segments merged now) are written; every other segment is
+        hard-linked from the live generation. Returns the new generation's name, or None when nothing changed.
         """
+        self._check()
         if not self.dirty and not force:
             return None
-        self._load_stored()
-        chunks, vectors, files = self._normalise()
+        owners = self._owners()
+        for sha in [s for s in self._new if s not in owners]:
+            del self._new[sha]
+        for sha in [s for s in self._stored if s not in owners or s in self._new]:
+            del self._stored[sha]
+        keep, merge = self._plan()
+
         n = 1 + max((int(m.group(1)) for p in self.path.iterdir() if (m := _GEN_RE.match(p.name))), default=-1)
         gen = f"gen-{n}"
-        now = _now_iso()
-        manifest = Manifest(n, self._spec, files, created_at=self._created_at or now, updated_at=now)
-        dim = self._spec.dim if self._spec else (vectors.shape[1] if len(vectors) else 0)
-        index = faiss.IndexFlatIP(dim)
-        if len(chunks):
-            index.add(vectors)
-
         tmp = self.path / f"{_TMP_PREFIX}{gen}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
-        faiss.write_index(index, str(tmp / INDEX_FILE))
-        _fsync_path(tmp / INDEX_FILE)
-        _write_durable(
-            tmp / CHUNKS_FILE,
-            "".join(json.dumps(_chunk_to_json(c), ensure_ascii=False) + "\n" for c in chunks).encode("utf-8"),
-        )
-        _write_durable(tmp / MANIFEST_FILE, json.dumps(manifest.to_json(), ensure_ascii=False, indent=1).encode("utf-8"))
+        written = 0
+
+        def write_file(path: Path, data: bytes) -> None:
+            nonlocal written
+            _write_durable(path, data)
+            written += len(data)
+
+        live_dir = self.path / self._live_gen if self._live_gen else None
+        segments: list[SegmentInfo] = []
+        for info in keep:
+            if info.tokenizer != seglib.bm25_mod.TOKENIZER_VERSION:  # the tokenizer changed: re-tokenise once
+                info, seg = self._segment(info).with_new_postings(tmp, write_file)
+                SEGMENTS.put(self.path, tmp.name, seg)
+                for role, fname in info.files.items():
+                    if role != "bm25":
+                        _link(live_dir / fname, tmp / fname)
+            else:
+                for fname in info.files.values():
+                    _link(live_dir / fname, tmp / fname)
+            segments.append(info)
+        contents = {sha: loc for sha, loc in self._stored.items() if loc[0] in {i.id for i in segments}}
+        new_info = self._write_segment(tmp, merge, owners, contents, write_file)
+        if new_info is not None:
+            segments.append(new_info)
+
+        files = self._normalise(owners, segments, contents)
+        now = _now_iso()
+        manifest = Manifest(n, self._spec, files, created_at=self._created_at or now, updated_at=now,
+                            format=MANIFEST_FORMAT, segments=tuple(segments), contents=contents)
+        data = json.dumps(manifest.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        write_file(tmp / MANIFEST_FILE, data)
         _fsync_path(tmp)
         os.rename(tmp, self.path / gen)
         _fsync_path(self.path)
@@ -675,53 +1018,124 @@ class KBWriter:
         _fsync_path(self.path)
 
         previous, self._live_gen = self._live_gen, gen
+        if self._damage_cleared:  # a rebuild over a damaged KB: nothing of the old generations is worth keeping
+            previous = None
         self._collect_garbage(keep={gen, previous})  # keep the previous one for readers still loading it
-        self._files = files
+        self._files, self._segments, self._stored = files, segments, contents
+        self._new.clear()
+        self._legacy = None
         self.dirty = False
+        self.last_commit_bytes = written
         return gen
 
-    def _normalise(self) -> tuple[list[Chunk], np.ndarray, dict[str, FileEntry]]:
-        """Decide owners and duplicates, drop unreferenced contents, assign row ids and chunk sources."""
+    def _owners(self) -> dict[str, str]:
         owners: dict[str, str] = {}
         # The current owner keeps ownership; otherwise the earliest-ingested path (then by name) takes it.
         for e in sorted(self._files.values(), key=lambda e: (e.status != "ok", e.ingested_at, e.path)):
             if e.status in LIVE_STATUSES:
                 owners.setdefault(e.sha256, e.path)
-        for sha in [s for s in self._contents if s not in owners]:
-            del self._contents[sha]
+        return owners
 
-        chunks: list[Chunk] = []
-        blocks: list[np.ndarray] = []
-        ids: dict[str, tuple[int, ...]] = {}
-        for sha, content in self._contents.items():
-            start = len(chunks)
-            owner = owners[sha]
-            for c in sorted(content.chunks, key=lambda c: c.position):
-                chunks.append(replace(c, id=len(chunks), source=owner, sha256=sha))
-            order = np.argsort([c.position for c in content.chunks], kind="stable")
-            blocks.append(content.vectors[order])
-            ids[sha] = tuple(range(start, len(chunks)))
-            content.chunks = chunks[start:]
-            content.vectors = blocks[-1]
+    def _plan(self) -> tuple[list[SegmentInfo], list[SegmentInfo]]:
+        """Which live segments are kept as they are (hard-linked) and which are merged into the new segment."""
+        live: dict[str, int] = {}
+        for seg_id, _, count in self._stored.values():
+            live[seg_id] = live.get(seg_id, 0) + count
+        keep = [i for i in self._segments if live.get(i.id)]
+        merge = [i for i in keep if live[i.id] < MOSTLY_DEAD * i.rows]
+        keep = [i for i in keep if i not in merge]
+        if len(keep) + 1 > MAX_SEGMENTS:  # tiered: the smaller half joins the new segment
+            by_size = sorted(keep, key=lambda i: live[i.id])
+            merge += by_size[: (len(keep) + 1) // 2]
+            keep = [i for i in keep if i not in merge]
+        return keep, merge
 
+    def _segment(self, info: SegmentInfo) -> Segment:
+        if info.id == "legacy" and self._legacy is not None:
+            return self._legacy.segments[0]
+        return SEGMENTS.get(self.path / self._live_gen, info)
+
+    def _write_segment(self, folder: Path, merge: list[SegmentInfo], owners: Mapping[str, str],
+                       contents: dict[str, tuple[str, int, int]], write_file) -> SegmentInfo | None:
+        """One new segment: the live contents of the merged segments, then the new contents. Updates `contents`."""
+        if self._legacy is not None:
+            merge = [self._legacy.segments[0].info, *merge]
+        parts_chunks: list[list[Chunk]] = []
+        parts_vecs: list[np.ndarray] = []
+        parts_post: list[tuple[list[str], Any]] = []
+        order: list[str] = []
+        for info in merge:
+            seg = self._segment(info)
+            mine = sorted(((loc[1], loc[2], sha) for sha, loc in self._stored.items() if loc[0] == info.id))
+            if not mine:
+                continue
+            rows = np.concatenate([np.arange(a, a + k) for a, k, _ in mine])
+            parts_chunks.append([seg.chunks[int(r)] for r in rows])
+            parts_vecs.append(np.vstack([seg.index.reconstruct_n(a, k) for a, k, _ in mine]))
+            parts_post.append(seg.postings.select(rows))
+            order += [sha for _, _, sha in mine]
+        new_chunks: list[Chunk] = []
+        new_vecs: list[np.ndarray] = []
+        for sha, content in self._new.items():
+            idx = np.argsort([c.position for c in content.chunks], kind="stable")
+            new_chunks += [content.chunks[i] for i in idx]
+            new_vecs.append(content.vectors[idx])
+            order.append(sha)
+        if new_chunks:
+            parts_chunks.append(new_chunks)
+            parts_vecs.append(np.vstack(new_vecs))
+            parts_post.append(Postings.from_texts([c.embedding_text() for c in new_chunks]).select(
+                np.arange(len(new_chunks))))
+        if not order:
+            return None
+        chunks = [c for part in parts_chunks for c in part]
+        vectors = np.vstack(parts_vecs)
+        chunks = [replace(c, source=owners[c.sha256]) for c in chunks]
+        info, seg = Segment.write(folder, chunks, vectors, index_kind=self._index_kind(len(chunks)),
+                                  postings=seglib.merge_postings(parts_post), write_file=write_file)
+        SEGMENTS.put(self.path, folder.name, seg)
+        start = 0
+        for sha in order:
+            k = self._new[sha].vectors.shape[0] if sha in self._new else self._stored[sha][2]
+            contents[sha] = (info.id, start, k)
+            start += k
+        return info
+
+    def _index_kind(self, rows: int) -> str:
+        """flat or ivf for a new segment of `rows` chunks: store.faiss_index, with ivf never below IVF_MIN_ROWS
+        (a small segment searched exactly costs less than its inverted lists, and needs no training)."""
+        st = self._settings.store if self._settings is not None else None
+        kind = st.faiss_index if st is not None else "auto"
+        if kind == "auto":
+            kind = "ivf" if st is not None and rows >= st.ivf_threshold else "flat"
+        return "ivf" if kind == "ivf" and rows >= IVF_MIN_ROWS else "flat"
+
+    def _normalise(self, owners: Mapping[str, str], segments: list[SegmentInfo],
+                   contents: Mapping[str, tuple[str, int, int]]) -> dict[str, FileEntry]:
+        """File entries with owners/duplicates decided and chunk ids = global rows (Layout's numbering)."""
+        first: dict[str, int] = {}
+        row = 0
+        for info in segments:
+            for _, k, sha in sorted((loc[1], loc[2], sha) for sha, loc in contents.items() if loc[0] == info.id):
+                first[sha] = row
+                row += k
         files: dict[str, FileEntry] = {}
         for path in sorted(self._files):
             e = self._files[path]
             if e.status in LIVE_STATUSES:
                 owner = owners[e.sha256]
+                _, _, k = contents[e.sha256]
                 e = replace(
                     e,
                     status="ok" if owner == path else "duplicate",
                     duplicate_of=None if owner == path else owner,
-                    chunk_ids=ids[e.sha256],
+                    chunk_ids=tuple(range(first[e.sha256], first[e.sha256] + k)),
                     reason="" if owner == path else e.reason,
                 )
             else:
                 e = replace(e, chunk_ids=(), duplicate_of=None)
             files[path] = e
-        dim = self._spec.dim if self._spec else (blocks[0].shape[1] if blocks else 0)
-        vectors = np.concatenate(blocks) if blocks else np.zeros((0, dim), dtype=np.float32)
-        return chunks, vectors, files
+        return files
 
     def _collect_orphans(self) -> None:
         """At lock time: drop temp dirs and generations newer than CURRENT (a writer killed before switching)."""
@@ -733,13 +1147,23 @@ class KBWriter:
         (self.path / (CURRENT_FILE + ".tmp")).unlink(missing_ok=True)
 
     def _collect_garbage(self, keep: set[str | None]) -> None:
-        """Remove generations other than `keep` and any temp dirs left by a killed writer (we hold the lock)."""
+        """Remove generations other than `keep` and any temp dirs left by a killed writer (we hold the lock).
+        Segment files shared with kept generations survive: they are hard links."""
         for p in self.path.iterdir():
             if p.name in keep:
                 continue
             if (p.name.startswith(_TMP_PREFIX) and p.is_dir()) or (_GEN_RE.match(p.name) and p.is_dir()):
                 shutil.rmtree(p, ignore_errors=True)
         (self.path / (CURRENT_FILE + ".tmp")).unlink(missing_ok=True)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Share an immutable segment file with the new generation (a copy where hard links are not possible)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+        _fsync_path(dst)
 
 
 def _group_by_sha(chunks: list[Chunk]) -> Iterator[tuple[str, list[Chunk]]]:

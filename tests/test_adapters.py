@@ -195,6 +195,22 @@ def test_impossible_combinations_are_refused(world):
         check_combination(read_adapter(world["ptuning_proj"]), remote_code=True, quantization="nf4", merge=False)
 
 
+def test_adapters_need_the_transformers_backend(world, tmp_path):
+    from llm.loader import choose_backend
+
+    both = tmp_path / "both"                       # like the demo pack: transformers weights and a GGUF side by side
+    both.mkdir()
+    for f in world["glm"].iterdir():
+        (both / f.name).symlink_to(f)
+    (both / "model-q4_k_m.gguf").write_bytes(b"GGUF")
+    with_adapter = load_settings(llm={"model": str(both), "device": "cpu", "adapter": str(world["lora"])})
+    assert choose_backend(with_adapter) == "transformers"          # auto never picks an engine that would drop it
+    for backend in ("llamacpp", "openai"):
+        with pytest.raises(AdapterError, match=f"resolves to '{backend}'"):
+            load_llm(load_settings(llm={"model": str(both), "backend": backend, "adapter": str(world["lora"]),
+                                        "openai_base_url": "http://127.0.0.1:9/v1"}))
+
+
 def test_unusable_folders(world, tmp_path):
     with pytest.raises(AdapterError, match="does not exist"):
         load(world["glm"], tmp_path / "nope")

@@ -59,6 +59,47 @@ def test_unquantized_bf16_on_gpu(glm_folder):
     assert model.generate(CHAT, GREEDY)
 
 
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_static_cache_is_the_default_on_cuda_and_answers_match(glm_folder, quantization):
+    """llm.static_cache (default on): greedy answers start like the dynamic cache's (later tokens may differ by bf16
+    rounding: the attention kernels differ), caches are pooled and reused, two answers at once get their own cache."""
+    if quantization == "nf4":
+        needs_bitsandbytes()
+    static = load_llm(gpu_settings(glm_folder, quantization, max_context_tokens=512, compile=False))
+    assert static.static_cache and not static.compile_decoding
+    plain = load_llm(gpu_settings(glm_folder, quantization, max_context_tokens=512, static_cache=False))
+    answer = static.generate(CHAT, GREEDY)
+    assert answer and next(iter(plain.stream(CHAT, GREEDY))) == next(iter(static.stream(CHAT, GREEDY)))
+    assert len(static._free_caches) == 1 and static._free_caches[0].max_cache_len == 512
+    first, second = static.stream(CHAT, GREEDY), static.stream(CHAT, GREEDY)
+    a, b = next(first), next(second)                 # both generating at once
+    assert a + "".join(first) == b + "".join(second) == answer
+    assert len(static._free_caches) == 2
+
+
+def test_compile_auto_is_on_for_nf4_only(glm_folder):
+    needs_bitsandbytes()
+    assert load_llm(gpu_settings(glm_folder, "int8", max_context_tokens=512)).compile_decoding is False
+    assert load_llm(gpu_settings(glm_folder, "none", max_context_tokens=512)).compile_decoding is False
+    nf4 = load_llm(gpu_settings(glm_folder, "nf4", max_context_tokens=512))
+    assert nf4.compile_decoding or "torch.compile failed" in nf4.info.notice
+
+
+def test_compile_setting_compiles_decoding_or_falls_back_with_a_note(glm_folder):
+    """llm.compile: either the compiled decoding streams (its first token, from the uncompiled prefill, is the
+    reference's), or compilation failed at load time and the note says decoding runs without it. Never an error."""
+    needs_bitsandbytes()
+    model = load_llm(gpu_settings(glm_folder, "nf4", max_context_tokens=512, compile=True))
+    reference = load_llm(gpu_settings(glm_folder, "nf4", max_context_tokens=512, static_cache=False))
+    first = next(iter(reference.stream(CHAT, GREEDY)))
+    if model.compile_decoding:
+        assert model.info.notice == "" and hasattr(model.model, "_compiled_call")
+    else:
+        assert "torch.compile failed" in model.info.notice
+    pieces = list(model.stream(CHAT, GREEDY))
+    assert pieces and pieces[0] == first
+
+
 def test_stop_event_on_gpu(glm_folder):
     needs_bitsandbytes()
     model = load_llm(gpu_settings(glm_folder, "nf4"))

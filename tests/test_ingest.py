@@ -374,6 +374,7 @@ def test_kill_9_mid_ingest_then_resume_matches_a_clean_run(tmp_path, settings, c
         children = proc.children(recursive=True) or children
         p.send_signal(signal.SIGKILL)
         p.wait(30)
+        orphans = _still_running(children, wait_s=30)
     finally:
         for c in children:  # the parse workers and forkserver we started, by pid
             try:
@@ -383,6 +384,7 @@ def test_kill_9_mid_ingest_then_resume_matches_a_clean_run(tmp_path, settings, c
         p.kill()
         p.communicate()
 
+    assert children and not orphans, f"the parse forkserver and workers die with the killed ingest: {orphans}"
     kb = KnowledgeBase.open("crash", settings)
     assert_consistent(kb)
     done = len(kb.manifest.files)
@@ -400,6 +402,24 @@ def test_kill_9_mid_ingest_then_resume_matches_a_clean_run(tmp_path, settings, c
     assert _texts(resumed) == _texts(clean)
     assert {p: e.sha256 for p, e in resumed.manifest.files.items()} == {
         p: e.sha256 for p, e in clean.manifest.files.items()}
+
+
+def _still_running(procs: list[psutil.Process], wait_s: float) -> list[int]:
+    """The pids of `procs` still running once they have had up to wait_s seconds to exit (the kernel kills the
+    parse processes of a killed ingest; they need a moment to go)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = [q.pid for q in procs if _alive(q)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def test_a_checkpoint_is_written_during_a_long_embedding_batch_and_a_rerun_embeds_only_the_rest(tmp_path, settings):

@@ -187,7 +187,7 @@ def test_unknown_backend_is_rejected_by_settings():
     from configs import SettingsError
 
     with pytest.raises(SettingsError, match="llm.backend"):
-        load_settings(llm={"backend": "llamacpp"})
+        load_settings(llm={"backend": "vllm"})
 
 
 # --- memory planner -----------------------------------------------------------------------------------------------

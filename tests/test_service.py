@@ -302,7 +302,8 @@ def test_end_to_end_real_models(tmp_path, cmrc_trial, models_dir):
     require_model(models_dir, "multilingual-e5-small")
     paragraphs = cmrc_paragraphs(cmrc_trial, 4)
     settings = load_settings(paths={"kb_root": str(tmp_path / "kb"), "models_dir": str(models_dir)},
-                             llm={"model": "qwen2.5-coder-1.5b-instruct", "device": "cpu", "temperature": 0.0,
+                             llm={"model": "qwen2.5-coder-1.5b-instruct", "backend": "transformers", "device": "cpu",
+                                  "temperature": 0.0,
                                   "max_new_tokens": 48, "max_context_tokens": 2048},
                              retrieval={"top_k": 2}, prompt={"context_tokens": 600})
     assert ingest(write_docs(tmp_path / "docs", paragraphs), "e2e", settings).exit_code == 0

@@ -239,29 +239,56 @@ def test_a_killed_writer_leaves_the_previous_generation(tmp_settings):
     assert len(again.reopen()) == 0
 
 
+def segment_files(gen_dir: Path, suffix: str) -> list[Path]:
+    """The segment files of a generation ending in `suffix` (".faiss", ".chunks.jsonl", ".npz"), oldest segment first
+    (the manifest's order)."""
+    order = [i["id"] for i in json.loads((gen_dir / "manifest.json").read_text(encoding="utf-8"))["segments"]]
+    found = [p for p in gen_dir.iterdir() if p.name.endswith(suffix)]
+    return sorted(found, key=lambda p: order.index(p.name.split(".")[0]))
+
+
+def set_checksum(gen_dir: Path, file: Path) -> None:
+    """Record `file`'s current bytes in the manifest, as if the damage had been committed (the other checks act)."""
+    import hashlib
+
+    m = json.loads((gen_dir / "manifest.json").read_text(encoding="utf-8"))
+    for seg in m["segments"]:
+        if file.name in seg["checksums"]:
+            seg["checksums"][file.name] = hashlib.sha256(file.read_bytes()).hexdigest()
+    (gen_dir / "manifest.json").write_text(json.dumps(m, ensure_ascii=False), encoding="utf-8")
+
+
 def test_damaged_generation_is_reported_not_half_loaded(tmp_settings):
     kb = KnowledgeBase.create("kb", tmp_settings)
     _add(kb, "d/a.txt", "a" * 64, 3, seed=1)
     kb = kb.reopen()
-    chunks_file = kb.path / kb.generation / "chunks.jsonl"
+    gen_dir = kb.path / kb.generation
+    [chunks_file] = segment_files(gen_dir, ".chunks.jsonl")
     chunks_file.write_text("".join(chunks_file.read_text().splitlines(keepends=True)[:2]))
-    with pytest.raises(KBCorruptError, match="3 rows but chunks.jsonl has 2"):
+    with pytest.raises(KBCorruptError, match="校验和"):  # the checksum written at commit finds it first
+        KnowledgeBase.open("kb", tmp_settings)
+    set_checksum(gen_dir, chunks_file)
+    with pytest.raises(KBCorruptError, match="2 chunks for 3 rows"):
         KnowledgeBase.open("kb", tmp_settings)
 
 
 def assert_no_pickle(kb_path: Path) -> None:
-    """Every file of a KB is FAISS, JSON/JSONL or plain text, and none starts like a pickle."""
+    """Every file of a KB is FAISS, JSON/JSONL, plain text or a numpy .npz of plain arrays (read with
+    allow_pickle=False), and none starts like a pickle."""
     for p in kb_path.rglob("*"):
         if not p.is_file():
             continue
         head = p.read_bytes()[:2]
         assert not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), f"{p} is a pickle"
-        assert p.suffix not in (".pkl", ".pickle", ".npy", ".npz", ".joblib"), p
-        if p.name == "index.faiss":
+        assert p.suffix not in (".pkl", ".pickle", ".npy", ".joblib"), p
+        if p.suffix == ".faiss":
             faiss.read_index(str(p))
+        elif p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                assert all(z[k].dtype != object for k in z.files), p
         elif p.name == "manifest.json":
             json.loads(p.read_text(encoding="utf-8"))
-        elif p.name == "chunks.jsonl":
+        elif p.name.endswith(".jsonl"):
             for line in p.read_text(encoding="utf-8").splitlines():
                 json.loads(line)
         elif p.name == "CURRENT":

@@ -1,0 +1,200 @@
+"""Answer speed, transformers vs llama.cpp, on this CPU, through QAService: the same questions, prompts and weights.
+
+    flock /tmp/zhiwen-bench.lock .venv/bin/python -m bench.answer_speed                    # 20 timed, 50 for quality
+    .venv/bin/python -m bench.answer_speed --model qwen2.5-coder-0.5b-instruct --questions 10 --quality 20
+
+The CMRC 2018 trial passages of the first `--quality` questions are ingested once into a knowledge base (real e5
+embedder). Each engine then runs in its own child process (so peak RSS is its own): `llm.backend: transformers`
+(the demo folder's bf16 safetensors, converted from the same Q4_K_M GGUF) and `llm.backend: llamacpp` (that GGUF as
+it is), both greedy, `--max-new-tokens` 64, `app`'s own QAService.answer — retrieval, the 「已知信息」 prompt,
+streaming. One warm-up question first (not counted: loading, first-call set-up). For each of the first `--questions`
+questions: TTFT (call → first text piece), decode tokens/s (answer tokens after the first ÷ time after the first
+piece; tokens counted with the engine's own tokenizer), whole-answer seconds. Over all `--quality` questions:
+EM / F1 (bench.eval.metrics, CMRC-style) and false refusals (a refusal to an answerable question,
+bench.eval.answer_eval.looks_like_refusal). The two engines run one after the other, never at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.corpus import CMRC_TRIAL
+from configs import PROJECT_ROOT
+
+
+def cmrc_items(path: Path, n: int) -> list[dict]:
+    """The first n questions with their passage and gold answers (the trial file's order)."""
+    data = json.loads(path.read_text(encoding="utf-8"))["data"]
+    out = []
+    for article in data:
+        for para in article["paragraphs"]:
+            for qa in para["qas"]:
+                out.append({"id": qa["id"], "question": qa["question"], "context": para["context"],
+                            "answers": tuple(dict.fromkeys(a["text"] for a in qa["answers"]))})
+                break                          # one question per passage: every question has its own passage
+            if len(out) >= n:
+                return out
+    return out
+
+
+def build_kb(items: list[dict], work: Path, models_dir: str) -> Path:
+    from configs import load_settings
+    from ingest import ingest
+
+    docs = work / "docs"
+    docs.mkdir(parents=True, exist_ok=True)
+    for i, it in enumerate(items):
+        (docs / f"cmrc_{i:03d}.txt").write_text(it["context"], encoding="utf-8")
+    settings = load_settings(paths={"kb_root": str(work / "kb"), "models_dir": models_dir})
+    report = ingest(docs, "speed", settings)
+    if report.exit_code != 0:
+        raise SystemExit(f"ingest failed: {report}")
+    return work / "kb"
+
+
+def run_engine(args: argparse.Namespace) -> int:
+    """Child process: one engine, all questions; writes a JSON result."""
+    from app.service import QAService
+    from bench.eval.answer_eval import looks_like_refusal
+    from bench.eval.metrics import char_f1, exact_match
+    from configs import load_settings
+
+    items = cmrc_items(args.data, args.quality)
+    llm = {"model": args.model, "backend": args.engine, "device": "cpu", "temperature": 0.0,
+           "max_new_tokens": args.max_new_tokens, "max_context_tokens": 4096}
+    settings = load_settings(paths={"kb_root": str(args.kb_root), "models_dir": args.models_dir}, llm=llm)
+    service = QAService(settings)
+    t = time.perf_counter()
+    service.warm_up()
+    load_s = time.perf_counter() - t
+    "".join(service.answer("这篇文章讲了什么？", "speed", []))          # warm-up answer, not counted
+    rows = []
+    for i, it in enumerate(items):
+        t0 = time.perf_counter()
+        stream = service.answer(it["question"], "speed", [])
+        first = None
+        pieces = []
+        for piece in stream:
+            if first is None:
+                first = time.perf_counter()
+            pieces.append(piece)
+        end = time.perf_counter()
+        text = "".join(pieces)
+        n_tokens = service.llm.count_tokens(text) if text else 0
+        refused = bool(stream.refused) or looks_like_refusal(text)
+        answer = ((tuple(it["answers"]),))
+        rows.append({
+            "i": i, "timed": i < args.questions, "question": it["question"], "answer": text,
+            "gold": list(it["answers"]), "refused": refused, "tokens": n_tokens,
+            "ttft_s": round(first - t0, 3) if first else None, "whole_s": round(end - t0, 3),
+            "decode_tok_s": round((n_tokens - 1) / (end - first), 2) if first and n_tokens > 1 and end - first > 1e-3
+            else None,
+            "em": exact_match(text, answer), "f1": round(char_f1(text, answer), 4),
+        })
+        print(json.dumps(rows[-1], ensure_ascii=False), flush=True)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    info = service.info
+    result = {"engine": args.engine, "model": info.name, "quantization": info.quantization, "dtype": info.dtype,
+              "load_s": round(load_s, 1), "peak_rss_mb": round(peak_mb), "rows": rows}
+    args.json.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+    return 0
+
+
+def pct(values: list[float], q: float) -> float | None:
+    from bench.eval.metrics import percentile
+
+    return percentile(values, q) if values else None
+
+
+def summarize(res: dict) -> dict:
+    timed = [r for r in res["rows"] if r["timed"] and not r["refused"] and r["ttft_s"] is not None]
+    ttft = [r["ttft_s"] for r in timed]
+    decode = [r["decode_tok_s"] for r in timed if r["decode_tok_s"]]
+    whole = [r["whole_s"] for r in timed]
+    allq = res["rows"]
+    return {
+        "engine": res["engine"], "weights": f"{res['model']} {res['quantization'] or res['dtype']}",
+        "load_s": res["load_s"], "peak_rss_mb": res["peak_rss_mb"], "timed": len(timed),
+        "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95),
+        "decode_tok_s": round(sum(decode) / len(decode), 2) if decode else None,
+        "whole_p50": pct(whole, 50), "whole_p95": pct(whole, 95),
+        "tokens_mean": round(sum(r["tokens"] for r in timed) / len(timed), 1) if timed else None,
+        "quality_n": len(allq), "em": round(sum(r["em"] for r in allq) / len(allq), 3),
+        "f1": round(sum(r["f1"] for r in allq) / len(allq), 3),
+        "false_refusals": sum(r["refused"] for r in allq),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.answer_speed", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen2.5-coder-1.5b-instruct", help="a demo-pack folder holding both weights")
+    ap.add_argument("--questions", type=int, default=20, help="timed questions (the first N)")
+    ap.add_argument("--quality", type=int, default=50, help="questions answered for EM/F1/false refusals")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--engines", nargs="+", default=["transformers", "llamacpp"], choices=["transformers", "llamacpp"])
+    ap.add_argument("--data", type=Path, default=CMRC_TRIAL)
+    ap.add_argument("--out", type=Path, help="write the summary and every answer here (JSON)")
+    ap.add_argument("--engine", help=argparse.SUPPRESS)            # child mode
+    ap.add_argument("--kb-root", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--models-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.quality = max(args.quality, args.questions)
+    if args.engine:
+        return run_engine(args)
+
+    from bench.machine import describe_machine
+    from configs import load_settings
+
+    models_dir = str(load_settings().models_dir)
+    cpu_flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags]
+    print(describe_machine() + "; flags: " + ", ".join(flags), flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="zhiwen-speed-") as tmp:
+        work = Path(tmp)
+        items = cmrc_items(args.data, args.quality)
+        t = time.perf_counter()
+        kb_root = build_kb(items, work, models_dir)
+        print(f"knowledge base: {len(items)} CMRC passages in {time.perf_counter() - t:.0f} s", flush=True)
+        for engine in args.engines:
+            out = work / f"{engine}.json"
+            cmd = [sys.executable, "-m", "bench.answer_speed", "--engine", engine, "--kb-root", str(kb_root),
+                   "--models-dir", models_dir, "--json", str(out), "--model", args.model,
+                   "--questions", str(args.questions), "--quality", str(args.quality),
+                   "--max-new-tokens", str(args.max_new_tokens), "--data", str(args.data)]
+            print(f"--- {engine}", flush=True)
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=PROJECT_ROOT, check=False)
+            if proc.returncode != 0:
+                print(f"{engine} failed (exit {proc.returncode})", flush=True)
+                continue
+            res = json.loads(out.read_text(encoding="utf-8"))
+            res["wall_s"] = round(time.perf_counter() - t)
+            results.append(res)
+    summaries = [summarize(r) for r in results]
+    print("\nengine        weights                                  TTFT p50/p95 s   decode tok/s   whole p50/p95 s"
+          "   peak RSS MB   EM     F1     false refusals")
+    for s in summaries:
+        print(f"{s['engine']:13} {s['weights']:40} {s['ttft_p50']:6.2f} / {s['ttft_p95']:6.2f}   "
+              f"{s['decode_tok_s']:12}   {s['whole_p50']:6.2f} / {s['whole_p95']:6.2f}   {s['peak_rss_mb']:11}   "
+              f"{s['em']:.3f}  {s['f1']:.3f}  {s['false_refusals']}/{s['quality_n']}")
+    if len(summaries) == 2 and all(s["decode_tok_s"] for s in summaries):
+        a, b = summaries
+        print(f"\nllama.cpp vs transformers: decode ×{b['decode_tok_s'] / a['decode_tok_s']:.1f}, "
+              f"TTFT p50 ×{b['ttft_p50'] / a['ttft_p50']:.2f}, "
+              f"whole answer p50 ×{b['whole_p50'] / a['whole_p50']:.2f}, F1 {b['f1'] - a['f1']:+.3f}")
+    if args.out:
+        args.out.write_text(json.dumps({"summaries": summaries, "results": results}, ensure_ascii=False, indent=1),
+                            encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

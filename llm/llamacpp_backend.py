@@ -1,0 +1,419 @@
+"""A GGUF file run by llama.cpp (llama-cpp-python): the fast engine for CPU-only servers.
+
+    llm.backend: llamacpp        (or auto: a .gguf model goes here)
+    llm.model: qwen2.5-coder-1.5b-instruct      a folder holding one .gguf file (the demo pack links its GGUF there)
+    llm.model: /data/glm-4-9b-chat-Q4_K_M.gguf  or the file itself (chatglm / glm4 / qwen2 / llama ... architectures)
+
+The chat template comes from the file's `tokenizer.chat_template` metadata; only a file without one gets a named
+fallback format (chosen by architecture), and ModelInfo.notes says so. The prompt is tokenized piece by piece:
+template text with special tokens, message contents without, so a document containing "<|im_start|>" cannot forge a
+turn of the conversation (the transformers path's sanitize_control_tokens does the same).
+
+One llama.cpp context serves one generation at a time (a lock; a queued caller's stop event is honoured while it
+waits). llama.cpp keeps the KV cache of the previous prompt, so a prompt that starts like the last one (the same
+system text and template) skips that part of the prefill.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from llm.locate import resolve_model_path
+from llm.planner import MemoryPlan, plan_gguf_memory
+from llm.types import (
+    BackendUnavailableError,
+    ChatModel,
+    ContextTooLongError,
+    GenerationParams,
+    InsufficientMemoryError,
+    LLMError,
+    ModelInfo,
+    normalize_messages,
+)
+
+log = logging.getLogger(__name__)
+
+LLAMA_CPP_VERSION = "0.3.36"           # the version scripts/setup.sh builds (requirements.txt pins it)
+INSTALL_HINT = (f"run `bash scripts/setup.sh` (it builds llama-cpp-python=={LLAMA_CPP_VERSION} once, about 7–15 "
+                f"minutes on 2 cores, and caches the wheel in ~/.cache/zhiwen/wheels), or set "
+                f"llm.backend: transformers")
+
+# llama.cpp's LLAMA_FTYPE_MOSTLY_* numbers (general.file_type) -> the names people know from file names.
+FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+              12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+              19: "IQ2_XXS", 20: "IQ2_XS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 28: "IQ4_XS", 32: "BF16"}
+
+# Named chat formats for GGUF files that carry no template (Jinja, the same variables as a tokenizer's template).
+FALLBACK_TEMPLATES = {
+    "chatml": ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    "chatglm3": ("[gMASK]sop{% for m in messages %}<|{{ m.role }}|>\n {{ m.content }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}"),
+    "glm4": ("[gMASK]<sop>{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}{% endfor %}"
+             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"),
+}
+FALLBACK_BY_ARCH = {"chatglm": "chatglm3", "glm4": "glm4", "qwen2": "chatml", "qwen3": "chatml"}
+
+# Special-token-looking text inside message contents, removed only when a template rewrites contents so that they
+# cannot be tokenized apart from the template (see _render_pieces).
+_CONTROL_TEXT = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>|\[gMASK\]|<sop>|<eop>|</s>|<s>")
+
+
+# --- llama.cpp's log: kept, so a failed load can say what llama.cpp said ------------------------------------------
+_LOG_LINES: deque[str] = deque(maxlen=200)
+_LOG_LOCK = threading.Lock()
+_log_callback: Any = None              # the ctypes callback must stay referenced for as long as llama.cpp may call it
+
+
+def _install_log_capture(llama_cpp: Any) -> None:
+    global _log_callback
+    if _log_callback is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        line = text.decode("utf-8", errors="replace")
+        with _LOG_LOCK:
+            _LOG_LINES.append(line)
+        if level == 3:                 # GGML_LOG_LEVEL_ERROR
+            log.warning("llama.cpp: %s", line.rstrip())
+
+    _log_callback = on_log
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+
+
+def _recent_log(since: int) -> str:
+    with _LOG_LOCK:
+        lines = list(_LOG_LINES)[since:] if since < len(_LOG_LINES) else []
+    return "".join(lines)
+
+
+def _log_mark() -> int:
+    with _LOG_LOCK:
+        _LOG_LINES.clear()
+    return 0
+
+
+def import_llama_cpp() -> Any:
+    # OpenMP threads that wait by spinning (libgomp's default) starve everything else on a busy CPU: on the 2-core
+    # development machine under load, 0.5B decoding ran at 0.2 tokens/s with spinning waits and 4.0 with passive
+    # ones (TTFT 26 s vs 3.9 s). libgomp reads this when llama.cpp's library loads it, i.e. at this import.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"llm.backend is 'llamacpp' (or auto chose it for a GGUF model) but the llama-cpp-python package is not "
+            f"installed ({e}); {INSTALL_HINT}.") from None
+    _install_log_capture(llama_cpp)
+    return llama_cpp
+
+
+# --- the file -----------------------------------------------------------------------------------------------------
+def find_gguf(path: Path) -> Path:
+    """The .gguf file that `path` names: the file itself, or the only .gguf in a folder (first shard of a split)."""
+    if path.is_file():
+        return path
+    ggufs = sorted(p for p in path.glob("*.gguf") if not re.search(r"-0000[2-9]-of-|-000[1-9]\d-of-", p.name))
+    if not ggufs:
+        raise LLMError(f"model folder {path} holds no .gguf file, so llama.cpp cannot load it; point llm.model at a "
+                       f"GGUF file (or its folder), or set llm.backend: transformers for a transformers folder")
+    if len(ggufs) > 1:
+        raise LLMError(f"model folder {path} holds several GGUF files ({', '.join(p.name for p in ggufs)}); set "
+                       f"llm.model to the path of the one to use")
+    return ggufs[0]
+
+
+def check_gguf_file(path: Path) -> None:
+    """A clear sentence for a file that is not a GGUF model at all (before llama.cpp reads it)."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise LLMError(f"cannot read the model file {path}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise LLMError(f"{path} is not a GGUF model file (it does not start with the GGUF signature); it may be "
+                       f"damaged, or another format — llm.backend: llamacpp needs a .gguf file")
+
+
+def explain_load_failure(path: Path, llama_log: str, size: int) -> str:
+    """One sentence from what llama.cpp logged while failing to load `path`."""
+    unknown = re.search(r"unknown model architecture: '([^']*)'", llama_log)
+    if unknown:
+        return (f"{path.name} is a model of architecture '{unknown.group(1)}', which the installed llama.cpp "
+                f"(llama-cpp-python {LLAMA_CPP_VERSION}) does not know; convert the model with a llama.cpp that "
+                f"supports it, or use llm.backend: transformers with the model's original folder")
+    if re.search(r"not within the file bounds|unexpectedly reached end of file|failed to read|truncat", llama_log):
+        return (f"{path} is incomplete ({size:,} bytes: its tensors run past the end of the file); the copy or "
+                f"download was probably interrupted — copy the file again")
+    if "missing tensor" in llama_log or "wrong shape" in llama_log or "tensor" in llama_log and "error" in llama_log:
+        detail = next((ln.strip() for ln in llama_log.splitlines() if "tensor" in ln), "")
+        return f"{path} is damaged or was converted wrongly ({detail}); convert or copy it again"
+    last = next((ln.strip() for ln in reversed(llama_log.splitlines()) if "error" in ln.lower() or "failed" in ln),
+                "no details")
+    return f"llama.cpp could not load {path} ({last}); check that it is a complete GGUF model file"
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (hyper-threads share a core's vector units and slow llama.cpp)."""
+    import psutil
+
+    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    try:
+        usable = len(os.sched_getaffinity(0))
+        logical = psutil.cpu_count(logical=True) or usable
+        physical = max(1, min(physical, round(usable * physical / logical)))
+    except AttributeError:             # not on Linux
+        pass
+    return physical
+
+
+def cpu_has_amx() -> bool:
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+
+
+_PARAMS_LOCK = threading.Lock()
+
+
+def open_llama(llama_cpp: Any, path: Path, *, extra_buffers: bool, **kwargs: Any) -> Any:
+    """llama_cpp.Llama(path, **kwargs), optionally without llama.cpp's extra weight buffers (use_extra_bufts).
+
+    Why: on this project's 2-core Xeon with AMX (in a VM), llama-cpp-python 0.3.36 built with GGML_NATIVE crashed
+    the process (SIGSEGV inside llama_decode) on the first decode of a Q4_K_M file whenever the AMX/repacked weight
+    buffers were used; without them it answers correctly. llama-cpp-python exposes no argument for this model
+    parameter, so the default-parameter factory is wrapped while the model loads (under a lock)."""
+    if extra_buffers:
+        return llama_cpp.Llama(str(path), **kwargs)
+    module = llama_cpp.llama_cpp
+    with _PARAMS_LOCK:
+        original = module.llama_model_default_params
+
+        def without_extra_buffers() -> Any:
+            params = original()
+            params.use_extra_bufts = False
+            return params
+
+        module.llama_model_default_params = without_extra_buffers
+        try:
+            return llama_cpp.Llama(str(path), **kwargs)
+        finally:
+            module.llama_model_default_params = original
+
+
+def _int(meta: dict[str, str], key: str, default: int = 0) -> int:
+    try:
+        return int(float(meta.get(key, default)))
+    except ValueError:
+        return default
+
+
+def gguf_dims(meta: dict[str, str], n_vocab: int) -> dict[str, int]:
+    """The shapes the memory planner needs, from llama.cpp's metadata dictionary of the file."""
+    arch = meta.get("general.architecture", "")
+    hidden = _int(meta, f"{arch}.embedding_length")
+    heads = _int(meta, f"{arch}.attention.head_count", 1) or 1
+    kv_heads = _int(meta, f"{arch}.attention.head_count_kv", heads) or heads
+    head_dim = _int(meta, f"{arch}.attention.key_length", hidden // heads if heads else 0)
+    return {"layers": _int(meta, f"{arch}.block_count"), "hidden": hidden, "kv_heads": kv_heads,
+            "head_dim": head_dim, "ff": _int(meta, f"{arch}.feed_forward_length", 4 * hidden),
+            "vocab": n_vocab, "context_train": _int(meta, f"{arch}.context_length")}
+
+
+# --- the model ----------------------------------------------------------------------------------------------------
+class LlamaCppChatModel(ChatModel):
+    """A loaded GGUF model. stream() calls are served one at a time (one llama.cpp context)."""
+
+    def __init__(self, llama: Any, info: ModelInfo, default_params: GenerationParams, template: str,
+                 plan: MemoryPlan | None = None):
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        self.llama = llama
+        self.info = info
+        self.default_params = default_params
+        self.plan = plan
+        self.template_source = template
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[jinja2.ext.loopcontrols])
+
+        def raise_exception(message: str) -> None:
+            raise LLMError(f"the model's chat template refused the conversation: {message}")
+
+        env.globals["raise_exception"] = raise_exception
+        self.template = env.from_string(template)
+        self._special = {"bos_token": self._token_text(llama.token_bos()),
+                         "eos_token": self._token_text(llama.token_eos())}
+        self._lock = threading.Lock()
+
+    def _token_text(self, token: int) -> str:
+        if token is None or token < 0:
+            return ""
+        return self.llama.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    # -- prompt side --
+    def _render(self, msgs: list[dict[str, str]]) -> str:
+        return self.template.render(messages=msgs, add_generation_prompt=True, **self._special)
+
+    def _render_pieces(self, msgs: list[dict[str, str]]) -> list[tuple[str, bool]]:
+        """The rendered prompt as (text, is_template) pieces: message contents are marked so they are tokenized
+        without special-token parsing. A template that rewrites contents (so the marks are lost) is rendered with
+        special-token text removed from the contents instead."""
+        marks = [f"\x00ZW{i}\x00" for i in range(len(msgs))]
+        marked = self._render([{**m, "content": mark} for m, mark in zip(msgs, marks, strict=True)])
+        if all(marked.count(mark) == 1 for mark in marks):
+            pieces: list[tuple[str, bool]] = []
+            rest = marked
+            for m, mark in zip(msgs, marks, strict=True):
+                before, rest = rest.split(mark, 1)
+                pieces += [(before, True), (m["content"], False)]
+            return [*pieces, (rest, True)]
+        cleaned = [{**m, "content": _CONTROL_TEXT.sub("", m["content"])} for m in msgs]
+        return [(self._render(cleaned), True)]
+
+    def encode_messages(self, messages: Sequence[Any]) -> list[int]:
+        tokens: list[int] = []
+        for text, is_template in self._render_pieces(normalize_messages(messages)):
+            if text:
+                tokens += self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=is_template)
+        return tokens
+
+    def render_prompt(self, messages: Sequence[Any]) -> str:
+        """The exact prompt text the model sees (for logs and tests)."""
+        return self.llama.detokenize(self.encode_messages(messages), special=True).decode("utf-8", errors="replace")
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)) if text else 0
+
+    def count_prompt_tokens(self, messages: Sequence[Any]) -> int:
+        return len(self.encode_messages(messages))
+
+    # -- generation --
+    def stream(self, messages: Sequence[Any], params: GenerationParams | None = None,
+               stop_event: threading.Event | None = None) -> Iterator[str]:
+        params = params or self.default_params
+        tokens = self.encode_messages(messages)
+        room = self.info.max_context_tokens - len(tokens)
+        if room <= 0:
+            raise ContextTooLongError(
+                f"the prompt has {len(tokens)} tokens, which fills llm.max_context_tokens="
+                f"{self.info.max_context_tokens}; lower prompt.context_tokens or prompt.history_turns, or raise "
+                f"llm.max_context_tokens")
+        return self._generate(tokens, params, min(params.max_new_tokens, room), stop_event)
+
+    def _generate(self, tokens: list[int], params: GenerationParams, max_new: int,
+                  stop_event: threading.Event | None) -> Iterator[str]:
+        stop = stop_event or threading.Event()
+        while not self._lock.acquire(timeout=0.1):   # another answer is being generated: wait, unless stopped
+            if stop.is_set():
+                return
+        try:
+            if stop.is_set():
+                return
+            greedy = params.temperature <= 0
+            chunks = self.llama.create_completion(
+                tokens, max_tokens=max_new, stream=True, temperature=0.0 if greedy else params.temperature,
+                top_p=1.0 if greedy else params.top_p, top_k=0 if greedy else 50, min_p=0.0,
+                repeat_penalty=params.repetition_penalty,
+                stopping_criteria=self._stop_criteria(stop),
+            )
+            try:
+                for chunk in chunks:
+                    text = chunk["choices"][0]["text"]
+                    if text:
+                        yield text
+                    if stop.is_set():
+                        break
+            except ValueError as e:        # llama-cpp-python's own checks (context window)
+                raise LLMError(f"llama.cpp refused the prompt: {e}") from None
+            finally:
+                chunks.close()
+        finally:
+            self._lock.release()
+
+    @staticmethod
+    def _stop_criteria(stop: threading.Event) -> Any:
+        from llama_cpp import StoppingCriteriaList
+
+        return StoppingCriteriaList([lambda _ids, _logits: stop.is_set()])   # checked after every token
+
+    def close(self) -> None:
+        self.llama.close()
+
+
+def _template_for(meta: dict[str, str], path: Path) -> tuple[str, str]:
+    """(template, note): the file's own template, or a named fallback and a note saying so."""
+    own = meta.get("tokenizer.chat_template")
+    if own:
+        return own, ""
+    arch = meta.get("general.architecture", "?")
+    name = FALLBACK_BY_ARCH.get(arch, "chatml")
+    note = (f"{path.name} carries no chat template (tokenizer.chat_template), so the named format '{name}' is used "
+            f"for architecture '{arch}'; if answers look malformed, convert the model again with its template. / "
+            f"该 GGUF 文件没有对话模板，改用内置格式 {name}。")
+    return FALLBACK_TEMPLATES[name], note
+
+
+def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
+    """Resolve the GGUF (demo fallback), plan memory for the window, then load it with llama.cpp."""
+    llm = settings.llm
+    if llm.adapter:
+        raise LLMError(f"llm.adapter={llm.adapter!r} is applied by the transformers backend only; for a GGUF model "
+                       f"convert the adapter with llama.cpp (or merge it first), or set llm.backend: transformers")
+    path, is_demo, notice = resolve_model_path(settings)
+    gguf = find_gguf(path)
+    check_gguf_file(gguf)
+    llama_cpp = import_llama_cpp()
+    size = gguf.stat().st_size
+    threads = llm.threads or physical_cores()
+
+    # 1. the vocabulary and metadata only (fast): architecture, shapes, template; fails early on unknown files
+    mark = _log_mark()
+    try:
+        vocab = llama_cpp.Llama(str(gguf), vocab_only=True, n_ctx=16, verbose=False)
+    except (ValueError, RuntimeError, OSError):
+        raise LLMError(explain_load_failure(gguf, _recent_log(mark), size)) from None
+    meta, n_vocab = dict(vocab.metadata), vocab.n_vocab()
+    vocab.close()
+    dims = gguf_dims(meta, n_vocab)
+    context = min(llm.max_context_tokens, dims["context_train"]) if dims["context_train"] else llm.max_context_tokens
+    file_type = FILE_TYPES.get(_int(meta, "general.file_type", -1), "gguf")
+
+    import psutil
+    plan = plan_gguf_memory(dims, size, context, file_type, psutil.virtual_memory().available)
+    log.info("memory plan: %s", plan.summary())
+    if not plan.fits:
+        raise InsufficientMemoryError(f"model file {gguf}: {plan.advice}")
+
+    # 2. the weights (memory-mapped) and a context of llm.max_context_tokens
+    mark = _log_mark()
+    try:
+        llama = open_llama(llama_cpp, gguf, extra_buffers=not cpu_has_amx(), n_ctx=context, n_batch=512,
+                           n_threads=threads, n_threads_batch=threads, n_gpu_layers=llm.n_gpu_layers, verbose=False)
+    except (ValueError, RuntimeError, OSError):
+        raise LLMError(explain_load_failure(gguf, _recent_log(mark), size)) from None
+
+    template, template_note = _template_for(meta, gguf)
+    notes = [n for n in (notice, template_note) if n]
+    for n in notes:
+        log.warning(n)
+    offload = llm.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
+    if llm.n_gpu_layers != 0 and not offload:
+        notes.append(f"llm.n_gpu_layers={llm.n_gpu_layers} is ignored: this llama-cpp-python build has no GPU "
+                     f"support (build it with CMAKE_ARGS=-DGGML_CUDA=on); running on the CPU.")
+    info = ModelInfo(
+        name=gguf.stem if gguf.parent != path else path.name, backend="llamacpp",
+        device="cuda" if offload else "cpu", quantization=file_type, dtype="", is_demo=is_demo,
+        weights_path=str(gguf), max_context_tokens=context, notes=tuple(notes),
+    )
+    log.info("llama.cpp: %s, %d threads, context %d, %s", gguf.name, threads, context, meta.get("general.name", ""))
+    return LlamaCppChatModel(llama, info, GenerationParams.from_settings(llm), template, plan)
