@@ -14,7 +14,7 @@ When login is on, every route needs HTTP Basic credentials of an app.users entry
 too many failed logins → 429. Errors are JSON {"error": sentence} with a fitting status code, sent before any
 streaming starts: 400 bad request (invalid KB name, empty question, bad parameter, empty KB, malformed body),
 404 unknown knowledge base or job, 409 KB exists, 413 question longer than app.max_question_chars or a file over
-app.max_upload_mb (refused while it streams in).
+app.max_upload_mb (refused while it streams in), 503 the model cannot load.
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ from pydantic import BaseModel
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from llm import LLMError
 from retrieval.store import KBNameError, validate_kb_name
 from retrieval.types import Hit
 
@@ -166,6 +167,8 @@ def build_router(ctx: AppContext) -> APIRouter:
             stream = ctx.answer(req.question, req.kb, list(req.history), req.params(), stop=stop)
         except QAError as e:
             return _request_error(e)
+        except LLMError as e:  # the model cannot load or its server is unreachable
+            return _error(503, f"模型暂时不可用：{friendly_error(e)}")
         except Exception as e:
             log.exception("ask failed")
             return _error(500, friendly_error(e))

@@ -10,6 +10,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from common.text import char_bigrams
 from grounding import UNGROUNDED, best_sentence_index
 from ingest.report import STATUS_NAMES as INGEST_STATUS_NAMES
 from prompts import REFUSAL, is_refusal  # REFUSAL is re-exported for app.web
@@ -33,9 +34,9 @@ document.addEventListener("click", (e) => {
 _MARKER = re.compile(r"\[(\d{1,2})\]")
 
 
-def _bigrams(text: str) -> set[str]:
-    t = "".join(ch for ch in text.lower() if ch.isalnum())
-    return {t[i:i + 2] for i in range(len(t) - 1)} or set(t)
+def _alnum(text: str) -> str:
+    """Lower-cased letters and digits only: what bigrams are compared on."""
+    return "".join(ch for ch in text.lower() if ch.isalnum())
 
 
 def supporting_sentences(passage: str, reference: str, top: int = 2) -> set[int]:
@@ -54,12 +55,12 @@ def supporting_sentences(passage: str, reference: str, top: int = 2) -> set[int]
 
 
 def _bigram_sentences(passage: str, reference: str, top: int) -> set[int]:
-    ref = _bigrams(reference)
+    ref = char_bigrams(_alnum(reference))
     if not ref:
         return set()
     scored = []
     for i, s in enumerate(split_sentences(passage)):
-        grams = _bigrams(s)
+        grams = char_bigrams(_alnum(s))
         shared = len(grams & ref)
         if shared:
             # shared bigrams, normalised a little by length so one long sentence does not always win

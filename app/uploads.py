@@ -12,7 +12,6 @@ Rules (each rejection carries a Chinese sentence for the file table):
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -22,6 +21,8 @@ import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from common.files import sha256_file
 
 _RESERVED = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f-\x9f]')
 _WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
@@ -75,14 +76,6 @@ def too_big_reason(size: float, limit: int) -> str:
     return f"文件大小 {size / 2**20:.1f} MB 超过上限 {limit / 2**20:.0f} MB（配置项 app.max_upload_mb）。"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _unique_target(folder: Path, name: str, sha256: str) -> tuple[Path, bool]:
     """(path, already_there): the same name with the same content is reused, a different content gets a new name."""
     stem, ext = os.path.splitext(name)
@@ -91,7 +84,7 @@ def _unique_target(folder: Path, name: str, sha256: str) -> tuple[Path, bool]:
         candidate = folder / (name if n == 1 else f"{stem} ({n}){ext}")
         if not candidate.exists():
             return candidate, False
-        if candidate.is_file() and not candidate.is_symlink() and _sha256(candidate) == sha256:
+        if candidate.is_file() and not candidate.is_symlink() and sha256_file(candidate) == sha256:
             return candidate, True
         n += 1
 
@@ -111,7 +104,7 @@ def _store_file(src: Path, display: str, dest: Path, limits: UploadLimits, out: 
     if size > limits.max_file_bytes:
         out.rejected.append(Rejected(display, too_big_reason(size, limits.max_file_bytes)))
         return
-    target, existing = _unique_target(dest, name, _sha256(src))
+    target, existing = _unique_target(dest, name, sha256_file(src))
     if not _inside(dest, target):  # cannot happen after safe_filename; kept as the last line of defence
         out.rejected.append(Rejected(display, "文件名不安全，已拒绝。"))
         return

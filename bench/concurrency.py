@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "guide"
 
 # (question, texts of which a right answer contains at least one, the guide file that holds the answer).
-# Compared with quotes and spaces removed (「停止」按钮 = “停止”按钮 = 停止按钮). 回答很慢 has three right answers in the
+# Compared with quotes and spaces removed (「停止」按钮 = “停止”按钮 = 停止按钮). 回答很慢 has three right answers in
+# the
 # guide (smaller model or fewer max_new_tokens; use the GPU; raise concurrency_limit when many people ask).
 QUESTIONS: list[tuple[str, tuple[str, ...], str]] = [
     ("如何上传文件？", ("开始导入",), "02-导入文件.md"),
@@ -49,7 +50,8 @@ _QUOTES = str.maketrans("", "", "「」『』“”‘’\"'`")
 def _norm(text: str) -> str:
     return "".join(text.translate(_QUOTES).split())
 INGEST_DOC = ("星河公司年假制度.md",
-              "# 星河公司年假制度\n\n星河公司的正式员工每年享有十五天带薪年假。年假需要提前三个工作日在办公系统中申请。\n")
+              "# 星河公司年假制度\n\n星河公司的正式员工每年享有十五天带薪年假。"
+              "年假需要提前三个工作日在办公系统中申请。\n")
 
 
 @dataclass
@@ -117,7 +119,8 @@ class Client:
     def upload(self, kb: str, name: str, content: bytes) -> str:
         boundary = "----zhiwen-bench"
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
-                f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() \
+            + content + f"\r\n--{boundary}--\r\n".encode()
         with urllib.request.urlopen(self.request(f"/api/kbs/{urllib.request.quote(kb)}/files", body,
                                                  f"multipart/form-data; boundary={boundary}"), timeout=120) as r:
             return json.loads(r.read())["job_id"]
@@ -189,11 +192,13 @@ def print_report(r: BenchResult) -> None:
         ttft = sorted(c.ttft_s for c in ok)
         total = sorted(c.total_s for c in ok)
         pieces = sum(c.pieces for c in ok)
-        print(f"chats: {len(r.chats)}, errors {sum(not c.ok for c in r.chats)}, correct {sum(c.correct for c in r.chats)} "
+        print(f"chats: {len(r.chats)}, errors {sum(not c.ok for c in r.chats)}, "
+              f"correct {sum(c.correct for c in r.chats)} "
               f"(answer text holds a reference: {sum(c.contains_ref for c in r.chats)}, "
               f"right file among the sources: {sum(c.right_source for c in r.chats)}, "
               f"refusals: {sum(c.refused for c in r.chats)}); "
-              f"ttft median {ttft[len(ttft) // 2]:.1f}s max {ttft[-1]:.1f}s; total median {total[len(total) // 2]:.1f}s "
+              f"ttft median {ttft[len(ttft) // 2]:.1f}s max {ttft[-1]:.1f}s; "
+              f"total median {total[len(total) // 2]:.1f}s "
               f"max {total[-1]:.1f}s; wall {r.wall_s:.1f}s; aggregate {pieces / r.wall_s:.2f} pieces/s")
     print("PASS" if r.passed else "FAIL")
 

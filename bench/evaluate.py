@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="noise-robustness mode: add a same-topic near-miss copy of each gold passage (its answer "
                          "sentences removed) and report answered-from-noise (bench/eval/noise.py)")
     ap.add_argument("--max-passages", type=_limit, default=None, help="use at most this many passages (default all)")
-    ap.add_argument("--formats", default=",".join(FORMATS), help=f"file formats to rotate over (default {','.join(FORMATS)})")
+    ap.add_argument("--formats", default=",".join(FORMATS), help="file formats to rotate over (default "
+                                                                 f"{','.join(FORMATS)})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "artifacts" / "eval", help="report folder")
     ap.add_argument("--stem", default="report", help="report file names: <stem>.md, <stem>.json, <stem>_hit_at_k.png")

@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nquant  prompt  weights GiB (plan)  peak reserved GiB  plan GiB  error   TTFT s  decode tok/s")
     for r in rows:
         print(f"{r['quant']:5}  {r['prompt_tokens']:6}  {r['weights_gib']:6.2f} ({r['plan_weights_gib']:5.2f})"
-              f"       {r['peak_reserved_gib']:6.2f}            {r['plan_total_gib']:6.2f}  {r['plan_error_pct']:+5.1f}%"
+              f"       {r['peak_reserved_gib']:6.2f}            {r['plan_total_gib']:6.2f}"
+              f"  {r['plan_error_pct']:+5.1f}%"
               f"  {r['ttft_s']:6.2f}  {r['decode_tok_s']}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -68,7 +68,8 @@ def part_one_and_two(args: argparse.Namespace, tmp: Path, settings, embedder: Em
     print(f"  phases: {phases(r)}")
     ps = r.phase_seconds
     overhead = ps["parse"] + ps["split"] + ps["write"]
-    print(f"  parse+split+write = {overhead:.2f}s = {100 * overhead / ps['embed']:.1f} % of embed time (target <= 15 %)")
+    print(f"  parse+split+write = {overhead:.2f}s = {100 * overhead / ps['embed']:.1f} % of embed time (target <= "
+          "15 %)")
 
     t0 = time.perf_counter()
     r2 = ingest(docs, "bench", settings, embedder=embedder)
@@ -89,7 +90,8 @@ def part_one_and_two(args: argparse.Namespace, tmp: Path, settings, embedder: Em
     pipeline_rate = r.chunks_embedded / ps["embed"]
     print(f"\n[embed vs bare encode] {len(texts)} texts: bare SentenceTransformer.encode {bare:.1f}s "
           f"({len(texts) / bare:.2f}/s); Embedder.encode_passages {ours:.1f}s ({len(texts) / ours:.2f}/s); "
-          f"pipeline embed phase {pipeline_rate:.2f} chunks/s = {100 * (len(texts) / bare) / pipeline_rate - 100:+.1f} % "
+          f"pipeline embed phase {pipeline_rate:.2f} chunks/s = "
+          f"{100 * (len(texts) / bare) / pipeline_rate - 100:+.1f} % "
           f"time per chunk vs bare (target within 20 %)")
 
 
@@ -97,7 +99,8 @@ def small_files(args: argparse.Namespace, tmp: Path, settings, embedder: Embedde
     small = tmp / "small"
     small.mkdir()
     for i in range(args.small_files):
-        (small / f"note-{i:05d}.txt").write_text(f"第{i}号通知：会议改在{i % 12 + 1}月{i % 28 + 1}日召开。", encoding="utf-8")
+        (small / f"note-{i:05d}.txt").write_text(f"第{i}号通知：会议改在{i % 12 + 1}月{i % 28 + 1}日召开。",
+                                                 encoding="utf-8")
     old = time.time() - 3600  # files that have sat there a while (freshly written ones are always re-hashed)
     for p in small.iterdir():
         os.utime(p, (old, old))
@@ -108,7 +111,8 @@ def small_files(args: argparse.Namespace, tmp: Path, settings, embedder: Embedde
     rs2 = ingest(small, "small", settings, embedder=embedder)
     rerun = time.perf_counter() - t0
     print(f"\n[{args.small_files} small files, model {embedder.model_id}] first run {first:.1f}s "
-          f"({rs.totals['chunks']} chunks); unchanged rerun {rerun:.2f}s (target <= 3 s), statuses {nonzero(rs2.totals)}")
+          f"({rs.totals['chunks']} chunks); unchanged rerun {rerun:.2f}s (target <= 3 s), "
+          f"statuses {nonzero(rs2.totals)}")
 
 
 def nonzero(totals: dict[str, int]) -> dict[str, int]:
@@ -120,7 +124,8 @@ def main() -> None:
     ap.add_argument("--cmrc-limit", type=int, default=None, help="only the first N CMRC passages (default: all 256)")
     ap.add_argument("--no-messy", action="store_true", help="leave out messy_docs (OCR makes it slow)")
     ap.add_argument("--small-files", type=int, default=2000, help="files for the unchanged-rerun test (0: skip)")
-    ap.add_argument("--compare-limit", type=int, default=None, help="texts for the bare-encode comparison (default all)")
+    ap.add_argument("--compare-limit", type=int, default=None, help="texts for the bare-encode comparison (default "
+                                                                    "all)")
     ap.add_argument("--workers", type=int, default=None, help="parser processes (default: ingest.workers)")
     ap.add_argument("--only-small-files", action="store_true", help="skip parts 1-2 (just the unchanged-rerun test)")
     ap.add_argument("--small-files-model", default=None,

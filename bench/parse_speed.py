@@ -80,7 +80,8 @@ def main() -> int:
 
 def _print_row(label: str, row: list[float]) -> None:
     n, size, secs, errs, cpu = row
-    print(f"{label:<7}{n:>6}{errs:>7}{size / 1e6:>9.2f}{secs:>9.2f}{cpu:>9.2f}{n / secs:>9.1f}{size / 1e6 / secs:>10.2f}")
+    print(f"{label:<7}{n:>6}{errs:>7}{size / 1e6:>9.2f}{secs:>9.2f}{cpu:>9.2f}{n / secs:>9.1f}"
+          f"{size / 1e6 / secs:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from common.text import char_bigrams
 from grounding.claims import (
     Claim,
     extract_claims,
@@ -152,11 +153,6 @@ def _sentences_with_markers(answer: str) -> list[tuple[str, list[int]]]:
     return out
 
 
-def _bigrams(text: str) -> set[str]:
-    t = normalize(text)
-    return {t[i:i + 2] for i in range(len(t) - 1)}
-
-
 def check_answer(answer: str, question: str, passages: Sequence[str], *, require_citations: bool = False,
                  min_relevance: float = MIN_RELEVANCE) -> GroundingResult:
     """Check `answer` against the `passages` the model was given (in prompt order: [1] is passages[0])."""
@@ -223,8 +219,8 @@ def _source(answer: str, passages: Sequence[str], cites: Sequence[Citation],
     if votes:
         best = max(votes.values())
         return min(i for i, v in votes.items() if v == best)
-    grams = _bigrams(strip_markers(answer))
+    grams = char_bigrams(normalize(strip_markers(answer)))
     if not grams:
         return 1
-    overlap = [len(grams & _bigrams(p)) for p in passages]
+    overlap = [len(grams & char_bigrams(normalize(p))) for p in passages]
     return overlap.index(max(overlap)) + 1

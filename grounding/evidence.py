@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from common.text import char_bigrams
 from grounding.claims import Claim, extract_claims, normalize, strip_markers, supports
 from retrieval.sentences import split_sentences
 
@@ -28,9 +29,9 @@ _QUESTION_WORDS = frozenset("什么 多少 哪些 哪个 哪里 哪儿 哪年 �
 MIN_SHARED = 0.25
 
 
-def _bigrams(text: str) -> set[str]:
-    t = "".join(ch for ch in normalize(text) if ch.isalnum())
-    return {t[i:i + 2] for i in range(len(t) - 1)} or ({t} if t else set())
+def _alnum(text: str) -> str:
+    """`text` normalised (claims.normalize) with only letters and digits left: what bigrams are compared on."""
+    return "".join(ch for ch in normalize(text) if ch.isalnum())
 
 
 def best_sentence(passage: str, answer: str, *, claims: Sequence[Claim] | None = None) -> str:
@@ -42,12 +43,12 @@ def best_sentence(passage: str, answer: str, *, claims: Sequence[Claim] | None =
 def best_sentence_index(sentences: Sequence[str], answer: str, *, claims: Sequence[Claim] | None = None) -> int | None:
     answer = strip_markers(answer)
     claims = extract_claims(answer) if claims is None else claims
-    grams = _bigrams(answer)
+    grams = char_bigrams(_alnum(answer))
     whole = normalize(answer).strip("。，,.！!？?；;")
     best, best_score = None, MIN_SHARED - 1e-9
     for i, s in enumerate(sentences):
         held = sum(supports(s, c) for c in claims)
-        shared = len(grams & _bigrams(s)) / max(1, len(grams))
+        shared = len(grams & char_bigrams(_alnum(s))) / max(1, len(grams))
         # a short answer written verbatim in the sentence (an extracted span) outranks everything else
         verbatim = 5.0 if len(whole) >= 2 and whole in normalize(s) else 0.0
         score = verbatim + 3.0 * held + shared
@@ -96,13 +97,13 @@ def term_coverage(terms: Sequence[str], passage: str, sentence: str) -> float:
     except ValueError:
         window = sentence
     hay = normalize(window)
-    grams = _bigrams(window)
+    grams = char_bigrams(_alnum(window))
     hit = 0
     for t in terms:
         if t in hay:
             hit += 1
         elif len(t) >= 3:
-            tg = _bigrams(t)
+            tg = char_bigrams(_alnum(t))
             hit += len(tg & grams) / len(tg) >= 0.5
     return hit / len(terms) if terms else 1.0
 

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 
+from common.files import now_iso, sha256_file
 from ingest.report import FileResult, IngestReport
-from ingest.scan import SourceFile, sha256_file
+from ingest.scan import SourceFile
 from retrieval.store import LIVE_STATUSES, FileEntry, KBWriter
 
 RACY_WINDOW_S = 2.0
@@ -51,12 +51,8 @@ def entry(f: SourceFile, status: str, reason: str = "", ingested_at: str | None 
     """The manifest entry recording `f` with `status`."""
     return FileEntry(
         path=f.key, sha256=f.sha256, size=f.size, mtime=f.mtime_ns / 1e9, status=status, reason=reason,
-        ingested_at=ingested_at or _now_iso(), mtime_ns=f.mtime_ns, root=str(f.root), hashed_at=f.hashed_at,
+        ingested_at=ingested_at or now_iso(), mtime_ns=f.mtime_ns, root=str(f.root), hashed_at=f.hashed_at,
     )
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _disambiguate_keys(files: list[SourceFile], w: KBWriter) -> None:

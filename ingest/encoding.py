@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import codecs
 import functools
-import re
 import shutil
 import subprocess
 import unicodedata
@@ -38,6 +37,8 @@ from pathlib import Path
 
 import charset_normalizer
 from charset_normalizer.constant import FREQUENCIES
+
+from common.text import CJK
 
 # Python codec names (after codecs.lookup) mapped to the superset we decode with.
 _SUPERSETS = {
@@ -55,7 +56,6 @@ _BOMS = (
     (codecs.BOM_UTF16_LE, "utf-16-le"),
     (codecs.BOM_UTF16_BE, "utf-16-be"),
 )
-_CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def _mostly_chinese(text: str) -> bool:
     non_ascii = [c for c in text if ord(c) > 127]
     if len(non_ascii) < 2:
         return False
-    return sum(1 for c in non_ascii if _CJK.match(c)) >= 0.9 * len(non_ascii)
+    return sum(1 for c in non_ascii if CJK.match(c)) >= 0.9 * len(non_ascii)
 
 
 def _detect(data: bytes) -> Decoded | None:

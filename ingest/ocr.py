@@ -62,7 +62,8 @@ def get_engine() -> Any:
                 try:
                     from rapidocr_onnxruntime import RapidOCR
                 except ImportError as e:  # pragma: no cover - the package is pinned in requirements.txt
-                    raise OcrUnavailable(f"rapidocr_onnxruntime is not installed ({e}): pip install -r requirements.txt") from e
+                    raise OcrUnavailable(f"rapidocr_onnxruntime is not installed ({e}): pip install -r "
+                                         "requirements.txt") from e
                 files = model_files()
                 missing = [str(p) for p in files.values() if not p.is_file()]
                 if missing:

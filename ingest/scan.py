@@ -10,7 +10,6 @@ Thumbs.db / desktop.ini are ignored (listed in `report.ignored` only).
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from configs import Settings
 
-HASH_BLOCK = 1 << 20
 # Extensions of documents we cannot read: reported as unsupported rather than silently ignored.
 DOCUMENT_LIKE_EXTENSIONS = frozenset({
     ".doc", ".ppt", ".pps", ".xls", ".wps", ".et", ".dps", ".pages", ".numbers", ".key", ".chm", ".djvu", ".caj",
@@ -105,10 +103,3 @@ def _looks_like_text(path: Path) -> bool:
         return False
     return b"\0" not in head
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()

@@ -14,20 +14,18 @@ answers any model name with its one model, so without this check a typo would go
 """
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from common.text import CJK
 from llm.types import BackendUnavailableError, ChatModel, GenerationParams, LLMError, ModelInfo, normalize_messages
-
-_CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 
 
 def estimate_tokens(text: str) -> int:
     """A deliberately generous token count when no tokenizer is at hand: 1 per CJK character/punctuation mark,
     1 per 3 other characters (BPE vocabularies of Qwen/GLM average 3–4 Latin characters a token)."""
-    cjk = len(_CJK.findall(text))
+    cjk = len(CJK.findall(text))
     return cjk + -(-(len(text) - cjk) // 3)
 
 

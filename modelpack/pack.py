@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.files import sha256_file
+
 PACK_FORMAT = 1                       # bump when a converter's output changes, so old folders are rebuilt
 MANIFEST = "zhiwen-pack.json"
 CHUNK = 8 << 20                       # bytes per read when streaming wheels and hashing files
@@ -145,11 +147,6 @@ def resolve_names(names: Iterable[str]) -> list[PackModel]:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _progress(total: int, desc: str):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False,

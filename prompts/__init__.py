@@ -28,7 +28,8 @@ NOT_ENOUGH_INFO = "没有提供足够的相关信息"
 
 def is_refusal(answer: str) -> bool:
     """True when an answer says one of the template's two refusal sentences (the model found no answer in the
-    passages it was given). is_refusal("根据已知信息无法回答该问题。") -> True; is_refusal("年假是十五天。") -> False."""
+    passages it was given). is_refusal("根据已知信息无法回答该问题。") -> True;
+    is_refusal("年假是十五天。") -> False."""
     text = "".join(answer.split())
     return REFUSAL in text or NOT_ENOUGH_INFO in text
 

@@ -11,8 +11,9 @@ from string import Formatter
 
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder, PromptTemplate
 
+from configs import PROJECT_ROOT
+
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_VARIABLES: frozenset[str] = frozenset({"context", "question"})
 
 
@@ -55,7 +56,8 @@ def template_variables(text: str, *, name: str = "template") -> set[str]:
     try:
         return {field for _, field, _, _ in Formatter().parse(text) if field is not None}
     except ValueError as e:  # a lone "{" or "}"
-        raise PromptTemplateError(f"{name}: not a valid template ({e}); write literal braces as {{{{ and }}}}") from None
+        raise PromptTemplateError(f"{name}: not a valid template ({e}); write literal braces as "
+                                  f"{{{{ and }}}}") from None
 
 
 def check_template(text: str, *, name: str = "template") -> None:
@@ -64,7 +66,8 @@ def check_template(text: str, *, name: str = "template") -> None:
     >>> check_template("问题是：{question}")
     Traceback (most recent call last):
     ...
-    prompts.template_files.PromptTemplateError: template: missing variables: context; unknown variables: none; provided variables: context, question
+    prompts.template_files.PromptTemplateError: template: missing variables: context; unknown variables: none;
+    provided variables: context, question
     """
     used = template_variables(text, name=name)
     missing = sorted(REQUIRED_VARIABLES - used)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from common.text import char_bigrams
 from retrieval.types import Chunk
 
 # Two neighbouring chunks share their overlap (ingest.chunk_overlap characters). Only a shared run at least this long
@@ -58,18 +59,14 @@ def merged_text(texts: Sequence[str]) -> str:
     return out
 
 
-def _bigrams(text: str) -> set[str]:
-    t = "".join(text.split())
-    return {t[i : i + 2] for i in range(len(t) - 1)} or {t}
-
-
 def char_overlap(a: str, b: str) -> float:
     """Jaccard similarity of the two texts' character bigrams (whitespace ignored), in [0, 1].
 
     Bigrams, not words: Chinese needs no tokenizer for this, and reordered or lightly edited copies still score high.
     """
-    x, y = _bigrams(a), _bigrams(b)
-    return len(x & y) / len(x | y)
+    x, y = (char_bigrams("".join(t.split())) for t in (a, b))
+    union = x | y
+    return len(x & y) / len(union) if union else 1.0  # two empty texts are the same
 
 
 def is_near_duplicate(

@@ -517,7 +517,7 @@ class SegmentedIndex:
 
     Dead rows are excluded inside FAISS with a bitmap selector; IVF segments are searched with `nprobe` lists."""
 
-    def __init__(self, layout: Layout, dim: int, nprobe: int = 32) -> None:
+    def __init__(self, layout: Layout, dim: int, nprobe: int = 64) -> None:
         self._layout, self.d, self.nprobe = layout, dim, nprobe
         self.ntotal = layout.total
 

@@ -1,4 +1,5 @@
-"""Sentence boundaries for Chinese (and mixed English) text: one definition for ingest's splitter and the prompt builder.
+"""Sentence boundaries for Chinese (and mixed English) text: one definition for ingest's splitter and the prompt
+builder.
 
 Lives in `retrieval/` because `ingest` (higher) and `prompts` (a peer that already reads retrieval.types) may both
 import it, while `prompts` must never import `ingest`. The pattern is the splitter's (ingest/splitter.py), moved here

@@ -25,7 +25,6 @@ Write side: `with kb.writer() as w: ...; w.commit()` (ingest only).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,7 +34,6 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +41,7 @@ import faiss
 import numpy as np
 from filelock import FileLock, Timeout
 
+from common.files import now_iso, sha256_file
 from retrieval import segments as seglib
 from retrieval.segments import (
     SEGMENTS,
@@ -105,10 +104,6 @@ class KBCorruptError(KBError):
 
 class KBIncompatibleError(KBError):
     """The KB was built with another embedding model or chunking: it must be rebuilt."""
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -539,18 +534,13 @@ def _read_manifest(gen_dir: Path) -> Manifest:
         raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 有误（{type(e).__name__}: {e}）") from None
 
 
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _verify_files(gen_dir: Path, checksums: Mapping[str, str]) -> None:
     """Files still hold the bytes their commit recorded (generations and segments are never modified)."""
     for fname, expected in checksums.items():
         if Path(fname).name != fname:
             raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 的校验和列出了可疑的文件名 {fname!r}")
         try:
-            got = _sha256_file(gen_dir / fname)
+            got = sha256_file(gen_dir / fname)
         except FileNotFoundError:
             raise KBCorruptError(f"{gen_dir.name} 缺少 {fname}") from None
         if got != expected:
@@ -645,7 +635,7 @@ class KnowledgeBase:
         self._contents = loaded.contents
         self._layout = Layout(loaded.segments, loaded.contents)
         owners = {sha: paths[0] for sha in loaded.contents if (paths := self.sources_for(sha))}
-        nprobe = settings.store.ivf_nprobe if settings is not None else 32
+        nprobe = settings.store.ivf_nprobe if settings is not None else 64
         self.chunks: ChunkTable = ChunkTable(self._layout, owners)          # row i of index is chunks[i]
         self.index = SegmentedIndex(self._layout, self.manifest.dim or (loaded.segments[0].info.dim
                                                                         if loaded.segments else 0), nprobe)
@@ -783,7 +773,7 @@ def _writer_lock(path: Path, name: str, timeout: float | None) -> Iterator[None]
     info = path / LOCK_INFO_FILE
     try:
         info.write_text(
-            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now_iso()}), encoding="utf-8"
+            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso()}), encoding="utf-8"
         )
         yield
     finally:
@@ -835,7 +825,7 @@ class KBWriter:
         self._held: list[Segment] = []           # the live segments, loaded (and verified) once
         self._files: dict[str, FileEntry] = {}
         self._spec: IndexSpec | None = None
-        self._created_at = _now_iso()
+        self._created_at = now_iso()
         self.dirty = False
         self.last_commit_bytes = 0  # bytes of files the last commit wrote (hard links not counted)
         # A damaged KB (CURRENT, manifest, segments) is never written over: every use of this writer raises the
@@ -1005,7 +995,7 @@ class KBWriter:
             segments.append(new_info)
 
         files = self._normalise(owners, segments, contents)
-        now = _now_iso()
+        now = now_iso()
         manifest = Manifest(n, self._spec, files, created_at=self._created_at or now, updated_at=now,
                             format=MANIFEST_FORMAT, segments=tuple(segments), contents=contents)
         data = json.dumps(manifest.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -156,7 +156,8 @@ def test_split_on_multi_positive_data_removes_only_the_unanswerable_questions_go
 def test_read_jsonl_answers_and_shared_passages(tmp_path):
     p = tmp_path / "rgb.jsonl"
     rows = [
-        {"id": 1, "query": "谁赢了？", "answer": [["甲队", "甲"]], "positive": ["甲队赢了。"], "negative": ["天气晴。"]},
+        {"id": 1, "query": "谁赢了？", "answer": [["甲队", "甲"]], "positive": ["甲队赢了。"],
+         "negative": ["天气晴。"]},
         {"id": 2, "query": "哪两天？", "answer": ["1月2日", "1月3日"], "positive": ["1月2日和1月3日。", "甲队赢了。"],
          "negative": ["天气晴。"]},
     ]

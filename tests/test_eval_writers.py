@@ -16,7 +16,8 @@ from configs import load_settings
 TEXT = ("基于《跑跑卡丁车》与《泡泡堂》上所开发的游戏，由韩国Nexon开发与发行。中国大陆由盛大游戏运营，这是Nexon时隔6年"
         "再次授予盛大网络其游戏运营权。玩家以水枪、小枪、锤子或是水炸弹泡封敌人(玩家或NPC)，即为一泡封。若游戏中离，"
         "则4分钟内不得进行配对(每次中离+4分钟)。可选择经典、热血、狙击等模式进行游戏。") * 2
-ANSWERS = [(("4分钟",),), (("玩家以水枪、小枪、锤子或是水炸弹泡封敌人",),), (("可选择经典、热血、狙击等模式进行游戏。",),)]
+ANSWERS = [(("4分钟",),), (("玩家以水枪、小枪、锤子或是水炸弹泡封敌人",),),
+           (("可选择经典、热血、狙击等模式进行游戏。",),)]
 PASSAGE = Passage("TRIAL_800", TEXT, "泡泡战士")
 
 
@@ -115,7 +116,8 @@ def test_report_files(tmp_path):
               "parse": {"by_format": {"pdf": {"files": 2, "failed": 0, "answers": 5, "survived_parse": 5,
                                               "survived_chunks": 4, "lost": []}}},
               "configs": [{"name": "c250-hybrid", "params": {"chunk_size": 250, "mode": "hybrid"},
-                           "retrieval": {"n": 8, "strict": block, "loose": block, "latency_ms": {"p50": 12.5, "p95": 30.0}},
+                           "retrieval": {"n": 8, "strict": block, "loose": block,
+                                         "latency_ms": {"p50": 12.5, "p95": 30.0}},
                            "answers": {"n_answerable": 4, "em": 0.25, "f1": 0.5, "refusal_rate": 1.0}}],
               "questions": [{"query": "问？", "references": ["答"], "prediction": "答。", "f1": 1.0, "refused": False}]}
     paths = write_report(result, tmp_path, "cmrc")

@@ -71,7 +71,8 @@ EXPECT: dict[str, tuple] = {
     "langchain-chatchat/langchain-ChatGLM_open.csv": ("ok", {"table": ["title: 效果如何优化"]}),
     "langchain-chatchat/langchain-ChatGLM_open.xlsx": ("ok", {"table": ["title: 效果如何优化"]}),
     "langchain-chatchat/langchain.pdf": ("ok", {"text": ["LangChain"]}),
-    "langchain-chatchat/ocr_test.docx": ("ok", {"text": ["我是文字"], "table": ["我是表格1: 我是表格3"], "ocr": ["横向文本框"]}),
+    "langchain-chatchat/ocr_test.docx": ("ok", {"text": ["我是文字"], "table": ["我是表格1: 我是表格3"],
+                                                "ocr": ["横向文本框"]}),
     "langchain-chatchat/ocr_test.jpg": ("ok", {"ocr": ["横向文本框", "竖向文本框"]}),
     "langchain-chatchat/ocr_test.pdf": ("ok", {"text": ["我是文字"], "ocr": ["横向文本框"]}),
     "langchain-chatchat/ocr_test.pptx": ("ok", {"text": ["我是文字"], "table": ["我是表格"], "ocr": ["横向文本框"]}),
@@ -88,22 +89,27 @@ EXPECT: dict[str, tuple] = {
     "unstructured/docx-hdrftr.docx": ("ok", {"text": ["Main document", "First header para"]}),
     "unstructured/docx-tables.docx": ("ok", {"text": ["Simple uniform table"], "table": ["Header Col 1: Lorem ipsum"]}),
     "unstructured/empty.txt": ("error", "empty"),
-    "unstructured/example-steelJIS-datasheet-utf-16.html": ("ok", {"text": ["# SteelJIS"], "table": ["Cr: 0.75 - 1.2"]}),
+    "unstructured/example-steelJIS-datasheet-utf-16.html": ("ok", {"text": ["# SteelJIS"],
+                                                                   "table": ["Cr: 0.75 - 1.2"]}),
     "unstructured/example-with-scripts.html": ("ok", {"any": ["Who We Are"]}),
     "unstructured/fake-doc.rtf": ("ok", {"text": ["My first paragraph.", "Row 2, Cell 2"]}),
     "unstructured/fake-html-cp1252.html": ("ok", {"text": ["# My First Heading", "\nEl niño comió paella", "15,50 €"]}),
     "unstructured/fake-html-with-base64-image.html": ("ok", {"text": ["Test page"]}),
     "unstructured/fake-text-all-whitespace.txt": ("error", "empty"),
-    "unstructured/fake-text-utf-16-be.txt": ("ok", {"text": ["This is a test document to use for unit tests.", "Doylestown, PA 18901"]}),
-    "unstructured/fake-text-utf-32.txt": ("ok", {"text": ["This is a test document to use for unit tests.", "Doylestown, PA 18901"]}),
-    "unstructured/fake.doc": ("ok", {"text": ["Lorem ipsum dolor sit amet."]}) if HAS_DOC_CONVERTER else ("error", "unsupported"),
+    "unstructured/fake-text-utf-16-be.txt": ("ok", {"text": ["This is a test document to use for unit "
+                                                             "tests.", "Doylestown, PA 18901"]}),
+    "unstructured/fake-text-utf-32.txt": ("ok", {"text": ["This is a test document to use for unit "
+                                                          "tests.", "Doylestown, PA 18901"]}),
+    "unstructured/fake.doc": ("ok", {"text": ["Lorem ipsum dolor sit "
+                                              "amet."]}) if HAS_DOC_CONVERTER else ("error", "unsupported"),
     "unstructured/fake.odt": ("ok", {"text": ["Lorem ipsum dolor sit amet."], "table": ["Mon: Blue"]}),
     "unstructured/hebrew-text-base64-iso88598i.txt": ("ok", {"text": ["8uPr5e8gVGVzbGEg"]}),
     "unstructured/img_DA-1p.png": ("ok", {"ocr": ["CREATURES", "Abomination"]}),
     "unstructured/img_chi_sim_image.jpeg": ("ok", {"ocr": ["清道夫", "肌肤"]}),
     "unstructured/img_english-and-korean.png": ("ok", {"ocr": ["RULES"]}),
     "unstructured/img_jpn-vert.jpeg": ("ok", {"ocr": []}),  # vertical Japanese: checked for CJK below
-    "unstructured/language-docs_UDHR_first_article_all.txt": ("ok", {"text": ["人人生而自由", "Universal Declaration"]}),
+    "unstructured/language-docs_UDHR_first_article_all.txt": ("ok", {"text": ["人人生而自由",
+                                                                              "Universal Declaration"]}),
     "unstructured/page-breaks.docx": ("ok", {"text": ["First page"]}),
     "unstructured/password_protected.xlsx": ("error", "encrypted"),
     "unstructured/pdf_DA-1p.pdf": ("ok", {"text": ["Abomination"]}),
@@ -111,9 +117,11 @@ EXPECT: dict[str, tuple] = {
     "unstructured/pdf_embedded-cmap-cidfont.pdf": ("ok", {"text": ["embedded CMap"]}),
     "unstructured/pdf_failure-after-repair.pdf": ("ok", {"text": ["A guide for people with cancer"]}),
     "unstructured/pdf_figure-overlay-text.pdf": ("ok", {"text": ["Jane Doe"]}),
-    "unstructured/pdf_invalid-pdf-structure-pdfminer-one-page.pdf": ("ok", {"text": ["Threats Highlight the Importance"]}),
+    "unstructured/pdf_invalid-pdf-structure-pdfminer-one-page.pdf": ("ok", {"text": [
+        "Threats Highlight the Importance"]}),
     "unstructured/pdf_korean-text-with-tables.pdf": ("ok", {"text": ["적립 제외 대상"]}),
-    "unstructured/pdf_layout-parser-paper-with-empty-pages.pdf": ("ok", {"text": ["LayoutParser"], "ocr": ["intentionally left blank"]}),
+    "unstructured/pdf_layout-parser-paper-with-empty-pages.pdf": ("ok", {"text": ["LayoutParser"],
+                                                                       "ocr": ["intentionally left blank"]}),
     "unstructured/pdf_multi-column-2p.pdf": ("ok", {"text": ["Dense Passage Retrieval"]}),
     "unstructured/pdf_negative-coords.pdf": ("ok", {"text": ["Carbon Footprint"]}),
     "unstructured/pdf_password.pdf": ("error", "encrypted"),
@@ -373,7 +381,8 @@ def test_docx_headings_lists_tables(tmp_path):
     d.add_heading("第二章 考勤", level=2)
     d.add_paragraph("迟到三次记一次旷工。", style="List Bullet")
     t = d.add_table(rows=3, cols=3)
-    for r, row in enumerate([["姓名", "部门", "入职日期"], ["张三", "研发部", "2024-01-05"], ["李四", "", "2023-07-01"]]):
+    rows = [["姓名", "部门", "入职日期"], ["张三", "研发部", "2024-01-05"], ["李四", "", "2023-07-01"]]
+    for r, row in enumerate(rows):
         for c, v in enumerate(row):
             t.cell(r, c).text = v
     d.add_paragraph("表格之后的段落。")
@@ -519,7 +528,8 @@ def test_epub_chapters_in_order(tmp_path):
     f = tmp_path / "书.epub"
     epub.write_epub(str(f), book)
     body = text_of(load_file(f, settings()))
-    assert body.index("# 第一章 起源") < body.index("很久以前。") < body.index("# 第二章 发展") < body.index("后来的事。")
+    assert body.index("# 第一章 起源") < body.index("很久以前。") \
+        < body.index("# 第二章 发展") < body.index("后来的事。")
 
 
 def test_eml_headers_gbk_body_and_attachment(tmp_path):
@@ -589,7 +599,8 @@ def test_json_and_jsonl(tmp_path):
     assert docs[0].metadata["kind"] == "table"
     assert docs[0].page_content == "问题: 年假几天 | 答案: 5 天\n问题: 几点上班 | 答案: 9 点"
     nested = tmp_path / "配置.json"
-    nested.write_text(json.dumps({"公司": {"名称": "知问", "地址": ["北京", "上海"]}}, ensure_ascii=False), encoding="utf-8")
+    nested.write_text(json.dumps({"公司": {"名称": "知问", "地址": ["北京", "上海"]}}, ensure_ascii=False),
+                      encoding="utf-8")
     assert text_of(load_file(nested, settings())).splitlines() == [
         "公司.名称: 知问", "公司.地址[0]: 北京", "公司.地址[1]: 上海"]
     lines = tmp_path / "日志.jsonl"
@@ -608,7 +619,8 @@ def test_gbk_csv_with_semicolons_and_md_table(tmp_path):
     docs = load_file(f, settings())
     assert docs[0].page_content == "姓名: 王五 | 城市: 杭州\n姓名: 赵六 | 城市: 成都"
     md = tmp_path / "说明.md"
-    md.write_text("价格表\n===\n\n| 商品 | 价格 |\n|---|---:|\n| 苹果 | 5 |\n\n```\n| 不是 | 表格 |\n|---|---|\n```\n", encoding="utf-8")
+    md.write_text("价格表\n===\n\n| 商品 | 价格 |\n|---|---:|\n| 苹果 | 5 |\n\n```\n| 不是 | 表格 "
+                  "|\n|---|---|\n```\n", encoding="utf-8")
     docs = load_file(md, settings())
     assert [d.metadata["kind"] for d in docs] == ["text", "table", "text"]
     assert docs[0].page_content == "# 价格表"  # setext heading rewritten for the splitter

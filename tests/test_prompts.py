@@ -28,7 +28,8 @@ from retrieval.types import Hit
 from tests.conftest import require_model
 
 EXPECTED_TEMPLATE = (
-    "已知信息：\n{context}\n\n根据上述已知信息，简洁和专业的来回答用户的问题。如果无法从中得到答案，请说 “根据已知信息无法回答该问题” "
+    "已知信息：\n{context}\n\n根据上述已知信息，简洁和专业的来回答用户的问题。"
+    "如果无法从中得到答案，请说 “根据已知信息无法回答该问题” "
     "或 “没有提供足够的相关信息”，不允许在答案中添加编造成分，答案请使用中文。 问题是：{question}"
 )
 
@@ -76,7 +77,8 @@ def test_langchain_views_render_like_the_builder():
     t = load_template("knowledge_qa")
     assert sorted(as_prompt_template(t).input_variables) == ["context", "question"]
     chat = as_chat_prompt_template(t)
-    msgs = chat.invoke({"context": "甲", "question": "乙？", "history": [("human", "早"), ("ai", "早上好")]}).to_messages()
+    history = [("human", "早"), ("ai", "早上好")]
+    msgs = chat.invoke({"context": "甲", "question": "乙？", "history": history}).to_messages()
     assert [m.type for m in msgs] == ["human", "ai", "human"]
     assert msgs[-1].content == t.format(context="甲", question="乙？")
     built = build_prompt("乙？", [], [("早", "早上好")], template=t, **budget())
@@ -100,7 +102,8 @@ def test_hits_are_labelled_with_source_page_and_heading():
 
 def test_lowest_ranked_hits_are_dropped_first_to_fit_context_tokens():
     t = load_template("knowledge_qa")
-    hits = [hit("第一条：" + "甲" * 80 + "。", 1), hit("第二条：" + "乙" * 80 + "。", 2), hit("第三条：" + "丙" * 80 + "。", 3)]
+    hits = [hit("第一条：" + "甲" * 80 + "。", 1), hit("第二条：" + "乙" * 80 + "。", 2),
+            hit("第三条：" + "丙" * 80 + "。", 3)]
     one = len(f"{hit_label(1, hits[0])}\n{hits[0].text}")
     built = build_prompt("问？", hits, None, template=t, **budget(context_tokens=2 * one + 10))
     assert built.used_hits == hits[:2] and built.dropped_hits == hits[2:]

@@ -336,7 +336,8 @@ def test_new_generation_without_a_file_never_returns_it(tmp_settings):
 
     # the same content under two live paths: the hit names a live path
     fresh = KnowledgeBase.open("policies", tmp_settings)
-    h = HybridSearcher(tmp_settings.retrieval, FixedQueries({"年假几天": unit(1)})).search(fresh, "年假几天", threshold=0)
+    searcher = HybridSearcher(tmp_settings.retrieval, FixedQueries({"年假几天": unit(1)}))
+    h = searcher.search(fresh, "年假几天", threshold=0)
     assert h.hits[0].source in fresh.sources_for(fresh.chunks[h.hits[0].chunk_ids[0]].sha256)
 
 
@@ -349,7 +350,8 @@ def test_search_result_hits_are_frozen_dataclasses(corpus):
 
 # --- real model, real data: CMRC 2018 trial, first 40 paragraphs ------------------------------------------------------
 # Measured with multilingual-e5-small, chunk_size 250 / overlap 50, default retrieval settings (docs/retrieval.md):
-# 151 questions, hybrid hit@5 0.993, hit@1 0.921 (dense hit@5 0.987, BM25 0.980). The bar leaves room for a different CPU's float noise
+# 151 questions, hybrid hit@5 0.993, hit@1 0.921 (dense hit@5 0.987, BM25 0.980). The bar leaves room for a different
+# CPU's float noise
 # and small splitter changes, not for a broken retriever (no merging alone drops hybrid hit@5 to ~0.97, BM25 without
 # jieba to far less).
 CMRC_SUBSET_PASSAGES = 40
@@ -383,9 +385,11 @@ def test_join_without_overlap_keeps_line_breaks_and_one_table_header():
 
 def test_neighbours_of_another_section_are_not_merged():
     """A FAQ: each question is its own section; merging must not glue the next question's answer under this one."""
-    texts = ["不会。删除文件后，它的段落会从知识库中移除。", "不需要。网页只从本机服务加载内容。", "可以。多个人可以同时提问。"]
+    texts = ["不会。删除文件后，它的段落会从知识库中移除。", "不需要。网页只从本机服务加载内容。",
+             "可以。多个人可以同时提问。"]
     heads = [("常见问题", "删除的文件还会出现吗？"), ("常见问题", "页面需要联网吗？"), ("常见问题", "页面需要联网吗？")]
-    chunks = [dataclasses.replace(chunk(t, "faq.md", i, i), heading_path=h) for i, (t, h) in enumerate(zip(texts, heads, strict=False))]
+    chunks = [dataclasses.replace(chunk(t, "faq.md", i, i), heading_path=h)
+              for i, (t, h) in enumerate(zip(texts, heads, strict=False))]
     q = "页面需要联网吗？"
     index = make_index([cos_vec(0.7, other=2), cos_vec(0.95, other=3), cos_vec(0.6, other=4)])
     hit = HybridSearcher(settings(top_k=1, max_hit_chars=600, score_threshold=0.5), FixedQueries({q: unit(1)})) \

@@ -15,7 +15,6 @@ import pytest
 from app.service import AnswerParams, QAError, QAService, QuestionTooLongError, UnknownKBError
 from configs import load_settings
 from ingest import ingest
-from llm import load_llm
 from prompts import NOT_ENOUGH_INFO, REFUSAL
 from tests.conftest import require_model
 from tests.support.tiny_glm import build_tiny_glm
@@ -252,15 +251,18 @@ def test_new_generation_of_the_kb_is_seen_without_restart(world):
     assert service.search(extra["question"], "cmrc", wide).hits[0].source.endswith("extra_00.txt")
 
 
-def test_generation_failure_lands_in_error(world):
-    """An LLM that fails mid-request (here: an OpenAI-compatible server that is not running) gives .error."""
+def test_unreachable_llm_server_is_a_sentence_before_any_text(world):
+    """An OpenAI-compatible server that is not running: the backend checks it when the model loads, so the answer
+    fails at once with a sentence naming the setting (the API answers 503; the page shows the sentence). A server
+    that dies mid-answer ends the stream with .error: tests/test_openai_backend.py, against a real llama.cpp server."""
+    from llm import LLMError
+
     settings = load_settings(paths={"kb_root": str(world["settings"].kb_root)},
                              llm={"backend": "openai", "openai_base_url": "http://127.0.0.1:9/v1",
                                   "openai_model": "glm-4"})
-    service = QAService(settings, llm=load_llm(settings), embedder=world["service"].searcher.embedder)
-    stream = service.answer(world["paragraphs"][0]["question"], "cmrc", [], AnswerParams(threshold=-1.0))
-    assert list(stream) == []
-    assert "cannot reach" in stream.error and "llm.openai_base_url" in stream.error
+    service = QAService(settings, embedder=world["service"].searcher.embedder)
+    with pytest.raises(LLMError, match=r"cannot reach.*llm\.openai_base_url"):
+        service.answer(world["paragraphs"][0]["question"], "cmrc", [], AnswerParams(threshold=-1.0))
 
 
 def test_demo_notice_reaches_the_service(world, tmp_path):

@@ -133,7 +133,8 @@ def test_heading_without_body_is_kept_as_a_chunk() -> None:
 
 def test_heading_path_carries_across_pages_and_chunks_keep_their_page() -> None:
     docs = [
-        Document("第一章 总则\n第一页的正文。", metadata={"kind": "text", "page": 1, "encoding": "utf-8", "source": "/x/a.pdf"}),
+        Document("第一章 总则\n第一页的正文。",
+                 metadata={"kind": "text", "page": 1, "encoding": "utf-8", "source": "/x/a.pdf"}),
         Document("第二页接着写。", metadata={"kind": "text", "page": 2, "encoding": "utf-8", "source": "/x/a.pdf"}),
         Document("第二页还有一段。", metadata={"kind": "text", "page": 2, "encoding": "utf-8", "source": "/x/a.pdf"}),
         Document("第二章 附则\n第三页。", metadata={"kind": "ocr", "page": 3, "ocr": True}),

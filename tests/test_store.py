@@ -42,7 +42,8 @@ def _entry(path: str, sha: str, status: str = "ok", at: str = "2026-01-01T00:00:
     return FileEntry(path=path, sha256=sha, size=10, mtime=1.0, status=status, ingested_at=at)
 
 
-def _add(kb: KnowledgeBase, path: str, sha: str, n: int, seed: int, at: str = "2026-01-01T00:00:00+00:00") -> np.ndarray:
+def _add(kb: KnowledgeBase, path: str, sha: str, n: int, seed: int,
+         at: str = "2026-01-01T00:00:00+00:00") -> np.ndarray:
     v = _vectors(n, seed)
     with kb.writer() as w:
         w.set_spec(SPEC)

@@ -18,8 +18,8 @@ from bench.eval.datasets import Question
 from bench.eval.metrics import char_f1, contains_answer, exact_match, mean, percentile, references
 
 # The template's two refusal sentences (「根据已知信息无法回答该问题」「没有提供足够的相关信息」) and close variants.
-REFUSAL_MARKERS: tuple[str, ...] = ("无法回答", "不能回答", "无法根据已知信息", "没有提供足够的相关信息", "没有提供相关信息",
-                                    "没有足够的相关信息", "没有相关信息", "未提及", "没有提及")
+REFUSAL_MARKERS: tuple[str, ...] = ("无法回答", "不能回答", "无法根据已知信息", "没有提供足够的相关信息",
+                                    "没有提供相关信息", "没有足够的相关信息", "没有相关信息", "未提及", "没有提及")
 
 
 def looks_like_refusal(text: str) -> bool:

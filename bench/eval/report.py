@@ -46,10 +46,12 @@ def render_markdown(result: dict[str, Any], plot_name: str | None = None) -> str
     if models:
         out += ["Models: " + ", ".join(f"{k} = `{v}`" for k, v in models.items()), ""]
     out += ["## Data", "",
-            f"- source: `{ds.get('path', '')}` ({ds.get('passages', '–')} passages, {ds.get('questions', '–')} questions"
+            f"- source: `{ds.get('path', '')}` ({ds.get('passages', '–')} passages, "
+            f"{ds.get('questions', '–')} questions"
             f", {ds.get('skipped', 0)} records skipped)",
             f"- knowledge base: {ds.get('kb_passages', '–')} passages written as files; {ds.get('held_out', '–')} gold"
-            f" passages left out → {ds.get('unanswerable', '–')} unanswerable of {ds.get('split_questions', '–')} questions"
+            f" passages left out → {ds.get('unanswerable', '–')} unanswerable of "
+            f"{ds.get('split_questions', '–')} questions"
             f" (share {ds.get('unanswerable_share', '–')}); answerable questions keep {ds.get('gold_kept', '–')}"
             f" ({{gold passages kept: questions}}), {ds.get('gold_lost', '–')} lost one",
             f"- near-miss passages (noise mode): {ds.get('near_miss', 0)}",

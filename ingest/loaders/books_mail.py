@@ -23,7 +23,8 @@ def load_epub(ctx: Ctx) -> None:
             warnings.simplefilter("ignore")
             book = epub.read_epub(str(ctx.path), options={"ignore_ncx": True})
     except (zipfile.BadZipFile, KeyError, epub.EpubException, ValueError) as e:
-        raise LoadError("corrupt", f"电子书「{ctx.name}」无法打开（{e}）：文件可能已损坏或有 DRM 保护，请提供无保护的 EPUB") from e
+        raise LoadError("corrupt", f"电子书「{ctx.name}」无法打开（{e}）：文件可能已损坏或有 DRM 保护，请提供无保护的 "
+                                   "EPUB") from e
     items = {item.get_id(): item for item in book.get_items_of_type(ebooklib.ITEM_DOCUMENT)}
     order = [idref for idref, _linear in book.spine if idref in items]
     order += [i for i in items if i not in order]

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 def load_image(ctx: Ctx) -> None:
     if not ctx.settings.ocr:
-        raise LoadError("unsupported", f"图片「{ctx.name}」需要 OCR 才能读取文字，而 OCR 已关闭：请在设置中开启 ingest.ocr 后重新导入")
+        raise LoadError("unsupported", f"图片「{ctx.name}」需要 OCR 才能读取文字，而 OCR 已关闭：请在设置中开启 "
+                                       "ingest.ocr 后重新导入")
     try:
         with Image.open(ctx.path) as img:
             multi = getattr(img, "n_frames", 1) > 1
@@ -35,5 +36,6 @@ def load_image(ctx: Ctx) -> None:
         raise LoadError("corrupt", f"图片「{ctx.name}」无法打开（{e}）：文件可能已损坏，请重新导出后再导入") from e
     if not ctx.docs:
         if ctx.ocr_skipped:
-            raise LoadError("no_text", f"图片「{ctx.name}」未做 OCR：已达到每个文件的 OCR 页数上限 ingest.ocr_max_pages，请调大该设置")
+            raise LoadError("no_text", f"图片「{ctx.name}」未做 OCR：已达到每个文件的 OCR 页数上限 "
+                                       "ingest.ocr_max_pages，请调大该设置")
         raise LoadError("no_text", f"图片「{ctx.name}」中没有识别出文字：如果图中确有文字，请提供更清晰的图片")

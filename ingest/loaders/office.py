@@ -1,8 +1,9 @@
 """Word documents: .docx (python-docx), legacy .doc (antiword / catdoc, or LibreOffice converting to .docx).
 
-docx: paragraphs (and their text boxes) and tables in body order; headings (built-in "Heading N"/"标题 N" styles, "Title", or any style
-with an outline level) become '#' lines; list paragraphs get '- '; tables become table Documents; header and
-footer text is kept once at the end; embedded pictures are OCRed (counted against settings.ocr_max_pages).
+docx: paragraphs (and their text boxes) and tables in body order; headings (built-in "Heading N"/"标题 N" styles,
+"Title", or any style with an outline level) become '#' lines; list paragraphs get '- '; tables become table
+Documents; header and footer text is kept once at the end; embedded pictures are OCRed (counted against
+settings.ocr_max_pages).
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def load_docx(ctx: Ctx) -> None:
     try:
         document = docx.Document(str(ctx.path))
     except (zipfile.BadZipFile, KeyError, ValueError) as e:
-        raise LoadError("corrupt", f"Word 文档「{ctx.name}」无法打开（{e}）：文件可能已损坏或不是 .docx，请用 Word 打开并另存为 .docx 后重新导入") from e
+        raise LoadError("corrupt", f"Word 文档「{ctx.name}」无法打开（{e}）：文件可能已损坏或不是 .docx，请用 Word "
+                                   "打开并另存为 .docx 后重新导入") from e
     lines: list[str] = []
     for block in document.iter_inner_content():
         if isinstance(block, Paragraph):
@@ -153,7 +155,8 @@ def load_doc(ctx: Ctx) -> None:
     with open(ctx.path, "rb") as f:
         if f.read(8) != _OLE_MAGIC:
             # Many ".doc" files are really RTF, HTML or .docx saved under the old name.
-            raise LoadError("corrupt", f"文件「{ctx.name}」不是 Word 97-2003 格式：请用 Word 打开并另存为 .docx 后重新导入")
+            raise LoadError("corrupt", f"文件「{ctx.name}」不是 Word 97-2003 格式：请用 Word 打开并另存为 .docx "
+                                       "后重新导入")
     converters = []
     if shutil.which("antiword"):
         converters.append(["antiword", "-m", "UTF-8.txt", "-w", "0", str(ctx.path)])
@@ -182,7 +185,8 @@ def load_doc(ctx: Ctx) -> None:
                   "--outdir", tmp, str(ctx.path)], ctx)
             out = Path(tmp) / (ctx.path.stem + ".docx")
             if not out.is_file():
-                raise LoadError("corrupt", f"LibreOffice 未能转换「{ctx.name}」：请用 Word 打开并另存为 .docx 后重新导入")
+                raise LoadError("corrupt", f"LibreOffice 未能转换「{ctx.name}」：请用 Word 打开并另存为 .docx "
+                                           "后重新导入")
             load_docx(Ctx(path=out, settings=ctx.settings, ocr_left=ctx.ocr_left, docs=ctx.docs))
         for d in ctx.docs:
             d.metadata["source"] = str(ctx.path)
@@ -198,9 +202,11 @@ def _run(cmd: list[str], ctx: Ctx) -> str:
     try:
         res = subprocess.run(cmd, capture_output=True, timeout=CONVERT_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as e:
-        raise LoadError("corrupt", f"转换「{ctx.name}」超过 {CONVERT_TIMEOUT_S} 秒仍未完成：请用 Word 另存为 .docx 后重新导入") from e
+        raise LoadError("corrupt", f"转换「{ctx.name}」超过 {CONVERT_TIMEOUT_S} 秒仍未完成：请用 Word 另存为 .docx "
+                                   "后重新导入") from e
     if res.returncode != 0:
         msg = res.stderr.decode("utf-8", errors="replace").strip().splitlines()
         detail = msg[-1][:160] if msg else f"exit code {res.returncode}"
-        raise LoadError("corrupt", f"无法读取 Word 文档「{ctx.name}」（{detail}）：请用 Word 打开并另存为 .docx 后重新导入")
+        raise LoadError("corrupt", f"无法读取 Word 文档「{ctx.name}」（{detail}）：请用 Word 打开并另存为 .docx "
+                                   "后重新导入")
     return res.stdout.decode("utf-8", errors="replace")

@@ -35,7 +35,8 @@ def load_pdf(ctx: Ctx) -> None:
         if code in (pdfium_c.FPDF_ERR_PASSWORD, pdfium_c.FPDF_ERR_SECURITY):
             raise LoadError("encrypted", f"PDF「{ctx.name}」已加密，需要密码才能读取：请去除密码后重新导入") from e
         raise LoadError(
-            "corrupt", f"PDF「{ctx.name}」无法打开（{_summary(e)}）：文件可能已损坏，请用 PDF 阅读器打开并另存后重新导入"
+            "corrupt", f"PDF「{ctx.name}」无法打开（{_summary(e)}）：文件可能已损坏，"
+                       "请用 PDF 阅读器打开并另存后重新导入"
         ) from e
     try:
         n = len(pdf)
@@ -48,10 +49,13 @@ def load_pdf(ctx: Ctx) -> None:
                         ctx.path, ctx.settings.ocr_max_pages, ctx.ocr_skipped)
         if not ctx.docs:
             if not ctx.settings.ocr:
-                raise LoadError("no_text", f"PDF「{ctx.name}」没有文字层（可能是扫描件），而 OCR 已关闭：请在设置中开启 ingest.ocr 后重新导入")
+                raise LoadError("no_text", f"PDF「{ctx.name}」没有文字层（可能是扫描件），而 OCR 已关闭："
+                                           "请在设置中开启 ingest.ocr 后重新导入")
             if ctx.ocr_skipped:
-                raise LoadError("no_text", f"PDF「{ctx.name}」没有文字层，且超过了每个文件的 OCR 页数上限 ingest.ocr_max_pages：请调大该设置")
-            raise LoadError("no_text", f"PDF「{ctx.name}」没有文字层，OCR 也未识别出文字：请确认扫描件清晰，或提供带文字的版本")
+                raise LoadError("no_text", f"PDF「{ctx.name}」没有文字层，且超过了每个文件的 OCR 页数上限 "
+                                           "ingest.ocr_max_pages：请调大该设置")
+            raise LoadError("no_text", f"PDF「{ctx.name}」没有文字层，OCR 也未识别出文字：请确认扫描件清晰，"
+                                       "或提供带文字的版本")
     finally:
         pdf.close()
 

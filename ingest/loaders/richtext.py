@@ -19,13 +19,15 @@ def load_odt(ctx: Ctx) -> None:
         with zipfile.ZipFile(ctx.path) as z:
             manifest = z.read("META-INF/manifest.xml") if "META-INF/manifest.xml" in z.namelist() else b""
     except zipfile.BadZipFile as e:
-        raise LoadError("corrupt", f"ODT 文档「{ctx.name}」无法打开（{e}）：请用 WPS/LibreOffice 打开另存后重新导入") from e
+        raise LoadError("corrupt", f"ODT 文档「{ctx.name}」无法打开（{e}）：请用 WPS/LibreOffice "
+                                   "打开另存后重新导入") from e
     if b"encryption-data" in manifest:
         raise LoadError("encrypted", f"ODT 文档「{ctx.name}」设置了密码，无法读取：请去除密码后重新导入")
     try:
         doc = odf_load(str(ctx.path))
     except Exception as e:
-        raise LoadError("corrupt", f"ODT 文档「{ctx.name}」无法解析（{type(e).__name__}: {str(e)[:120]}）：请另存后重新导入") from e
+        raise LoadError("corrupt", f"ODT 文档「{ctx.name}」无法解析（{type(e).__name__}: {str(e)[:120]}）："
+                                   "请另存后重新导入") from e
     lines: list[str] = []
     _walk_odf(ctx, doc.text, lines)
     ctx.add_text("\n".join(lines))
@@ -61,7 +63,8 @@ def _odf_rows(table: Element) -> list[list[str]]:
     for row in _find(table, (TABLENS, "table-row")):
         cells = []
         for cell in row.childNodes:
-            if cell.nodeType != cell.ELEMENT_NODE or cell.qname not in ((TABLENS, "table-cell"), (TABLENS, "covered-table-cell")):
+            if cell.nodeType != cell.ELEMENT_NODE \
+                    or cell.qname not in ((TABLENS, "table-cell"), (TABLENS, "covered-table-cell")):
                 continue
             repeat = cell.getAttrNS(TABLENS, "number-columns-repeated")
             # Spreadsheet-style rows repeat an empty cell thousands of times: cap it.
@@ -88,7 +91,8 @@ _ANSICPG = re.compile(rb"\\ansicpg(\d+)")
 def load_rtf(ctx: Ctx) -> None:
     data = ctx.path.read_bytes()
     if not data.lstrip().startswith(b"{\\rtf"):
-        raise LoadError("corrupt", f"文件「{ctx.name}」不是 RTF 格式：请用 Word/WPS 打开另存为 .rtf 或 .docx 后重新导入")
+        raise LoadError("corrupt", f"文件「{ctx.name}」不是 RTF 格式：请用 Word/WPS 打开另存为 .rtf 或 .docx "
+                                   "后重新导入")
     # \'hh escapes are bytes in the document's ANSI code page (\ansicpg936 = GBK for Chinese Word files).
     m = _ANSICPG.search(data[:4096])
     codepage = canonical(f"cp{int(m.group(1))}") if m else None
@@ -96,5 +100,6 @@ def load_rtf(ctx: Ctx) -> None:
     try:
         text = rtf_to_text(markup, encoding=codepage or "cp1252", errors="replace")
     except Exception as e:
-        raise LoadError("corrupt", f"RTF 文件「{ctx.name}」无法解析（{type(e).__name__}）：请用 Word/WPS 另存为 .docx 后重新导入") from e
+        raise LoadError("corrupt", f"RTF 文件「{ctx.name}」无法解析（{type(e).__name__}）：请用 Word/WPS 另存为 .docx "
+                                   "后重新导入") from e
     ctx.add_text(text, encoding=codepage or "cp1252")

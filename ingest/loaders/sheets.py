@@ -19,7 +19,8 @@ def load_xlsx(ctx: Ctx) -> None:
     try:
         wb = openpyxl.load_workbook(str(ctx.path), read_only=True, data_only=True)
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
-        raise LoadError("corrupt", f"Excel 表格「{ctx.name}」无法打开（{e}）：请用 Excel 打开并另存为 .xlsx 后重新导入") from e
+        raise LoadError("corrupt", f"Excel 表格「{ctx.name}」无法打开（{e}）：请用 Excel 打开并另存为 .xlsx "
+                                   "后重新导入") from e
     try:
         for number, ws in enumerate(wb.worksheets, start=1):
             ctx.add_table(list(ws.iter_rows(values_only=True)), title_as_heading=True, sheet=ws.title, page=number)
@@ -32,7 +33,8 @@ def load_xls(ctx: Ctx) -> None:
     try:
         book = xlrd.open_workbook(str(ctx.path), on_demand=True)
     except xlrd.biffh.XLRDError as e:
-        raise LoadError("corrupt", f"Excel 表格「{ctx.name}」无法打开（{e}）：请用 Excel 打开并另存为 .xlsx 后重新导入") from e
+        raise LoadError("corrupt", f"Excel 表格「{ctx.name}」无法打开（{e}）：请用 Excel 打开并另存为 .xlsx "
+                                   "后重新导入") from e
     try:
         for number in range(book.nsheets):
             sheet = book.sheet_by_index(number)

@@ -20,7 +20,8 @@ def load_pptx(ctx: Ctx) -> None:
     try:
         prs = Presentation(str(ctx.path))
     except (zipfile.BadZipFile, PackageNotFoundError, KeyError, ValueError) as e:
-        raise LoadError("corrupt", f"PowerPoint 文件「{ctx.name}」无法打开（{e}）：请用 PowerPoint 打开并另存为 .pptx 后重新导入") from e
+        raise LoadError("corrupt", f"PowerPoint 文件「{ctx.name}」无法打开（{e}）：请用 PowerPoint 打开并另存为 .pptx "
+                                   "后重新导入") from e
     for number, slide in enumerate(prs.slides, start=1):
         lines: list[str] = []
         title_shape = slide.shapes.title
