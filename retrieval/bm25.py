@@ -26,7 +26,8 @@ jieba.setLogLevel(logging.WARNING)  # jieba prints its dictionary loading to std
 
 # Question words and particles that the bm25s list lacks; they appear in questions, not in the answers' passages.
 _EXTRA_STOPWORDS = frozenset(
-    "哪 哪里 哪儿 哪些 哪个 哪位 哪年 谁 几 多少 怎么 怎样 如何 为何 是否 吗 呢 吧 啊 呀 的 地 得 了 着 过 是 在 有 和 与 及 或".split()
+    "哪 哪里 哪儿 哪些 哪个 哪位 哪年 谁 几 多少 怎么 怎样 如何 为何 是否 "
+    "吗 呢 吧 啊 呀 的 地 得 了 着 过 是 在 有 和 与 及 或".split()
 )
 STOPWORDS: frozenset[str] = frozenset(STOPWORDS_CHINESE) | frozenset(STOPWORDS_EN) | _EXTRA_STOPWORDS
 

@@ -120,7 +120,8 @@ def test_bge_style_prefixes(tiny_folder: Path) -> None:
     assert emb.count_tokens("你好") == 4  # [CLS] 你 好 [SEP]: no passage prefix
 
 
-def test_a_default_prompt_saved_in_the_folder_is_not_added_twice(tiny: Embedder, tiny_folder: Path, tmp_path: Path) -> None:
+def test_a_default_prompt_saved_in_the_folder_is_not_added_twice(tiny: Embedder, tiny_folder: Path,
+                                                                  tmp_path: Path) -> None:
     folder = shutil.copytree(tiny_folder, tmp_path / "with-prompts")
     cfg_path = folder / "config_sentence_transformers.json"
     cfg = json.loads(cfg_path.read_text())

@@ -126,7 +126,8 @@ def run(opts: RunOptions) -> dict[str, Any]:
         embedders: dict[tuple, Any] = {}
         llms: dict[tuple, Any] = {}                     # LLM settings → loaded ChatModel, shared by configurations
         pending: list[tuple] = []                       # configurations whose answers come after all retrieval
-        per_question: dict[str, dict[str, Any]] = {q.id: {"id": q.id, "query": q.query, "answerable": q.id not in una_ids}
+        per_question: dict[str, dict[str, Any]] = {q.id: {"id": q.id, "query": q.query,
+                                                          "answerable": q.id not in una_ids}
                                                    for q in questions}
         for cfg in opts.configs:
             settings = cfg.settings(work / "kb")
@@ -191,7 +192,8 @@ def run(opts: RunOptions) -> dict[str, Any]:
                 result["questions"] = list(per_question.values())
                 write_report(result, opts.out_dir, opts.stem)
         result["models"] = {"embedding": ", ".join(sorted({c["params"]["embedding"] for c in result["configs"]}))}
-        llms = {c["answers"]["llm"].get("name", "") for c in result["configs"] if c["answers"] and c["answers"].get("llm")}
+        llms = {c["answers"]["llm"].get("name", "") for c in result["configs"]
+                if c["answers"] and c["answers"].get("llm")}
         if llms:
             result["models"]["llm"] = ", ".join(sorted(llms))
     finally:
