@@ -39,6 +39,8 @@ OTHER_VARIABLES = {
     "ZHIWEN_PROFILE": "configs/settings.py: configs/settings-<profile>.yaml",
     "ZHIWEN_PROGRESS": "modelpack/pack.py: 0 hides download progress bars",
     "ZHIWEN_MODEL_PACK": "scripts/setup.sh: which model pack to pull",
+    "ZHIWEN_LLAMA_CMAKE_ARGS": "scripts/setup.sh: CMake flags of the llama-cpp-python build",
+    "ZHIWEN_WHEEL_CACHE": "scripts/setup.sh: where built wheels are kept",
     "ZHIWEN_SAMPLE_KB": "scripts/start.sh: the sample knowledge base",
 }
 OTHER_PREFIXES = {
@@ -116,6 +118,8 @@ class RetrievalSettings(_Section):
     merge_neighbors: bool
     max_hit_chars: int = Field(gt=0)
     dedupe_threshold: float = Field(gt=0, le=1)
+    min_key_term_coverage: float = Field(ge=0, le=1, description="Share of the question's key terms one passage "
+                                         "must contain, else no LLM call (0 = off).")
 
 
 class StoreSettings(_Section):
