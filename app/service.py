@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from configs import Settings
-from grounding import GroundingResult, check_answer
+from grounding import GroundingResult, check_answer, key_term_coverage
 from llm import ChatModel, GenerationParams, LLMError, load_llm
 from prompts import REFUSAL, build_prompt_from_settings, load_template
 from prompts.builder import PromptBudgetError
@@ -236,6 +236,11 @@ class QAService:
         result = self.search(question, kb_name, p)
         if not result.evidence:
             return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.low_relevance)
+        coverage = max(key_term_coverage(question, h.text) for h in result.hits)
+        if coverage < self.settings.retrieval.min_key_term_coverage:
+            # the passages are about the topic but not about what is asked (a near miss): no LLM call either
+            log.info("refused: no passage holds %.0f%% of the question's key terms", 100 * coverage)
+            return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.hits)
 
         llm = self.llm
         gen = GenerationParams.from_settings(self.settings.llm, temperature=p.temperature,

@@ -9,7 +9,8 @@ the best run is reported (the least disturbed by other processes on a shared mac
 the cosine to the fp32 vectors of the same text shows what the speed costs in quality.
 
 Variants
-  embedder-fp32   retrieval.embeddings.Embedder.encode_passages (what ingest runs: batched, length-sorted)
+  embedder-fp32   retrieval.embeddings.Embedder.encode_passages (what ingest runs: batched, length-sorted), fp32
+  embedder-auto   the same with embedding.precision: auto (bf16 on CPUs with AVX512-BF16/AMX: the default there)
   bare-fp32       SentenceTransformer.encode(batch_size, normalize_embeddings=True), texts in file order
   bare-bf16       the same model cast to bfloat16 (CPU bf16 matmuls; fast only on CPUs with AVX512-BF16/AMX)
   bare-int8dyn    torch.ao.quantization.quantize_dynamic on every nn.Linear (int8 weights, fp32 activations)
@@ -56,7 +57,7 @@ def bench_model(folder: Path, texts: list[str], batch_size: int, repeat: int) ->
 
     from retrieval.embeddings import Embedder
 
-    settings = load_settings(embedding={"model": str(folder)})
+    settings = load_settings(embedding={"model": str(folder), "precision": "fp32"})
     prefixed = [settings.embedding.passage_prefix + t for t in texts]
     rows = []
 
@@ -64,6 +65,14 @@ def bench_model(folder: Path, texts: list[str], batch_size: int, repeat: int) ->
     emb.warm_up()
     secs, ref = _time(emb.encode_passages, texts, repeat)
     rows.append({"variant": "embedder-fp32", "seconds": secs, "cos_to_fp32": 1.0})
+    del emb
+    gc.collect()
+    # What `embedding.precision: auto` runs on this machine (bf16 where the CPU has AVX512-BF16/AMX).
+    emb = Embedder.from_settings(load_settings(embedding={"model": str(folder), "precision": "auto"}))
+    emb.warm_up()
+    secs, v = _time(emb.encode_passages, texts, repeat)
+    rows.append({"variant": f"embedder-{emb.precision}", "seconds": secs,
+                 "cos_to_fp32": float(np.mean(np.sum(v * ref, 1)))})
     del emb
     gc.collect()
 

@@ -158,7 +158,8 @@ def build_kb(passages: Sequence[Passage], settings: Settings, *, cache_root: Pat
                                 heading_path=c.heading_path, id=len(chunks), metadata=c.metadata))
 
     cache_root = cache_root or Path(tempfile.gettempdir()) / "zhiwen-bench-cmrc"
-    cache = cache_root / _fingerprint(settings, passages, embedder.model_id) / "vectors.npy"
+    variant = f"{embedder.model_id}|{getattr(embedder, 'precision', 'fp32')}"  # bf16 vectors are cached apart
+    cache = cache_root / _fingerprint(settings, passages, variant) / "vectors.npy"
     cached = cache.is_file()
     if cached:
         vectors = np.load(cache)
@@ -169,7 +170,7 @@ def build_kb(passages: Sequence[Passage], settings: Settings, *, cache_root: Pat
         np.save(cache, vectors)
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
-    model_key = hashlib.sha256(f"{embedder.model_id}|{settings.embedding.query_prefix}".encode()).hexdigest()[:12]
+    model_key = hashlib.sha256(f"{variant}|{settings.embedding.query_prefix}".encode()).hexdigest()[:12]
     queries = CachedQueries(embedder, cache_root / f"queries-{model_key}.json")
     return BenchKB(chunks, index, vectors, queries, time.perf_counter() - t0, cached)
 
@@ -287,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     kb = build_kb(passages, settings)
     print(f"knowledge base: {len(passages)} paragraphs -> {len(kb.chunks)} chunks "
           f"(chunk_size {settings.ingest.chunk_size}, overlap {settings.ingest.chunk_overlap}, "
-          f"model {kb.embedder.model_id}); built in {kb.build_seconds:.1f} s"
+          f"model {kb.embedder.model_id}, {getattr(kb.embedder, 'precision', 'fp32')}); "
+          f"built in {kb.build_seconds:.1f} s"
           + (" (vectors from cache)" if kb.cached else ""))
     r = settings.retrieval
     print(f"retrieval: fusion {r.fusion}, rrf_k {r.rrf_k}, dense_weight {r.dense_weight}, fetch_k {r.fetch_k}, "

@@ -39,6 +39,8 @@ OTHER_VARIABLES = {
     "ZHIWEN_PROFILE": "configs/settings.py: configs/settings-<profile>.yaml",
     "ZHIWEN_PROGRESS": "modelpack/pack.py: 0 hides download progress bars",
     "ZHIWEN_MODEL_PACK": "scripts/setup.sh: which model pack to pull",
+    "ZHIWEN_LLAMA_CMAKE_ARGS": "scripts/setup.sh: CMake flags of the llama-cpp-python build",
+    "ZHIWEN_WHEEL_CACHE": "scripts/setup.sh: where built wheels are kept",
     "ZHIWEN_SAMPLE_KB": "scripts/start.sh: the sample knowledge base",
 }
 OTHER_PREFIXES = {
@@ -79,6 +81,8 @@ class EmbeddingSettings(_Section):
     query_prefix: str
     passage_prefix: str
     device: Literal["cpu", "cuda", "auto"]
+    # auto: bf16 on CPUs with AVX512-BF16/AMX, else fp32 (on CUDA too: no gain measured; docs/benchmarks.md)
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
     batch_size: int = Field(gt=0)
     max_seq_length: int = Field(gt=16)
 
@@ -114,13 +118,29 @@ class RetrievalSettings(_Section):
     merge_neighbors: bool
     max_hit_chars: int = Field(gt=0)
     dedupe_threshold: float = Field(gt=0, le=1)
+    min_key_term_coverage: float = Field(ge=0, le=1, description="Share of the question's key terms one passage "
+                                         "must contain, else no LLM call (0 = off).")
 
 
 class StoreSettings(_Section):
+    """Where knowledge bases live: FAISS files under paths.kb_root, or Milvus (docs/deploy.md)."""
+
+    backend: Literal["faiss", "milvus"]
     faiss_index: Literal["auto", "flat", "ivf"] = Field(
         description="FAISS index of a stored segment: flat (exact), ivf (approximate), auto (ivf from ivf_threshold).")
     ivf_threshold: int = Field(gt=0, description="auto: segments with at least this many chunks use IVF.")
     ivf_nprobe: int = Field(gt=0, description="IVF lists searched per question (recall vs speed).")
+    # milvus: a *.db path runs Milvus Lite embedded (one process per file; "" = <kb_root>/milvus.db, relative paths
+    # against the project root); http(s)://host:19530 a Milvus standalone/cluster server.
+    uri: str
+    token: str                      # "user:password" or an API key (a server with authentication on)
+    user: str
+    password: str
+    db_name: str                    # "" = the server's default database
+    server_pem_path: str            # TLS: the server's certificate (one-way TLS); https:// URIs use TLS too
+    server_name: str                # TLS: the name in the server's certificate, if it differs from the host
+    timeout_s: float = Field(gt=0)
+    index_type: str = Field(min_length=1)  # auto = FLAT on Milvus Lite (exact), AUTOINDEX on a server
 
 
 class PromptSettings(_Section):

@@ -7,7 +7,7 @@
 Rooms: imports `retrieval` (sentences, BM25 stopwords) only; `app` and `bench` use it.
 """
 from grounding.check import UNGROUNDED, Citation, Failure, GroundingResult, check_answer, citations, looks_like_refusal
-from grounding.evidence import best_sentence, best_sentence_index, key_terms, rank_by_question
+from grounding.evidence import best_sentence, best_sentence_index, key_term_coverage, key_terms, rank_by_question
 
 __all__ = [
     "UNGROUNDED",
@@ -18,6 +18,7 @@ __all__ = [
     "best_sentence_index",
     "check_answer",
     "citations",
+    "key_term_coverage",
     "key_terms",
     "looks_like_refusal",
     "rank_by_question",

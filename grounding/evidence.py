@@ -74,6 +74,19 @@ def key_terms(question: str, *, exclude: Sequence[str] = ()) -> list[str]:
     return out
 
 
+def key_term_coverage(question: str, passage: str) -> float:
+    """Share of the question's key terms written in `passage` (1.0 when the question has fewer than two).
+
+    >>> key_term_coverage("范廷颂是什么时候被任命为主教的？", "范廷颂于1963年被任命为主教。")
+    1.0
+    """
+    terms = key_terms(question)
+    if len(terms) < 2:      # one word decides nothing: a paraphrase of it would refuse a fine question
+        return 1.0
+    text = normalize(passage)
+    return sum(t in text for t in terms) / len(terms)
+
+
 def term_coverage(terms: Sequence[str], passage: str, sentence: str) -> float:
     """Share of `terms` written in `sentence` or the sentences right before and after it in `passage` (a word of
     three characters or more also counts when most of its character pairs are there: 任命为 ~ 被任命)."""

@@ -70,6 +70,17 @@ def fingerprint(folder: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def cpu_has_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16): bf16 is then faster than fp32.
+    Elsewhere bf16 is emulated and slower, so "auto" keeps fp32 there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    line = next((ln for ln in flags.splitlines() if ln.startswith("flags")), "")
+    return bool({"avx512_bf16", "amx_bf16"} & set(line.split()))
+
+
 class Embedder(Embeddings):
     """A LangChain `Embeddings` over sentence-transformers, with the product's prefixes and limits.
 
@@ -142,15 +153,36 @@ class Embedder(Embeddings):
                     self._model = self._load_model()
         return self._model
 
+    @property
+    def precision(self) -> str:
+        """The precision the model runs in: embedding.precision, with "auto" resolved for this machine —
+        bf16 on a CPU with native bf16 matrix units (AVX512-BF16 / AMX), fp32 otherwise. On a GPU "auto" is fp32:
+        a model this small is bound by tokenisation there, and fp16/bf16 measured no faster (docs/benchmarks.md)."""
+        want = self.settings.precision
+        if want != "auto":
+            return want
+        if self.device == "cuda":
+            return "fp32"
+        return "bf16" if cpu_has_bf16() else "fp32"
+
     def _load_model(self) -> SentenceTransformer:
         self._check_folder()
         os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for a hub, whatever the folder's config names
+        import torch
         from sentence_transformers import SentenceTransformer
 
         try:
             model = SentenceTransformer(str(self.folder), device=self.device, local_files_only=True)
         except (OSError, ValueError) as e:
             raise EmbedderError(f"cannot load the embedding model in {self.folder}: {e}. {_PULL_HINT}") from e
+        # Reduced precision: the weights are cast once; vectors come back as float32 and are re-normalised
+        # (docs/benchmarks.md: speed and CMRC quality per precision, measured side by side).
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if dtype is torch.float16 and self.device != "cuda":
+            raise EmbedderError("embedding.precision 'fp16' needs embedding.device 'cuda' (CPUs run fp16 slowly): "
+                                "use 'bf16', 'fp32' or 'auto'")
+        if dtype is not None:
+            model.to(dtype)
         model.max_seq_length = self.max_tokens
         # The prefixes come from settings; a default prompt saved in the folder would be added a second time.
         model.default_prompt_name = None
@@ -231,9 +263,12 @@ class Embedder(Embeddings):
         # sentence-transformers already sorts by length before batching (and restores the order), so the
         # texts go in as they are: sorting here too would only repeat that work.
         vecs = model.encode(
-            texts, batch_size=self.settings.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            texts, batch_size=self.settings.batch_size, normalize_embeddings=True, convert_to_tensor=True,
             show_progress_bar=False,
         )
+        vecs = vecs.float().cpu().numpy()
+        if self.precision != "fp32":  # normalised in reduced precision: make the norms exactly 1 again
+            vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
     def encode_passages(self, texts: Sequence[str]) -> np.ndarray:

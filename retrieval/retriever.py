@@ -32,6 +32,7 @@ from configs.settings import RetrievalSettings, Settings
 from retrieval import fusion
 from retrieval.bm25 import BM25Index
 from retrieval.hits import is_near_duplicate, merged_text, neighbour_rows, position_map
+from retrieval.stores import EngineCandidates, EngineSearch
 from retrieval.types import Chunk, Hit
 
 if TYPE_CHECKING:  # the store is a peer module; only its type is needed here
@@ -64,7 +65,7 @@ class SearchResult:
 class _Prepared:
     """What the searcher derives once per knowledge-base generation."""
 
-    bm25: BM25Index
+    bm25: BM25Index | None  # None for an engine-side store (its engine holds the BM25 index)
     by_position: dict[tuple[str, int], int]
 
 
@@ -145,10 +146,39 @@ class HybridSearcher:
         Answers from the generation `kb` was opened on; callers reopen when `kb.is_stale()` (KnowledgeBaseRetriever
         does). Derived indexes are cached per (kb path, generation), so a new generation never sees an old BM25.
         """
+        if isinstance(kb, EngineSearch):  # Milvus: the engine searches; threshold, merging and dedupe stay here
+            return self._search_engine(kb, question, **options)
         prepared = self._cache.get((str(kb.path), kb.generation), lambda: _prepare_kb(kb))
         return self.search_chunks(
             question, kb.chunks, kb.index, prepared=prepared, sources_for=kb.sources_for, **options
         )
+
+    def _search_engine(self, kb: EngineSearch, question: str, **options: Any) -> SearchResult:
+        """Ask the store's engine for candidates (dense / BM25 / its own hybrid ranking), then rank them here."""
+        import faiss
+
+        s = self.settings
+        mode = options.get("mode") or s.mode
+        fetch_k = options.get("fetch_k") or s.fetch_k
+        fusion_method = options.get("fusion_method") or s.fusion
+        k = options.get("k") or s.top_k
+        self._check(question, [], None, k=k, mode=mode, fetch_k=fetch_k, fusion_method=fusion_method)
+        if mode != "hybrid":
+            fetch_k = max(fetch_k, k)
+        query = self._encode(question, None) if self.embedder is not None else None
+        if query is not None and kb.manifest.dim and query.shape[0] != kb.manifest.dim:
+            raise ValueError(
+                f"the embedding model gives {query.shape[0]}-dimensional vectors but this knowledge base was built "
+                f"with {kb.manifest.dim}-dimensional ones: set embedding.model back to the model the KB was built "
+                "with, or rebuild the KB with `python ingest.py --rebuild`"
+            )
+        found = kb.candidates(query, question, mode=mode, fetch_k=fetch_k, fusion=fusion_method, rrf_k=s.rrf_k,
+                              dense_weight=s.dense_weight)
+        index = faiss.IndexFlatIP(found.vectors.shape[1])
+        index.add(found.vectors)
+        prepared = _Prepared(bm25=None, by_position=position_map(found.chunks))
+        return self.search_chunks(question, found.chunks, index, prepared=prepared, sources_for=kb.sources_for,
+                                  engine=found, query=query, **{**options, "fetch_k": fetch_k})
 
     # --- the plain-data core ----------------------------------------------------------------------------
     def search_chunks(
@@ -165,8 +195,13 @@ class HybridSearcher:
         fetch_k: int | None = None,
         fusion_method: str | None = None,
         merge_neighbors: bool | None = None,
+        engine: EngineCandidates | None = None,
+        query: np.ndarray | None = None,
     ) -> SearchResult:
-        """Search `chunks` (row i of the FAISS `index` is chunks[i]). Unset options come from the settings."""
+        """Search `chunks` (row i of the FAISS `index` is chunks[i]). Unset options come from the settings.
+
+        With `engine` (an engine-side store's candidates, `chunks`/`index` being its local view) and the `query`
+        vector already encoded, the engine's dense / BM25 / fused lists are used instead of searching here."""
         s = self.settings
         k = s.top_k if k is None else k
         mode = s.mode if mode is None else mode
@@ -181,11 +216,16 @@ class HybridSearcher:
         if mode != "hybrid":  # one retriever alone must supply all k; in hybrid the union of two lists does
             fetch_k = max(fetch_k, k)
 
-        query = self._encode(question, index) if self.embedder is not None else None
-        dense = self._dense(query, index, fetch_k) if query is not None and mode != "bm25" else []
-        sparse = prepared.bm25.search(question, fetch_k) if mode != "dense" else []
+        if engine is not None:
+            dense, sparse = engine.dense, engine.sparse
+        else:
+            query = self._encode(question, index) if self.embedder is not None else None
+            dense = self._dense(query, index, fetch_k) if query is not None and mode != "bm25" else []
+            sparse = prepared.bm25.search(question, fetch_k) if mode != "dense" else []
 
-        if mode == "dense":
+        if engine is not None and engine.fused is not None:
+            fused = dict(engine.fused)
+        elif mode == "dense":
             fused = {row: score for row, score in dense}
         elif mode == "bm25":
             fused = {row: score for row, score in sparse}

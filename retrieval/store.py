@@ -55,6 +55,7 @@ from retrieval.segments import (
     SegmentError,
     SegmentInfo,
 )
+from retrieval.stores import is_milvus
 from retrieval.types import Chunk
 
 if TYPE_CHECKING:
@@ -334,6 +335,10 @@ def kb_dir(name: str, settings: Settings) -> Path:
 
 def list_knowledge_bases(settings: Settings) -> list[str]:
     """Names of committed knowledge bases under settings.kb_root, sorted."""
+    if is_milvus(settings):  # store.backend: milvus (retrieval/stores.py)
+        from retrieval import milvus_store
+
+        return milvus_store.list_knowledge_bases(settings)
     root = settings.kb_root
     if not root.is_dir():
         return []
@@ -345,6 +350,10 @@ def list_knowledge_bases(settings: Settings) -> list[str]:
 
 def delete_knowledge_base(name: str, settings: Settings, *, timeout: float | None = 0) -> None:
     """Delete a KB and its uploaded sources. Refuses (KBLockedError) while a writer holds it."""
+    if is_milvus(settings):
+        from retrieval import milvus_store
+
+        return milvus_store.delete_knowledge_base(name, settings, timeout=timeout)
     path = kb_dir(name, settings)
     if not path.is_dir():
         raise KBNotFoundError(f"知识库「{name}」不存在（{path}）。")
@@ -358,6 +367,10 @@ def delete_knowledge_base(name: str, settings: Settings, *, timeout: float | Non
 def read_manifest(name: str, settings: Settings) -> tuple[str, Manifest]:
     """(generation, manifest) of the live generation, reading CURRENT and manifest.json only — never the index or
     the chunks: what the KB list, the status line and the file table show. KBNotFoundError / KBCorruptError."""
+    if is_milvus(settings):
+        from retrieval import milvus_store
+
+        return milvus_store.read_manifest(name, settings)
     path = kb_dir(name, settings)
     for _ in range(10):
         gen = _live_generation(path, name) if path.is_dir() else None
@@ -398,6 +411,12 @@ def repair_knowledge_base(name: str, settings: Settings, *, timeout: float | Non
     A CURRENT whose generation verifies is left alone. Nothing is deleted here; generations newer than the one
     chosen are collected by the next writer. KBCorruptError when no generation is complete (then --rebuild).
     """
+    if is_milvus(settings):  # nothing to re-point: a Milvus writer cleans what a killed one left (milvus_store)
+        from retrieval.milvus_store import MilvusKnowledgeBase
+
+        with MilvusKnowledgeBase.open_writer(name, settings, timeout=timeout) as w:
+            gen = w.live_generation or "gen-0"
+        return RepairResult(name, gen, gen, False)
     path = kb_dir(name, settings)
     if not path.is_dir():
         raise KBNotFoundError(f"知识库「{name}」不存在（{path}）。")
@@ -646,6 +665,10 @@ class KnowledgeBase:
     @classmethod
     def open(cls, name: str, settings: Settings) -> KnowledgeBase:
         """Open the live generation of KB `name`; KBNotFoundError if it does not exist."""
+        if is_milvus(settings):  # store.backend: milvus — the same read side, in Milvus (retrieval/stores.py)
+            from retrieval.milvus_store import MilvusKnowledgeBase
+
+            return MilvusKnowledgeBase.open(name, settings)
         path = kb_dir(name, settings)
         for _ in range(10):  # a writer may switch CURRENT and collect our generation between two reads
             try:
@@ -675,6 +698,10 @@ class KnowledgeBase:
     @classmethod
     def create(cls, name: str, settings: Settings, *, exist_ok: bool = True) -> KnowledgeBase:
         """Create an empty KB (generation 0) and return it; with exist_ok, open an existing one instead."""
+        if is_milvus(settings):
+            from retrieval.milvus_store import MilvusKnowledgeBase
+
+            return MilvusKnowledgeBase.create(name, settings, exist_ok=exist_ok)
         path = kb_dir(name, settings)
         if path.is_dir() and _live_generation(path, name) is not None:
             if not exist_ok:
@@ -740,6 +767,12 @@ class KnowledgeBase:
     @contextmanager
     def open_writer(name: str, settings: Settings, *, timeout: float | None = 0) -> Iterator[KBWriter]:
         """Like `kb.writer()` without reading a snapshot first; creates the KB (empty, generation 0) if needed."""
+        if is_milvus(settings):
+            from retrieval.milvus_store import MilvusKnowledgeBase
+
+            with MilvusKnowledgeBase.open_writer(name, settings, timeout=timeout) as w:
+                yield w
+            return
         path = kb_dir(name, settings)
         (path / SOURCES_DIR).mkdir(parents=True, exist_ok=True)
         with _writer_lock(path, name, timeout):

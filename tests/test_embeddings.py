@@ -27,7 +27,8 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 
 def make(folder: Path, **embedding) -> Embedder:
-    return Embedder.from_settings(load_settings(embedding={"model": str(folder), **embedding}))
+    """fp32 unless a test asks for another precision: the mechanics compare with the bare model exactly."""
+    return Embedder.from_settings(load_settings(embedding={"model": str(folder), "precision": "fp32", **embedding}))
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,22 @@ def test_device_setting(tiny_folder: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(EmbedderError, match="embedding.device is 'cuda'"):
             make(tiny_folder, device="cuda").warm_up()
+
+
+def test_precision_auto_follows_the_processor_and_bf16_stays_close_to_fp32(tiny_folder: Path, tiny: Embedder) -> None:
+    from retrieval.embeddings import cpu_has_bf16
+
+    assert make(tiny_folder, device="cpu", precision="auto").precision == ("bf16" if cpu_has_bf16() else "fp32")
+    assert make(tiny_folder, precision="fp32").precision == "fp32"
+    bf16 = make(tiny_folder, precision="bf16")
+    assert bf16.precision == "bf16" and bf16.model_id == tiny.model_id  # same stored vectors: KBs stay compatible
+    vecs, ref = bf16.encode_passages(TEXTS), tiny.encode_passages(TEXTS)
+    assert vecs.dtype == np.float32 and bf16._model.dtype == torch.bfloat16
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert np.min(np.sum(vecs * ref, axis=1)) > 0.99
+    if not torch.cuda.is_available():
+        with pytest.raises(EmbedderError, match="fp16' needs embedding.device 'cuda'"):
+            make(tiny_folder, precision="fp16").warm_up()
 
 
 # ---------------------------------------------------------------------------------------------- encoding ---------
@@ -172,9 +189,12 @@ def test_model_id_is_name_plus_fingerprint_and_detects_a_changed_model(tiny_fold
 def test_cuda_matches_cpu(tiny_folder: Path) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    gpu = make(tiny_folder, device="cuda")
-    cpu = make(tiny_folder, device="cpu")
+    gpu = make(tiny_folder, device="cuda", precision="fp32")
+    cpu = make(tiny_folder, device="cpu", precision="fp32")
     np.testing.assert_allclose(gpu.encode_passages(TEXTS), cpu.encode_passages(TEXTS), atol=1e-4)
+    assert make(tiny_folder, device="cuda", precision="auto").precision == "fp32"
+    half = make(tiny_folder, device="cuda", precision="fp16")
+    assert np.min(np.sum(half.encode_passages(TEXTS) * cpu.encode_passages(TEXTS), axis=1)) > 0.99
 
 
 # ---------------------------------------------------------------------------------------------- real e5 ----------

@@ -137,3 +137,11 @@ def test_page_shows_an_ungrounded_answer_as_no_reliable_basis_and_links_citation
     assert "<mark>压缩包限制：一个 zip 压缩包里最多 2000 个文件，解压后不超过 500 MB。</mark>" in panel
     # the case: before, the phone sentence of [1] was highlighted because it shares 「多少」 with the question
     assert "<mark>" not in panel.split('id="zw-src-2"')[0]
+
+
+def test_key_term_coverage_decides_only_with_two_terms_or_more():
+    from grounding.evidence import key_term_coverage
+
+    assert key_term_coverage("回答很慢怎么办？", "生成速度取决于机器。") == 1.0      # one key word: no decision
+    assert key_term_coverage("zip 压缩包里的文件数上限是多少？", GUIDE[1]) == 0.75   # zip, 压缩包, 文件 of four
+    assert key_term_coverage("量子计算机的超导比特退相干时间是多少？", GUIDE[1]) == 0.0

@@ -141,7 +141,9 @@ def test_threshold_parameter_decides_abstention(world):
     assert not loose.refused and loose.sources
     list(loose)
     # UNRELATED is evidence only when the threshold is lowered below its best cosine.
-    assert service.answer(UNRELATED, "cmrc", [], AnswerParams(threshold=-1.0, max_new_tokens=2)).refused is False
+    assert service.search(UNRELATED, "cmrc", AnswerParams(threshold=-1.0)).evidence is True
+    # ...but answer() still refuses it: none of its key words (汽车, 轮胎, 气门芯) is in the best passage
+    assert service.answer(UNRELATED, "cmrc", [], AnswerParams(threshold=-1.0, max_new_tokens=2)).refused is True
 
 
 def test_history_goes_into_the_prompt_up_to_history_turns(world):
@@ -355,3 +357,20 @@ def test_grounding_check_marks_the_finished_answer(world):
         list(bad)
     assert bad.ungrounded and bad.grounding.failures[0].kind == "number"
     assert "987654321" in bad.grounding.summary()
+
+
+def test_best_passage_without_the_questions_key_terms_means_no_llm_call(world):
+    """retrieval.min_key_term_coverage: a question whose key words are not in the best passage is refused before the
+    LLM even when the dense score passes (here the threshold is off), and goes through when the setting is 0."""
+    service = world["service"]
+    question = "量子计算机的超导比特退相干时间是多少微秒？"
+    with GenerateSpy(service.llm.model) as spy:
+        stream = service.answer(question, "cmrc", [], AnswerParams(threshold=-1.0))
+        assert list(stream) == [REFUSAL]
+    assert spy.calls == [] and stream.refused and stream.low_relevance
+    off = QAService(world["settings"].model_copy(update={"retrieval": world["settings"].retrieval.model_copy(
+        update={"min_key_term_coverage": 0.0})}), llm=service.llm, embedder=service.searcher.embedder)
+    with GenerateSpy(service.llm.model) as spy:
+        answered = off.answer(question, "cmrc", [], AnswerParams(threshold=-1.0, max_new_tokens=2))
+        list(answered)
+    assert not answered.refused and len(spy.calls) == 1

@@ -74,6 +74,27 @@ def noise_judge(ds: EvalSet, passage_of_file: Mapping[str, str], kb_texts: Mappi
             if pid is None or pid not in question.positives:
                 noise.append(getattr(hit, "text", "") or kb_texts.get(pid or "", ""))
         claims = noise_claims(text, question, gold, noise)
-        return {"noise_claims": claims}
+        return {"noise_claims": claims, **refusal_signals(question.query, getattr(stream, "sources", None) or [])}
 
     return judge
+
+
+def refusal_signals(question: str, hits: Sequence[Any]) -> dict[str, Any]:
+    """What retrieval already knows about a question, for refusal calibration (measured, not yet acted on):
+    sig_coverage  share of the question's key terms (grounding.evidence.key_terms) written in the best passage
+    sig_agree     the best passage is also the best of the passages by BM25 and by dense score
+    sig_dense     the best passage's dense cosine
+    """
+    from grounding.claims import normalize
+    from grounding.evidence import key_terms
+
+    if not hits:
+        return {"sig_coverage": None, "sig_agree": None, "sig_dense": None}
+    top = hits[0]
+    terms = key_terms(question)
+    text = normalize(getattr(top, "text", ""))
+    coverage = sum(t in text for t in terms) / len(terms) if terms else 1.0
+    bm = [getattr(h, "bm25_score", None) or 0.0 for h in hits]
+    de = [getattr(h, "dense_score", None) or 0.0 for h in hits]
+    agree = bm[0] == max(bm) and de[0] == max(de) and bm[0] > 0
+    return {"sig_coverage": coverage, "sig_agree": bool(agree), "sig_dense": de[0]}

@@ -232,6 +232,7 @@ def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_
                                                                       "contains", "ttft_s", "tokens", "error",
                                                                       "grounding", "grounding_failures",
                                                                       "refused_grounded", "noise_claims", "cited",
+                                                                      "sig_coverage", "sig_agree", "sig_dense",
                                                                       "source_texts")
                                                if k in row}
         if first:   # the Markdown's sample table shows the first answering configuration

@@ -1,0 +1,140 @@
+"""Milvus Lite at 10k / 100k chunks through the product's Milvus store (`store.backend: milvus`): retrieval latency
+with question encoding, RSS, and one file added / deleted → searchable.
+
+    flock /tmp/zhiwen-bench.lock .venv/bin/python -m bench.scale_milvus                    # 10k
+    flock /tmp/zhiwen-bench.lock .venv/bin/python -m bench.scale_milvus --sizes 10000 100000 --queries 50
+
+Corpus: bench.latency's replica method (real CMRC trial chunks embedded once with the product's Embedder; replicas
+get perturbed text and noisy, re-normalised vectors; each replica of a passage is its own file). The KB is written by
+the product's MilvusKBWriter (rows + Milvus's own BM25 over the jieba analyzer, FLAT cosine index) in a temporary
+Milvus Lite file, opened with KnowledgeBase.open, and searched with HybridSearcher.search like the app does
+(retrieval.mode hybrid: Milvus's hybrid_search with the weighted ranker, then threshold / merging / dedupe here).
+
+Printed per size:
+  build                 seconds to write all rows (insert + Milvus's BM25 + index) and switch the head
+  rss                   resident memory of this process (Milvus Lite runs inside it; the e5 model included)
+  search-full           HybridSearcher.search(kb, question) incl. encoding the question: p50 / p95
+  search-cached         the same with the question's vector pre-computed
+  add / delete          one file (a real CMRC passage, embedded now): writer, embed, commit, reopen, first search
+                        — total = "searchable"; first-query = that first search alone
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import psutil
+
+from bench.corpus import cmrc_chunks
+from bench.eval.metrics import percentile
+from bench.latency import _CachedQueries, real_vectors, replicate
+from bench.machine import describe_machine
+from configs import load_settings
+from retrieval.retriever import HybridSearcher
+from retrieval.store import FileEntry, IndexSpec, KnowledgeBase
+from retrieval.types import Chunk
+
+
+def _ms(xs: list[float]) -> str:
+    return f"p50 {percentile(xs, 50):7.1f} ms  p95 {percentile(xs, 95):7.1f} ms"
+
+
+def _timed(fn, items: list[str], warmup: int = 3) -> list[float]:
+    for q in items[:warmup]:
+        fn(q)
+    out = []
+    for q in items:
+        t0 = time.perf_counter()
+        fn(q)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def bench_size(size: int, real: list[Chunk], real_vecs: np.ndarray, questions: list[str], emb, spec: IndexSpec,
+               root: Path) -> None:
+    from retrieval import milvus_store
+
+    settings = load_settings(paths={"kb_root": str(root / f"kb-{size}")},
+                             store={"backend": "milvus", "uri": str(root / f"kb-{size}" / "milvus.db")})
+    chunks, vecs = replicate(real, real_vecs, size)
+    by_sha: dict[str, list[int]] = defaultdict(list)
+    for i, c in enumerate(chunks):
+        by_sha[c.sha256].append(i)
+    t0 = time.perf_counter()
+    with KnowledgeBase.open_writer("bench", settings) as w:
+        w.set_spec(spec)
+        for sha, rows in by_sha.items():
+            w.add_content(sha, [chunks[i] for i in rows], vecs[rows])
+            w.put(FileEntry(chunks[rows[0]].source, sha, 1, 0.0, "ok", ingested_at="2026-01-01T00:00:00"))
+        w.commit()
+    build = time.perf_counter() - t0
+    kb = KnowledgeBase.open("bench", settings)
+    rss = psutil.Process().memory_info().rss / 2**30
+    print(f"\n== Milvus Lite, {len(kb):,} chunks in {len(kb.manifest.files):,} files: build {build:.1f} s, "
+          f"RSS {rss:.2f} GiB")
+    full = HybridSearcher(settings.retrieval, emb)
+    qvecs = {q: emb.encode_query(q) for q in questions}
+    cached = HybridSearcher(settings.retrieval, _CachedQueries(qvecs))
+    print(f"search-full      {_ms(_timed(lambda q: full.search(kb, q), questions))}")
+    print(f"search-cached    {_ms(_timed(lambda q: cached.search(kb, q), questions))}")
+
+    # One new file: a real passage under a new name and content, embedded now.
+    passage = [c for c in real if c.sha256 == real[0].sha256]
+    sha = "f" * 64
+    question = questions[0]
+    t0 = time.perf_counter()
+    with KnowledgeBase.open_writer("bench", settings) as w:
+        v = emb.encode_passages([c.embedding_text() for c in passage])
+        w.add_content(sha, passage, v)
+        w.put(FileEntry("new/added.txt", sha, 1, 0.0, "ok"))
+        w.commit()
+    kb = kb.reopen()
+    t1 = time.perf_counter()
+    hits = full.search(kb, question, threshold=-1.0)
+    t2 = time.perf_counter()
+    print(f"add one file     searchable after {t2 - t0:6.2f} s (first query {1000 * (t2 - t1):.0f} ms; "
+          f"{len(passage)} chunks; found: {any(h.source == 'new/added.txt' for h in hits.hits)})")
+    t0 = time.perf_counter()
+    with KnowledgeBase.open_writer("bench", settings) as w:
+        w.remove("new/added.txt")
+        w.commit()
+    kb = kb.reopen()
+    t1 = time.perf_counter()
+    hits = full.search(kb, question, threshold=-1.0)
+    t2 = time.perf_counter()
+    print(f"delete one file  gone after {t2 - t0:6.2f} s (first query {1000 * (t2 - t1):.0f} ms; "
+          f"still found: {any(h.source == 'new/added.txt' for h in hits.hits)})")
+    milvus_store.close_clients()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000])
+    ap.add_argument("--queries", type=int, default=50)
+    args = ap.parse_args(argv)
+    settings = load_settings()
+    real, questions = cmrc_chunks(settings)
+    emb, real_vecs = real_vectors(settings, real)
+    spec = IndexSpec(emb.model_id, emb.dim, settings.embedding.passage_prefix, settings.embedding.max_seq_length,
+                     settings.ingest.chunk_size, settings.ingest.chunk_overlap)
+    print(f"machine: {describe_machine()}")
+    print(f"embedder precision {emb.precision}; {len(real)} real chunks, {args.queries} questions")
+    root = Path(tempfile.mkdtemp(prefix="zhiwen-scale-milvus-"))
+    try:
+        for size in args.sizes:
+            bench_size(size, real, real_vecs, questions[: args.queries], emb, spec, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
