@@ -288,6 +288,29 @@ def _write_manifest(c: MilvusClient, name: str, manifest: Manifest) -> int:
     return len(rows)
 
 
+def _write_list(c: MilvusClient, name: str, kind: str, items: list[str]) -> int:
+    """A long list of sha256 (a commit's pending contents or garbage) as meta rows `<kind>/<name>/<i>`; returns the
+    number of rows (the head row keeps only that count: one VARCHAR holds 64 kB, a first ingest lists thousands)."""
+    text = json.dumps(items)
+    pieces = [text[i:i + _PART_CHARS] for i in range(0, len(text), _PART_CHARS)] if items else []
+    rows = [{"pk": f"{kind}/{name}/{i}", "kb": name, "kind": kind, "gen": 0, "part": i, "body": p, "v": [0.0, 0.0]}
+            for i, p in enumerate(pieces)]
+    for i in range(0, len(rows), 64):
+        c.upsert(META_COLLECTION, rows[i:i + 64])
+    return len(rows)
+
+
+def _read_list(c: MilvusClient, name: str, kind: str, parts: int) -> list[str]:
+    if not parts:
+        return []
+    ids = [f"{kind}/{name}/{i}" for i in range(parts)]
+    rows = {r["pk"]: r["body"] for r in c.get(META_COLLECTION, ids=ids, output_fields=["body"])}
+    try:
+        return list(json.loads("".join(rows[i] for i in ids)))
+    except (KeyError, ValueError):
+        return []  # an interrupted write of the list itself: nothing of it was written to the chunks yet
+
+
 def _quote(values: list[str]) -> str:
     return json.dumps(values, ensure_ascii=False)  # sha256 hex and KB names ([A-Za-z0-9_-] and CJK): nothing to escape
 
@@ -600,12 +623,13 @@ class MilvusKBWriter:
 
     def _collect_leftovers(self, head: dict[str, Any]) -> None:
         """Rows a killed writer left: contents it was writing that never became live, and garbage it had listed."""
-        pending = [s for s in head.get("pending", []) if s not in self._stored]
-        garbage = [s for s in head.get("garbage", []) if s not in self._stored]
-        if (pending or garbage) and self._c.has_collection(self._collection):
-            self._delete_contents(pending + garbage)
+        listed = (_read_list(self._c, self.name, "pending", int(head.get("pending", 0)))
+                  + _read_list(self._c, self.name, "garbage", int(head.get("garbage", 0))))
+        leftovers = [s for s in listed if s not in self._stored]
+        if leftovers and self._c.has_collection(self._collection):
+            self._delete_contents(leftovers)
         if head.get("pending") or head.get("garbage"):
-            head = {**head, "pending": [], "garbage": []}
+            head = {**head, "pending": 0, "garbage": 0}
             _write_head(self._c, self.name, head)
             self._head = head
 
@@ -694,7 +718,7 @@ class MilvusKBWriter:
             c.drop_collection(self._collection)
             dropped = []
         if to_write:
-            _write_head(c, self.name, {**base, "pending": to_write})
+            _write_head(c, self.name, {**base, "pending": _write_list(c, self.name, "pending", to_write)})
             if not c.has_collection(self._collection):
                 dim = self._spec.dim if self._spec and self._spec.dim else self._new[to_write[0]][1].shape[1]
                 _create_chunks_collection(c, self._collection, dim, _index_type(self.settings))
@@ -717,7 +741,8 @@ class MilvusKBWriter:
         manifest = Manifest(gen, self._spec, files, created_at=self._created_at or now, updated_at=now)
         parts = _write_manifest(c, self.name, manifest)
         garbage = dropped
-        head = {**base, "generation": gen, "parts": parts, "pending": [], "garbage": garbage}
+        head = {**base, "generation": gen, "parts": parts, "pending": 0,
+                "garbage": _write_list(c, self.name, "garbage", garbage)}
         _write_head(c, self.name, head)  # the switch: readers see generation `gen` from here on
 
         if (garbage or shrunk) and c.has_collection(self._collection):
@@ -725,7 +750,7 @@ class MilvusKBWriter:
             for sha, n in shrunk.items():
                 c.delete(self._collection, filter=f'sha == "{sha}" and position >= {n}')
         if garbage:
-            head = {**head, "garbage": []}
+            head = {**head, "garbage": 0}
             _write_head(c, self.name, head)
         c.delete(META_COLLECTION, filter=f'kb == {_quote([self.name])[1:-1]} and kind == "part" and gen < {gen - 1}')
 
