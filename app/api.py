@@ -26,7 +26,7 @@ import secrets
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -173,10 +173,10 @@ def build_router(ctx: AppContext) -> APIRouter:
             log.exception("ask failed")
             return _error(500, friendly_error(e))
 
-        def lines() -> Iterator[bytes]:
+        async def lines() -> AsyncIterator[bytes]:
             text, done = "", False
             try:
-                for piece in stream:
+                while (piece := await run_in_threadpool(stream.pull)) is not None:
                     text += piece
                     yield _line({"type": "token", "text": piece})
                 done = True
@@ -188,8 +188,11 @@ def build_router(ctx: AppContext) -> APIRouter:
                 log.exception("ask failed while streaming")
                 yield _line({"type": "error", "error": friendly_error(e), "answer": text})
             finally:
-                if not done:  # client went away or an error: let the model stop instead of generating for nobody
+                # finished, failed, or the client went away (this generator is cancelled): either way the model
+                # stops instead of generating for nobody and the generation slot is given back now
+                if not done:
                     stop.set()
+                stream.abandon()
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 

@@ -61,7 +61,8 @@ class AppContext:
                stop: threading.Event | None = None) -> GatedStream:
         """One streamed answer. The checks, the retrieval and the prompt happen now (a bad request raises QAError
         before any text); iterating holds a generation slot from the first token wait to the end."""
-        return GatedStream(self, self.service.answer(question, kb_name, history, params, stop_event=stop))
+        stop = stop or threading.Event()
+        return GatedStream(self, self.service.answer(question, kb_name, history, params, stop_event=stop), stop)
 
     def search(self, question: str, kb_name: str, params: AnswerParams | None = None) -> SearchResult:
         return self.service.search(question, kb_name, params)
@@ -97,10 +98,17 @@ class AppContext:
 
 class GatedStream:
     """Iterate the service's AnswerStream while holding a generation slot; .sources/.refused/.error etc. are the
-    AnswerStream's."""
+    AnswerStream's.
 
-    def __init__(self, ctx: AppContext, inner: AnswerStream) -> None:
-        self._ctx, self._inner = ctx, inner
+    Async servers use pull() from a worker thread and abandon() when the client goes away: a sync generator that
+    Starlette stops iterating is never closed, so its slot would stay taken until garbage collection (after a few
+    dropped streams every later question waited for ever)."""
+
+    def __init__(self, ctx: AppContext, inner: AnswerStream, stop: threading.Event | None = None) -> None:
+        self._ctx, self._inner, self._stop = ctx, inner, stop
+        self._lock = threading.Lock()
+        self._it: Iterator[str] | None = None
+        self._closed = False
 
     def __iter__(self) -> Iterator[str]:
         with self._ctx.gate:
@@ -108,6 +116,28 @@ class GatedStream:
                 if not self._inner.refused:  # a refusal never touches the LLM
                     self._ctx.models_loaded = True
                 yield piece
+
+    def pull(self) -> str | None:
+        """The next piece, or None at the end (or once abandoned). Blocking: call it from a worker thread."""
+        with self._lock:
+            if self._closed:
+                return None
+            if self._it is None:
+                self._it = iter(self)
+            return next(self._it, None)
+
+    def abandon(self) -> None:
+        """Stop the generation at its next token and give the slot back, without blocking the caller: the close
+        waits (in its own thread) for a pull() still running in a worker."""
+        if self._stop is not None:
+            self._stop.set()
+        threading.Thread(target=self._close, name="answer-abandon", daemon=True).start()
+
+    def _close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._it is not None:
+                self._it.close()          # leaves `with gate`: the slot is free again
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

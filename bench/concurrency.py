@@ -25,9 +25,9 @@ from base64 import b64encode
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from configs import PROJECT_ROOT as ROOT
 from prompts import is_refusal
 
-ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "guide"
 
 # (question, texts of which a right answer contains at least one, the guide file that holds the answer).

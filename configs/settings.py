@@ -39,6 +39,8 @@ OTHER_VARIABLES = {
     "ZHIWEN_PROFILE": "configs/settings.py: configs/settings-<profile>.yaml",
     "ZHIWEN_PROGRESS": "modelpack/pack.py: 0 hides download progress bars",
     "ZHIWEN_MODEL_PACK": "scripts/setup.sh: which model pack to pull",
+    "ZHIWEN_LLAMA_CMAKE_ARGS": "scripts/setup.sh: CMake flags of the llama-cpp-python build",
+    "ZHIWEN_WHEEL_CACHE": "scripts/setup.sh: where built wheels are kept",
     "ZHIWEN_SAMPLE_KB": "scripts/start.sh: the sample knowledge base",
 }
 OTHER_PREFIXES = {

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.files import sha256_file
+from configs import PROJECT_ROOT
 
 PACK_FORMAT = 1                       # bump when a converter's output changes, so old folders are rebuilt
 MANIFEST = "zhiwen-pack.json"
@@ -369,7 +370,7 @@ def convert_in_child(model: PackModel, inputs: dict[str, Path], out_dir: Path) -
     peak is its own; returns that peak RSS in MB."""
     cmd = [sys.executable, "-m", "modelpack", "_convert", model.converter, str(out_dir.resolve()),
            *[f"{k}={v.resolve()}" for k, v in inputs.items()]]
-    proc = subprocess.run(cmd, check=False, cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.run(cmd, check=False, cwd=PROJECT_ROOT)
     if proc.returncode != 0:
         raise ModelPackError(_conversion_failed(model, inputs, f"exit code {proc.returncode}; the lines above say why"))
     stats_file = out_dir / STATS

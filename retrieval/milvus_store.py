@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from common.files import now_iso
 from retrieval.store import (
     LIVE_STATUSES,
     SOURCES_DIR,
@@ -52,7 +53,6 @@ from retrieval.store import (
     KBLockedError,
     KBNotFoundError,
     Manifest,
-    _now_iso,
     _writer_lock,
     kb_dir,
 )
@@ -586,7 +586,7 @@ class MilvusKBWriter:
         self._stored: dict[str, int] = {}
         self._files: dict[str, FileEntry] = {}
         self._spec: IndexSpec | None = None
-        self._created_at = _now_iso()
+        self._created_at = now_iso()
         self._drop_all = False        # --rebuild with another vector size: the collection is made anew
         self._superseded: set[str] = set()  # contents stored before a --rebuild (deleted after the switch)
         self.dirty = False
@@ -713,7 +713,7 @@ class MilvusKBWriter:
             else:
                 e = replace(e, chunk_ids=(), duplicate_of=None)
             files[path] = e
-        now = _now_iso()
+        now = now_iso()
         manifest = Manifest(gen, self._spec, files, created_at=self._created_at or now, updated_at=now)
         parts = _write_manifest(c, self.name, manifest)
         garbage = dropped

@@ -375,3 +375,22 @@ def test_create_key_command_prints_key_and_entry():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "empty" in r.stderr
 
+
+
+def test_api_ask_clients_that_leave_mid_stream_give_their_generation_slot_back(server):
+    """The same for the line protocol of /api/ask: a dropped stream gives its slot back (before, Starlette stopped
+    iterating the answer's sync generator without closing it, and the slot stayed taken until garbage collection)."""
+    base, _key, ctx = server
+    api = base.removesuffix("/v1") + "/api"
+    limit = ctx.settings.app.concurrency_limit
+    for _ in range(limit + 1):
+        with httpx.stream("POST", f"{api}/ask", json={"question": QUESTION, "kb": KB}, timeout=60) as r:
+            assert r.status_code == 200
+            assert json.loads(next(r.iter_lines()))["type"] in ("token", "done")   # one line, then hang up
+    deadline = time.monotonic() + 60
+    while ctx.gate._value < limit and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ctx.gate._value == limit
+    r = httpx.post(f"{api}/ask", json={"question": QUESTION, "kb": KB}, timeout=60)
+    last = json.loads(r.text.splitlines()[-1])
+    assert r.status_code == 200 and last["type"] == "done" and last["answer"]
