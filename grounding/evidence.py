@@ -22,6 +22,10 @@ from retrieval.sentences import split_sentences
 # Question words and particles that say nothing about what is asked (on top of the BM25 stopwords).
 _QUESTION_WORDS = frozenset("什么 多少 哪些 哪个 哪里 哪儿 哪年 哪位 为什么 怎么 怎样 如何 是否 是不是 可以 能否 "
                             "请问 一下 有没有 几个 几年 几次 几种 时候 主要 一个".split())
+# Words that ask for the answer's form, not its content (「请详细列出…，逐条说明」): a passage need not contain them, so
+# they must not count against it (a verbose question about the upload limits was refused before the LLM).
+_REQUEST_WORDS = frozenset("详细 具体 简要 简单 简述 列出 列举 逐条 一条 每条 每一条 分别 全部 所有 展开 "
+                           "说明 介绍 解释 描述 概括 总结 告诉 回答 讲讲 谈谈 举例".split())
 
 
 # A sentence that states none of the answer's claims must share at least this share of the answer's character pairs
@@ -67,7 +71,8 @@ def key_terms(question: str, *, exclude: Sequence[str] = ()) -> list[str]:
     skip = {normalize(x) for x in exclude}
     out = []
     for w in jieba.lcut(normalize(question)):
-        if len(w) < 2 or w in STOPWORDS or w in _QUESTION_WORDS or w in skip or not any(ch.isalnum() for ch in w):
+        if (len(w) < 2 or w in STOPWORDS or w in _QUESTION_WORDS or w in _REQUEST_WORDS or w in skip
+                or not any(ch.isalnum() for ch in w)):
             continue
         if w not in out:
             out.append(w)

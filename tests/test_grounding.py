@@ -8,7 +8,7 @@ from bench.eval.metrics import contains_any_answer
 from bench.eval.noise import NEAR_MISS_PREFIX, near_miss_passages, noise_claims
 from grounding.check import UNGROUNDED, check_answer, citations
 from grounding.claims import extract_claims, question_constraints, supports
-from grounding.evidence import best_sentence, key_terms
+from grounding.evidence import best_sentence, key_term_coverage, key_terms
 
 GUIDE = ["上传文件：点击「上传」按钮，选择文件。所以可以问『某某的电话是多少』这样的问题。",
          "压缩包限制：一个 zip 压缩包里最多 2000 个文件，解压后不超过 500 MB。"]
@@ -145,3 +145,14 @@ def test_key_term_coverage_decides_only_with_two_terms_or_more():
     assert key_term_coverage("回答很慢怎么办？", "生成速度取决于机器。") == 1.0      # one key word: no decision
     assert key_term_coverage("zip 压缩包里的文件数上限是多少？", GUIDE[1]) == 0.75   # zip, 压缩包, 文件 of four
     assert key_term_coverage("量子计算机的超导比特退相干时间是多少？", GUIDE[1]) == 0.0
+
+
+def test_words_about_the_answers_form_are_not_key_terms():
+    """「请详细列出…每一条都展开说明」 asks for a form, not for content: a passage that holds what is asked must not be
+    refused for lacking 详细/列出/展开/说明 (our own guide's upload-limits question was refused before the LLM)."""
+    q = "请详细列出支持的全部文件类型和上传的全部限制，每一条都展开说明原因和注意事项。"
+    terms = key_terms(q)
+    assert not {"详细", "列出", "一条", "展开", "说明", "全部"} & set(terms)
+    assert {"支持", "上传"} <= set(terms)
+    passage = "具体支持的扩展名以上传时的提示为准，不支持的文件会说明原因。"
+    assert key_term_coverage(q, passage) >= 0.5
