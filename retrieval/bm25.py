@@ -109,10 +109,18 @@ class BM25Index:
 
     def search(self, query: str, k: int) -> list[tuple[int, float]]:
         """The best `k` rows with a positive score, best first, as (row, score)."""
-        s = self.scores(query)
-        if k <= 0 or not s.size:
-            return []
-        k = min(k, s.size)
-        top = np.argpartition(-s, k - 1)[:k]
-        top = top[np.argsort(-s[top], kind="stable")]
-        return [(int(i), float(s[i])) for i in top if s[i] > 0]
+        return top_positive(self.scores(query), k)
+
+
+def top_positive(scores: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The best `k` rows of `scores` with a positive score, best first, as (row, score); ties keep row order.
+
+    >>> top_positive(np.array([0.0, 2.0, 1.0, 2.0], dtype=np.float32), 2)
+    [(1, 2.0), (3, 2.0)]
+    """
+    if k <= 0 or not scores.size:
+        return []
+    k = min(k, scores.size)
+    top = np.argpartition(-scores, k - 1)[:k]
+    top = top[np.argsort(-scores[top], kind="stable")]
+    return [(int(i), float(scores[i])) for i in top if scores[i] > 0]

@@ -616,10 +616,4 @@ class SegmentedBM25:
         return out
 
     def search(self, query: str, k: int) -> list[tuple[int, float]]:
-        s = self.scores(query)
-        if k <= 0 or not s.size:
-            return []
-        k = min(k, s.size)
-        top = np.argpartition(-s, k - 1)[:k]
-        top = top[np.argsort(-s[top], kind="stable")]
-        return [(int(i), float(s[i])) for i in top if s[i] > 0]
+        return bm25_mod.top_positive(self.scores(query), k)
