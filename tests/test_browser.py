@@ -33,6 +33,7 @@ import pytest
 
 from configs import PROJECT_ROOT
 from tests.conftest import require_model
+from tests.support.app_server import stop_process
 
 pytestmark = pytest.mark.browser
 
@@ -115,12 +116,7 @@ class AppServer:
         pytest.fail(f"the app did not answer on {self.origin} within {timeout} s; see {self.log_path}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc)
         self._log.close()
 
 

@@ -93,15 +93,20 @@ class AppProcess:
         self._log.close()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
+        stop_process(self.proc)
         if not self._log.closed:
             self._log.close()
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate a started app process, killing it if it has not exited 15 s later."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
 
 
 def multipart(files: list[tuple[str, bytes]], field: str = "files") -> tuple[bytes, str]:
