@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.eval.answer_eval import evaluate_answers
+from bench.eval.cache import AnswerCache, Budget, fingerprint
 from bench.eval.configs import EvalConfig
 from bench.eval.datasets import gold_kept, gold_lost, read_eval_set, sample_questions, split_for_eval, stratified_head
 from bench.eval.noise import near_miss_passages, noise_judge
@@ -45,6 +46,8 @@ class RunOptions:
     work_dir: Path | None = None            # None: a temporary folder, removed afterwards
     command: str = ""
     notes: list[str] = field(default_factory=list)
+    answer_cache: Path | None = None        # JSONL of raw answers (bench.eval.cache): resume, split into batches
+    answer_batch: int | None = None         # at most this many questions through the LLM in this call
 
 
 def _say(msg: str) -> None:
@@ -126,6 +129,9 @@ def run(opts: RunOptions) -> dict[str, Any]:
         embedders: dict[tuple, Any] = {}
         llms: dict[tuple, Any] = {}                     # LLM settings → loaded ChatModel, shared by configurations
         pending: list[tuple] = []                       # configurations whose answers come after all retrieval
+        cache = AnswerCache(opts.answer_cache)
+        budget = Budget(opts.answer_batch)
+        kb_fingerprint = fingerprint(sorted(p.id for p in split.kb_passages), opts.formats)
         per_question: dict[str, dict[str, Any]] = {q.id: {"id": q.id, "query": q.query,
                                                           "answerable": q.id not in una_ids}
                                                    for q in questions}
@@ -188,7 +194,10 @@ def run(opts: RunOptions) -> dict[str, Any]:
                 judge = noise_judge(ds, passage_of_file, {p.id: p.text for p in split.kb_passages})
                 entry["answers"] = _answers(cfg, settings, kb_name, answer_qs, una_ids, per_question, embedder,
                                             llms, opts.max_new_tokens, judge,
-                                            first=not any(c.get("answers") for c in result["configs"]))
+                                            first=not any(c.get("answers") for c in result["configs"]),
+                                            cache=cache, budget=budget, kb_fingerprint=kb_fingerprint)
+                if entry["answers"].get("pending"):
+                    result["partial"] = True
                 result["questions"] = list(per_question.values())
                 write_report(result, opts.out_dir, opts.stem)
         result["models"] = {"embedding": ", ".join(sorted({c["params"]["embedding"] for c in result["configs"]}))}
@@ -206,26 +215,46 @@ def run(opts: RunOptions) -> dict[str, Any]:
 
 def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_ids: set[str],
              per_question: dict[str, dict[str, Any]], embedder: Any, llms: dict[tuple, Any], max_new_tokens: int,
-             judge: Any, first: bool) -> dict[str, Any]:
+             judge: Any, first: bool, cache: AnswerCache | None = None, budget: Budget | None = None,
+             kb_fingerprint: str = "") -> dict[str, Any]:
     from app.service import QAService
-    from llm import load_llm
+    from grounding.check import check_answer
+    from prompts import load_template
 
+    template = load_template(settings.prompt.template)
+    cite = "[1]" in template
+    config_key = fingerprint(settings.retrieval.model_dump(), settings.prompt.model_dump(), settings.llm.model_dump(),
+                             settings.ingest.chunk_size, settings.ingest.chunk_overlap, settings.embedding.model,
+                             max_new_tokens, template, kb_fingerprint)
+    cache = AnswerCache(None) if cache is None else cache
+    todo = [q for q in answer_qs if cache.get(cache.key(config_key, q.id, q.query)) is None]
     llm_key = tuple(sorted(settings.llm.model_dump().items()))
-    if llm_key not in llms:
-        llms.clear()
-        gc.collect()            # one LLM in memory at a time
-        t0 = time.perf_counter()
-        llms[llm_key] = load_llm(settings)
-        _say(f"[{cfg.name}] loaded LLM {llms[llm_key].info.name} in {time.perf_counter() - t0:.1f} s")
-    llm = llms[llm_key]
-    service = QAService(settings, llm=llm, embedder=embedder)
-    _say(f"[{cfg.name}] answering {len(answer_qs)} questions through QAService (max {max_new_tokens} new tokens)")
-    summary, rows = evaluate_answers(_ask_fn(service, kb_name, max_new_tokens), answer_qs, una_ids,
-                                     count_tokens=llm.count_tokens, progress=_say, judge=judge)
-    info = llm.info
-    summary["llm"] = {k: str(getattr(info, k)) for k in ("name", "device", "quantization", "is_demo")
-                      if hasattr(info, k)}
+    service = QAService(settings, llm=llms.get(llm_key), embedder=embedder)
+
+    def ask(question: str) -> Any:
+        if llm_key not in llms:                 # the first question not in the cache: load the model now
+            llms.clear()
+            gc.collect()                        # one LLM in memory at a time
+            t0 = time.perf_counter()
+            llms[llm_key] = service.llm             # QAService loads it (load_llm)
+            _say(f"[{cfg.name}] loaded LLM {llms[llm_key].info.name} in {time.perf_counter() - t0:.1f} s")
+        return _ask_fn(service, kb_name, max_new_tokens)(question)
+
+    def check(question: str, text: str, passages: Any) -> Any:
+        return check_answer(text, question, passages, require_citations=cite)
+
+    _say(f"[{cfg.name}] answering {len(answer_qs)} questions through QAService (max {max_new_tokens} new tokens; "
+         f"{len(answer_qs) - len(todo)} cached in {cache.path or '-'}, batch {budget.left if budget else 'all'})")
+    summary, rows = evaluate_answers(ask, answer_qs, una_ids,
+                                     count_tokens=lambda t: llms[llm_key].count_tokens(t) if llm_key in llms else 0,
+                                     progress=_say, judge=judge, check=check, cache=cache, config_key=config_key,
+                                     budget=budget)
+    info = llms[llm_key].info if llm_key in llms else None
+    summary["llm"] = ({k: str(getattr(info, k)) for k in ("name", "device", "quantization", "is_demo")
+                       if hasattr(info, k)} if info is not None else {"name": settings.llm.demo_model + " (cached)"})
     summary["max_new_tokens"] = max_new_tokens
+    summary["temperature"] = settings.llm.temperature
+    summary["template"] = settings.prompt.template
     for row in rows:
         pq = per_question[row["id"]]
         pq.setdefault("answers", {})[cfg.name] = {k: row[k] for k in ("prediction", "refused", "em", "f1",
@@ -239,5 +268,6 @@ def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_
             pq.update(references=row["references"], prediction=row["prediction"], f1=row["f1"],
                       refused=row["refused"])
     _say(f"[{cfg.name}] EM {summary['em']} F1 {summary['f1']} refusal {summary['refusal_rate']} "
-         f"false refusal {summary['false_refusal_rate']}")
+         f"false refusal {summary['false_refusal_rate']}; {summary['answered_now']} answered now, "
+         f"{summary['cached']} from the cache, {summary['pending']} pending")
     return summary
