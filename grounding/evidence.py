@@ -10,6 +10,7 @@ question (`rank_by_question`, with the product's embedder), not the one that hap
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from common.text import char_bigrams
 from grounding.claims import Claim, extract_claims, normalize, strip_markers, supports
-from retrieval.sentences import split_sentences
+from retrieval.sentences import sentence_ends, split_sentences
 
 # Question words and particles that say nothing about what is asked (on top of the BM25 stopwords).
 _QUESTION_WORDS = frozenset("什么 多少 哪些 哪个 哪里 哪儿 哪年 哪位 为什么 怎么 怎样 如何 是否 是不是 可以 能否 "
@@ -96,10 +97,18 @@ def term_coverage(terms: Sequence[str], passage: str, sentence: str) -> float:
     """Share of `terms` written in `sentence` or the sentences right before and after it in `passage` (a word of
     three characters or more also counts when most of its character pairs are there: 任命为 ~ 被任命)."""
     sents = split_sentences(passage)
-    try:
+    at = passage.find(sentence) if sentence else -1
+    if sentence in sents:
         i = sents.index(sentence)
         window = "".join(sents[max(0, i - 1): i + 2])
-    except ValueError:
+    elif at >= 0:                # several sentences (a quote): them and one sentence either side
+        ends = [0] + sentence_ends(passage)
+        before = [e for e in ends if e <= at]
+        after = [e for e in ends if e >= at + len(sentence)]
+        lo = before[-2] if len(before) >= 2 else 0
+        hi = after[1] if len(after) >= 2 else len(passage)
+        window = passage[lo:hi]
+    else:
         window = sentence
     hay = normalize(window)
     grams = char_bigrams(_alnum(window))
@@ -120,3 +129,59 @@ def rank_by_question(sentences: Sequence[str], question: str, embedder: Any) -> 
     q = np.asarray(embedder.encode_query(question), dtype=np.float32).reshape(-1)
     vecs = np.asarray(embedder.encode_passages(list(sentences)), dtype=np.float32)
     return [int(i) for i in np.argsort(-(vecs @ q), kind="stable")]
+
+
+# What kind of thing a question asks for, from its question word (checked in this order: 哪年 is a date, not a number).
+_ASKED = (
+    ("date", re.compile(r"什么时候|何时|哪一?年|哪一?天|哪个月|几月|几号|几日|什么时间|哪个时期|年份|日期")),
+    ("number", re.compile(r"多少|几|多[大长高重远久宽深厚快]|第几|百分之")),
+    ("person", re.compile(r"谁|哪位|哪一位|什么人")),
+    ("place", re.compile(r"哪里|哪儿|什么地方|在哪|哪个(?:国家|城市|省|地区|地方)|哪座")),
+)
+# A sentence "scores as an answer" when it holds at least this share of the question's key terms (with its
+# neighbours) and a number/date/name of the asked kind that the question does not already state.
+MIN_CANDIDATE_COVERAGE = 0.6
+
+
+def asked_kind(question: str) -> str | None:
+    """asked_kind("范廷颂是什么时候被任命为主教的？") -> "date"; "…有多少个文件？" -> "number"; None for others."""
+    q = normalize(question)
+    return next((kind for kind, pat in _ASKED if pat.search(q)), None)
+
+
+def _holds_kind(sentence: str, kind: str, question: str) -> bool:
+    from grounding.claims import PLACE_FLAGS, _entities
+
+    claims = extract_claims(sentence, ignore=question)
+    if kind == "date":
+        return any(c.kind == "date" for c in claims)
+    if kind == "number":
+        return any(c.kind in ("number", "date") for c in claims)
+    flags = PLACE_FLAGS if kind == "place" else {"nr", "nrfg", "nrt"}
+    asked = normalize(question)
+    return any(f in flags and w not in asked for w, f, _ in _entities(normalize(sentence)))
+
+
+def answer_candidate(question: str, passages: Sequence[str], *, top: int = 1) -> tuple[int, str] | None:
+    """(1-based passage, sentence) of the first of the `top` passages holding a sentence that scores as an answer to
+    `question` — most of its key terms around it, and a number/date/name of the kind the question asks for — else
+    None. A model refusal while such a sentence is there is a likely false refusal.
+
+    >>> answer_candidate("zip 压缩包里最多能放多少个文件？", ["一个 zip 压缩包里最多 2000 个文件。"])
+    (1, '一个 zip 压缩包里最多 2000 个文件。')
+    """
+    kind = asked_kind(question)
+    terms = key_terms(question)
+    if kind is None or len(terms) < 2:
+        return None
+    for i, passage in enumerate(passages[:top], start=1):
+        best, best_cov = None, MIN_CANDIDATE_COVERAGE - 1e-9
+        for s in split_sentences(passage):
+            if not _holds_kind(s, kind, question):
+                continue
+            cov = term_coverage(terms, passage, s)
+            if cov > best_cov:
+                best, best_cov = s, cov
+        if best is not None:
+            return i, best
+    return None

@@ -80,11 +80,18 @@ def score_answer(q: Question, raw: dict[str, Any], answerable: bool,
                  judge: Callable[[Question, str, dict[str, Any]], dict[str, Any]] | None = None,
                  check: Callable[[str, str, Sequence[str]], Any] | None = None) -> dict[str, Any]:
     """One report row from a raw record: refusal, EM/F1/contains, the grounding verdict, the judge's fields."""
-    text = raw["text"]
+    from grounding.evidence import answer_candidate
+    from grounding.quote import split_quote
+
+    full = raw["text"]
+    text, quote = split_quote(full)         # the answer without its 「原文：」 quote is what is scored
     service_refused = raw["service_refused"]
     refused = service_refused or looks_like_refusal(text)
-    verdict = None if refused else (check or default_check)(q.query, text, raw["source_texts"])
+    verdict = None if refused else (check or default_check)(q.query, full, raw["source_texts"])
     extra = judge(q, text, raw) if judge else {}
+    model_refused = refused and not service_refused
+    # a model refusal while the top passage holds a sentence that scores as an answer: a likely false refusal
+    likely = model_refused and answer_candidate(q.query, raw["source_texts"]) is not None
     ungrounded = verdict is not None and not verdict.ok
     n_tokens = raw.get("tokens") or 0
     decode_s = raw.get("decode_s")
@@ -94,12 +101,13 @@ def score_answer(q: Question, raw: dict[str, Any], answerable: bool,
         "grounding_failures": [] if verdict is None else [f.kind for f in verdict.failures],
         "grounding_message": "" if verdict is None else verdict.summary(),
         "cited": bool(verdict is not None and verdict.cited),
+        "quoted": quote is not None, "quote_found": bool(verdict is not None and verdict.quote is not None),
         "refused_grounded": refused or ungrounded,
         "from_noise": bool(not refused and extra.get("noise_claims")),
         "from_noise_grounded": bool(not refused and not ungrounded and extra.get("noise_claims")),
         "id": q.id, "query": q.query, "answerable": answerable,
-        "references": references(q.answer), "prediction": text, "refused": refused,
-        "service_refused": service_refused,
+        "references": references(q.answer), "prediction": full, "refused": refused,
+        "service_refused": service_refused, "model_refused": model_refused, "likely_false_refusal": likely,
         "second_pass": raw.get("second_pass"),
         "em": exact_match(text, q.answer), "f1": char_f1(text, q.answer),
         "contains": float(contains_answer(text, q.answer)),
@@ -170,7 +178,14 @@ def summarize_answers(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "grounded_false_refusal_rate": mean([float(r.get("refused_grounded", r["refused"])) for r in ans]),
         "grounded_refusal_rate": mean([float(r.get("refused_grounded", r["refused"])) for r in una]),
         "grounded_answered_from_noise": mean([float(r.get("from_noise_grounded", False)) for r in rows]),
+        "model_refusal_rate_answerable": mean([float(r.get("model_refused", False)) for r in ans]),
+        "model_refusal_rate_unanswerable": mean([float(r.get("model_refused", False)) for r in una]),
+        "likely_false_refusals_answerable": sum(bool(r.get("likely_false_refusal")) for r in ans),
+        "likely_false_refusals_unanswerable": sum(bool(r.get("likely_false_refusal")) for r in una),
         "cited_rate": mean([float(r.get("cited", False)) for r in rows if not r["refused"]]),
+        "quoted_rate": mean([float(r.get("quoted", False)) for r in rows if not r["refused"]]),
+        "quote_found_rate": mean([float(r.get("quote_found", False)) for r in rows if r.get("quoted")
+                                  and not r["refused"]]),
         # EM/F1 over answered questions only: answer quality when the model does answer
         "f1_when_answered": mean([r["f1"] for r in ans if not r["refused"]]),
         "ttft_s_p50": percentile(ttft, 50), "ttft_s_p95": percentile(ttft, 95),

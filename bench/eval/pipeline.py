@@ -261,6 +261,8 @@ def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_
                                                                       "contains", "ttft_s", "tokens", "error",
                                                                       "grounding", "grounding_failures",
                                                                       "refused_grounded", "noise_claims", "cited",
+                                                                      "quoted", "quote_found", "second_pass",
+                                                                      "service_refused",
                                                                       "sig_coverage", "sig_agree", "sig_dense",
                                                                       "source_texts")
                                                if k in row}
