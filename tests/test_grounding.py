@@ -196,3 +196,11 @@ def test_likely_false_refusal_detector_needs_the_asked_kind_and_the_key_terms():
     assert answer_candidate("zip 压缩包里最多能放多少个文件？", GUIDE) is None
     assert answer_candidate("zip 压缩包里最多能放多少个文件？", GUIDE, top=2)[0] == 2
     assert answer_candidate("文件上传后什么时候完成导入？", ["上传文件后系统会自动导入。"]) is None   # no date at all
+
+
+def test_key_terms_skip_pointing_and_counting_words_and_match_numerals_as_digits():
+    # paraphrased questions (not in the document's words) must not lose coverage on words that carry no content
+    assert key_terms("这所学校一共占了多少亩地？") == ["学校"]
+    assert "哪些地方" not in key_terms("威拍哇丽兰室路经过哪些地方？")
+    assert key_term_coverage("十九世纪到六十年代，内帕特纳赫谷一直靠木筏运输吗？",
+                             "从19世纪到1960年代，内帕特纳赫谷上始终以木筏进行运输。") == 1.0
