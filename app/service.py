@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from configs import Settings
-from grounding import GroundingResult, check_answer, key_term_coverage
+from grounding import GroundingResult, check_answer, key_term_coverage, template_checks
 from llm import ChatModel, GenerationParams, LLMError, load_llm
 from prompts import REFUSAL, build_prompt_from_settings, load_template
 from prompts.builder import PromptBudgetError
@@ -267,12 +267,12 @@ class QAService:
         if not self.settings.prompt.grounding_check:
             return None
         texts = [h.text for h in hits]
-        cite = "[1]" in self._template
+        asks = template_checks(self._template)     # citations / a 「原文：」 quote, when the template asks for them
 
         def check(text: str) -> GroundingResult | None:
             if stop_event is not None and stop_event.is_set():
                 return None
-            return check_answer(text, question.strip(), texts, require_citations=cite)
+            return check_answer(text, question.strip(), texts, **asks)
         return check
 
 

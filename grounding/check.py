@@ -100,6 +100,17 @@ class GroundingResult:
         return d
 
 
+def template_checks(template: str) -> dict[str, bool]:
+    """What a prompt template asks of the model, as check_answer's keyword arguments: citations when it shows [1],
+    a quote when it asks for 「原文：」 (templates knowledge_qa_cited / knowledge_qa_quoted). The service and the
+    evaluation both use this, so they check answers the same way.
+
+    >>> template_checks("…用方括号写出…例如 [1]。…{question}")
+    {'require_citations': True, 'require_quote': False}
+    """
+    return {"require_citations": "[1]" in template, "require_quote": "原文：" in template}
+
+
 def looks_like_refusal(answer: str) -> bool:
     """The template's refusal sentences and close variants.
 

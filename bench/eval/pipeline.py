@@ -218,11 +218,11 @@ def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_
              judge: Any, first: bool, cache: AnswerCache | None = None, budget: Budget | None = None,
              kb_fingerprint: str = "") -> dict[str, Any]:
     from app.service import QAService
-    from grounding.check import check_answer
+    from grounding.check import check_answer, template_checks
     from prompts import load_template
 
     template = load_template(settings.prompt.template)
-    cite = "[1]" in template
+    asks = template_checks(template)            # as the service checks: citations / a quote when the template asks
     config_key = fingerprint(settings.retrieval.model_dump(), settings.prompt.model_dump(), settings.llm.model_dump(),
                              settings.ingest.chunk_size, settings.ingest.chunk_overlap, settings.embedding.model,
                              max_new_tokens, template, kb_fingerprint)
@@ -241,7 +241,7 @@ def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_
         return _ask_fn(service, kb_name, max_new_tokens)(question)
 
     def check(question: str, text: str, passages: Any) -> Any:
-        return check_answer(text, question, passages, require_citations=cite)
+        return check_answer(text, question, passages, **asks)
 
     _say(f"[{cfg.name}] answering {len(answer_qs)} questions through QAService (max {max_new_tokens} new tokens; "
          f"{len(answer_qs) - len(todo)} cached in {cache.path or '-'}, batch {budget.left if budget else 'all'})")
