@@ -9,6 +9,8 @@
     stream.error          # "" or a sentence, when generation failed part-way (the text so far is kept)
     stream.grounding      # after the last piece: grounding.GroundingResult (ok, failures, citations, evidence)
     stream.ungrounded     # True: the answer states what its passages do not; show 「资料中没有找到可靠依据」
+    stream.second_pass    # None, or {"first", "passage", "context"}: the model refused although a passage seemed to
+                          # hold the answer, and a stricter extraction (prompt.second_pass) answered instead
 
 The data path: question → HybridSearcher (evidence threshold) → build_prompt (token budget) → ChatModel.stream.
 Request problems (unknown knowledge base, empty or too long question, bad parameter, empty knowledge base) raise
@@ -20,11 +22,12 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from configs import Settings
 from grounding import GroundingResult, check_answer, key_term_coverage, template_checks
+from grounding.retry import refusal_gate, second_pass_context
 from llm import ChatModel, GenerationParams, LLMError, load_llm
 from prompts import REFUSAL, build_prompt_from_settings, load_template
 from prompts.builder import PromptBudgetError
@@ -89,9 +92,12 @@ class AnswerStream:
 
     def __init__(self, pieces: Iterable[str], *, sources: list[Hit], refused: bool, low_relevance: list[Hit],
                  prompt_tokens: int = 0, dropped: list[Hit] | None = None,
-                 check: Callable[[str], GroundingResult | None] | None = None):
+                 check: Callable[[str], GroundingResult | None] | None = None,
+                 retry: Callable[[str], tuple[Iterable[str], dict] | None] | None = None):
         self._pieces = pieces
         self._check = check                   # the grounding check, run once the whole answer is there
+        self._retry = retry                   # the second pass after a likely false refusal (grounding.retry)
+        self.second_pass: dict | None = None
         self.grounding: GroundingResult | None = None
         self.sources = sources
         self.refused = refused
@@ -103,8 +109,9 @@ class AnswerStream:
         self.done = False
 
     def __iter__(self) -> Iterator[str]:
+        pieces = self._pieces if self._retry is None else refusal_gate(self._pieces, self._run_retry)
         try:
-            for piece in self._pieces:
+            for piece in pieces:
                 self.text += piece
                 yield piece
             if self._check is not None and self.text:
@@ -117,6 +124,14 @@ class AnswerStream:
             close = getattr(self._pieces, "close", None)
             if close is not None:
                 close()                       # a consumer that stops early stops the generation too
+
+    def _run_retry(self, first: str) -> Iterable[str] | None:
+        got = self._retry(first) if self._retry is not None else None
+        if got is None:
+            return None
+        second, info = got
+        self.second_pass = {"first": first, **info}
+        return second
 
     @property
     def ungrounded(self) -> bool:
@@ -135,6 +150,7 @@ class QAService:
         self._kbs: dict[str, KnowledgeBase] = {}
         self._lock = threading.RLock()
         self._template = load_template(settings.prompt.template)   # a bad template fails at start, not mid-chat
+        self._extract_template = load_template("extract_answer")     # prompt.second_pass's stricter extraction
 
     # --- components (lazy, thread-safe) ---------------------------------------------------------------------------
     @property
@@ -258,7 +274,27 @@ class QAService:
         return AnswerStream(_lazy_stream(llm, built.messages, gen, stop_event), sources=built.used_hits,
                             refused=False, low_relevance=[], prompt_tokens=built.prompt_tokens,
                             dropped=built.dropped_hits, check=self._grounding_check(question, built.used_hits,
-                                                                                     stop_event))
+                                                                                     stop_event),
+                            retry=(lambda _first: self.second_pass(question, built.used_hits, gen, stop_event))
+                            if self.settings.prompt.second_pass else None)
+
+    def second_pass(self, question: str, hits: Sequence[Hit], params: GenerationParams | None = None,
+                    stop_event: threading.Event | None = None) -> tuple[Iterator[str], dict] | None:
+        """The stricter extraction after a model refusal (prompt.second_pass): when the first passage holds a sentence
+        that scores as an answer (grounding.retry.second_pass_context), ask again greedily with only that sentence and
+        its neighbours as the 「已知信息」 (template extract_answer). Returns (pieces, info) or None."""
+        found = second_pass_context(question.strip(), [h.text for h in hits])
+        if found is None:
+            return None
+        n, context = found
+        llm = self.llm
+        gen = (params or GenerationParams.from_settings(self.settings.llm)).merged(temperature=0)
+        built = build_prompt_from_settings(question.strip(), [replace(hits[n - 1], text=context)], [], self.settings,
+                                           llm.count_tokens, template=self._extract_template, history_turns=0,
+                                           max_new_tokens=gen.max_new_tokens,
+                                           max_context_tokens=llm.info.max_context_tokens)
+        log.info("the model refused while passage [%d] seems to hold the answer: second pass", n)
+        return _lazy_stream(llm, built.messages, gen, stop_event), {"passage": n, "context": context}
 
     def _grounding_check(self, question: str, hits: Sequence[Hit], stop_event: threading.Event | None,
                          ) -> Callable[[str], GroundingResult | None] | None:

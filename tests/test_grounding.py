@@ -204,3 +204,28 @@ def test_key_terms_skip_pointing_and_counting_words_and_match_numerals_as_digits
     assert "哪些地方" not in key_terms("威拍哇丽兰室路经过哪些地方？")
     assert key_term_coverage("十九世纪到六十年代，内帕特纳赫谷一直靠木筏运输吗？",
                              "从19世纪到1960年代，内帕特纳赫谷上始终以木筏进行运输。") == 1.0
+
+
+def test_refusal_gate_streams_answers_and_swaps_a_refusal_for_the_second_pass():
+    from grounding.retry import candidate_window, may_be_refusal, refusal_gate, second_pass_context
+
+    asked: list[str] = []
+
+    def retry(first):
+        asked.append(first)
+        return iter(["2000", " 个"])
+
+    # an answer streams as soon as it cannot be a refusal any more ...
+    assert list(refusal_gate(["根据", "已知信息", "，最多", "2000 个"], retry)) == ["根据已知信息，最多", "2000 个"]
+    assert list(refusal_gate(["5", "天"], retry)) == ["5", "天"] and asked == []
+    # ... a refusal is held back until it is complete, then replaced by the second pass (or released unchanged)
+    assert list(refusal_gate(["根据已知信息", "无法回答该问题。"], retry)) == ["2000", " 个"]
+    assert asked == ["根据已知信息无法回答该问题。"]
+    assert list(refusal_gate(["根据已知信息", "无法回答该问题。"], lambda _t: None)) == ["根据已知信息无法回答该问题。"]
+    assert may_be_refusal("") and may_be_refusal("抱歉，") and not may_be_refusal("年假有5天")
+    # the second pass gets the candidate sentence with its neighbours, from the first passage only
+    passage = "上传文件：点击按钮。一个 zip 压缩包里最多 2000 个文件。解压后不超过 500 MB。其他说明。"
+    assert candidate_window(passage, "一个 zip 压缩包里最多 2000 个文件。") == \
+        "上传文件：点击按钮。一个 zip 压缩包里最多 2000 个文件。解压后不超过 500 MB。"
+    assert second_pass_context("zip 压缩包里最多能放多少个文件？", [passage])[0] == 1
+    assert second_pass_context("zip 压缩包里最多能放多少个文件？", ["无关的段落。", passage]) is None

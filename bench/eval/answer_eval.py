@@ -125,6 +125,8 @@ def evaluate_answers(ask: Callable[[str], Any], questions: Sequence[Question], u
                      judge: Callable[[Question, str, dict[str, Any]], dict[str, Any]] | None = None,
                      check: Callable[[str, str, Sequence[str]], Any] | None = None,
                      cache: AnswerCache | None = None, config_key: str = "", budget: Budget | None = None,
+                     base_key: str | None = None,
+                     derive: Callable[[Question, dict[str, Any]], tuple[dict[str, Any], bool]] | None = None,
                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """`ask(question)` returns the service's AnswerStream (iterable of text pieces, with `.refused`, `.sources`).
 
@@ -133,6 +135,9 @@ def evaluate_answers(ask: Callable[[str], Any], questions: Sequence[Question], u
     「资料中没有找到可靠依据」 as a refusal. With a `cache`, answers already there (same `config_key`) are not asked
     again; with a `budget`, at most that many questions go through the LLM (service refusals are free) and the rest
     are left for the next call — the summary then covers the answered ones and says how many are pending.
+    `base_key` + `derive(question, base_raw) -> (raw, used_llm)`: a configuration that only adds a step after the
+    first answer (prompt.second_pass) starts from the cached answer of its base configuration instead of asking
+    again; a fresh answer that carries `second_pass["first"]` is cached for the base configuration too.
     """
     cache = AnswerCache(None) if cache is None else cache
     rows, pending, fresh = [], 0, 0
@@ -140,7 +145,17 @@ def evaluate_answers(ask: Callable[[str], Any], questions: Sequence[Question], u
         key = cache.key(config_key, q.id, q.query)
         raw = cache.get(key)
         was_cached = raw is not None
-        if raw is None:
+        base = cache.get(cache.key(base_key, q.id, q.query)) if raw is None and base_key and derive else None
+        if base is not None:
+            if budget is not None and budget.left == 0:
+                pending += 1
+                continue
+            raw, used_llm = derive(q, base)
+            if used_llm and budget is not None:
+                budget.take()
+            cache.put(key, raw)
+            fresh += 1
+        elif raw is None:
             if budget is not None and budget.left == 0:      # this call's batch is done: the rest waits
                 pending += 1
                 continue
@@ -150,6 +165,9 @@ def evaluate_answers(ask: Callable[[str], Any], questions: Sequence[Question], u
                 budget.take()                                # a refusal before the LLM costs nothing
             raw = ask_raw(stream, t0, count_tokens)
             cache.put(key, raw)
+            if base_key and raw.get("second_pass"):          # the first answer is the base configuration's
+                cache.put(cache.key(base_key, q.id, q.query),
+                          {**raw, "text": raw["second_pass"]["first"], "second_pass": None})
             fresh += 1
         rows.append(score_answer(q, raw, q.id not in unanswerable_ids, judge, check))
         if progress and not was_cached:

@@ -218,27 +218,55 @@ def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_
              judge: Any, first: bool, cache: AnswerCache | None = None, budget: Budget | None = None,
              kb_fingerprint: str = "") -> dict[str, Any]:
     from app.service import QAService
+    from bench.eval.answer_eval import looks_like_refusal, timed_stream
     from grounding.check import check_answer, template_checks
+    from llm import GenerationParams
     from prompts import load_template
+    from retrieval.types import Hit
 
     template = load_template(settings.prompt.template)
     asks = template_checks(template)            # as the service checks: citations / a quote when the template asks
-    config_key = fingerprint(settings.retrieval.model_dump(), settings.prompt.model_dump(), settings.llm.model_dump(),
-                             settings.ingest.chunk_size, settings.ingest.chunk_overlap, settings.embedding.model,
-                             max_new_tokens, template, kb_fingerprint)
+    prompt = settings.prompt.model_dump()
+    second = bool(prompt.pop("second_pass", False))    # adds a step after the first answer: shares its answers
+    base_key = fingerprint(settings.retrieval.model_dump(), prompt, settings.llm.model_dump(),
+                           settings.ingest.chunk_size, settings.ingest.chunk_overlap, settings.embedding.model,
+                           max_new_tokens, template, kb_fingerprint)
+    config_key = base_key + ("+second-pass" if second else "")
     cache = AnswerCache(None) if cache is None else cache
     todo = [q for q in answer_qs if cache.get(cache.key(config_key, q.id, q.query)) is None]
     llm_key = tuple(sorted(settings.llm.model_dump().items()))
     service = QAService(settings, llm=llms.get(llm_key), embedder=embedder)
 
+    def ask_llm_loaded() -> None:
+        llms.clear()
+        gc.collect()                            # one LLM in memory at a time
+        t0 = time.perf_counter()
+        llms[llm_key] = service.llm             # QAService loads it (load_llm)
+        _say(f"[{cfg.name}] loaded LLM {llms[llm_key].info.name} in {time.perf_counter() - t0:.1f} s")
+
     def ask(question: str) -> Any:
         if llm_key not in llms:                 # the first question not in the cache: load the model now
-            llms.clear()
-            gc.collect()                        # one LLM in memory at a time
-            t0 = time.perf_counter()
-            llms[llm_key] = service.llm             # QAService loads it (load_llm)
-            _say(f"[{cfg.name}] loaded LLM {llms[llm_key].info.name} in {time.perf_counter() - t0:.1f} s")
+            ask_llm_loaded()
         return _ask_fn(service, kb_name, max_new_tokens)(question)
+
+    def derive(q: Any, base: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """The second-pass configuration's answer from the base configuration's cached first answer."""
+        if base["service_refused"] or not looks_like_refusal(base["text"]):
+            return {**base, "second_pass": None}, False
+        hits = [Hit(text=t, score=0.0, source=src, chunk_ids=()) for src, t in zip(base["sources"],
+                                                                                   base["source_texts"], strict=False)]
+        if llm_key not in llms:
+            ask_llm_loaded()
+        gen = GenerationParams.from_settings(settings.llm, max_new_tokens=max_new_tokens)
+        t0 = time.perf_counter()
+        got = service.second_pass(q.query, hits, gen)
+        if got is None:
+            return {**base, "second_pass": None}, False
+        pieces, info = got
+        text, _, _, _ = timed_stream(pieces, t0)
+        _say(f"  second pass {q.query[:30]} → {text[:40]!r}")
+        return {**base, "text": text, "second_pass": {"first": base["text"], **info},
+                "total_s": (base.get("total_s") or 0) + time.perf_counter() - t0}, True
 
     def check(question: str, text: str, passages: Any) -> Any:
         return check_answer(text, question, passages, **asks)
@@ -248,7 +276,8 @@ def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_
     summary, rows = evaluate_answers(ask, answer_qs, una_ids,
                                      count_tokens=lambda t: llms[llm_key].count_tokens(t) if llm_key in llms else 0,
                                      progress=_say, judge=judge, check=check, cache=cache, config_key=config_key,
-                                     budget=budget)
+                                     budget=budget, base_key=base_key if second else None,
+                                     derive=derive if second else None)
     info = llms[llm_key].info if llm_key in llms else None
     summary["llm"] = ({k: str(getattr(info, k)) for k in ("name", "device", "quantization", "is_demo")
                        if hasattr(info, k)} if info is not None else {"name": settings.llm.demo_model + " (cached)"})
