@@ -189,20 +189,24 @@ def _holds_kind(sentence: str, kind: str, question: str) -> bool:
 
 def answer_candidate(question: str, passages: Sequence[str], *, top: int = 1) -> tuple[int, str] | None:
     """(1-based passage, sentence) of the first of the `top` passages holding a sentence that scores as an answer to
-    `question` — most of its key terms around it, and a number/date/name of the kind the question asks for — else
-    None. A model refusal while such a sentence is there is a likely false refusal.
+    `question`, else None. A model refusal while such a sentence is there is a likely false refusal.
+
+    A question asking for a number, date, person or place (asked_kind): a sentence with a thing of that kind which
+    the question does not already state, and MIN_CANDIDATE_COVERAGE of the key terms around it. Any other question
+    (什么/哪个/为什么…): a sentence with all of its key terms (two or more) around it.
 
     >>> answer_candidate("zip 压缩包里最多能放多少个文件？", ["一个 zip 压缩包里最多 2000 个文件。"])
     (1, '一个 zip 压缩包里最多 2000 个文件。')
     """
     kind = asked_kind(question)
     terms = key_terms(question)
-    if kind is None or len(terms) < 2:
+    if len(terms) < 2:
         return None
+    need = MIN_CANDIDATE_COVERAGE if kind is not None else 1.0
     for i, passage in enumerate(passages[:top], start=1):
-        best, best_cov = None, MIN_CANDIDATE_COVERAGE - 1e-9
+        best, best_cov = None, need - 1e-9
         for s in split_sentences(passage):
-            if not _holds_kind(s, kind, question):
+            if kind is not None and not _holds_kind(s, kind, question):
                 continue
             cov = term_coverage(terms, passage, s)
             if cov > best_cov:
