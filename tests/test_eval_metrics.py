@@ -282,3 +282,37 @@ def test_answer_cache_splits_a_run_into_batches_and_resumes(tmp_path):
     assert other["answered_now"] == 1 and asked[-1] == "甲?"                 # another configuration is asked anew
     path.write_text(path.read_text(encoding="utf-8") + '{"key": "broken', encoding="utf-8")   # killed mid-write
     assert len(AnswerCache(path)) == 5
+
+
+def test_a_second_pass_configuration_starts_from_the_base_configurations_cached_answers(tmp_path):
+    from bench.eval.answer_eval import evaluate_answers
+    from bench.eval.cache import AnswerCache, Budget
+    from bench.eval.datasets import Question
+
+    class Stream:
+        def __init__(self, q):
+            self.refused, self.sources, self.q = False, [], q
+
+        def __iter__(self):
+            return iter(["根据已知信息无法回答该问题。"] if self.q == "乙?" else ["4分钟"])
+
+    qs = [Question("a", "甲?", (("4分钟",),), ("P",)), Question("b", "乙?", (("上海",),), ("P",))]
+    cache = AnswerCache(tmp_path / "answers.jsonl")
+    evaluate_answers(Stream, qs, set(), cache=cache, config_key="base")
+    derived: list[str] = []
+
+    def derive(q, base):
+        derived.append(q.query)
+        if base["text"].startswith("根据"):
+            return {**base, "text": "上海", "second_pass": {"first": base["text"]}}, True
+        return {**base, "second_pass": None}, False
+
+    def never(_q):
+        raise AssertionError("a base answer is cached: the service is not asked again")
+
+    budget = Budget(1)
+    summary, rows = evaluate_answers(never, qs, set(), cache=cache, config_key="base+2nd", base_key="base",
+                                     derive=derive, budget=budget)
+    assert derived == ["甲?", "乙?"] and budget.left == 0          # only the re-asked refusal cost an LLM call
+    assert [r["prediction"] for r in rows] == ["4分钟", "上海"] and summary["false_refusal_rate"] == 0.0
+    assert rows[1]["second_pass"] == {"first": "根据已知信息无法回答该问题。"}

@@ -165,9 +165,9 @@ def evaluate_answers(ask: Callable[[str], Any], questions: Sequence[Question], u
                 budget.take()                                # a refusal before the LLM costs nothing
             raw = ask_raw(stream, t0, count_tokens)
             cache.put(key, raw)
-            if base_key and raw.get("second_pass"):          # the first answer is the base configuration's
-                cache.put(cache.key(base_key, q.id, q.query),
-                          {**raw, "text": raw["second_pass"]["first"], "second_pass": None})
+            if base_key:                                     # the first answer is the base configuration's
+                first = raw["second_pass"]["first"] if raw.get("second_pass") else raw["text"]
+                cache.put(cache.key(base_key, q.id, q.query), {**raw, "text": first, "second_pass": None})
             fresh += 1
         rows.append(score_answer(q, raw, q.id not in unanswerable_ids, judge, check))
         if progress and not was_cached:
