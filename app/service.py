@@ -12,6 +12,8 @@
     stream.refusal        # None, or Refusal(reason, message, detail): which rule refused (REFUSAL_REASONS)
     stream.question_evidence   # {passage number: its sentence closest to the question} (before/without an answer)
     stream.citation_report     # citing template only, after the last piece: uncited sentences, invalid [n]
+    stream.second_pass    # None, or {"first", "passage", "context"}: the model refused although a passage seemed to
+                          # hold the answer, and a stricter extraction (prompt.second_pass) answered instead
 
 The data path: question → HybridSearcher (evidence threshold) → build_prompt (token budget) → ChatModel.stream.
 Request problems (unknown knowledge base, empty or too long question, bad parameter, empty knowledge base) raise
@@ -23,12 +25,13 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from configs import Settings
-from grounding import GroundingResult, check_answer, key_term_coverage
+from grounding import GroundingResult, check_answer, key_term_coverage, template_checks
 from grounding.compliance import CitationReport, citation_report
+from grounding.retry import refusal_gate, second_pass_context
 from llm import ChatModel, GenerationParams, LLMError, load_llm
 from prompts import REFUSAL, build_prompt_from_settings, is_refusal, load_template
 from prompts.builder import PromptBudgetError
@@ -97,10 +100,13 @@ class AnswerStream:
     def __init__(self, pieces: Iterable[str], *, sources: list[Hit], refused: bool, low_relevance: list[Hit],
                  prompt_tokens: int = 0, dropped: list[Hit] | None = None,
                  check: Callable[[str], GroundingResult | None] | None = None,
+                 retry: Callable[[str], tuple[Iterable[str], dict] | None] | None = None,
                  refusal: Refusal | None = None, highlight: Callable[[], dict[int, str]] | None = None,
                  cites: bool = False):
         self._pieces = pieces
         self._check = check                   # the grounding check, run once the whole answer is there
+        self._retry = retry                   # the second pass after a likely false refusal (grounding.retry)
+        self.second_pass: dict | None = None
         self._retrieval_refusal = refusal     # set when retrieval refused (the LLM is not called)
         self._highlight = highlight
         self._question_evidence: dict[int, str] | None = None
@@ -117,8 +123,9 @@ class AnswerStream:
         self.done = False
 
     def __iter__(self) -> Iterator[str]:
+        pieces = self._pieces if self._retry is None else refusal_gate(self._pieces, self._run_retry)
         try:
-            for piece in self._pieces:
+            for piece in pieces:
                 self.text += piece
                 yield piece
             if self._check is not None and self.text:
@@ -133,6 +140,14 @@ class AnswerStream:
             close = getattr(self._pieces, "close", None)
             if close is not None:
                 close()                       # a consumer that stops early stops the generation too
+
+    def _run_retry(self, first: str) -> Iterable[str] | None:
+        got = self._retry(first) if self._retry is not None else None
+        if got is None:
+            return None
+        second, info = got
+        self.second_pass = {"first": first, **info}
+        return second
 
     @property
     def ungrounded(self) -> bool:
@@ -182,6 +197,7 @@ class QAService:
         self._kbs: dict[str, KnowledgeBase] = {}
         self._lock = threading.RLock()
         self._template = load_template(settings.prompt.template)   # a bad template fails at start, not mid-chat
+        self._extract_template = load_template("extract_answer")     # prompt.second_pass's stricter extraction
 
     # --- components (lazy, thread-safe) ---------------------------------------------------------------------------
     @property
@@ -313,12 +329,14 @@ class QAService:
                             refused=False, low_relevance=[], prompt_tokens=built.prompt_tokens,
                             dropped=built.dropped_hits, check=self._grounding_check(question, built.used_hits,
                                                                                      stop_event),
-                            highlight=self._highlighter(question, built.used_hits), cites=self.cites)
+                            highlight=self._highlighter(question, built.used_hits), cites=self.cites,
+                            retry=(lambda _first: self.second_pass(question, built.used_hits, gen, stop_event))
+                            if self.settings.prompt.second_pass else None)
 
     @property
     def cites(self) -> bool:
-        """The prompt template asks the model to cite passages as [1], [2]."""
-        return "[1]" in self._template
+        """The prompt template asks the model to cite passages as [1], [2] (grounding.template_checks)."""
+        return template_checks(self._template)["require_citations"]
 
     @property
     def highlighter(self) -> QuestionHighlighter:
@@ -341,6 +359,24 @@ class QAService:
                 return {}
         return closest
 
+    def second_pass(self, question: str, hits: Sequence[Hit], params: GenerationParams | None = None,
+                    stop_event: threading.Event | None = None) -> tuple[Iterator[str], dict] | None:
+        """The stricter extraction after a model refusal (prompt.second_pass): when the first passage holds a sentence
+        that scores as an answer (grounding.retry.second_pass_context), ask again greedily with only that sentence and
+        its neighbours as the 「已知信息」 (template extract_answer). Returns (pieces, info) or None."""
+        found = second_pass_context(question.strip(), [h.text for h in hits])
+        if found is None:
+            return None
+        n, context = found
+        llm = self.llm
+        gen = (params or GenerationParams.from_settings(self.settings.llm)).merged(temperature=0)
+        built = build_prompt_from_settings(question.strip(), [replace(hits[n - 1], text=context)], [], self.settings,
+                                           llm.count_tokens, template=self._extract_template, history_turns=0,
+                                           max_new_tokens=gen.max_new_tokens,
+                                           max_context_tokens=llm.info.max_context_tokens)
+        log.info("the model refused while passage [%d] seems to hold the answer: second pass", n)
+        return _lazy_stream(llm, built.messages, gen, stop_event), {"passage": n, "context": context}
+
     def _grounding_check(self, question: str, hits: Sequence[Hit], stop_event: threading.Event | None,
                          ) -> Callable[[str], GroundingResult | None] | None:
         """grounding.check_answer over the passages the model was given (prompt.grounding_check); a stopped answer
@@ -348,12 +384,12 @@ class QAService:
         if not self.settings.prompt.grounding_check:
             return None
         texts = [h.text for h in hits]
-        cite = self.cites
+        asks = template_checks(self._template)     # citations / a 「原文：」 quote, when the template asks for them
 
         def check(text: str) -> GroundingResult | None:
             if stop_event is not None and stop_event.is_set():
                 return None
-            return check_answer(text, question.strip(), texts, require_citations=cite)
+            return check_answer(text, question.strip(), texts, **asks)
         return check
 
 

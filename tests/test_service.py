@@ -377,6 +377,54 @@ def test_best_passage_without_the_questions_key_terms_means_no_llm_call(world):
     assert not answered.refused and len(spy.calls) == 1
 
 
+class ScriptedCalls:
+    """Replaces the model's stream() with one chosen answer per call and records each call's messages. Why not the
+    real model: the tiny random GLM cannot be made to refuse, and this test is about what the service does after a
+    refusal (the second pass's prompt and what the stream shows)."""
+
+    def __init__(self, llm, answers):
+        self.llm, self.answers, self.calls = llm, list(answers), []
+
+    def __enter__(self):
+        def stream(messages, params=None, stop_event=None):
+            self.calls.append((messages, params))
+            return iter(self.answers.pop(0))
+
+        self.llm.stream = stream
+        return self
+
+    def __exit__(self, *exc):
+        del self.llm.stream
+
+
+def test_second_pass_after_a_likely_false_refusal(world):
+    """prompt.second_pass: the model refuses while passage [1] holds 「…最多 2000 个文件…」 — the service asks again,
+    greedily, with only that sentence and its neighbours, and the stream shows that answer instead of the refusal."""
+    service, settings = world["service"], world["settings"]
+    docs = world["root"] / "guide-docs"
+    docs.mkdir(exist_ok=True)
+    (docs / "limits.txt").write_text("上传说明：点击「上传」按钮，选择要上传的文件。上传限制：一个 zip 压缩包里最多 "
+                                     "2000 个文件，解压后不超过 500 MB。单个文件不超过 100 MB。", encoding="utf-8")
+    assert ingest(docs, "guide", settings).exit_code == 0
+    on = QAService(settings.model_copy(update={"prompt": settings.prompt.model_copy(update={"second_pass": True})}),
+                   llm=service.llm, embedder=service.searcher.embedder)
+    question = "zip 压缩包里最多能放多少个文件？"
+    with ScriptedCalls(service.llm, [["根据已知信息", "无法回答该问题。"], ["最多 2000 个", "文件。"]]) as spy:
+        stream = on.answer(question, "guide", [], AnswerParams(threshold=-1.0))
+        text = "".join(stream)
+    assert text == "最多 2000 个文件。" and stream.second_pass["passage"] == 1
+    assert stream.second_pass["first"] == "根据已知信息无法回答该问题。"
+    assert stream.grounding is not None and stream.grounding.ok
+    second_prompt, params = spy.calls[1][0][-1]["content"], spy.calls[1][1]
+    assert "一个 zip 压缩包里最多 2000 个文件" in second_prompt and question in second_prompt
+    assert params.temperature == 0
+    # off (the default): the refusal stays, one call
+    with ScriptedCalls(service.llm, [["根据已知信息无法回答该问题。"]]) as spy:
+        stream = service.answer(question, "guide", [], AnswerParams(threshold=-1.0))
+        assert "".join(stream) == "根据已知信息无法回答该问题。" and stream.second_pass is None
+    assert len(spy.calls) == 1
+
+
 # --- why an answer was refused, what is highlighted, citation compliance (issue 14, page/API side) ----------------
 def _sentence_of(passage: str, sentence: str) -> bool:
     from retrieval.sentences import split_sentences
