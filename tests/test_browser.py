@@ -308,6 +308,12 @@ def test_refusal_is_styled_and_calls_no_llm(server, page):
     assert DOC_NAME in sources and "没有写到问题的关键词" in sources, sources
     cards, marks = _closest_marks(page)
     assert cards >= 1 and len(marks) == cards, (cards, marks)
+    # the page's citation script is live: a [1] marker (rendered by render.answer_markdown from a model's answer,
+    # tested in test_grounding; inserted here because no model answers before this point) outlines source card 1
+    page.evaluate("""() => { const s = document.createElement('span'); s.className = 'zw-cite';
+                     s.dataset.passage = '1'; s.textContent = '[1]'; document.querySelector('#chat').append(s); }""")
+    page.click("#chat .zw-cite")
+    page.wait_for_selector('#sources .zw-hit.zw-cited[data-rank="1"]', timeout=10_000)
     _no_error_on_page(page)
     # no LLM call: the model was never loaded and no prompt was built
     health = json.loads(server.api("/api/health")[1])
