@@ -24,6 +24,11 @@ Per size and index kind it prints:
                         bytes = what the commit wrote (KBWriter.last_commit_bytes; hard links not counted)
   first-query           the first search after the update, to compare with search-full p50
   cold-writer           opening a writer in a fresh process (segments read and verified: what ingest.py pays)
+  peak rss              the process's high-water mark so far (ru_maxrss: building, opening, searching)
+
+Memory: the replicas are freed before the KB is opened when it is the last index kind of a size (recall@10 is
+computed against faiss.knn over the vectors first), so a full 1M-chunk hybrid KB (`--sizes 1000000 --kinds ivf`)
+holds one copy of the KB in memory while it is searched.
 
 --dense-only (for 1M on a machine without the ~5 GB a full 1M-chunk KB in memory needs): only the replica vectors,
 no chunks or BM25: exact search (faiss.knn over the array, what IndexFlatIP does) against the IVF index the store
@@ -35,6 +40,7 @@ import argparse
 import functools
 import gc
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -63,6 +69,10 @@ def _ms(xs: list[float]) -> str:
 
 def _rss() -> float:
     return psutil.Process().memory_info().rss / 2**30
+
+
+def _peak() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _spec(settings, dim: int) -> IndexSpec:
@@ -210,14 +220,18 @@ def main(argv: list[str] | None = None) -> int:
         return dense_only(args, base, emb, real, real_vecs, questions, qvecs)
     root = args.dir or Path(tempfile.mkdtemp(prefix="zhiwen-scale-"))
     try:
+        qmat = np.vstack([qvecs[x] for x in questions])
         for size in args.sizes:
+            print(f"\n[{time.strftime('%H:%M:%S', time.gmtime())} UTC] load average {os.getloadavg()[0]:.1f}")
             chunks, vecs = replicate(real, real_vecs, size, perturb_text=False)
-            exact = None
+            _, truth = faiss.knn(qmat, vecs, 10, metric=faiss.METRIC_INNER_PRODUCT)  # exact top-10 for recall@10
             for kind in args.kinds:
                 settings = load_settings(paths={"kb_root": str(root)},
                                          store={"faiss_index": kind, "ivf_nprobe": base.store.ivf_nprobe})
                 name = f"s{size}-{kind}"
                 build_s = build(settings, name, chunks, vecs)
+                if kind == args.kinds[-1]:  # the replicas are not needed any more: one copy of the KB in memory
+                    del chunks, vecs
                 SEGMENTS._items.clear()
                 gc.collect()
                 t0 = time.perf_counter()
@@ -225,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                 open_s = time.perf_counter() - t0
                 du = sum(p.stat().st_size for p in (root / name).rglob("*") if p.is_file()) / 1e6
                 print(f"\n== {size:,} chunks, {kind}: build {build_s:.1f} s, open {open_s:.1f} s, "
-                      f"rss {_rss():.2f} GiB, on disk {du:.0f} MB")
+                      f"rss {_rss():.2f} GiB (peak so far {_peak():.2f} GiB), on disk {du:.0f} MB")
                 full = HybridSearcher(settings.retrieval, emb)
                 cached = HybridSearcher(settings.retrieval, _CachedQueries(qvecs))
                 for label, s in (("search-full", full), ("search-cached", cached)):
@@ -238,16 +252,11 @@ def main(argv: list[str] | None = None) -> int:
                         ms.append((time.perf_counter() - t0) * 1000)
                     print(f"  {label:<14} {_ms(ms)}")
                 if kind == "ivf":
-                    if exact is None:
-                        exact = faiss.IndexFlatIP(vecs.shape[1])
-                        exact.add(vecs)
-                    q = np.vstack([qvecs[x] for x in questions])
-                    _, truth = exact.search(q, 10)
                     for nprobe in args.nprobe or [settings.store.ivf_nprobe]:
                         kb.index.nprobe = nprobe
                         t0 = time.perf_counter()
-                        _, got = kb.index.search(q, 10)
-                        per_q = (time.perf_counter() - t0) * 1000 / len(q)
+                        _, got = kb.index.search(qmat, 10)
+                        per_q = (time.perf_counter() - t0) * 1000 / len(qmat)
                         recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got, strict=True)])
                         print(f"  recall@10 vs exact at nprobe {nprobe}: {recall:.4f} ({per_q:.2f} ms per question)")
                     kb.index.nprobe = settings.store.ivf_nprobe
@@ -258,11 +267,11 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 with KnowledgeBase.open_writer(name, settings):
                     cold = time.perf_counter() - t0
-                print(f"  cold-writer    {cold:.1f} s (segments read and verified, as a fresh ingest.py does)")
+                print(f"  cold-writer    {cold:.1f} s (segments read and verified, as a fresh ingest.py does); "
+                      f"peak rss {_peak():.2f} GiB")
                 SEGMENTS._items.clear()
                 shutil.rmtree(root / name, ignore_errors=True)
                 gc.collect()
-            del chunks, vecs, exact
             gc.collect()
     finally:
         if args.dir is None:

@@ -15,6 +15,11 @@ Printed per size:
   rss                   resident memory of this process (Milvus Lite runs inside it; the e5 model included)
   search-full           HybridSearcher.search(kb, question) incl. encoding the question: p50 / p95
   search-cached         the same with the question's vector pre-computed
+  engine-dense / -bm25 / -hybrid
+                        the engine alone: one MilvusClient.search on the dense field, one on the BM25 field, one
+                        hybrid_search with the weighted ranker, each with the fields the store asks for (what Milvus
+                        Lite itself costs; search-cached minus engine-hybrid is the store's and retriever's share:
+                        the neighbours' batched get, threshold, merging, de-duplication)
   add / delete          one file (a real CMRC passage, embedded now): writer, embed, commit, reopen, first search
                         — total = "searchable"; first-query = that first search alone
 """
@@ -78,13 +83,34 @@ def bench_size(size: int, real: list[Chunk], real_vecs: np.ndarray, questions: l
     build = time.perf_counter() - t0
     kb = KnowledgeBase.open("bench", settings)
     rss = psutil.Process().memory_info().rss / 2**30
-    print(f"\n== Milvus Lite, {len(kb):,} chunks in {len(kb.manifest.files):,} files: build {build:.1f} s, "
+    print(f"\n[{time.strftime('%H:%M:%S', time.gmtime())} UTC] load average {os.getloadavg()[0]:.1f}")
+    print(f"== Milvus Lite, {len(kb):,} chunks in {len(kb.manifest.files):,} files: build {build:.1f} s, "
           f"RSS {rss:.2f} GiB")
     full = HybridSearcher(settings.retrieval, emb)
     qvecs = {q: emb.encode_query(q) for q in questions}
     cached = HybridSearcher(settings.retrieval, _CachedQueries(qvecs))
     print(f"search-full      {_ms(_timed(lambda q: full.search(kb, q), questions))}")
     print(f"search-cached    {_ms(_timed(lambda q: cached.search(kb, q), questions))}")
+    from pymilvus import AnnSearchRequest, WeightedRanker
+
+    c, coll = milvus_store.client(settings), milvus_store.collection_name("bench")
+    fields, limit = milvus_store._FIELDS + ["vector"], settings.retrieval.fetch_k + 16
+
+    def dense(q: str):
+        return c.search(coll, data=[qvecs[q].tolist()], anns_field="vector", limit=limit,
+                        search_params={"metric_type": "COSINE"}, output_fields=fields)
+
+    def sparse(q: str):
+        return c.search(coll, data=[q], anns_field="sparse", limit=limit, search_params={"metric_type": "BM25"},
+                        output_fields=fields)
+
+    def hybrid(q: str):
+        reqs = [AnnSearchRequest([qvecs[q].tolist()], "vector", {"metric_type": "COSINE"}, limit),
+                AnnSearchRequest([q], "sparse", {"metric_type": "BM25"}, limit)]
+        return c.hybrid_search(coll, reqs, ranker=WeightedRanker(0.5, 0.5), limit=limit, output_fields=fields)
+
+    for label, fn in (("engine-dense", dense), ("engine-bm25", sparse), ("engine-hybrid", hybrid)):
+        print(f"{label:<16} {_ms(_timed(fn, questions))}")
 
     # One new file: a real passage with a new first sentence (so it is new content, not a near-duplicate the
     # searcher would drop), embedded now; the question asks for that sentence.
@@ -129,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     spec = IndexSpec(emb.model_id, emb.dim, settings.embedding.passage_prefix, settings.embedding.max_seq_length,
                      settings.ingest.chunk_size, settings.ingest.chunk_overlap)
     print(f"machine: {describe_machine()}")
+    import milvus_lite
+    import pymilvus
+
+    print(f"pymilvus {pymilvus.__version__}, milvus-lite {milvus_lite.__version__}")
     print(f"embedder precision {emb.precision}; {len(real)} real chunks, {args.queries} questions")
     root = Path(tempfile.mkdtemp(prefix="zhiwen-scale-milvus-"))
     try:
