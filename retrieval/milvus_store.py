@@ -17,6 +17,7 @@ transactions; a commit is made atomic for readers the way the FAISS store does i
   2. upsert the new contents' chunks                         (content-addressed: pk = hash(sha256, position))
   3. write manifest parts of generation n+1, then the head   (the switch: one row upsert)
   4. delete the chunks no live file refers to any more; head.garbage lists them until they are gone
+  5. Milvus Lite only: flush, so the rows leave Lite's in-memory table for indexed segments (_flush_lite)
 
 Readers only ever use chunks whose content is live in the manifest they read, so rows written by a commit that has
 not switched yet, or left by one killed half-way, are never shown, and a deleted file is gone at the next question
