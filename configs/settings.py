@@ -149,6 +149,8 @@ class PromptSettings(_Section):
     context_tokens: int = Field(gt=0)
     system: str
     grounding_check: bool = Field(description="Check each finished answer against its passages (grounding/).")
+    second_pass: bool = Field(description="After a model refusal while the top passage seems to hold the answer, "
+                              "ask again with only that sentence (grounding/retry.py).")
 
 
 class LLMSettings(_Section):
