@@ -1332,7 +1332,8 @@ class KBWriter:
         chunks = [c for part in parts_chunks for c in part]
         vectors = np.vstack(parts_vecs)
         chunks = [replace(c, source=owners[c.sha256]) for c in chunks]
-        info, seg = Segment.write(folder, chunks, vectors, index_kind=self._index_kind(len(chunks)),
+        kb_rows = len(chunks) + sum(loc[2] for loc in contents.values())  # the KB after this commit
+        info, seg = Segment.write(folder, chunks, vectors, index_kind=self._index_kind(len(chunks), kb_rows),
                                   postings=seglib.merge_postings(parts_post), write_file=write_file)
         SEGMENTS.put(self.path, folder.name, seg)
         start = 0
@@ -1375,13 +1376,15 @@ class KBWriter:
             out.append(info)
         return tuple(sorted(out, key=lambda i: (i.kind, i.bucket)))
 
-    def _index_kind(self, rows: int) -> str:
-        """flat or ivf for a new segment of `rows` chunks: store.faiss_index, with ivf never below IVF_MIN_ROWS
-        (a small segment searched exactly costs less than its inverted lists, and needs no training)."""
+    def _index_kind(self, rows: int, kb_rows: int) -> str:
+        """flat or ivf for a new segment of `rows` chunks in a KB of `kb_rows`: store.faiss_index (auto: ivf once the
+        KB reaches store.ivf_threshold, so a big KB built by many commits is not left with several big exact
+        segments), with ivf never below IVF_MIN_ROWS (a small segment searched exactly costs less than its inverted
+        lists, and needs no training)."""
         st = self._settings.store if self._settings is not None else None
         kind = st.faiss_index if st is not None else "auto"
         if kind == "auto":
-            kind = "ivf" if st is not None and rows >= st.ivf_threshold else "flat"
+            kind = "ivf" if st is not None and kb_rows >= st.ivf_threshold else "flat"
         return "ivf" if kind == "ivf" and rows >= IVF_MIN_ROWS else "flat"
 
     def _normalise(self, owners: Mapping[str, str], segments: list[SegmentInfo],

@@ -324,6 +324,30 @@ def _write_format_1(kb_path: Path, chunks: list[Chunk], vectors: np.ndarray) -> 
     (kb_path / "CURRENT").write_text("gen-3\n")
 
 
+def test_auto_index_follows_the_size_of_the_kb_not_of_the_segment(tmp_settings, monkeypatch):
+    """store.faiss_index auto: once the KB reaches ivf_threshold, a new segment of at least IVF_MIN_ROWS chunks is
+    IVF even when it is smaller than the threshold (a KB built by many commits); a one-file segment stays exact."""
+    monkeypatch.setenv("ZHIWEN_STORE__FAISS_INDEX", "auto")
+    monkeypatch.setenv("ZHIWEN_STORE__IVF_THRESHOLD", "2500")
+    settings = load_settings()
+    kb = KnowledgeBase.create("kb", settings)
+
+    def add(path: str, sha: str, n: int, seed: int) -> None:
+        with kb.writer() as w:
+            w.set_spec(SPEC)
+            w.add_content(sha, [Chunk(text=f"第{i}段", source=path, sha256=sha, position=i) for i in range(n)],
+                          _vectors(n, seed))
+            w.put(FileEntry(path, sha, 10, 1.0, "ok", ingested_at=f"2026-01-0{seed}T00:00:00+00:00"))
+            w.commit()
+
+    add("d/a.txt", "a" * 64, 2000, 1)  # KB 2,000 < 2,500: exact
+    add("d/b.txt", "b" * 64, 1200, 2)  # KB 3,200: this 1,200-chunk segment is IVF
+    add("d/c.txt", "c" * 64, 3, 3)     # below IVF_MIN_ROWS: exact
+    kb = kb.reopen()
+    assert [s.info.index for s in kb._layout.segments] == ["flat", "ivf", "flat"]
+    assert_consistent(kb)
+
+
 def test_a_format_1_generation_is_read_and_rewritten_as_segments(tmp_settings):
     chunks = [Chunk(text="年假五天。", source="d/a.txt", sha256="a" * 64, position=0, id=0),
               Chunk(text="报销十五天内。", source="d/a.txt", sha256="a" * 64, position=1, id=1),
