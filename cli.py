@@ -33,7 +33,10 @@ def print_sources(stream: Any) -> None:
     hits = stream.sources if not stream.refused else stream.low_relevance
     if not hits:
         return
-    print("\n最接近的段落（相关度低于阈值，未作为依据）：" if stream.refused else "\n来源：")
+    refusal = getattr(stream, "refusal", None)
+    print("\n最接近的段落（未作为依据）：" if stream.refused else "\n来源：")
+    # a refusal of any kind but the grounding check's: each passage's sentence closest to the question
+    closest = stream.question_evidence if refusal is not None and refusal.reason != "ungrounded" else {}
     for i, h in enumerate(hits, start=1):
         where = h.source + (f" 第{h.page}页" if h.page is not None else "")
         where += f" · {' > '.join(h.heading_path)}" if h.heading_path else ""
@@ -41,6 +44,8 @@ def print_sources(stream: Any) -> None:
         text = " ".join(h.text.split())
         more = "…" if len(text) > PASSAGE_PREVIEW_CHARS else ""
         print(f"  [{i}] {where}（相似度 {score}）\n      {text[:PASSAGE_PREVIEW_CHARS]}{more}")
+        if closest.get(i):
+            print(f"      最接近问题的句子：{closest[i]}")
 
 
 def ask(service: Any, question: str, kb: str, history: list[tuple[str, str]], params: Any) -> str | None:
@@ -56,6 +61,8 @@ def ask(service: Any, question: str, kb: str, history: list[tuple[str, str]], pa
     print()
     if stream.error:
         print(f"错误 / error: {stream.error}", file=sys.stderr)
+    elif stream.refusal is not None:        # which rule refused: retrieval, the model, or the grounding check
+        print(stream.refusal.message)
     print_sources(stream)
     return None if stream.refused or stream.error else stream.text
 

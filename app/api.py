@@ -5,7 +5,11 @@
     POST /api/ask                    {"question", "kb", "history"?: [[q, a], ...], "top_k"?, "threshold"?,
                                       "temperature"?, "max_new_tokens"?}  -> NDJSON stream:
                                      {"type":"token","text":...}* then {"type":"done","answer","refused","sources",...}
-    POST /api/search                 {"question", "kb", "top_k"?, "threshold"?} -> hits
+                                     (done: refused, model_refused, refusal_reason / refusal_message /
+                                     refusal_detail, sources and low_relevance with spans, ungrounded, grounding,
+                                     citations — outcome_json)
+    POST /api/search                 {"question", "kb", "top_k"?, "threshold"?} -> {"evidence", "hits",
+                                     "low_relevance"} (spans: each passage's sentence closest to the question)
     POST /api/kbs                    {"name"} -> 201 {"name"}  (a new, empty knowledge base; 409 if it exists)
     POST /api/kbs/{kb}/files         multipart "files" -> {"job_id"}  (background ingestion, as on the page)
     GET  /api/jobs/{job_id}          progress and per-file results
@@ -98,6 +102,39 @@ def basic_credentials(header: str) -> tuple[str, str] | None:
     return (user, password) if sep else None
 
 
+def hits_json(hits: list[Hit], spans: list[list[list[int]]]) -> list[dict[str, Any]]:
+    return [{**hit_json(h), "spans": sp} for h, sp in zip(hits, spans, strict=True)]
+
+
+def refusal_json(refusal: Any) -> dict[str, Any]:
+    """`refusal_reason` (null while an answer stands; else score_threshold | key_term_coverage | model | ungrounded,
+    app.refusals.REFUSAL_REASONS), `refusal_message` (the page's Chinese note, "" when none), `refusal_detail`."""
+    if refusal is None:
+        return {"refusal_reason": None, "refusal_message": "", "refusal_detail": None}
+    return refusal.to_dict()
+
+
+def outcome_json(stream: Any, text: str) -> dict[str, Any]:
+    """What the done line (/api/ask) and the `zhiwen` field (/v1) say about a finished answer, beyond its text:
+    `refused` (retrieval refused, the LLM was not called), `model_refused`, the refusal fields, `sources` and
+    `low_relevance` with `spans` (offsets of the sentences the page highlights: the answer's evidence, or the
+    sentence closest to the question when there is no answer to go by), the grounding check and, for a citing
+    template, `citations` (uncited sentences and markers naming no passage; null otherwise)."""
+    from .render import closest_for, hit_spans
+
+    verdict = getattr(stream, "grounding", None)
+    closest = closest_for(stream)
+    sources = list(getattr(stream, "sources", None) or [])
+    low = list(getattr(stream, "low_relevance", None) or [])
+    report = getattr(stream, "citation_report", None)
+    return {"refused": bool(stream.refused), "model_refused": bool(getattr(stream, "model_refused", False)),
+            **refusal_json(getattr(stream, "refusal", None)),
+            "sources": hits_json(sources, hit_spans(sources, text or "", grounding=verdict, closest=closest)),
+            "low_relevance": hits_json(low, hit_spans(low, "", closest=closest)),
+            **grounding_json(verdict),
+            "citations": report.to_dict(text) if report is not None else None}
+
+
 def grounding_json(verdict: Any) -> dict[str, Any]:
     """The done line's grounding fields: `ungrounded` (show 「资料中没有找到可靠依据」), `grounding` (status, failures
     with kind and message, citations with their character spans and passage numbers, evidence sentences)."""
@@ -150,15 +187,20 @@ def build_router(ctx: AppContext) -> APIRouter:
 
     @router.post("/search")
     def search(req: SearchRequest) -> Any:
+        from .render import hit_spans
+
         try:
             result = ctx.search(req.question, req.kb, req.params())
+            shown = result.hits or result.low_relevance     # spans: each passage's sentence closest to the question
+            closest = ctx.service.highlighter.closest(req.question.strip(), [h.text for h in shown])
         except QAError as e:
             return _request_error(e)
         except Exception as e:
             log.exception("search failed")
             return _error(500, friendly_error(e))
-        return {"evidence": result.evidence, "hits": [hit_json(h) for h in result.hits],
-                "low_relevance": [hit_json(h) for h in result.low_relevance]}
+        spans = hit_spans(shown, "", closest=closest)
+        return {"evidence": result.evidence, "hits": hits_json(result.hits, spans if result.hits else []),
+                "low_relevance": hits_json(result.low_relevance, [] if result.hits else spans)}
 
     @router.post("/ask")
     def ask(req: AskRequest) -> Any:
@@ -180,10 +222,8 @@ def build_router(ctx: AppContext) -> APIRouter:
                     text += piece
                     yield _line({"type": "token", "text": piece})
                 done = True
-                yield _line({"type": "done", "answer": text, "refused": bool(stream.refused),
-                             "error": stream.error or "", "sources": [hit_json(h) for h in stream.sources],
-                             "low_relevance": [hit_json(h) for h in stream.low_relevance],
-                             **grounding_json(getattr(stream, "grounding", None))})
+                yield _line({"type": "done", "answer": text, "error": stream.error or "",
+                             **(await run_in_threadpool(outcome_json, stream, text))})
             except Exception as e:
                 log.exception("ask failed while streaming")
                 yield _line({"type": "error", "error": friendly_error(e), "answer": text})

@@ -151,15 +151,17 @@ class JobManager:
             return self._jobs[job_id]
 
     def pending_files(self, kb_name: str) -> list[Path]:
-        """Files in the KB's sources/ that its manifest does not hold: stored uploads that were never indexed."""
-        from retrieval.store import KnowledgeBase
+        """Files in the KB's sources/ that its manifest does not hold: stored uploads that were never indexed.
+        Reads the manifest only (every KB is looked at when the app starts; none needs its index loaded)."""
+        from retrieval.store import SOURCES_DIR, kb_dir, read_manifest
 
-        kb = KnowledgeBase.open(kb_name, self.settings)
-        known = {fp.resolve() for e in kb.manifest.files.values() if (fp := e.file_path) is not None}
-        if not kb.sources_dir.is_dir():
+        _, manifest = read_manifest(kb_name, self.settings)
+        known = {fp.resolve() for e in manifest.files.values() if (fp := e.file_path) is not None}
+        sources = kb_dir(kb_name, self.settings) / SOURCES_DIR
+        if not sources.is_dir():
             return []
-        return sorted(p for p in kb.sources_dir.rglob("*")
-                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(kb.sources_dir).parts)
+        return sorted(p for p in sources.rglob("*")
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(sources).parts)
                       and p.resolve() not in known)
 
     def resume_pending(self) -> list[Job]:
@@ -308,11 +310,12 @@ class JobManager:
 
     def _run_upload(self, job_id: str, kb_name: str, files: list[tuple[Path, str]],
                     cleanup: Iterable[Path] | Path | None) -> None:
-        from retrieval.store import KnowledgeBase
+        from retrieval.store import SOURCES_DIR, kb_dir, read_manifest
 
         self._update(job_id, message=f"保存 {len(files)} 个上传文件…")
         try:
-            sources = KnowledgeBase.open(kb_name, self.settings).sources_dir
+            read_manifest(kb_name, self.settings)  # the KB exists and is readable (its index is not needed here)
+            sources = kb_dir(kb_name, self.settings) / SOURCES_DIR
             stored = store_uploads(files, sources, self._limits())
         finally:
             for path in [cleanup] if isinstance(cleanup, Path) else cleanup or []:
@@ -337,9 +340,9 @@ class JobManager:
     def _run_reingest(self, job_id: str, kb_name: str, keys: list[str]) -> None:
         """Read these manifest entries' files again and re-parse + re-embed them even when unchanged (force): a
         file that failed for a reason since removed (OCR turned on, antiword installed) gets another chance."""
-        from retrieval.store import KnowledgeBase
+        from retrieval.store import read_manifest
 
-        files = KnowledgeBase.open(kb_name, self.settings).manifest.files
+        files = read_manifest(kb_name, self.settings)[1].files
         paths, missing = [], []
         for key in keys:
             fp = files[key].file_path if key in files else None
@@ -354,10 +357,11 @@ class JobManager:
         rebuild=True (a fresh generation), the others added back. Files of a folder that is gone cannot be re-read:
         they leave the knowledge base, and their rows say so. When no folder is left the KB is not touched."""
         from ingest import ingest
-        from retrieval.store import KnowledgeBase
+        from retrieval.store import SOURCES_DIR, kb_dir, read_manifest
 
-        kb = KnowledgeBase.open(kb_name, self.settings)
-        roots = sorted({e.root for e in kb.manifest.files.values() if e.root}) or [str(kb.sources_dir)]
+        manifest = read_manifest(kb_name, self.settings)[1]
+        roots = sorted({e.root for e in manifest.files.values() if e.root}) or [
+            str(kb_dir(kb_name, self.settings) / SOURCES_DIR)]
         present = [r for r in roots if Path(r).is_dir()]
         if not present:
             raise JobError(f"知识库「{kb_name}」的文件来自的文件夹都已不存在（{'、'.join(roots)}），无法重建；"
@@ -365,7 +369,7 @@ class JobManager:
         rows: list[FileRow] = []
         for root in roots:
             if root not in present:
-                gone = sorted(k for k, e in kb.manifest.files.items() if e.root == root)
+                gone = sorted(k for k, e in manifest.files.items() if e.root == root)
                 reason = f"文件夹 {root} 已不存在，这个文件无法重新读取，已从知识库中移除。"
                 rows += [FileRow(k, "removed", 0, reason) for k in gone]
         for root in present:

@@ -21,11 +21,18 @@ from:
     {"refused": bool,         # true: no passage reached retrieval.score_threshold, the LLM was NOT called, and the
                               #   content is exactly 「根据已知信息无法回答该问题」 (also header X-Zhiwen-Refused: true)
      "model_refused": bool,   # the model itself answered with one of the template's refusal sentences
+     "refusal_reason": null | "score_threshold" | "key_term_coverage" | "model" | "ungrounded",   # which rule
+     "refusal_message": str,  # the page's Chinese note for it ("" when the answer stands)
+     "refusal_detail": {...}, # the numbers behind it (best_dense + threshold; key_terms, missing, coverage...)
      "sources": [{"file", "page", "heading", "score", "dense_score", "bm25_score", "text",
-                  "spans": [[start, end], ...]}],   # spans: character offsets in text of the supporting sentences
+                  "spans": [[start, end], ...]}],   # spans: character offsets in text of the sentences the page
+                              #   highlights (the answer's evidence; for a refusal the one closest to the question)
      "low_relevance": [...],  # when refused: the closest passages (same shape), never used for an answer
      "ungrounded": bool,      # the answer failed the grounding check (the page shows 「资料中没有找到可靠依据」)
-     "grounding": {...}}      # that check's status, failures, citations, evidence sentence (null when not run)
+     "grounding": {...},      # that check's status, failures, citations, evidence sentence (null when not run)
+     "citations": null | {"sentences", "cited_sentences", "uncited_sentences": [{"start", "end", "text"}],
+                          "invalid_citations": [{"start", "end", "passage"}], "summary"}}
+                              # only with a citing template (prompt.template knowledge_qa_cited)
 Usage counts: prompt_tokens is the built prompt (model tokenizer), completion_tokens the answer re-tokenized; both
 are 0 for a refusal (nothing was generated).
 
@@ -57,13 +64,11 @@ from starlette.concurrency import run_in_threadpool
 
 from configs import Settings
 from prompts import is_refusal
-from retrieval.sentences import split_sentences
-from retrieval.types import Hit
 
 from . import library
-from .api import grounding_json
+from .api import outcome_json
 from .context import AppContext
-from .render import supporting_sentences
+from .render import passage_spans
 
 log = logging.getLogger(__name__)
 
@@ -251,23 +256,9 @@ class StopScanner:
 
 # --- sources -------------------------------------------------------------------------------------------------------
 def sentence_spans(text: str, reference: str) -> list[list[int]]:
-    """[start, end) offsets in `text` of the sentences that support `reference` (the answer), in text order."""
-    marks = supporting_sentences(text, reference)
-    spans, pos = [], 0
-    for i, s in enumerate(split_sentences(text)):
-        at = text.find(s, pos)
-        if at < 0:
-            break                                   # the splitter normalised this sentence: no exact offsets
-        pos = at + len(s)
-        if i in marks:
-            spans.append([at, pos])
-    return spans
-
-
-def source_json(hit: Hit, reference: str = "") -> dict[str, Any]:
-    return {"file": hit.source, "page": hit.page, "heading": " > ".join(hit.heading_path), "score": hit.score,
-            "dense_score": hit.dense_score, "bm25_score": hit.bm25_score, "text": hit.text,
-            "spans": sentence_spans(hit.text, reference) if reference else []}
+    """[start, end) offsets in `text` of the sentences that support `reference` (the answer), in text order
+    (app.render.passage_spans: the page's rule; the answer's `spans` come from api.outcome_json)."""
+    return passage_spans(text, reference)
 
 
 # --- one answer ----------------------------------------------------------------------------------------------------
@@ -362,10 +353,12 @@ class _Answer:
         return "length" if usage["completion_tokens"] >= self.max_new_tokens else "stop"
 
     def extra(self) -> dict[str, Any]:
-        return {"refused": self.refused, "model_refused": (not self.refused) and is_refusal(self.text),
-                "sources": [source_json(h, self.text) for h in getattr(self.stream, "sources", None) or []],
-                "low_relevance": [source_json(h) for h in getattr(self.stream, "low_relevance", None) or []],
-                **grounding_json(getattr(self.stream, "grounding", None))}
+        out = outcome_json(self.stream, self.text)
+        for key in ("sources", "low_relevance"):   # /v1 names the file `file` (the /api face says `source`)
+            out[key] = [{"file": h.pop("source"), **h} for h in out[key]]
+        if not self.stream.done and not self.refused:   # the client left early or a stop string cut the text
+            out["model_refused"] = is_refusal(self.text)
+        return out
 
     def headers(self) -> dict[str, str]:
         return {"X-Zhiwen-Refused": "true" if self.refused else "false"}

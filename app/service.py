@@ -9,6 +9,11 @@
     stream.error          # "" or a sentence, when generation failed part-way (the text so far is kept)
     stream.grounding      # after the last piece: grounding.GroundingResult (ok, failures, citations, evidence)
     stream.ungrounded     # True: the answer states what its passages do not; show 「资料中没有找到可靠依据」
+    stream.refusal        # None, or Refusal(reason, message, detail): which rule refused (REFUSAL_REASONS)
+    stream.question_evidence   # {passage number: its sentence closest to the question} (before/without an answer)
+    stream.citation_report     # citing template only, after the last piece: uncited sentences, invalid [n]
+    stream.second_pass    # None, or {"first", "passage", "context"}: the model refused although a passage seemed to
+                          # hold the answer, and a stricter extraction (prompt.second_pass) answered instead
 
 The data path: question → HybridSearcher (evidence threshold) → build_prompt (token budget) → ChatModel.stream.
 Request problems (unknown knowledge base, empty or too long question, bad parameter, empty knowledge base) raise
@@ -20,17 +25,22 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from configs import Settings
-from grounding import GroundingResult, check_answer, key_term_coverage
+from grounding import GroundingResult, check_answer, key_term_coverage, template_checks
+from grounding.compliance import CitationReport, citation_report
+from grounding.retry import refusal_gate, second_pass_context
 from llm import ChatModel, GenerationParams, LLMError, load_llm
-from prompts import REFUSAL, build_prompt_from_settings, load_template
+from prompts import REFUSAL, build_prompt_from_settings, is_refusal, load_template
 from prompts.builder import PromptBudgetError
 from retrieval.retriever import HybridSearcher, SearchResult
 from retrieval.store import KBError, KBNameError, KBNotFoundError, KnowledgeBase, list_knowledge_bases
 from retrieval.types import Hit
+
+from .highlight import QuestionHighlighter
+from .refusals import MODEL_REFUSAL_NOTE, Refusal, coverage_refusal, threshold_refusal
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +99,19 @@ class AnswerStream:
 
     def __init__(self, pieces: Iterable[str], *, sources: list[Hit], refused: bool, low_relevance: list[Hit],
                  prompt_tokens: int = 0, dropped: list[Hit] | None = None,
-                 check: Callable[[str], GroundingResult | None] | None = None):
+                 check: Callable[[str], GroundingResult | None] | None = None,
+                 retry: Callable[[str], tuple[Iterable[str], dict] | None] | None = None,
+                 refusal: Refusal | None = None, highlight: Callable[[], dict[int, str]] | None = None,
+                 cites: bool = False):
         self._pieces = pieces
         self._check = check                   # the grounding check, run once the whole answer is there
+        self._retry = retry                   # the second pass after a likely false refusal (grounding.retry)
+        self.second_pass: dict | None = None
+        self._retrieval_refusal = refusal     # set when retrieval refused (the LLM is not called)
+        self._highlight = highlight
+        self._question_evidence: dict[int, str] | None = None
+        self.cites = cites                    # the template asks for [n] citations
+        self.citation_report: CitationReport | None = None
         self.grounding: GroundingResult | None = None
         self.sources = sources
         self.refused = refused
@@ -103,12 +123,15 @@ class AnswerStream:
         self.done = False
 
     def __iter__(self) -> Iterator[str]:
+        pieces = self._pieces if self._retry is None else refusal_gate(self._pieces, self._run_retry)
         try:
-            for piece in self._pieces:
+            for piece in pieces:
                 self.text += piece
                 yield piece
             if self._check is not None and self.text:
                 self.grounding = self._check(self.text)
+            if self.cites and self.text and not self.refused:
+                self.citation_report = citation_report(self.text, len(self.sources))
         except LLMError as e:                 # OOM, server down, context overflow: a sentence, partial text kept
             log.warning("generation failed: %s", e)
             self.error = str(e)
@@ -118,10 +141,48 @@ class AnswerStream:
             if close is not None:
                 close()                       # a consumer that stops early stops the generation too
 
+    def _run_retry(self, first: str) -> Iterable[str] | None:
+        got = self._retry(first) if self._retry is not None else None
+        if got is None:
+            return None
+        second, info = got
+        self.second_pass = {"first": first, **info}
+        return second
+
     @property
     def ungrounded(self) -> bool:
         """True when the finished answer failed the grounding check: show 「资料中没有找到可靠依据」, not the answer."""
         return self.grounding is not None and not self.grounding.ok
+
+    @property
+    def model_refused(self) -> bool:
+        """The model read the passages and answered with a refusal sentence (once the stream is done)."""
+        if self.refused or self.error or not self.done or not self.text.strip():
+            return False
+        if self.grounding is not None:
+            return self.grounding.status == "refusal"
+        return is_refusal(self.text)
+
+    @property
+    def refusal(self) -> Refusal | None:
+        """Which rule refused (None while an answer stands): retrieval's rules at once, the model's refusal and the
+        grounding check once the stream is done."""
+        if self._retrieval_refusal is not None:
+            return self._retrieval_refusal
+        if self.ungrounded:
+            return Refusal("ungrounded", self.grounding.summary(),
+                           {"failures": [f.kind for f in self.grounding.failures]})
+        if self.model_refused:
+            return Refusal("model", MODEL_REFUSAL_NOTE, {})
+        return None
+
+    @property
+    def question_evidence(self) -> dict[int, str]:
+        """{passage number (1-based, in the order shown: `low_relevance` when refused, else `sources`): the sentence
+        closest in meaning to the question} — what to highlight before an answer exists and for a refusal."""
+        if self._question_evidence is None:
+            self._question_evidence = self._highlight() if self._highlight is not None else {}
+        return self._question_evidence
 
 
 class QAService:
@@ -132,9 +193,11 @@ class QAService:
         self._llm = llm
         self._embedder = embedder
         self._searcher: HybridSearcher | None = None
+        self._highlight: QuestionHighlighter | None = None
         self._kbs: dict[str, KnowledgeBase] = {}
         self._lock = threading.RLock()
         self._template = load_template(settings.prompt.template)   # a bad template fails at start, not mid-chat
+        self._extract_template = load_template("extract_answer")     # prompt.second_pass's stricter extraction
 
     # --- components (lazy, thread-safe) ---------------------------------------------------------------------------
     @property
@@ -234,13 +297,20 @@ class QAService:
             raise QAError(f"参数 max_new_tokens 为 {p.max_new_tokens}，必须小于模型的上下文长度 {limit}"
                           "（配置项 llm.max_context_tokens）。")
         result = self.search(question, kb_name, p)
+        question = question.strip()
         if not result.evidence:
-            return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.low_relevance)
+            threshold = self.settings.retrieval.score_threshold if p.threshold is None else p.threshold
+            return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.low_relevance,
+                                refusal=threshold_refusal(result.best_dense, threshold),
+                                highlight=self._highlighter(question, result.low_relevance))
         coverage = max(key_term_coverage(question, h.text) for h in result.hits)
-        if coverage < self.settings.retrieval.min_key_term_coverage:
+        required = self.settings.retrieval.min_key_term_coverage
+        if coverage < required:
             # the passages are about the topic but not about what is asked (a near miss): no LLM call either
             log.info("refused: no passage holds %.0f%% of the question's key terms", 100 * coverage)
-            return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.hits)
+            return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.hits,
+                                refusal=coverage_refusal(question, result.hits, required),
+                                highlight=self._highlighter(question, result.hits))
 
         llm = self.llm
         gen = GenerationParams.from_settings(self.settings.llm, temperature=p.temperature,
@@ -258,7 +328,54 @@ class QAService:
         return AnswerStream(_lazy_stream(llm, built.messages, gen, stop_event), sources=built.used_hits,
                             refused=False, low_relevance=[], prompt_tokens=built.prompt_tokens,
                             dropped=built.dropped_hits, check=self._grounding_check(question, built.used_hits,
-                                                                                     stop_event))
+                                                                                     stop_event),
+                            highlight=self._highlighter(question, built.used_hits), cites=self.cites,
+                            retry=(lambda _first: self.second_pass(question, built.used_hits, gen, stop_event))
+                            if self.settings.prompt.second_pass else None)
+
+    @property
+    def cites(self) -> bool:
+        """The prompt template asks the model to cite passages as [1], [2] (grounding.template_checks)."""
+        return template_checks(self._template)["require_citations"]
+
+    @property
+    def highlighter(self) -> QuestionHighlighter:
+        if self._highlight is None:
+            with self._lock:
+                if self._highlight is None:
+                    self._highlight = QuestionHighlighter(self.searcher.embedder)
+        return self._highlight
+
+    def _highlighter(self, question: str, hits: Sequence[Hit]) -> Callable[[], dict[int, str]]:
+        """The closest-sentence computation for `hits`, run when first asked for (the page asks at once, to
+        highlight while the answer streams; an API client only pays for it when the done line is built)."""
+        texts = [h.text for h in hits]
+
+        def closest() -> dict[int, str]:
+            try:
+                return self.highlighter.closest(question, texts)
+            except Exception:       # noqa: BLE001 - a highlight is a convenience: never fail an answer for it
+                log.exception("question highlight failed")
+                return {}
+        return closest
+
+    def second_pass(self, question: str, hits: Sequence[Hit], params: GenerationParams | None = None,
+                    stop_event: threading.Event | None = None) -> tuple[Iterator[str], dict] | None:
+        """The stricter extraction after a model refusal (prompt.second_pass): when the first passage holds a sentence
+        that scores as an answer (grounding.retry.second_pass_context), ask again greedily with only that sentence and
+        its neighbours as the 「已知信息」 (template extract_answer). Returns (pieces, info) or None."""
+        found = second_pass_context(question.strip(), [h.text for h in hits])
+        if found is None:
+            return None
+        n, context = found
+        llm = self.llm
+        gen = (params or GenerationParams.from_settings(self.settings.llm)).merged(temperature=0)
+        built = build_prompt_from_settings(question.strip(), [replace(hits[n - 1], text=context)], [], self.settings,
+                                           llm.count_tokens, template=self._extract_template, history_turns=0,
+                                           max_new_tokens=gen.max_new_tokens,
+                                           max_context_tokens=llm.info.max_context_tokens)
+        log.info("the model refused while passage [%d] seems to hold the answer: second pass", n)
+        return _lazy_stream(llm, built.messages, gen, stop_event), {"passage": n, "context": context}
 
     def _grounding_check(self, question: str, hits: Sequence[Hit], stop_event: threading.Event | None,
                          ) -> Callable[[str], GroundingResult | None] | None:
@@ -267,12 +384,12 @@ class QAService:
         if not self.settings.prompt.grounding_check:
             return None
         texts = [h.text for h in hits]
-        cite = "[1]" in self._template
+        asks = template_checks(self._template)     # citations / a 「原文：」 quote, when the template asks for them
 
         def check(text: str) -> GroundingResult | None:
             if stop_event is not None and stop_event.is_set():
                 return None
-            return check_answer(text, question.strip(), texts, require_citations=cite)
+            return check_answer(text, question.strip(), texts, **asks)
         return check
 
 

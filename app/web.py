@@ -45,10 +45,22 @@ CSS = """
 .zw-score {display: block; color: #6b7280; font-size: 0.95em}
 .zw-passage {font-size: 0.92em; line-height: 1.6; white-space: normal}
 .zw-passage mark {background: #fde68a; padding: 0 1px}
+.zw-passage mark.zw-q, .zw-legend mark.zw-q {background: #dbeafe; padding: 0 1px}
+.zw-uncited {text-decoration: underline dotted #9ca3af; text-underline-offset: 3px}
+.zw-cite-bad {color: #9ca3af; text-decoration: line-through; font-size: 0.85em; vertical-align: super}
+.zw-cite-note {font-size: 0.8em; color: #9ca3af; margin-top: 4px}
 .zw-job table {width: 100%; font-size: 0.9em; margin-top: 6px}
 .zw-job progress {width: 100%}
 .zw-status-failed td, .zw-status-rejected td {color: #b91c1c}
 """
+
+# The sources panel's title for a refusal by retrieval (AnswerStream.refusal.reason; the note below it says why).
+REFUSAL_TITLES = {
+    "score_threshold": "最接近的段落（相关度低于阈值，未作为依据）",
+    "key_term_coverage": "最接近的段落（没有写到问题的关键词，未作为依据）",
+    "": "最接近的段落（未作为依据）",
+}
+
 
 def _friendly(fn: Callable) -> Callable:
     """Wrap a handler: log the traceback, show the person a gr.Error sentence instead."""
@@ -109,12 +121,17 @@ class Handlers:
         pending = render.hits_html([], question, title=f"答案来源（第 {number} 轮，回答未完成）")
         answer_sources = [*answer_sources, pending]
         yield "", chat, turns, answer_sources, gr.update()
-        text, hits, refused, error, verdict = "", [], False, "", None
+        text, hits, refused, error, verdict, stream = "", [], False, "", None, None
         try:
             params = AnswerParams(top_k=int(top_k), threshold=float(threshold), temperature=float(temperature),
                                   max_new_tokens=int(max_tokens), history_turns=int(history_turns))
             stream = self.ctx.answer(question, kb, turns[-int(history_turns):] if history_turns else [], params,
                                      stop=stop)
+            if not stream.refused:
+                # retrieval is done: show the passages now, each with its sentence closest to the question
+                streaming = render.hits_html(stream.sources, question, closest=stream.question_evidence,
+                                             title=f"答案来源（第 {number} 轮，回答生成中）", state="streaming")
+                yield "", chat, turns, answer_sources, streaming
             for piece in stream:
                 text += piece
                 chat[-1] = {"role": "assistant", "content": render.answer_markdown(text)}
@@ -128,15 +145,23 @@ class Handlers:
         if refused and not text:
             text = render.REFUSAL
         stopped = stop.is_set() and not refused and not error
+        refusal = getattr(stream, "refusal", None) if stream is not None and not error else None
         chat[-1] = {"role": "assistant",
                     "content": render.answer_markdown(text, refused=refused, error=error, stopped=stopped,
-                                                      grounding=verdict)}
+                                                      grounding=verdict, refusal=refusal,
+                                                      citations=getattr(stream, "citation_report", None))}
+        closest = render.closest_for(stream) if stream is not None and not error else None
+        reason = refusal.reason if refusal is not None else ""
         if refused:
-            panel = render.hits_html(low or hits, question, title="最接近的段落（相关度低于阈值，未作为依据）",
-                                     weak=True)
+            panel = render.hits_html(low or hits, question, title=REFUSAL_TITLES.get(reason, REFUSAL_TITLES[""]),
+                                     note=refusal.message if refusal is not None else "", weak=True,
+                                     closest=closest, reason=reason)
+        elif reason == "model":
+            panel = render.hits_html(hits, question, closest=closest, reason=reason,
+                                     title=f"提供给模型的段落（第 {number} 轮，模型判断其中没有答案）")
         else:
             stopped_note = "，已停止生成" if stopped else ""
-            panel = render.hits_html(hits, text or question, grounding=verdict,
+            panel = render.hits_html(hits, text or question, grounding=verdict, closest=closest, reason=reason,
                                      title=f"答案来源（第 {number} 轮{stopped_note}）")
         if text and not error and not stopped and not (verdict is not None and not verdict.ok):
             # a cut-off or ungrounded answer is not sent back to the model as history
@@ -241,8 +266,13 @@ class Handlers:
         note = ("有证据：得分最高的段落超过相关度阈值。" if result.evidence
                 else "没有段落超过相关度阈值：问答会拒绝回答，下面是最接近的段落。")
         shown = result.hits or result.low_relevance
+        try:
+            closest = self.ctx.service.highlighter.closest(question, [h.text for h in shown])
+        except Exception:  # noqa: BLE001 - the highlight is a convenience; the results still show
+            log.exception("question highlight failed")
+            closest = None
         return render.hits_html(shown, question, title=f"检索结果（{len(shown)} 条）",
-                                note=note, weak=not result.evidence)
+                                note=note, weak=not result.evidence, closest=closest)
 
 
 def theme() -> gr.themes.Base:

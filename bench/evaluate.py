@@ -5,6 +5,9 @@
         --config name=small,chunk_size=200,overlap=40 --config name=bm25,mode=bm25,answer=false
     .venv/bin/python -m bench.evaluate --out docs/eval --stem cmrc2018-trial     # the committed report
     .venv/bin/python -m bench.evaluate --noise --limit 200 --answer-limit 60     # noise-robustness mode
+    # a long LLM run in batches of 25 questions, each under the shared heavy-job lock, resumable:
+    flock /tmp/zhiwen-heavy.lock .venv/bin/python -m bench.evaluate --noise --answer-cache answers.jsonl \
+        --answer-batch 25 --work-dir /tmp/zw-eval ...      # repeat until the log says "0 pending"
 
 Data: SQuAD/CMRC JSON (.json) or JSONL (.jsonl: query, answer, positive, negative). See docs/benchmarks.md for
 the metrics' definitions. Only argument parsing lives here; the run is bench.eval.pipeline.run.
@@ -61,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stem", default="report", help="report file names: <stem>.md, <stem>.json, <stem>_hit_at_k.png")
     ap.add_argument("--work-dir", type=Path, help="keep the written files and knowledge bases here (default: temp)")
     ap.add_argument("--note", action="append", default=[], help="a line for the report's Notes section")
+    ap.add_argument("--answer-cache", type=Path,
+                    help="JSONL file of raw answers per question and configuration: answers already there are not "
+                         "asked again (resume a run, or split it into batches with --answer-batch)")
+    ap.add_argument("--answer-batch", type=_limit, default=None,
+                    help="at most this many questions through the LLM in this call (refusals before the LLM are "
+                         "free); the report covers what is answered so far. Run again until it says 0 pending")
     return ap
 
 
@@ -87,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                        answer_limit=args.answer_limit, max_new_tokens=args.max_new_tokens,
                        unanswerable_share=args.unanswerable_share, noise=args.noise,
                        max_passages=args.max_passages, seed=args.seed, formats=formats, work_dir=args.work_dir,
-                       command=f".venv/bin/python -m bench.evaluate {argv_text}".strip(), notes=args.note))
+                       command=f".venv/bin/python -m bench.evaluate {argv_text}".strip(), notes=args.note,
+                       answer_cache=args.answer_cache, answer_batch=args.answer_batch))
     except (ConfigSpecError, DatasetError, SettingsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,9 @@ counts when it contains a reference answer. Methods:
                       the one sharing most of its wording (what the page uses after an answer)
   question: bigrams   the old rule with the question as reference (before an answer exists)
   question: key terms most of the question's key words (grounding.evidence.key_terms) in the sentence
-  question: semantic  e5 similarity between the question and each sentence (--semantic)
+  question: semantic  e5 similarity between the question and each sentence (--semantic; app.highlight)
+  question: semantic + key terms (w)   the cosine plus w × the share of the question's key words in the sentence
+                      (--semantic; the page's rule before an answer is app.highlight.KEY_TERM_WEIGHT)
 With --answers, the answer methods use the answers an evaluation run's report recorded (answerable questions whose
 answer contains the reference, i.e. "when the answer is right"); otherwise the reference answer itself stands in.
 """
@@ -23,11 +25,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from app.highlight import QuestionHighlighter, pick
 from app.render import _bigram_sentences
 from bench.eval.datasets import read_eval_set
 from bench.eval.metrics import contains_any_answer, normalize_for_match
 from bench.retrieval_cmrc import CMRC_TRIAL
-from grounding.evidence import best_sentence_index, key_terms, rank_by_question
+from grounding.evidence import best_sentence_index, key_terms
 from retrieval.sentences import split_sentences
 
 
@@ -51,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=CMRC_TRIAL)
     ap.add_argument("--semantic", action="store_true", help="also rank by e5 similarity (loads the embedding model)")
     ap.add_argument("--answers", type=Path, help="an evaluation report (.json) whose recorded answers to use")
+    ap.add_argument("--weights", default="0.02,0.05,0.1,0.2",
+                    help="key-term weights tried on top of the semantic score (--semantic)")
     args = ap.parse_args(argv)
     ds = read_eval_set(args.data)
     model_answers: dict[str, str] = {}
@@ -61,15 +66,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if q.get("answerable") and a.get("contains") and not a.get("refused"):
                     model_answers[q["id"]] = a["prediction"]
                     break
-    embedder = None
+    highlighter = None
+    weights = [float(w) for w in args.weights.split(",") if w.strip()]
     if args.semantic:
         from configs import load_settings
         from retrieval.embeddings import Embedder
 
-        embedder = Embedder.from_settings(load_settings())
+        highlighter = QuestionHighlighter(Embedder.from_settings(load_settings()), cache_size=1_000_000)
     methods = ["answer: bigrams", "answer: content", "question: bigrams", "question: key terms"]
-    if embedder is not None:
-        methods.append("question: semantic")
+    if highlighter is not None:
+        methods += ["question: semantic"] + [f"question: semantic + key terms ({w:g})" for w in weights]
     hits = {m: 0 for m in methods}
     single = {m: 0 for m in methods}      # among questions whose answer lies inside one sentence
     n = n_single = 0
@@ -86,8 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "answer: content": best_sentence_index(sentences, answer),
                  "question: bigrams": _first_bigram(sentences, q.query),
                  "question: key terms": _by_terms(sentences, q.query)}
-        if embedder is not None:
-            picks["question: semantic"] = rank_by_question(sentences, q.query, embedder)[0]
+        if highlighter is not None:
+            sem = highlighter.scores(q.query, sentences, terms=False)
+            words = highlighter.scores(q.query, sentences, semantic=False)
+            picks["question: semantic"] = pick(sentences, sem)
+            for w in weights:
+                picks[f"question: semantic + key terms ({w:g})"] = pick(sentences, sem + w * words)
         one = any(contains_any_answer(s, q.answer) for s in sentences)
         n_single += one
         for m, i in picks.items():

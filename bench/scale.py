@@ -24,6 +24,12 @@ Per size and index kind it prints:
                         bytes = what the commit wrote (KBWriter.last_commit_bytes; hard links not counted)
   first-query           the first search after the update, to compare with search-full p50
   cold-writer           opening a writer in a fresh process (segments read and verified: what ingest.py pays)
+  peak rss              the process's high-water mark so far (ru_maxrss: building, opening, searching)
+
+Memory: the replicas are freed before the KB is opened when it is the last index kind of a size (recall@10 is
+computed against faiss.knn over the vectors first, by (sha256, position)). `--commit-rows N` builds the KB in commits
+of about N chunks with the replicas made batch by batch (segments are merged as the store does for any ingest), so
+a full 1M-chunk hybrid KB (`--sizes 1000000 --kinds ivf --commit-rows 100000`) never holds all replicas at once.
 
 --dense-only (for 1M on a machine without the ~5 GB a full 1M-chunk KB in memory needs): only the replica vectors,
 no chunks or BM25: exact search (faiss.knn over the array, what IndexFlatIP does) against the IVF index the store
@@ -34,10 +40,13 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import hashlib
 import os
+import resource
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,7 +57,7 @@ import psutil
 
 from bench.corpus import cmrc_chunks
 from bench.eval.metrics import percentile
-from bench.latency import _CachedQueries, real_vectors, replicate
+from bench.latency import NOISE_SIGMA, _CachedQueries, real_vectors, replicate
 from bench.machine import describe_machine
 from configs import load_settings
 from retrieval import bm25 as bm25_mod
@@ -65,6 +74,10 @@ def _rss() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
+def _peak() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def _spec(settings, dim: int) -> IndexSpec:
     return IndexSpec(model_id="bench-replicas", dim=dim, passage_prefix=settings.embedding.passage_prefix,
                      max_seq_length=settings.embedding.max_seq_length, chunk_size=settings.ingest.chunk_size,
@@ -75,24 +88,61 @@ def _entry(path: str, sha: str) -> FileEntry:
     return FileEntry(path=path, sha256=sha, size=1000, mtime=1.0, status="ok", ingested_at="2026-12-01T00:00:00+00:00")
 
 
-def build(settings, name: str, chunks: list[Chunk], vecs: np.ndarray) -> float:
-    """Write the whole KB in one commit; tokenize() memoised by text meanwhile (see the module doc)."""
+def replica_batches(real: list[Chunk], real_vecs: np.ndarray, size: int, rows: int, seed: int = 0):
+    """Exactly what bench.latency.replicate(..., perturb_text=False) makes, in batches of about `rows` chunks (whole
+    replica rounds, so no file is split), for building a 1M-chunk KB without holding every replica at once."""
+    rng = np.random.default_rng(seed)
+    made, r = 0, 0
+    out_c: list[Chunk] = []
+    out_v: list[np.ndarray] = []
+    while made < size:
+        take = min(len(real), size - made)
+        block = real_vecs[:take].copy()
+        for c in real[:take]:
+            sha = hashlib.sha256(f"{r}:{c.sha256}".encode()).hexdigest()
+            out_c.append(replace(c, source=f"rep{r}/{c.source}", sha256=sha, id=made))
+            made += 1
+        if r:
+            block += rng.normal(0, NOISE_SIGMA, block.shape).astype(np.float32)
+            block /= np.linalg.norm(block, axis=1, keepdims=True)
+        out_v.append(block)
+        r += 1
+        if len(out_c) >= rows or made >= size:
+            yield out_c, np.ascontiguousarray(np.vstack(out_v), dtype=np.float32)
+            out_c, out_v = [], []
+
+
+def exact_top10(batches, qmat: np.ndarray) -> list[list[tuple[str, int]]]:
+    """Per question, the exact top-10 chunks as (sha256, position) over all batches (faiss.knn = IndexFlatIP)."""
+    best: list[list[tuple[float, tuple[str, int]]]] = [[] for _ in range(len(qmat))]
+    for chunks, vecs in batches:
+        scores, rows = faiss.knn(qmat, vecs, 10, metric=faiss.METRIC_INNER_PRODUCT)
+        for i in range(len(qmat)):
+            best[i] += [(float(sc), (chunks[r].sha256, chunks[r].position)) for sc, r in zip(scores[i], rows[i],
+                                                                                            strict=True) if r >= 0]
+            best[i] = sorted(best[i], key=lambda x: -x[0])[:10]
+    return [[key for _, key in b] for b in best]
+
+
+def build(settings, name: str, batches) -> float:
+    """Write the KB, one commit per batch; tokenize() memoised by text meanwhile (see the module doc)."""
     original = bm25_mod.tokenize
     bm25_mod.tokenize = functools.lru_cache(maxsize=None)(original)
     t0 = time.perf_counter()
     try:
         with KnowledgeBase.open_writer(name, settings) as w:
-            w.set_spec(_spec(settings, vecs.shape[1]))
-            start = 0
-            while start < len(chunks):
-                end = start
-                while end < len(chunks) and chunks[end].sha256 == chunks[start].sha256:
-                    end += 1
-                group = chunks[start:end]
-                w.add_content(group[0].sha256, [c for c in group], vecs[start:end])
-                w.put(_entry(group[0].source, group[0].sha256))
-                start = end
-            w.commit()
+            for chunks, vecs in batches:
+                w.set_spec(_spec(settings, vecs.shape[1]))
+                start = 0
+                while start < len(chunks):
+                    end = start
+                    while end < len(chunks) and chunks[end].sha256 == chunks[start].sha256:
+                        end += 1
+                    group = chunks[start:end]
+                    w.add_content(group[0].sha256, [c for c in group], vecs[start:end])
+                    w.put(_entry(group[0].source, group[0].sha256))
+                    start = end
+                w.commit()
     finally:
         bm25_mod.tokenize = original
     return time.perf_counter() - t0
@@ -191,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="IVF nprobe values for recall (default: store.ivf_nprobe)")
     ap.add_argument("--dense-only", action="store_true", help="vectors only: exact vs IVF (see the module doc)")
     ap.add_argument("--dir", type=Path, default=None, help="where the KBs are written (default: a temp folder)")
+    ap.add_argument("--commit-rows", type=int, default=0,
+                    help="build each KB in commits of about this many chunks, replicas made batch by batch (for 1M: "
+                         "segments merge as in a real ingest, and memory stays at one copy of the KB); 0 = one commit")
     args = ap.parse_args(argv)
 
     base = load_settings()
@@ -210,14 +263,22 @@ def main(argv: list[str] | None = None) -> int:
         return dense_only(args, base, emb, real, real_vecs, questions, qvecs)
     root = args.dir or Path(tempfile.mkdtemp(prefix="zhiwen-scale-"))
     try:
+        qmat = np.vstack([qvecs[x] for x in questions])
         for size in args.sizes:
-            chunks, vecs = replicate(real, real_vecs, size, perturb_text=False)
-            exact = None
+            print(f"\n[{time.strftime('%H:%M:%S', time.gmtime())} UTC] load average {os.getloadavg()[0]:.1f}")
+            box = [] if args.commit_rows else [replicate(real, real_vecs, size, perturb_text=False)]
+            if args.commit_rows:  # streamed: one commit per batch, the replicas made again for each index kind
+                batches = functools.partial(replica_batches, real, real_vecs, size, args.commit_rows)
+            else:
+                batches = box.copy  # one batch: all replicas, one commit
+            truth = exact_top10(batches(), qmat) if "ivf" in args.kinds else None
             for kind in args.kinds:
                 settings = load_settings(paths={"kb_root": str(root)},
                                          store={"faiss_index": kind, "ivf_nprobe": base.store.ivf_nprobe})
                 name = f"s{size}-{kind}"
-                build_s = build(settings, name, chunks, vecs)
+                build_s = build(settings, name, batches())
+                if kind == args.kinds[-1]:  # the replicas are not needed any more: one copy of the KB in memory
+                    box.clear()
                 SEGMENTS._items.clear()
                 gc.collect()
                 t0 = time.perf_counter()
@@ -225,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 open_s = time.perf_counter() - t0
                 du = sum(p.stat().st_size for p in (root / name).rglob("*") if p.is_file()) / 1e6
                 print(f"\n== {size:,} chunks, {kind}: build {build_s:.1f} s, open {open_s:.1f} s, "
-                      f"rss {_rss():.2f} GiB, on disk {du:.0f} MB")
+                      f"rss {_rss():.2f} GiB (peak so far {_peak():.2f} GiB), on disk {du:.0f} MB")
                 full = HybridSearcher(settings.retrieval, emb)
                 cached = HybridSearcher(settings.retrieval, _CachedQueries(qvecs))
                 for label, s in (("search-full", full), ("search-cached", cached)):
@@ -238,17 +299,14 @@ def main(argv: list[str] | None = None) -> int:
                         ms.append((time.perf_counter() - t0) * 1000)
                     print(f"  {label:<14} {_ms(ms)}")
                 if kind == "ivf":
-                    if exact is None:
-                        exact = faiss.IndexFlatIP(vecs.shape[1])
-                        exact.add(vecs)
-                    q = np.vstack([qvecs[x] for x in questions])
-                    _, truth = exact.search(q, 10)
                     for nprobe in args.nprobe or [settings.store.ivf_nprobe]:
                         kb.index.nprobe = nprobe
                         t0 = time.perf_counter()
-                        _, got = kb.index.search(q, 10)
-                        per_q = (time.perf_counter() - t0) * 1000 / len(q)
-                        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got, strict=True)])
+                        _, got = kb.index.search(qmat, 10)
+                        per_q = (time.perf_counter() - t0) * 1000 / len(qmat)
+                        got_keys = [[(kb.chunks[int(r)].sha256, kb.chunks[int(r)].position) for r in row if r >= 0]
+                                    for row in got]
+                        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got_keys, strict=True)])
                         print(f"  recall@10 vs exact at nprobe {nprobe}: {recall:.4f} ({per_q:.2f} ms per question)")
                     kb.index.nprobe = settings.store.ivf_nprobe
                 del kb
@@ -258,11 +316,11 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 with KnowledgeBase.open_writer(name, settings):
                     cold = time.perf_counter() - t0
-                print(f"  cold-writer    {cold:.1f} s (segments read and verified, as a fresh ingest.py does)")
+                print(f"  cold-writer    {cold:.1f} s (segments read and verified, as a fresh ingest.py does); "
+                      f"peak rss {_peak():.2f} GiB")
                 SEGMENTS._items.clear()
                 shutil.rmtree(root / name, ignore_errors=True)
                 gc.collect()
-            del chunks, vecs, exact
             gc.collect()
     finally:
         if args.dir is None:

@@ -128,7 +128,7 @@ class StoreSettings(_Section):
     backend: Literal["faiss", "milvus"]
     faiss_index: Literal["auto", "flat", "ivf"] = Field(
         description="FAISS index of a stored segment: flat (exact), ivf (approximate), auto (ivf from ivf_threshold).")
-    ivf_threshold: int = Field(gt=0, description="auto: segments with at least this many chunks use IVF.")
+    ivf_threshold: int = Field(gt=0, description="auto: a KB with at least this many chunks writes IVF segments.")
     ivf_nprobe: int = Field(gt=0, description="IVF lists searched per question (recall vs speed).")
     # milvus: a *.db path runs Milvus Lite embedded (one process per file; "" = <kb_root>/milvus.db, relative paths
     # against the project root); http(s)://host:19530 a Milvus standalone/cluster server.
@@ -149,6 +149,8 @@ class PromptSettings(_Section):
     context_tokens: int = Field(gt=0)
     system: str
     grounding_check: bool = Field(description="Check each finished answer against its passages (grounding/).")
+    second_pass: bool = Field(description="After a model refusal while the top passage seems to hold the answer, "
+                              "ask again with only that sentence (grounding/retry.py).")
 
 
 class LLMSettings(_Section):

@@ -6,7 +6,16 @@
 
 Rooms: imports `retrieval` (sentences, BM25 stopwords) only; `app` and `bench` use it.
 """
-from grounding.check import UNGROUNDED, Citation, Failure, GroundingResult, check_answer, citations, looks_like_refusal
+from grounding.check import (
+    UNGROUNDED,
+    Citation,
+    Failure,
+    GroundingResult,
+    check_answer,
+    citations,
+    looks_like_refusal,
+    template_checks,
+)
 from grounding.evidence import best_sentence, best_sentence_index, key_term_coverage, key_terms, rank_by_question
 
 __all__ = [
@@ -22,4 +31,5 @@ __all__ = [
     "key_terms",
     "looks_like_refusal",
     "rank_by_question",
+    "template_checks",
 ]

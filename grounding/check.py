@@ -14,8 +14,12 @@ Checks, each a kind of Failure:
   citation                a marker [n] points at no passage, or at a passage without the sentence's claims
   uncited                 (templates that ask for citations, when the model cites elsewhere) a sentence with claims
                           and no marker
-A refusal is not checked. The passage the answer came from is the one it cites most, else the one holding most of
-its claims, else the one sharing most of its wording.
+  quote                   (template knowledge_qa_quoted: the answer ends with 「原文：<the sentence it came from>」)
+                          the quote is in no passage, or does not hold the answer's numbers/dates/names
+  unquoted                (when a quote is required) an answer with claims and no quote
+A refusal is not checked. The passage the answer came from is the quoted one, else the one it cites most, else the
+one holding most of its claims, else the one sharing most of its wording. With a quote, the relevance and the
+question's constraints are checked on the quoted sentence.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from grounding.claims import (
     supports,
 )
 from grounding.evidence import best_sentence, key_terms, term_coverage
+from grounding.quote import QuoteMatch, find_quote, split_quote
 from retrieval.sentences import sentence_ends
 
 UNGROUNDED = "资料中没有找到可靠依据"
@@ -74,6 +79,8 @@ class GroundingResult:
     citations: tuple[Citation, ...] = ()
     evidence: dict[int, str] = field(default_factory=dict)   # passage (1-based) → the sentence supporting the answer
     cited: bool = False                           # the model wrote at least one citation marker
+    quote: QuoteMatch | None = None               # where the answer's 「原文：」 quote is in the passages
+    quoted: bool = False                          # the model wrote a 「原文：」 quote (found or not)
 
     @property
     def ok(self) -> bool:
@@ -91,6 +98,17 @@ class GroundingResult:
         d["evidence"] = {str(k): v for k, v in self.evidence.items()}
         d["message"] = self.summary()
         return d
+
+
+def template_checks(template: str) -> dict[str, bool]:
+    """What a prompt template asks of the model, as check_answer's keyword arguments: citations when it shows [1],
+    a quote when it asks for 「原文：」 (templates knowledge_qa_cited / knowledge_qa_quoted). The service and the
+    evaluation both use this, so they check answers the same way.
+
+    >>> template_checks("…用方括号写出…例如 [1]。…{question}")
+    {'require_citations': True, 'require_quote': False}
+    """
+    return {"require_citations": "[1]" in template, "require_quote": "原文：" in template}
 
 
 def looks_like_refusal(answer: str) -> bool:
@@ -154,10 +172,12 @@ def _sentences_with_markers(answer: str) -> list[tuple[str, list[int]]]:
 
 
 def check_answer(answer: str, question: str, passages: Sequence[str], *, require_citations: bool = False,
-                 min_relevance: float = MIN_RELEVANCE) -> GroundingResult:
-    """Check `answer` against the `passages` the model was given (in prompt order: [1] is passages[0])."""
+                 require_quote: bool = False, min_relevance: float = MIN_RELEVANCE) -> GroundingResult:
+    """Check `answer` against the `passages` the model was given (in prompt order: [1] is passages[0]).
+    A 「原文：」 quote at the end (grounding.quote) is verified and then stands for the answer's source sentence."""
+    answer, quote_text = split_quote(answer)
     if looks_like_refusal(answer) or not answer.strip():
-        return GroundingResult("refusal")
+        return GroundingResult("refusal", quoted=quote_text is not None)
     n = len(passages)
     failures: list[Failure] = []
     cites = citations(answer)
@@ -187,11 +207,21 @@ def check_answer(answer: str, question: str, passages: Sequence[str], *, require
             failures.append(Failure("uncited", strip_markers(sentence).strip()[:20],
                                     f"「{strip_markers(sentence).strip()[:20]}」没有标注出处"))
 
-    source = _source(answer, passages, cites, support)
+    quote = find_quote(quote_text, passages) if quote_text else None
+    if quote_text and quote is None:
+        failures.append(Failure("quote", quote_text[:20], f"答案引用的原文「{quote_text[:20]}」在资料中找不到"))
+    elif quote is not None:
+        for claim in all_claims:
+            if support.get(claim.key) and not supports(quote.stretch, claim):
+                failures.append(Failure("quote", claim.text, f"「{claim.text}」不在答案引用的原文中"))
+    elif require_quote and all_claims:
+        failures.append(Failure("unquoted", strip_markers(answer).strip()[:20], "答案没有给出所依据的原文"))
+
+    source = quote.passage if quote is not None else _source(answer, passages, cites, support)
     evidence: dict[int, str] = {}
     if source is not None:
         text = passages[source - 1]
-        sentence = best_sentence(text, answer, claims=all_claims)
+        sentence = quote.text if quote is not None else best_sentence(text, answer, claims=all_claims)
         if sentence:
             evidence[source] = sentence
         for con in question_constraints(question):
@@ -199,13 +229,14 @@ def check_answer(answer: str, question: str, passages: Sequence[str], *, require
                 failures.append(Failure("constraint", con.text,
                                         f"问题中的「{con.text}」在答案所依据的段落[{source}]中没有出现"))
         terms = key_terms(question, exclude=[c.text for c in all_claims])
-        if terms and all_claims and sentence:
+        if terms and (all_claims or quote is not None) and sentence:
             cov = term_coverage(terms, text, sentence)
             if cov < min_relevance:
                 failures.append(Failure("relevance", sentence[:30],
                                         f"答案所依据的句子与问题关系不大（问题的关键词只出现了 {cov:.0%}）"))
     status = "ungrounded" if failures else "grounded"
-    return GroundingResult(status, tuple(failures), len(all_claims), source, tuple(cites), evidence, bool(cites))
+    return GroundingResult(status, tuple(failures), len(all_claims), source, tuple(cites), evidence, bool(cites),
+                           quote, quote_text is not None)
 
 
 def _source(answer: str, passages: Sequence[str], cites: Sequence[Citation],

@@ -17,6 +17,7 @@ transactions; a commit is made atomic for readers the way the FAISS store does i
   2. upsert the new contents' chunks                         (content-addressed: pk = hash(sha256, position))
   3. write manifest parts of generation n+1, then the head   (the switch: one row upsert)
   4. delete the chunks no live file refers to any more; head.garbage lists them until they are gone
+  5. Milvus Lite only: flush, so the rows leave Lite's in-memory table for indexed segments (_flush_lite)
 
 Readers only ever use chunks whose content is live in the manifest they read, so rows written by a commit that has
 not switched yet, or left by one killed half-way, are never shown, and a deleted file is gone at the next question
@@ -121,6 +122,7 @@ def close_clients() -> None:
             except Exception:  # closing is best effort: the process may be shutting the connection down anyway
                 pass
         _clients.clear()
+        _flushed_at_open.clear()
 
 
 def _connect(settings: Settings, uri: str) -> MilvusClient:
@@ -241,6 +243,22 @@ def _index_type(settings: Settings) -> str:
     if t == "auto":
         return "FLAT" if is_lite(settings) else "AUTOINDEX"
     return t.upper()
+
+
+def _flush_lite(c: MilvusClient, settings: Settings, *collections: str) -> None:
+    """Milvus Lite keeps new rows in an in-memory table until 128 MB of them accumulate, and every search scans that
+    table row by row in Python, rebuilding a BM25 index over it per question (10k fresh chunks: ~2 s per hybrid
+    search; docs/benchmarks.md §4c). A flush moves the rows into Parquet segments whose dense and BM25 indexes are
+    built once and cached, so a commit flushes what it wrote. A Milvus server seals and indexes segments itself (and
+    rate-limits flush), so this is for Lite only."""
+    if not is_lite(settings):
+        return
+    for name in collections:
+        if c.has_collection(name):
+            c.flush(name)
+
+
+_flushed_at_open: set[tuple[str, str]] = set()
 
 
 def _head_pk(name: str) -> str:
@@ -400,6 +418,10 @@ class MilvusKnowledgeBase:
                 raise
             if c.has_collection(collection_name(name)):
                 c.load_collection(collection_name(name))
+                key = (resolve_uri(settings), collection_name(name))
+                if key not in _flushed_at_open:  # rows a killed writer left in Lite's log come back unindexed
+                    _flush_lite(c, settings, collection_name(name))
+                    _flushed_at_open.add(key)
             return cls(name, settings, head, manifest)
         raise KBCorruptError(f"知识库「{name}」一直在被改写，无法读到一个稳定的版本；请稍后再试。")
 
@@ -753,6 +775,7 @@ class MilvusKBWriter:
             head = {**head, "garbage": 0}
             _write_head(c, self.name, head)
         c.delete(META_COLLECTION, filter=f'kb == {_quote([self.name])[1:-1]} and kind == "part" and gen < {gen - 1}')
+        _flush_lite(c, self.settings, self._collection, META_COLLECTION)
 
         self._head, self._files, self._drop_all, self._superseded = head, files, False, set()
         self._stored = {sha: counts[sha] for sha in owners}

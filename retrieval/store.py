@@ -25,15 +25,19 @@ Write side: `with kb.writer() as w: ...; w.commit()` (ingest only).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+import threading
 import uuid
+import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +65,9 @@ from retrieval.types import Chunk
 if TYPE_CHECKING:
     from configs import Settings
 
-MANIFEST_FORMAT = 2       # 2: segments; 1: one index.faiss + chunks.jsonl per generation (still read)
+MANIFEST_FORMAT = 3       # 3: segments, file table in parts; 2: segments, one manifest.json; 1: index.faiss (all read)
+PART_BUCKETS = 256        # the file table and the content map are each cut into at most this many parts …
+PART_TARGET = 256         # … of about this many entries (a KB of up to PART_TARGET files has one part of each)
 MAX_SEGMENTS = 8          # more after a commit: the smaller half are merged into one
 IVF_MIN_ROWS = 1_000      # store.faiss_index ivf: smaller segments stay exact
 MOSTLY_DEAD = 0.5         # a segment whose live share falls below this is rewritten at the next commit
@@ -72,6 +78,7 @@ SOURCES_DIR = "sources"
 INDEX_FILE = "index.faiss"
 CHUNKS_FILE = "chunks.jsonl"
 MANIFEST_FILE = "manifest.json"
+_PART_RE = re.compile(r"^manifest\.(files|contents)-[0-9a-f]{20}\.json$")
 _GEN_RE = re.compile(r"^gen-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 KB_NAME_RE = re.compile(r"[A-Za-z0-9_\-\u4e00-\u9fff]{1,64}")
@@ -201,6 +208,49 @@ class IndexSpec:
 
 
 @dataclass(frozen=True)
+class PartInfo:
+    """One part of a format-3 generation's file table (kind "files": path -> entry) or content map (kind "contents":
+    sha256 -> segment, first row, count): the entries whose key falls in `bucket` (crc32 of the key modulo the
+    manifest's `part_buckets`, a power of two up to PART_BUCKETS that grows with the KB). A part is immutable and
+    named by the hash of its bytes, so a commit writes only the parts whose entries changed and hard-links the
+    others from the previous generation, like segments."""
+
+    kind: str        # "files" | "contents"
+    bucket: int
+    file: str        # manifest.<kind>-<first 20 hex of sha256>.json
+    count: int       # entries in it
+    sha256: str      # of the file's bytes, verified when it is read
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "bucket": self.bucket, "file": self.file, "count": self.count, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, d: Any) -> PartInfo:
+        try:
+            info = cls(kind=str(d["kind"]), bucket=int(d["bucket"]), file=str(d["file"]), count=int(d["count"]),
+                       sha256=str(d["sha256"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise KBCorruptError(f"清单的分片条目 {str(d)[:80]} 不完整（{type(e).__name__}: {e}）") from None
+        m = _PART_RE.fullmatch(info.file)
+        if (m is None or m.group(1) != info.kind or not 0 <= info.bucket < PART_BUCKETS or info.count <= 0
+                or not re.fullmatch(r"[0-9a-f]{64}", info.sha256) or info.file[-25:-5] != info.sha256[:20]):
+            raise KBCorruptError(f"清单的分片条目 {str(d)[:80]} 有误")
+        return info
+
+
+def _bucket(key: str, buckets: int) -> int:
+    return zlib.crc32(key.encode("utf-8")) % buckets
+
+
+def _buckets_for(n_files: int) -> int:
+    """Buckets for a KB of n files: about PART_TARGET entries per part, a power of two, at most PART_BUCKETS."""
+    b = 1
+    while b < PART_BUCKETS and n_files > b * PART_TARGET:
+        b *= 2
+    return b
+
+
+@dataclass(frozen=True)
 class Manifest:
     generation: int
     spec: IndexSpec | None
@@ -211,6 +261,8 @@ class Manifest:
     checksums: dict[str, str] = field(default_factory=dict)  # format 1: file name -> sha256, set at commit
     segments: tuple[SegmentInfo, ...] = ()                   # format 2: the segments, in row order
     contents: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # sha256 -> (segment id, first row, n)
+    parts: tuple[PartInfo, ...] = ()                         # format 3: where `files` and `contents` are stored
+    part_buckets: int = 0                                    # format 3: keys are spread over this many parts
 
     @property
     def model_id(self) -> str:
@@ -231,6 +283,19 @@ class Manifest:
             "checksums": dict(self.checksums),
             "segments": [i.to_json() for i in self.segments],
             "contents": {sha: list(loc) for sha, loc in self.contents.items()},
+        }
+
+    def to_disk_json(self) -> dict[str, Any]:
+        """Format 3's manifest.json: everything but the file table and the content map, which live in `parts`."""
+        return {
+            "format": self.format,
+            "generation": self.generation,
+            "spec": self.spec.to_json() if self.spec else None,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "segments": [i.to_json() for i in self.segments],
+            "part_buckets": self.part_buckets,
+            "parts": [p.to_json() for p in self.parts],
         }
 
     @classmethod
@@ -259,6 +324,8 @@ class Manifest:
             checksums={str(k): str(v) for k, v in d.get("checksums", {}).items()},
             segments=tuple(_segment_infos(d.get("segments", []))),
             contents=_contents(d.get("contents", {})),
+            parts=tuple(_part_infos(d.get("parts", []), d.get("part_buckets", 0))),
+            part_buckets=int(d.get("part_buckets", 0)),
         )
 
     def check_segments(self) -> None:
@@ -298,6 +365,19 @@ def _segment_infos(raw: Any) -> list[SegmentInfo]:
         return [SegmentInfo.from_json(d) for d in raw]
     except SegmentError as e:
         raise KBCorruptError(str(e)) from None
+
+
+def _part_infos(raw: Any, buckets: Any) -> list[PartInfo]:
+    if not isinstance(raw, list):
+        raise KBCorruptError(f"清单的 parts 应是列表，实际是 {type(raw).__name__}")
+    if raw and (not isinstance(buckets, int) or buckets not in {2 ** k for k in range(9)} or buckets > PART_BUCKETS):
+        raise KBCorruptError(f"清单的 part_buckets {str(buckets)[:20]!r} 有误")
+    parts = [PartInfo.from_json(d) for d in raw]
+    if any(p.bucket >= buckets for p in parts):
+        raise KBCorruptError("清单的分片编号超出了 part_buckets")
+    if len({(p.kind, p.bucket) for p in parts}) != len(parts):
+        raise KBCorruptError("清单的两个分片登记了同一个桶")
+    return parts
 
 
 def _contents(raw: Any) -> dict[str, tuple[str, int, int]]:
@@ -532,7 +612,12 @@ def _holds_files(gen_dir: Path) -> bool:
         return False
     except (OSError, ValueError):
         return True  # unreadable: keep it and let a person decide
-    return not isinstance(d, dict) or bool(d.get("files"))
+    if not isinstance(d, dict):
+        return True
+    parts = d.get("parts")
+    if isinstance(parts, list) and parts:  # format 3: the file table is in parts
+        return any(not isinstance(p, dict) or (p.get("kind") == "files" and p.get("count")) for p in parts)
+    return bool(d.get("files"))
 
 
 def _read_manifest(gen_dir: Path) -> Manifest:
@@ -545,12 +630,127 @@ def _read_manifest(gen_dir: Path) -> Manifest:
         raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 无法读取（{e}）") from None
     try:
         m = Manifest.from_json(json.loads(raw))
+        if m.format >= 3:
+            m = _with_parts(gen_dir, m)
         m.check_segments()
         return m
     except KBCorruptError as e:
         raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 有误：{e}") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise KBCorruptError(f"{gen_dir.name}/{MANIFEST_FILE} 有误（{type(e).__name__}: {e}）") from None
+
+
+_STORED_FIELDS = [f.name for f in fields(FileEntry) if f.name != "chunk_ids"]
+_stored_key = attrgetter(*_STORED_FIELDS)  # what a part stores of an entry (chunk ids follow from the content map)
+
+
+def _entry_json(e: FileEntry) -> dict[str, Any]:
+    return {k: getattr(e, k) for k in _STORED_FIELDS}
+
+
+def _part_bytes(kind: str, bucket: int, buckets: int, entries: Mapping[str, Any]) -> bytes:
+    if kind == "files":
+        body = {p: _entry_json(e) for p, e in sorted(entries.items())}
+    else:
+        body = {sha: list(loc) for sha, loc in sorted(entries.items())}
+    doc = {"kind": kind, "bucket": bucket, "buckets": buckets, "entries": body}
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _load_part(gen_dir: Path, part: PartInfo, buckets: int) -> dict[str, Any]:
+    """Read and verify one part: its checksum, its shape, and that every key belongs to its bucket."""
+    where = f"{gen_dir.name}/{part.file}"
+    try:
+        data = (gen_dir / part.file).read_bytes()
+    except FileNotFoundError:
+        raise KBCorruptError(f"{gen_dir.name} 缺少 {part.file}") from None
+    if hashlib.sha256(data).hexdigest() != part.sha256:
+        raise KBCorruptError(f"{where} 的内容与提交时记录的校验和不符（文件被改动或损坏）")
+    try:
+        d = json.loads(data)
+        entries = d["entries"]
+        if (d.get("kind") != part.kind or d.get("bucket") != part.bucket or d.get("buckets") != buckets
+                or not isinstance(entries, Mapping)):
+            raise ValueError("kind / bucket / entries do not match the manifest")
+        if len(entries) != part.count:
+            raise ValueError(f"{len(entries)} entries, the manifest says {part.count}")
+        if any(_bucket(k, buckets) != part.bucket for k in entries):
+            raise ValueError("an entry is in the wrong bucket")
+        if part.kind == "contents":
+            return _contents(entries)
+        if not all(isinstance(e, Mapping) and e.get("path") == p for p, e in entries.items()):
+            raise ValueError("an entry is not an object of its own path")
+        return {p: FileEntry.from_json(e) for p, e in entries.items()}
+    except KBCorruptError as e:
+        raise KBCorruptError(f"{where} 有误：{e}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+        raise KBCorruptError(f"{where} 有误（{type(e).__name__}: {e}）") from None
+
+
+class _PartCache:
+    """Parsed manifest parts of the generation of each KB this process read last. Parts are immutable and shared
+    between generations by hard link, so a reopen after a one-file commit reads and parses one or two small parts.
+    A cached part is used only while its file is the very file it was read from (inode, size, mtime)."""
+
+    def __init__(self) -> None:
+        self._by_kb: dict[str, dict[str, tuple[tuple, dict[str, Any]]]] = {}
+        self._lock = threading.Lock()
+
+    def read(self, gen_dir: Path, parts: tuple[PartInfo, ...], buckets: int) -> list[dict[str, Any]]:
+        kb = str(gen_dir.parent.resolve())
+        with self._lock:
+            held = dict(self._by_kb.get(kb, {}))
+        out, now = [], {}
+        for part in parts:
+            try:
+                st = os.stat(gen_dir / part.file)
+            except FileNotFoundError:
+                raise KBCorruptError(f"{gen_dir.name} 缺少 {part.file}") from None
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            hit = held.get(part.file)
+            entries = hit[1] if hit is not None and hit[0] == stamp else _load_part(gen_dir, part, buckets)
+            now[part.file] = (stamp, entries)
+            out.append(entries)
+        with self._lock:
+            self._by_kb[kb] = now
+        return out
+
+
+PARTS = _PartCache()
+
+
+def _first_rows(segments: tuple[SegmentInfo, ...] | list[SegmentInfo],
+                contents: Mapping[str, tuple[str, int, int]]) -> dict[str, int]:
+    """sha256 -> its first global row (segments in order, live rows in order: Layout's numbering)."""
+    order = {info.id: k for k, info in enumerate(segments)}
+    first: dict[str, int] = {}
+    row = 0
+    for _, _, k, sha in sorted((order.get(loc[0], len(order)), loc[1], loc[2], sha) for sha, loc in contents.items()):
+        first[sha] = row
+        row += k
+    return first
+
+
+def _with_parts(gen_dir: Path, m: Manifest) -> Manifest:
+    """A format-3 manifest with its file table and content map read from its parts; chunk ids = global rows."""
+    read = list(zip(m.parts, PARTS.read(gen_dir, m.parts, m.part_buckets), strict=True))
+    contents: dict[str, tuple[str, int, int]] = {}
+    for part, entries in read:
+        if part.kind == "contents":
+            contents.update(entries)
+    first = _first_rows(m.segments, contents)
+    files: dict[str, FileEntry] = {}
+    for part, entries in read:
+        if part.kind != "files":
+            continue
+        for p, e in entries.items():
+            if e.status in LIVE_STATUSES and e.sha256 in first:
+                ids = tuple(range(first[e.sha256], first[e.sha256] + contents[e.sha256][2]))
+                if e.chunk_ids != ids:
+                    # the cached entry keeps the ids of the last generation read: after an append they still hold
+                    e = entries[p] = replace(e, chunk_ids=ids)
+            files[p] = e
+    return replace(m, files=dict(sorted(files.items())), contents=contents)
 
 
 def _verify_files(gen_dir: Path, checksums: Mapping[str, str]) -> None:
@@ -653,7 +853,7 @@ class KnowledgeBase:
         self._by_sha: dict[str, list[str]] | None = None
         self._contents = loaded.contents
         self._layout = Layout(loaded.segments, loaded.contents)
-        owners = {sha: paths[0] for sha in loaded.contents if (paths := self.sources_for(sha))}
+        owners = {e.sha256: e.path for e in self.manifest.files.values() if e.status == "ok"}  # one per content
         nprobe = settings.store.ivf_nprobe if settings is not None else 64
         self.chunks: ChunkTable = ChunkTable(self._layout, owners)          # row i of index is chunks[i]
         self.index = SegmentedIndex(self._layout, self.manifest.dim or (loaded.segments[0].info.dim
@@ -740,10 +940,12 @@ class KnowledgeBase:
         """Every live path whose content is `sha256`, the owner (status ok) first."""
         if self._by_sha is None:
             by: dict[str, list[str]] = {}
-            for e in sorted(self.manifest.files.values(), key=lambda e: (e.status != "ok", e.path)):
+            for e in self.manifest.files.values():
                 if e.status in LIVE_STATUSES:
-                    by.setdefault(e.sha256, []).append(e.path)
-            self._by_sha = by
+                    by.setdefault(e.sha256, []).append(e)
+            # the owner first, then by path (a list of one, the usual case, needs no sorting)
+            self._by_sha = {sha: [e.path for e in (sorted(es, key=lambda e: (e.status != "ok", e.path))
+                                                   if len(es) > 1 else es)] for sha, es in by.items()}
         return list(self._by_sha.get(sha256, ()))
 
     def chunks_for(self, sha256: str) -> list[Chunk]:
@@ -857,6 +1059,12 @@ class KBWriter:
         self._legacy: _Generation | None = None  # a format-1 live generation: rewritten as a segment at commit
         self._held: list[Segment] = []           # the live segments, loaded (and verified) once
         self._files: dict[str, FileEntry] = {}
+        # What the live generation stores (format 3): its parts, and the entries they hold, to find the parts a
+        # commit changes. Empty for an older format or a rebuild: the next commit then writes every part.
+        self._base_parts: dict[tuple[str, int], PartInfo] = {}
+        self._base_buckets = 0
+        self._base_files: dict[str, FileEntry] = {}
+        self._base_contents: dict[str, tuple[str, int, int]] = {}
         self._spec: IndexSpec | None = None
         self._created_at = now_iso()
         self.dirty = False
@@ -895,6 +1103,10 @@ class KBWriter:
                 raise KBCorruptError(str(e)) from None
         self._segments = list(manifest.segments)
         self._stored = dict(manifest.contents)
+        if manifest.parts:
+            self._base_parts = {(p.kind, p.bucket): p for p in manifest.parts}
+            self._base_buckets = manifest.part_buckets
+            self._base_files, self._base_contents = dict(manifest.files), dict(manifest.contents)
         return manifest
 
     def _check(self) -> None:
@@ -945,6 +1157,7 @@ class KBWriter:
             self._segments.clear()
             self._legacy = None
             self._files.clear()
+            self._base_parts, self._base_buckets, self._base_files, self._base_contents = {}, 0, {}, {}
         else:
             self._check()
             Manifest(0, self._spec, self._files).check_compatible(spec, self.name)
@@ -1028,10 +1241,13 @@ class KBWriter:
             segments.append(new_info)
 
         files = self._normalise(owners, segments, contents)
+        buckets = max(_buckets_for(len(files)), self._base_buckets)  # grows with the KB, never flips back and forth
+        parts = self._write_parts(tmp, live_dir, files, contents, buckets, write_file)
         now = now_iso()
         manifest = Manifest(n, self._spec, files, created_at=self._created_at or now, updated_at=now,
-                            format=MANIFEST_FORMAT, segments=tuple(segments), contents=contents)
-        data = json.dumps(manifest.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+                            format=MANIFEST_FORMAT, segments=tuple(segments), contents=contents, parts=parts,
+                            part_buckets=buckets)
+        data = json.dumps(manifest.to_disk_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         write_file(tmp / MANIFEST_FILE, data)
         _fsync_path(tmp)
         os.rename(tmp, self.path / gen)
@@ -1045,6 +1261,8 @@ class KBWriter:
             previous = None
         self._collect_garbage(keep={gen, previous})  # keep the previous one for readers still loading it
         self._files, self._segments, self._stored = files, segments, contents
+        self._base_parts, self._base_buckets = {(p.kind, p.bucket): p for p in parts}, buckets
+        self._base_files, self._base_contents = dict(files), dict(contents)
         self._new.clear()
         self._legacy = None
         self.dirty = False
@@ -1114,7 +1332,8 @@ class KBWriter:
         chunks = [c for part in parts_chunks for c in part]
         vectors = np.vstack(parts_vecs)
         chunks = [replace(c, source=owners[c.sha256]) for c in chunks]
-        info, seg = Segment.write(folder, chunks, vectors, index_kind=self._index_kind(len(chunks)),
+        kb_rows = len(chunks) + sum(loc[2] for loc in contents.values())  # the KB after this commit
+        info, seg = Segment.write(folder, chunks, vectors, index_kind=self._index_kind(len(chunks), kb_rows),
                                   postings=seglib.merge_postings(parts_post), write_file=write_file)
         SEGMENTS.put(self.path, folder.name, seg)
         start = 0
@@ -1124,39 +1343,66 @@ class KBWriter:
             start += k
         return info
 
-    def _index_kind(self, rows: int) -> str:
-        """flat or ivf for a new segment of `rows` chunks: store.faiss_index, with ivf never below IVF_MIN_ROWS
-        (a small segment searched exactly costs less than its inverted lists, and needs no training)."""
+    def _write_parts(self, folder: Path, live_dir: Path | None, files: Mapping[str, FileEntry],
+                     contents: Mapping[str, tuple[str, int, int]], buckets: int, write_file) -> tuple[PartInfo, ...]:
+        """The file table and content map as parts: those holding a changed entry are written, the others are
+        hard-linked from the live generation (a one-file commit writes two small parts and manifest.json)."""
+        base = self._base_parts if live_dir is not None and buckets == self._base_buckets else {}
+        dirty: set[tuple[str, int]] = set()
+        if base:
+            old = self._base_files
+            for p, e in files.items():
+                o = old.get(p)
+                if o is not e and (o is None or _stored_key(o) != _stored_key(e)):
+                    dirty.add(("files", _bucket(p, buckets)))
+            dirty.update(("files", _bucket(p, buckets)) for p in old.keys() - files.keys())
+            old_c = self._base_contents
+            dirty.update(("contents", _bucket(sha, buckets)) for sha, loc in contents.items() if old_c.get(sha) != loc)
+            dirty.update(("contents", _bucket(sha, buckets)) for sha in old_c.keys() - contents.keys())
+        groups: dict[tuple[str, int], dict[str, Any]] = {}
+        for kind, table in (("files", files), ("contents", contents)):
+            for key, value in table.items():
+                b = (kind, _bucket(key, buckets))
+                if not base or b in dirty:
+                    groups.setdefault(b, {})[key] = value
+        out = [info for b, info in base.items() if b not in dirty]
+        for info in out:
+            _link(live_dir / info.file, folder / info.file)
+        for (kind, bucket), entries in groups.items():
+            data = _part_bytes(kind, bucket, buckets, entries)
+            digest = hashlib.sha256(data).hexdigest()
+            info = PartInfo(kind, bucket, f"manifest.{kind}-{digest[:20]}.json", len(entries), digest)
+            write_file(folder / info.file, data)
+            out.append(info)
+        return tuple(sorted(out, key=lambda i: (i.kind, i.bucket)))
+
+    def _index_kind(self, rows: int, kb_rows: int) -> str:
+        """flat or ivf for a new segment of `rows` chunks in a KB of `kb_rows`: store.faiss_index (auto: ivf once the
+        KB reaches store.ivf_threshold, so a big KB built by many commits is not left with several big exact
+        segments), with ivf never below IVF_MIN_ROWS (a small segment searched exactly costs less than its inverted
+        lists, and needs no training)."""
         st = self._settings.store if self._settings is not None else None
         kind = st.faiss_index if st is not None else "auto"
         if kind == "auto":
-            kind = "ivf" if st is not None and rows >= st.ivf_threshold else "flat"
+            kind = "ivf" if st is not None and kb_rows >= st.ivf_threshold else "flat"
         return "ivf" if kind == "ivf" and rows >= IVF_MIN_ROWS else "flat"
 
     def _normalise(self, owners: Mapping[str, str], segments: list[SegmentInfo],
                    contents: Mapping[str, tuple[str, int, int]]) -> dict[str, FileEntry]:
         """File entries with owners/duplicates decided and chunk ids = global rows (Layout's numbering)."""
-        first: dict[str, int] = {}
-        row = 0
-        for info in segments:
-            for _, k, sha in sorted((loc[1], loc[2], sha) for sha, loc in contents.items() if loc[0] == info.id):
-                first[sha] = row
-                row += k
+        first = _first_rows(segments, contents)
         files: dict[str, FileEntry] = {}
         for path in sorted(self._files):
             e = self._files[path]
             if e.status in LIVE_STATUSES:
                 owner = owners[e.sha256]
                 _, _, k = contents[e.sha256]
-                e = replace(
-                    e,
-                    status="ok" if owner == path else "duplicate",
-                    duplicate_of=None if owner == path else owner,
-                    chunk_ids=tuple(range(first[e.sha256], first[e.sha256] + k)),
-                    reason="" if owner == path else e.reason,
-                )
+                new = ("ok" if owner == path else "duplicate", None if owner == path else owner,
+                       tuple(range(first[e.sha256], first[e.sha256] + k)), "" if owner == path else e.reason)
             else:
-                e = replace(e, chunk_ids=(), duplicate_of=None)
+                new = (e.status, None, (), e.reason)
+            if (e.status, e.duplicate_of, e.chunk_ids, e.reason) != new:  # unchanged entries stay the same object
+                e = replace(e, status=new[0], duplicate_of=new[1], chunk_ids=new[2], reason=new[3])
             files[path] = e
         return files
 

@@ -168,22 +168,26 @@ def test_milvus_commit_killed_half_way_leaves_the_previous_generation(tmp_path, 
         w.add_content(sha, [Chunk(text, path, sha, 0)], vec[row:row + 1])
         w.put(FileEntry(path, sha, 1, 0.0, "ok"))
 
+    coll = milvus_store.collection_name("k")
+    logged = lambda: [p.name for p in (s.kb_root / "milvus.db" / "collections" / coll / "wal").iterdir()]  # noqa: E731
     try:
         with KnowledgeBase.open_writer("k", s) as w:
             w.set_spec(spec)
             add(w, "a" * 64, "d/a.txt", "年假有五天。", 0)
             assert w.commit() == "gen-1"
+        assert logged() == [], "a commit flushes Lite's log into indexed segments (else every search rescans it)"
         monkeypatch.setattr(milvus_store, "_write_manifest", lambda *a: (_ for _ in ()).throw(OSError("killed")))
         with pytest.raises(OSError, match="killed"), KnowledgeBase.open_writer("k", s) as w:
             add(w, "b" * 64, "d/b.txt", "报销要在十五天内提交。", 1)
             w.commit()
         monkeypatch.undo()
+        assert logged(), "the dead writer's rows are only in Lite's log"
         kb = KnowledgeBase.open("k", s)
+        assert logged() == [], "the first open in a process flushes what a dead writer left in the log"
         assert kb.generation == "gen-1" and list(kb.manifest.files) == ["d/a.txt"]
         found = kb.candidates(vec[1], "报销", mode="hybrid", fetch_k=10, fusion="rrf", rrf_k=60, dense_weight=0.5)
         assert [c.sha256 for c in found.chunks] == ["a" * 64], "rows of a commit that never switched stay hidden"
         c = milvus_store.client(s)
-        coll = milvus_store.collection_name("k")
         assert c.query(coll, filter=f'sha == "{"b" * 64}"', output_fields=["pk"]), "left behind by the dead writer"
         with KnowledgeBase.open_writer("k", s):
             pass  # the next writer cleans up

@@ -245,3 +245,74 @@ def test_answer_rows_refusal_and_speed():
     assert summary["false_refusal_rate"] == pytest.approx(0.5)
     assert summary["refusal_rate"] == pytest.approx(0.5)          # answered 丁 although its passage is absent
     assert rows[0]["tokens"] == 3 and rows[2]["ttft_s"] is None    # a service refusal has no first token
+
+
+def test_answer_cache_splits_a_run_into_batches_and_resumes(tmp_path):
+    """A run with --answer-batch answers a few questions per call; the next call takes the rest from the cache file
+    (refusals before the LLM cost no budget) and the final summary equals one uninterrupted run's."""
+    from bench.eval.answer_eval import evaluate_answers
+    from bench.eval.cache import AnswerCache, Budget
+    from bench.eval.datasets import Question
+
+    asked: list[str] = []
+
+    class Stream:
+        def __init__(self, q):
+            self.q, self.refused, self.sources = q, q == "丙?", []
+
+        def __iter__(self):
+            asked.append(self.q)
+            return iter([] if self.refused else {"甲?": ["4分钟"], "乙?": ["根据已知信息无法回答该问题。"],
+                                                  "丁?": ["北京"]}[self.q])
+
+    qs = [Question("a", "甲?", (("4分钟",),), ("P",)), Question("b", "乙?", (("上海",),), ("P",)),
+          Question("c", "丙?", (("x",),), ("Q",)), Question("d", "丁?", (("北京市",),), ("Q",))]
+    path = tmp_path / "answers.jsonl"
+    first, rows = evaluate_answers(Stream, qs, {"c", "d"}, cache=AnswerCache(path), config_key="k",
+                                   budget=Budget(1))
+    assert first["answered_now"] == 1 and first["pending"] == 3 and [r["id"] for r in rows] == ["a"]
+    second, rows = evaluate_answers(Stream, qs, {"c", "d"}, cache=AnswerCache(path), config_key="k",
+                                    budget=Budget(2))
+    assert second["cached"] == 1 and second["answered_now"] == 3 and second["pending"] == 0   # 丙 refused for free
+    assert asked == ["甲?", "乙?", "丙?", "丁?"]                                # nobody was asked twice
+    whole, _ = evaluate_answers(Stream, qs, {"c", "d"}, cache=AnswerCache(path), config_key="k")
+    assert asked == ["甲?", "乙?", "丙?", "丁?"] and whole["cached"] == 4
+    assert whole["false_refusal_rate"] == pytest.approx(0.5) and whole["refusal_rate"] == pytest.approx(0.5)
+    other, _ = evaluate_answers(Stream, qs[:1], set(), cache=AnswerCache(path), config_key="other-config")
+    assert other["answered_now"] == 1 and asked[-1] == "甲?"                 # another configuration is asked anew
+    path.write_text(path.read_text(encoding="utf-8") + '{"key": "broken', encoding="utf-8")   # killed mid-write
+    assert len(AnswerCache(path)) == 5
+
+
+def test_a_second_pass_configuration_starts_from_the_base_configurations_cached_answers(tmp_path):
+    from bench.eval.answer_eval import evaluate_answers
+    from bench.eval.cache import AnswerCache, Budget
+    from bench.eval.datasets import Question
+
+    class Stream:
+        def __init__(self, q):
+            self.refused, self.sources, self.q = False, [], q
+
+        def __iter__(self):
+            return iter(["根据已知信息无法回答该问题。"] if self.q == "乙?" else ["4分钟"])
+
+    qs = [Question("a", "甲?", (("4分钟",),), ("P",)), Question("b", "乙?", (("上海",),), ("P",))]
+    cache = AnswerCache(tmp_path / "answers.jsonl")
+    evaluate_answers(Stream, qs, set(), cache=cache, config_key="base")
+    derived: list[str] = []
+
+    def derive(q, base):
+        derived.append(q.query)
+        if base["text"].startswith("根据"):
+            return {**base, "text": "上海", "second_pass": {"first": base["text"]}}, True
+        return {**base, "second_pass": None}, False
+
+    def never(_q):
+        raise AssertionError("a base answer is cached: the service is not asked again")
+
+    budget = Budget(1)
+    summary, rows = evaluate_answers(never, qs, set(), cache=cache, config_key="base+2nd", base_key="base",
+                                     derive=derive, budget=budget)
+    assert derived == ["甲?", "乙?"] and budget.left == 0          # only the re-asked refusal cost an LLM call
+    assert [r["prediction"] for r in rows] == ["4分钟", "上海"] and summary["false_refusal_rate"] == 0.0
+    assert rows[1]["second_pass"] == {"first": "根据已知信息无法回答该问题。"}

@@ -156,3 +156,76 @@ def test_words_about_the_answers_form_are_not_key_terms():
     assert {"支持", "上传"} <= set(terms)
     passage = "具体支持的扩展名以上传时的提示为准，不支持的文件会说明原因。"
     assert key_term_coverage(q, passage) >= 0.5
+
+
+def test_quote_then_verify_checks_the_quoted_sentence():
+    from grounding.quote import find_quote, split_quote
+
+    q = "zip 压缩包里最多能放多少个文件？"
+    assert split_quote("最多 2000 个。\n原文：“一个 zip 压缩包里最多 2000 个文件”") == \
+        ("最多 2000 个。", "一个 zip 压缩包里最多 2000 个文件")
+    assert split_quote("**答案**：2000 个\n**原文**：「一个压缩包」") == ("**答案**：2000 个", "一个压缩包")
+    assert split_quote("根据已知信息无法回答该问题。") == ("根据已知信息无法回答该问题。", None)
+    # re-punctuated and full-width copies are still the passage's sentence
+    m = find_quote("一个ｚｉｐ压缩包里最多2000个文件。", GUIDE)
+    assert m is not None and m.passage == 2 and m.share == 1.0 and m.text.startswith("压缩包限制")
+
+    ok = check_answer("最多 2000 个文件。\n原文：一个 zip 压缩包里最多 2000 个文件", q, GUIDE)
+    assert ok.ok and ok.quoted and ok.source == 2 and ok.quote.passage == 2
+    invented = check_answer("最多 2000 个文件。\n原文：每个压缩包最多可以放两千个文件并自动解压", q, GUIDE)
+    assert [f.kind for f in invented.failures] == ["quote"] and "找不到" in invented.failures[0].message
+    # the number is in the passages, but not in the sentence the model says it came from
+    elsewhere = check_answer("最多 500 个。\n原文：一个 zip 压缩包里最多 2000 个文件", q, GUIDE)
+    assert "quote" in [f.kind for f in elsewhere.failures]
+    # a quote about something else than the question (a near miss) fails on relevance, even without numbers
+    off = check_answer("点击按钮即可。\n原文：点击「上传」按钮，选择文件。", "压缩包解压后的大小上限是多少？", GUIDE)
+    assert [f.kind for f in off.failures] == ["relevance"]
+    assert [f.kind for f in check_answer("最多 2000 个文件。", q, GUIDE, require_quote=True).failures] == ["unquoted"]
+    assert check_answer("根据已知信息无法回答该问题。", q, GUIDE, require_quote=True).status == "refusal"
+
+
+def test_likely_false_refusal_detector_needs_the_asked_kind_and_the_key_terms():
+    from grounding.evidence import answer_candidate, asked_kind
+
+    assert [asked_kind(q) for q in ("范廷颂是什么时候被任命为主教的？", "zip 里最多能放多少个文件？",
+                                    "谁发明了电话？", "总部在哪里？", "为什么要分块？")] == \
+        ["date", "number", "person", "place", None]
+    # the case: the zip limit is in [1] although the model refused
+    assert answer_candidate("zip 压缩包里最多能放多少个文件？", GUIDE[::-1]) == (1, GUIDE[1])
+    # a number about something else (the phone question in [1]) does not score as an answer, nor does [2] beyond top=1
+    assert answer_candidate("zip 压缩包里最多能放多少个文件？", GUIDE) is None
+    assert answer_candidate("zip 压缩包里最多能放多少个文件？", GUIDE, top=2)[0] == 2
+    assert answer_candidate("文件上传后什么时候完成导入？", ["上传文件后系统会自动导入。"]) is None   # no date at all
+
+
+def test_key_terms_skip_pointing_and_counting_words_and_match_numerals_as_digits():
+    # paraphrased questions (not in the document's words) must not lose coverage on words that carry no content
+    assert key_terms("这所学校一共占了多少亩地？") == ["学校"]
+    assert "哪些地方" not in key_terms("威拍哇丽兰室路经过哪些地方？")
+    assert key_term_coverage("十九世纪到六十年代，内帕特纳赫谷一直靠木筏运输吗？",
+                             "从19世纪到1960年代，内帕特纳赫谷上始终以木筏进行运输。") == 1.0
+
+
+def test_refusal_gate_streams_answers_and_swaps_a_refusal_for_the_second_pass():
+    from grounding.retry import candidate_window, may_be_refusal, refusal_gate, second_pass_context
+
+    asked: list[str] = []
+
+    def retry(first):
+        asked.append(first)
+        return iter(["2000", " 个"])
+
+    # an answer streams as soon as it cannot be a refusal any more ...
+    assert list(refusal_gate(["根据", "已知信息", "，最多", "2000 个"], retry)) == ["根据已知信息，最多", "2000 个"]
+    assert list(refusal_gate(["5", "天"], retry)) == ["5", "天"] and asked == []
+    # ... a refusal is held back until it is complete, then replaced by the second pass (or released unchanged)
+    assert list(refusal_gate(["根据已知信息", "无法回答该问题。"], retry)) == ["2000", " 个"]
+    assert asked == ["根据已知信息无法回答该问题。"]
+    assert list(refusal_gate(["根据已知信息", "无法回答该问题。"], lambda _t: None)) == ["根据已知信息无法回答该问题。"]
+    assert may_be_refusal("") and may_be_refusal("抱歉，") and not may_be_refusal("年假有5天")
+    # the second pass gets the candidate sentence with its neighbours, from the first passage only
+    passage = "上传文件：点击按钮。一个 zip 压缩包里最多 2000 个文件。解压后不超过 500 MB。其他说明。"
+    assert candidate_window(passage, "一个 zip 压缩包里最多 2000 个文件。") == \
+        "上传文件：点击按钮。一个 zip 压缩包里最多 2000 个文件。解压后不超过 500 MB。"
+    assert second_pass_context("zip 压缩包里最多能放多少个文件？", [passage])[0] == 1
+    assert second_pass_context("zip 压缩包里最多能放多少个文件？", ["无关的段落。", passage]) is None

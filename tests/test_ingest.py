@@ -365,7 +365,8 @@ def test_kill_9_mid_ingest_then_resume_matches_a_clean_run(tmp_path, settings, c
             if cur.exists():
                 gen = cur.read_text().strip()
                 try:
-                    if json.loads((kb_path / gen / "manifest.json").read_text())["files"]:
+                    m = json.loads((kb_path / gen / "manifest.json").read_text())
+                    if m.get("files") or any(p["kind"] == "files" for p in m.get("parts", [])):
                         break
                 except (FileNotFoundError, ValueError):
                     pass

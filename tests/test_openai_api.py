@@ -138,6 +138,8 @@ def test_answer_with_sources_and_usage(client, server):
     assert extra["refused"] is False and extra["low_relevance"] == []
     # the finished answer went through the same grounding check as on the page (prompt.grounding_check)
     assert isinstance(extra["grounding"], dict) and extra["ungrounded"] == (not extra["grounding"]["ok"])
+    assert extra["refusal_reason"] in (None, "model", "ungrounded") and extra["citations"] is None   # default template
+    assert (extra["refusal_reason"] == "ungrounded") == extra["ungrounded"]
     top = extra["sources"][0]
     assert top["file"].endswith("02-导入文件.md") and top["text"] in calls[0][-1]["content"]
     assert set(top) >= {"file", "page", "heading", "score", "text", "spans"}
@@ -235,6 +237,12 @@ def test_no_evidence_is_a_recognisable_refusal_without_llm_call(client, server):
     assert r.choices[0].message.content == REFUSAL and r.choices[0].finish_reason == "stop"
     extra = r.model_extra["zhiwen"]
     assert extra["refused"] is True and extra["sources"] == [] and extra["low_relevance"]
+    # which rule refused, in a stable machine-readable field plus the page's note, and the closest sentences
+    assert extra["refusal_reason"] in ("score_threshold", "key_term_coverage") and extra["model_refused"] is False
+    assert "没有调用模型" in extra["refusal_message"] and extra["refusal_detail"]
+    for hit in extra["low_relevance"]:
+        (a, b), = hit["spans"]                       # one sentence per passage: the closest to the question
+        assert 0 <= a < b <= len(hit["text"])
     assert r.usage.total_tokens == 0
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == REFUSAL
     assert chunks[-1].model_extra["zhiwen"]["refused"] is True
@@ -394,3 +402,24 @@ def test_api_ask_clients_that_leave_mid_stream_give_their_generation_slot_back(s
     r = httpx.post(f"{api}/ask", json={"question": QUESTION, "kb": KB}, timeout=60)
     last = json.loads(r.text.splitlines()[-1])
     assert r.status_code == 200 and last["type"] == "done" and last["answer"]
+
+
+def test_api_ask_and_search_say_why_and_where(server):
+    """/api/ask's done line carries the same refusal fields as /v1 (threshold set above any cosine: the score rule;
+    threshold off: the key-word rule), and /api/search marks each passage's sentence closest to the question."""
+    base, _key, _ctx = server
+    api = base.removesuffix("/v1") + "/api"
+    reasons = {}
+    for threshold in (0.999, -1.0):
+        r = httpx.post(f"{api}/ask", json={"question": UNRELATED, "kb": KB, "threshold": threshold}, timeout=60)
+        done = json.loads(r.text.splitlines()[-1])
+        assert done["type"] == "done" and done["refused"] is True and done["answer"] == REFUSAL
+        reasons[threshold] = done["refusal_reason"]
+        assert done["refusal_message"].startswith("检索拒答") and done["low_relevance"]
+        assert all(len(h["spans"]) == 1 for h in done["low_relevance"])
+    assert reasons == {0.999: "score_threshold", -1.0: "key_term_coverage"}
+    assert done["refusal_detail"]["missing"] and done["refusal_detail"]["coverage"] < done["refusal_detail"]["required"]
+    found = httpx.post(f"{api}/search", json={"question": QUESTION, "kb": KB}, timeout=60).json()
+    assert found["evidence"] and found["hits"] and found["low_relevance"] == []
+    a, b = found["hits"][0]["spans"][0]
+    assert "上传" in found["hits"][0]["text"][a:b]

@@ -21,7 +21,7 @@ from configs import PROJECT_ROOT, load_settings
 from retrieval import bm25 as bm25_mod
 from retrieval.bm25 import BM25Index
 from retrieval.segments import SEGMENTS
-from retrieval.store import MAX_SEGMENTS, FileEntry, IndexSpec, KnowledgeBase
+from retrieval.store import MANIFEST_FORMAT, MAX_SEGMENTS, FileEntry, IndexSpec, KBCorruptError, KnowledgeBase
 from retrieval.types import Chunk
 from tests.test_store import assert_consistent, assert_no_pickle
 
@@ -47,6 +47,16 @@ def _file(w, path: str, seed: int, n: int = 3) -> str:
     w.add_content(sha, chunks, _vectors(n, seed))
     w.put(FileEntry(path, sha, 10, 1.0, "ok", ingested_at=f"2026-01-01T00:00:{seed % 60:02d}+00:00"))
     return sha
+
+
+def _written_bytes(gen: Path) -> int:
+    """Bytes of the files a commit wrote into generation folder `gen` (the others are hard links: st_nlink > 1)."""
+    return sum(p.stat().st_size for p in gen.iterdir() if p.stat().st_nlink == 1)
+
+
+def _manifest_bytes(gen: Path) -> int:
+    """manifest.json and its parts (file table, content map) as they are in `gen`."""
+    return sum(p.stat().st_size for p in gen.glob("manifest*.json"))
 
 
 def _kb_with(settings, n_files: int, name: str = "kb") -> KnowledgeBase:
@@ -76,8 +86,8 @@ def test_one_file_commit_writes_one_small_segment_and_links_the_rest(tmp_setting
     for name, p in base.items():  # the old segment's files are the same inodes: nothing rewritten
         assert _inode(gen / name) == _inode(p)
     assert len(json.loads((gen / "manifest.json").read_text())["segments"]) == 2
-    manifest_bytes = (gen / "manifest.json").stat().st_size
-    assert added - manifest_bytes < base_bytes / 5, (added, manifest_bytes, base_bytes)
+    assert added == _written_bytes(gen), "last_commit_bytes counts exactly the files that are not hard links"
+    assert added < base_bytes / 5 + _manifest_bytes(gen), (added, base_bytes)
     assert_consistent(kb2)
     assert_no_pickle(kb2.path)
     # the new file is searchable, dense and BM25
@@ -90,7 +100,9 @@ def test_one_file_commit_writes_one_small_segment_and_links_the_rest(tmp_setting
     with kb2.writer() as w:  # a delete writes only the manifest; the dead rows disappear from both searches
         w.remove("d/new.txt")
         w.commit()
-        assert w.last_commit_bytes == (w.path / w.live_generation / "manifest.json").stat().st_size
+        gen = w.path / w.live_generation
+        assert not [p for p in gen.glob("seg-*") if p.stat().st_nlink == 1], "a delete writes no segment"
+        assert w.last_commit_bytes == _written_bytes(gen) == _manifest_bytes(gen)
     kb3 = kb2.reopen()
     assert_consistent(kb3)
     assert all(c.source != "d/new.txt" for c in kb3.chunks)
@@ -100,6 +112,92 @@ def test_one_file_commit_writes_one_small_segment_and_links_the_rest(tmp_setting
 
 def _reference_scores(chunks: list[Chunk], query: str) -> np.ndarray:
     return BM25Index(chunks).scores(query)
+
+
+def test_the_file_table_is_in_parts_and_a_one_file_commit_rewrites_only_its_own(tmp_settings):
+    """600 files: the file table and the content map are each cut into 4 parts; adding, replacing or deleting one
+    file writes one part of each (plus manifest.json) and hard-links the rest; the manifest read back is complete."""
+    kb = _kb_with(tmp_settings, 600)
+    gen = kb.path / kb.generation
+    m = json.loads((gen / "manifest.json").read_text())
+    assert m["part_buckets"] == 4 and "files" not in m and len(m["parts"]) == 8
+    assert len(kb.manifest.files) == 600 and list(kb.manifest.files) == sorted(kb.manifest.files)
+    for step in ("add", "replace", "delete"):
+        before = kb.manifest
+        with kb.writer() as w:
+            if step == "delete":
+                w.remove("d/new.txt")
+            else:
+                _file(w, "d/new.txt", 9000 if step == "add" else 9001)
+            w.commit()
+        kb = kb.reopen()
+        gen = kb.path / kb.generation
+        written = [p.name.split("-")[0] for p in gen.glob("manifest.*.json") if p.stat().st_nlink == 1]
+        # the file's own part, and the parts of the contents that came or went (a replace: the old and the new one)
+        assert written.count("manifest.files") == 1 and 1 <= written.count("manifest.contents") <= 2, (step, written)
+        assert _written_bytes(gen) < _manifest_bytes(gen) / 2 + sum(p.stat().st_size for p in gen.glob("seg-*")
+                                                                     if p.stat().st_nlink == 1)
+        expected = {p: e for p, e in before.files.items() if p != "d/new.txt"}
+        got = {p: e for p, e in kb.manifest.files.items() if p != "d/new.txt"}
+        assert got.keys() == expected.keys() and all(got[p].sha256 == expected[p].sha256 for p in got)
+        assert ("d/new.txt" in kb.manifest.files) == (step != "delete")
+        assert_consistent(kb)
+    SEGMENTS._items.clear()  # a fresh process: every part read and verified again
+    assert KnowledgeBase.open("kb", tmp_settings).manifest.files == kb.manifest.files
+
+
+def test_damaged_or_misplaced_manifest_parts_are_refused(tmp_settings):
+    import hashlib
+
+    kb = _kb_with(tmp_settings, 600)
+    gen = kb.path / kb.generation
+    part = sorted(gen.glob("manifest.files-*.json"))[0]
+    good = part.read_bytes()
+    part.write_bytes(good.replace(b'"status":"ok"', b'"status":"xx"', 1))
+    with pytest.raises(KBCorruptError, match="校验和"):
+        KnowledgeBase.open("kb", tmp_settings)
+    # the same bytes recorded as committed, but an entry moved to another bucket's part: refused too
+    doc = json.loads(good)
+    other = next(p for p in sorted(gen.glob("manifest.files-*.json")) if p != part)
+    moved = next(iter(json.loads(other.read_bytes())["entries"].items()))
+    doc["entries"][moved[0]] = moved[1]
+    m = json.loads((gen / "manifest.json").read_text())
+    data = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    part.write_bytes(data)
+    for p in m["parts"]:
+        if p["file"] == part.name:
+            p["sha256"], p["count"] = hashlib.sha256(data).hexdigest(), len(doc["entries"])
+            p["file"] = part.name  # the name keeps the old hash prefix: refused before the bucket check
+    (gen / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+    with pytest.raises(KBCorruptError, match="分片条目"):
+        KnowledgeBase.open("kb", tmp_settings)
+    renamed = part.with_name(f"manifest.files-{hashlib.sha256(data).hexdigest()[:20]}.json")
+    part.rename(renamed)
+    for p in m["parts"]:
+        if p["file"] == part.name:
+            p["file"] = renamed.name
+    (gen / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+    with pytest.raises(KBCorruptError, match="wrong bucket"):
+        KnowledgeBase.open("kb", tmp_settings)
+
+
+def test_a_format_2_generation_is_read_and_its_next_commit_writes_parts(tmp_settings):
+    kb = _kb_with(tmp_settings, 5)
+    gen = kb.path / kb.generation
+    inline = {**kb.manifest.to_json(), "format": 2}
+    inline.pop("parts", None)
+    for p in gen.glob("manifest.*.json"):
+        p.unlink()
+    (gen / "manifest.json").write_text(json.dumps(inline, ensure_ascii=False), encoding="utf-8")
+    old = KnowledgeBase.open("kb", tmp_settings)
+    assert old.manifest.format == 2 and old.manifest.files == kb.manifest.files
+    with old.writer() as w:
+        _file(w, "d/new.txt", 77)
+        w.commit()
+    new = old.reopen()
+    m = json.loads((new.path / new.generation / "manifest.json").read_text())
+    assert m["format"] == MANIFEST_FORMAT and "files" not in m and len(new.manifest.files) == 6
+    assert_consistent(new)
 
 
 def test_bm25_from_stored_tokens_equals_bm25s_over_the_live_chunks(tmp_settings):
@@ -226,6 +324,30 @@ def _write_format_1(kb_path: Path, chunks: list[Chunk], vectors: np.ndarray) -> 
     (kb_path / "CURRENT").write_text("gen-3\n")
 
 
+def test_auto_index_follows_the_size_of_the_kb_not_of_the_segment(tmp_settings, monkeypatch):
+    """store.faiss_index auto: once the KB reaches ivf_threshold, a new segment of at least IVF_MIN_ROWS chunks is
+    IVF even when it is smaller than the threshold (a KB built by many commits); a one-file segment stays exact."""
+    monkeypatch.setenv("ZHIWEN_STORE__FAISS_INDEX", "auto")
+    monkeypatch.setenv("ZHIWEN_STORE__IVF_THRESHOLD", "2500")
+    settings = load_settings()
+    kb = KnowledgeBase.create("kb", settings)
+
+    def add(path: str, sha: str, n: int, seed: int) -> None:
+        with kb.writer() as w:
+            w.set_spec(SPEC)
+            w.add_content(sha, [Chunk(text=f"第{i}段", source=path, sha256=sha, position=i) for i in range(n)],
+                          _vectors(n, seed))
+            w.put(FileEntry(path, sha, 10, 1.0, "ok", ingested_at=f"2026-01-0{seed}T00:00:00+00:00"))
+            w.commit()
+
+    add("d/a.txt", "a" * 64, 2000, 1)  # KB 2,000 < 2,500: exact
+    add("d/b.txt", "b" * 64, 1200, 2)  # KB 3,200: this 1,200-chunk segment is IVF
+    add("d/c.txt", "c" * 64, 3, 3)     # below IVF_MIN_ROWS: exact
+    kb = kb.reopen()
+    assert [s.info.index for s in kb._layout.segments] == ["flat", "ivf", "flat"]
+    assert_consistent(kb)
+
+
 def test_a_format_1_generation_is_read_and_rewritten_as_segments(tmp_settings):
     chunks = [Chunk(text="年假五天。", source="d/a.txt", sha256="a" * 64, position=0, id=0),
               Chunk(text="报销十五天内。", source="d/a.txt", sha256="a" * 64, position=1, id=1),
@@ -240,7 +362,7 @@ def test_a_format_1_generation_is_read_and_rewritten_as_segments(tmp_settings):
         w.commit()
     kb2 = kb.reopen()
     m = json.loads((kb2.path / kb2.generation / "manifest.json").read_text())
-    assert m["format"] == 2 and len(m["segments"]) == 1
+    assert m["format"] == MANIFEST_FORMAT and len(m["segments"]) == 1 and m["parts"]
     assert_consistent(kb2)
     assert np.allclose(kb2.index.reconstruct_n(0, 3), vectors)
     assert {c.source for c in kb2.chunks} == {"d/a.txt", "d/b.txt", "d/c.txt"}

@@ -288,6 +288,7 @@ def test_cli_one_shot_question(world, monkeypatch, capsys):
     assert cli.main(["--kb", "cmrc", "-q", UNRELATED, "--threshold", "0.999"]) == 0
     out = capsys.readouterr()
     assert REFUSAL in out.out and "最接近的段落" in out.out
+    assert "相关度阈值 0.999（retrieval.score_threshold）" in out.out and "最接近问题的句子：" in out.out
     assert cli.main(["--kb", "nope", "-q", "你好"]) == 1
     assert "知识库「nope」不存在" in capsys.readouterr().err
     assert cli.main(["--kb", "cmrc", "-q", "你好", "--top-k", "0"]) == 2   # the same check as the page and the API
@@ -374,3 +375,157 @@ def test_best_passage_without_the_questions_key_terms_means_no_llm_call(world):
         answered = off.answer(question, "cmrc", [], AnswerParams(threshold=-1.0, max_new_tokens=2))
         list(answered)
     assert not answered.refused and len(spy.calls) == 1
+
+
+class ScriptedCalls:
+    """Replaces the model's stream() with one chosen answer per call and records each call's messages. Why not the
+    real model: the tiny random GLM cannot be made to refuse, and this test is about what the service does after a
+    refusal (the second pass's prompt and what the stream shows)."""
+
+    def __init__(self, llm, answers):
+        self.llm, self.answers, self.calls = llm, list(answers), []
+
+    def __enter__(self):
+        def stream(messages, params=None, stop_event=None):
+            self.calls.append((messages, params))
+            return iter(self.answers.pop(0))
+
+        self.llm.stream = stream
+        return self
+
+    def __exit__(self, *exc):
+        del self.llm.stream
+
+
+def test_second_pass_after_a_likely_false_refusal(world):
+    """prompt.second_pass: the model refuses while passage [1] holds 「…最多 2000 个文件…」 — the service asks again,
+    greedily, with only that sentence and its neighbours, and the stream shows that answer instead of the refusal."""
+    service, settings = world["service"], world["settings"]
+    docs = world["root"] / "guide-docs"
+    docs.mkdir(exist_ok=True)
+    (docs / "limits.txt").write_text("上传说明：点击「上传」按钮，选择要上传的文件。上传限制：一个 zip 压缩包里最多 "
+                                     "2000 个文件，解压后不超过 500 MB。单个文件不超过 100 MB。", encoding="utf-8")
+    assert ingest(docs, "guide", settings).exit_code == 0
+    on = QAService(settings.model_copy(update={"prompt": settings.prompt.model_copy(update={"second_pass": True})}),
+                   llm=service.llm, embedder=service.searcher.embedder)
+    question = "zip 压缩包里最多能放多少个文件？"
+    with ScriptedCalls(service.llm, [["根据已知信息", "无法回答该问题。"], ["最多 2000 个", "文件。"]]) as spy:
+        stream = on.answer(question, "guide", [], AnswerParams(threshold=-1.0))
+        text = "".join(stream)
+    assert text == "最多 2000 个文件。" and stream.second_pass["passage"] == 1
+    assert stream.second_pass["first"] == "根据已知信息无法回答该问题。"
+    assert stream.grounding is not None and stream.grounding.ok
+    second_prompt, params = spy.calls[1][0][-1]["content"], spy.calls[1][1]
+    assert "一个 zip 压缩包里最多 2000 个文件" in second_prompt and question in second_prompt
+    assert params.temperature == 0
+    # off (the default): the refusal stays, one call
+    with ScriptedCalls(service.llm, [["根据已知信息无法回答该问题。"]]) as spy:
+        stream = service.answer(question, "guide", [], AnswerParams(threshold=-1.0))
+        assert "".join(stream) == "根据已知信息无法回答该问题。" and stream.second_pass is None
+    assert len(spy.calls) == 1
+
+
+# --- why an answer was refused, what is highlighted, citation compliance (issue 14, page/API side) ----------------
+def _sentence_of(passage: str, sentence: str) -> bool:
+    from retrieval.sentences import split_sentences
+
+    return sentence in split_sentences(passage)
+
+
+def test_each_refusal_says_which_rule_refused_with_the_closest_sentences(world):
+    """score_threshold and key_term_coverage (retrieval, no LLM call), model (the model's refusal sentence) and
+    ungrounded (the grounding check): one reason, one Chinese note and the numbers behind it, as the page and the
+    API show them; the closest passages carry the sentence closest to the question."""
+    from app.api import outcome_json
+    from grounding import UNGROUNDED
+
+    service, para = world["service"], world["paragraphs"][0]
+    related = service.search(para["question"], "cmrc", AnswerParams(threshold=-1.0)).best_dense
+    with GenerateSpy(service.llm.model) as spy:
+        low = service.answer(UNRELATED, "cmrc", [], AnswerParams(threshold=related + 0.001))
+        assert list(low) == [REFUSAL]
+        near = service.answer(UNRELATED, "cmrc", [], AnswerParams(threshold=-1.0))  # passes the threshold
+        assert list(near) == [REFUSAL]
+    assert spy.calls == []
+    r = low.refusal
+    assert r.reason == "score_threshold" and r.detail["best_dense"] < r.detail["threshold"]
+    assert re.search(r"相似度为 0\.\d{3,4}，低于相关度阈值 0\.\d+（retrieval.score_threshold）", r.message), r.message
+    assert "没有调用模型" in r.message
+    r = near.refusal
+    assert r.reason == "key_term_coverage" and r.detail["coverage"] < r.detail["required"]
+    terms, missing = r.detail["key_terms"], r.detail["missing"]
+    assert {"汽车", "轮胎", "气门芯"} <= set(terms) and "气门芯" in missing     # (the 7th paragraph may say 汽车)
+    assert "「气门芯」" in r.message and f"最多 {len(terms) - len(missing)}/{len(terms)} 个" in r.message
+    for stream in (low, near):
+        closest = stream.question_evidence
+        assert set(closest) == set(range(1, len(stream.low_relevance) + 1))
+        assert all(_sentence_of(stream.low_relevance[n - 1].text, s) for n, s in closest.items())
+        out = outcome_json(stream, stream.text)
+        assert out["refused"] and out["refusal_reason"] == stream.refusal.reason and out["citations"] is None
+        assert out["refusal_message"] == stream.refusal.message and out["refusal_detail"] == stream.refusal.detail
+        for hit, sent in zip(out["low_relevance"], closest.values(), strict=False):
+            (a, b), = hit["spans"]                           # exactly the closest sentence
+            assert hit["text"][a:b] == sent
+
+    with ScriptedStream(service.llm, ["根据已知信息无法回答", "该问题。"]):
+        own = service.answer(para["question"], "cmrc", [])
+        list(own)
+    assert own.model_refused and own.refusal.reason == "model" and "模型判断" in own.refusal.message
+    out = outcome_json(own, own.text)
+    assert out["refusal_reason"] == "model" and out["model_refused"] and not out["refused"]
+    (a, b), = out["sources"][0]["spans"]                     # the closest sentence to the question, not to 无法回答
+    assert out["sources"][0]["text"][a:b] == own.question_evidence[1]
+
+    with ScriptedStream(service.llm, ["答案是", "987654321", "。"]):
+        bad = service.answer(para["question"], "cmrc", [])
+        list(bad)
+    assert bad.refusal.reason == "ungrounded" and bad.refusal.message.startswith(UNGROUNDED)
+    assert bad.refusal.detail == {"failures": ["number"]}
+    assert outcome_json(bad, bad.text)["refusal_reason"] == "ungrounded"
+    with ScriptedStream(service.llm, ["好的。"]):
+        fine = service.answer(para["question"], "cmrc", [])
+        list(fine)
+    assert fine.refusal is None and outcome_json(fine, fine.text)["refusal_reason"] is None
+
+
+def test_the_highlight_before_an_answer_follows_the_questions_meaning(world):
+    """The issue's case: 「zip 压缩包里最多能放多少个文件？」 must highlight the zip sentence, not the one that shares
+    多少 with the question (real e5 embedder)."""
+    from app.highlight import QuestionHighlighter
+
+    passages = ["上传文件：点击「上传」按钮，选择文件。所以可以问『某某的电话是多少』这样的问题。",
+                "压缩包限制：单个文件最大 100 MB。一个 zip 压缩包里最多 2000 个文件，解压后不超过 500 MB。"
+                "导入在后台进行。"]
+    h = QuestionHighlighter(world["service"].searcher.embedder)
+    closest = h.closest("zip 压缩包里最多能放多少个文件？", passages)
+    assert closest[2] == "一个 zip 压缩包里最多 2000 个文件，解压后不超过 500 MB。"
+    assert closest[1] == "上传文件：点击「上传」按钮，选择文件。"      # the closest of [1], not the 多少 one
+    assert h.closest("问题", ["", "。"]) == {}
+
+
+def test_cited_template_reports_uncited_sentences_and_invalid_markers(world):
+    """prompt.template knowledge_qa_cited: the finished answer's citation compliance (grounding.compliance) comes
+    with the stream and the API; the default template reports none."""
+    from app.api import outcome_json
+
+    service, para = world["service"], world["paragraphs"][0]
+    settings = world["settings"].model_copy(update={"prompt": world["settings"].prompt.model_copy(
+        update={"template": "knowledge_qa_cited"})})
+    cited = QAService(settings, llm=service.llm, embedder=service.searcher.embedder)
+    with ScriptedStream(service.llm, ["第一句有出处[1]。", "第二句没有出处。", "第三句引用了不存在的段落[9]。"]):
+        stream = cited.answer(para["question"], "cmrc", [])
+        list(stream)
+    report = stream.citation_report
+    assert stream.cites and report is not None and report.sentences == 3
+    assert [stream.text[a:b] for a, b in report.uncited] == ["第二句没有出处。"]
+    assert [c.passage for c in report.invalid] == [9]
+    got = outcome_json(stream, stream.text)["citations"]
+    assert got["cited_sentences"] == 2 and got["uncited_sentences"][0]["text"] == "第二句没有出处。"
+    assert got["invalid_citations"] == [{"start": stream.text.index("[9]"), "end": stream.text.index("[9]") + 3,
+                                         "passage": 9}]
+    assert "1 句没有标注出处" in got["summary"] and "[9]" in got["summary"]
+    with ScriptedStream(service.llm, ["第二句没有出处。"]):
+        plain = service.answer(para["question"], "cmrc", [])     # the default template asks for no citations
+        list(plain)
+    assert not plain.cites and plain.citation_report is None
+    assert outcome_json(plain, plain.text)["citations"] is None

@@ -287,7 +287,7 @@ def assert_no_pickle(kb_path: Path) -> None:
         elif p.suffix == ".npz":
             with np.load(p, allow_pickle=False) as z:
                 assert all(z[k].dtype != object for k in z.files), p
-        elif p.name == "manifest.json":
+        elif p.suffix == ".json":  # manifest.json and its parts
             json.loads(p.read_text(encoding="utf-8"))
         elif p.name.endswith(".jsonl"):
             for line in p.read_text(encoding="utf-8").splitlines():

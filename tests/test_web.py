@@ -209,6 +209,46 @@ def test_refusal_and_error_look_different_from_an_answer():
     assert 'class="zw-stopped"' in render.answer_markdown("年假是", stopped=True)
 
 
+def test_refusal_notes_say_which_rule_and_mark_the_closest_sentence():
+    from app.refusals import Refusal, threshold_refusal
+
+    low = threshold_refusal(0.8261, 0.86)
+    bubble = render.answer_markdown("", refused=True, refusal=low)
+    assert "zw-reason-score_threshold" in bubble and "0.826" in bubble and "0.86" in bubble
+    assert "没有调用模型" in bubble and render.REFUSAL in bubble
+    own = render.answer_markdown("根据已知信息无法回答该问题。",
+                                 refusal=Refusal("model", "模型判断：提供给它的段落中没有答案。", {}))
+    assert "zw-reason-model" in own and "zw-model-refusal" in own
+    hits = [_hit("天气很好。上传文件请点击上传按钮。其他。"), _hit("第二段。第二段的第二句。")]
+    panel = render.hits_html(hits, "怎么上传？", title="最接近的段落", weak=True, reason="score_threshold",
+                             closest={1: "上传文件请点击上传按钮。", 2: "第二段的第二句。"})
+    assert 'data-reason="score_threshold"' in panel and 'data-state="done"' in panel and "zw-legend" in panel
+    assert panel.count('<mark class="zw-q" title=') == 2 and '上传文件请点击上传按钮。</mark>' in panel
+    assert render.hit_spans(hits, "", closest={1: "上传文件请点击上传按钮。"}) == [[[5, 17]], []]
+    # once a checked answer exists, its content decides and the question marks are not used
+    from grounding import check_answer
+
+    verdict = check_answer("点击上传按钮。", "怎么上传？", [h.text for h in hits])
+    answered = render.hits_html(hits, "点击上传按钮。", title="答案来源", grounding=verdict,
+                                closest={2: "第二段。"})
+    assert "zw-q" not in answered and "<mark>上传文件请点击上传按钮。</mark>" in answered
+
+
+def test_citation_compliance_is_marked_subtly():
+    from grounding.compliance import citation_report
+
+    text = "年假十五天[1]。申请要提前三天。见第[7]段。"
+    report = citation_report(text, passages=2)
+    out = render.answer_markdown(text, citations=report)
+    assert '<span class="zw-uncited" title="这句话没有标注出处">申请要提前三天。</span>' in out
+    assert 'class="zw-cite" data-passage="1"' in out and 'class="zw-cite-bad"' in out and 'data-passage="7"' not in out
+    assert "1 句没有标注出处" in out and "引用 [7] 不存在" in out
+    clean = "年假十五天[1]。申请要提前三天[2]。"
+    assert "zw-uncited" not in render.answer_markdown(clean, citations=citation_report(clean, passages=2))
+    assert "zw-cite-note" not in render.answer_markdown(clean, citations=citation_report(clean, passages=2))
+    assert "zw-uncited" not in render.answer_markdown(text)       # the default template: nothing changes
+
+
 def test_hit_card_shows_file_page_heading_and_score():
     out = render.hits_html([_hit("内容。")], "内容", title="答案来源")
     assert "a.md" in out and "第 3 页" in out and "导入文件 &gt; 如何上传" in out and "0.900" in out

@@ -63,24 +63,26 @@ def noise_claims(answer: str, question: Question, gold_texts: Sequence[str], noi
 
 
 def noise_judge(ds: EvalSet, passage_of_file: Mapping[str, str], kb_texts: Mapping[str, str]):
-    """A per-answer judge for bench.eval.answer_eval: which claims came from noise passages the model was given."""
+    """A per-answer judge for bench.eval.answer_eval: which claims came from noise passages the model was given.
+    `raw` is the cached record of the answer (bench.eval.answer_eval.ask_raw: sources, source_texts, hit_scores)."""
     from pathlib import Path
 
-    def judge(question: Question, text: str, stream: Any) -> dict[str, Any]:
+    def judge(question: Question, text: str, raw: Mapping[str, Any]) -> dict[str, Any]:
         gold = [ds.passages[p].text for p in question.positives if p in ds.passages]
         noise = []
-        for hit in getattr(stream, "sources", None) or []:
-            pid = passage_of_file.get(Path(getattr(hit, "source", "")).name)
+        for source, passage in zip(raw.get("sources") or [], raw.get("source_texts") or [], strict=False):
+            pid = passage_of_file.get(Path(source).name)
             if pid is None or pid not in question.positives:
-                noise.append(getattr(hit, "text", "") or kb_texts.get(pid or "", ""))
+                noise.append(passage or kb_texts.get(pid or "", ""))
         claims = noise_claims(text, question, gold, noise)
-        return {"noise_claims": claims, **refusal_signals(question.query, getattr(stream, "sources", None) or [])}
+        return {"noise_claims": claims, **refusal_signals(question.query, raw.get("source_texts") or [],
+                                                          raw.get("hit_scores") or [])}
 
     return judge
 
 
-def refusal_signals(question: str, hits: Sequence[Any]) -> dict[str, Any]:
-    """What retrieval already knows about a question, for refusal calibration (measured, not yet acted on):
+def refusal_signals(question: str, texts: Sequence[str], scores: Sequence[Sequence[float | None]]) -> dict[str, Any]:
+    """What retrieval already knows about a question, for refusal calibration (measured, not acted on here):
     sig_coverage  share of the question's key terms (grounding.evidence.key_terms) written in the best passage
     sig_agree     the best passage is also the best of the passages by BM25 and by dense score
     sig_dense     the best passage's dense cosine
@@ -88,13 +90,12 @@ def refusal_signals(question: str, hits: Sequence[Any]) -> dict[str, Any]:
     from grounding.claims import normalize
     from grounding.evidence import key_terms
 
-    if not hits:
+    if not texts:
         return {"sig_coverage": None, "sig_agree": None, "sig_dense": None}
-    top = hits[0]
     terms = key_terms(question)
-    text = normalize(getattr(top, "text", ""))
+    text = normalize(texts[0])
     coverage = sum(t in text for t in terms) / len(terms) if terms else 1.0
-    bm = [getattr(h, "bm25_score", None) or 0.0 for h in hits]
-    de = [getattr(h, "dense_score", None) or 0.0 for h in hits]
+    de = [(s[0] if s and s[0] is not None else 0.0) for s in scores] or [0.0]
+    bm = [(s[1] if len(s) > 1 and s[1] is not None else 0.0) for s in scores] or [0.0]
     agree = bm[0] == max(bm) and de[0] == max(de) and bm[0] > 0
     return {"sig_coverage": coverage, "sig_agree": bool(agree), "sig_dense": de[0]}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.eval.answer_eval import evaluate_answers
+from bench.eval.cache import AnswerCache, Budget, fingerprint
 from bench.eval.configs import EvalConfig
 from bench.eval.datasets import gold_kept, gold_lost, read_eval_set, sample_questions, split_for_eval, stratified_head
 from bench.eval.noise import near_miss_passages, noise_judge
@@ -45,6 +46,8 @@ class RunOptions:
     work_dir: Path | None = None            # None: a temporary folder, removed afterwards
     command: str = ""
     notes: list[str] = field(default_factory=list)
+    answer_cache: Path | None = None        # JSONL of raw answers (bench.eval.cache): resume, split into batches
+    answer_batch: int | None = None         # at most this many questions through the LLM in this call
 
 
 def _say(msg: str) -> None:
@@ -126,6 +129,10 @@ def run(opts: RunOptions) -> dict[str, Any]:
         embedders: dict[tuple, Any] = {}
         llms: dict[tuple, Any] = {}                     # LLM settings → loaded ChatModel, shared by configurations
         pending: list[tuple] = []                       # configurations whose answers come after all retrieval
+        cache = AnswerCache(opts.answer_cache)
+        searched: dict[tuple, tuple] = {}              # retrieval results per (KB, embedding, retrieval settings)
+        budget = Budget(opts.answer_batch)
+        kb_fingerprint = fingerprint(sorted(p.id for p in split.kb_passages), opts.formats)
         per_question: dict[str, dict[str, Any]] = {q.id: {"id": q.id, "query": q.query,
                                                           "answerable": q.id not in una_ids}
                                                    for q in questions}
@@ -164,9 +171,14 @@ def run(opts: RunOptions) -> dict[str, Any]:
                     embedders[emb_key].warm_up()        # model loading is not query latency
                 embedder = embedders[emb_key]
             searcher = HybridSearcher(settings.retrieval, embedder)
-            _say(f"[{cfg.name}] retrieval on {len(questions)} questions ({mode})")
-            r_summary, r_rows = evaluate_retrieval(searcher, kb, questions, una_ids, passage_of_file, mode=mode,
-                                                   threshold=settings.retrieval.score_threshold)
+            r_key = (key, emb_key, json.dumps(settings.retrieval.model_dump(), sort_keys=True))
+            if r_key in searched:       # configurations that differ only in the LLM or prompt search alike
+                r_summary, r_rows = searched[r_key]
+            else:
+                _say(f"[{cfg.name}] retrieval on {len(questions)} questions ({mode})")
+                r_summary, r_rows = evaluate_retrieval(searcher, kb, questions, una_ids, passage_of_file, mode=mode,
+                                                       threshold=settings.retrieval.score_threshold)
+                searched[r_key] = (r_summary, r_rows)
             entry: dict[str, Any] = {"name": cfg.name, "params": cfg.params(settings), "kb": kb_name,
                                      "ingest": {k: v for k, v in ingest_info.items() if k != "survival"},
                                      "retrieval": r_summary, "answers": None}
@@ -188,7 +200,10 @@ def run(opts: RunOptions) -> dict[str, Any]:
                 judge = noise_judge(ds, passage_of_file, {p.id: p.text for p in split.kb_passages})
                 entry["answers"] = _answers(cfg, settings, kb_name, answer_qs, una_ids, per_question, embedder,
                                             llms, opts.max_new_tokens, judge,
-                                            first=not any(c.get("answers") for c in result["configs"]))
+                                            first=not any(c.get("answers") for c in result["configs"]),
+                                            cache=cache, budget=budget, kb_fingerprint=kb_fingerprint)
+                if entry["answers"].get("pending"):
+                    result["partial"] = True
                 result["questions"] = list(per_question.values())
                 write_report(result, opts.out_dir, opts.stem)
         result["models"] = {"embedding": ", ".join(sorted({c["params"]["embedding"] for c in result["configs"]}))}
@@ -206,32 +221,83 @@ def run(opts: RunOptions) -> dict[str, Any]:
 
 def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_ids: set[str],
              per_question: dict[str, dict[str, Any]], embedder: Any, llms: dict[tuple, Any], max_new_tokens: int,
-             judge: Any, first: bool) -> dict[str, Any]:
+             judge: Any, first: bool, cache: AnswerCache | None = None, budget: Budget | None = None,
+             kb_fingerprint: str = "") -> dict[str, Any]:
     from app.service import QAService
-    from llm import load_llm
+    from bench.eval.answer_eval import looks_like_refusal, timed_stream
+    from grounding.check import check_answer, template_checks
+    from llm import GenerationParams
+    from prompts import load_template
+    from retrieval.types import Hit
 
+    template = load_template(settings.prompt.template)
+    asks = template_checks(template)            # as the service checks: citations / a quote when the template asks
+    prompt = settings.prompt.model_dump()
+    second = bool(prompt.pop("second_pass", False))    # adds a step after the first answer: shares its answers
+    base_key = fingerprint(settings.retrieval.model_dump(), prompt, settings.llm.model_dump(),
+                           settings.ingest.chunk_size, settings.ingest.chunk_overlap, settings.embedding.model,
+                           max_new_tokens, template, kb_fingerprint)
+    config_key = base_key + ("+second-pass" if second else "")
+    cache = AnswerCache(None) if cache is None else cache
+    todo = [q for q in answer_qs if cache.get(cache.key(config_key, q.id, q.query)) is None]
     llm_key = tuple(sorted(settings.llm.model_dump().items()))
-    if llm_key not in llms:
+    service = QAService(settings, llm=llms.get(llm_key), embedder=embedder)
+
+    def ask_llm_loaded() -> None:
         llms.clear()
-        gc.collect()            # one LLM in memory at a time
+        gc.collect()                            # one LLM in memory at a time
         t0 = time.perf_counter()
-        llms[llm_key] = load_llm(settings)
+        llms[llm_key] = service.llm             # QAService loads it (load_llm)
         _say(f"[{cfg.name}] loaded LLM {llms[llm_key].info.name} in {time.perf_counter() - t0:.1f} s")
-    llm = llms[llm_key]
-    service = QAService(settings, llm=llm, embedder=embedder)
-    _say(f"[{cfg.name}] answering {len(answer_qs)} questions through QAService (max {max_new_tokens} new tokens)")
-    summary, rows = evaluate_answers(_ask_fn(service, kb_name, max_new_tokens), answer_qs, una_ids,
-                                     count_tokens=llm.count_tokens, progress=_say, judge=judge)
-    info = llm.info
-    summary["llm"] = {k: str(getattr(info, k)) for k in ("name", "device", "quantization", "is_demo")
-                      if hasattr(info, k)}
+
+    def ask(question: str) -> Any:
+        if llm_key not in llms:                 # the first question not in the cache: load the model now
+            ask_llm_loaded()
+        return _ask_fn(service, kb_name, max_new_tokens)(question)
+
+    def derive(q: Any, base: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """The second-pass configuration's answer from the base configuration's cached first answer."""
+        if base["service_refused"] or not looks_like_refusal(base["text"]):
+            return {**base, "second_pass": None}, False
+        hits = [Hit(text=t, score=0.0, source=src, chunk_ids=()) for src, t in zip(base["sources"],
+                                                                                   base["source_texts"], strict=False)]
+        if llm_key not in llms:
+            ask_llm_loaded()
+        gen = GenerationParams.from_settings(settings.llm, max_new_tokens=max_new_tokens)
+        t0 = time.perf_counter()
+        got = service.second_pass(q.query, hits, gen)
+        if got is None:
+            return {**base, "second_pass": None}, False
+        pieces, info = got
+        text, _, _, _ = timed_stream(pieces, t0)
+        _say(f"  second pass {q.query[:30]} → {text[:40]!r}")
+        return {**base, "text": text, "second_pass": {"first": base["text"], **info},
+                "total_s": (base.get("total_s") or 0) + time.perf_counter() - t0}, True
+
+    def check(question: str, text: str, passages: Any) -> Any:
+        return check_answer(text, question, passages, **asks)
+
+    _say(f"[{cfg.name}] answering {len(answer_qs)} questions through QAService (max {max_new_tokens} new tokens; "
+         f"{len(answer_qs) - len(todo)} cached in {cache.path or '-'}, batch {budget.left if budget else 'all'})")
+    summary, rows = evaluate_answers(ask, answer_qs, una_ids,
+                                     count_tokens=lambda t: llms[llm_key].count_tokens(t) if llm_key in llms else 0,
+                                     progress=_say, judge=judge, check=check, cache=cache, config_key=config_key,
+                                     budget=budget, base_key=base_key if second else None,
+                                     derive=derive if second else None)
+    info = llms[llm_key].info if llm_key in llms else None
+    summary["llm"] = ({k: str(getattr(info, k)) for k in ("name", "device", "quantization", "is_demo")
+                       if hasattr(info, k)} if info is not None else {"name": settings.llm.demo_model + " (cached)"})
     summary["max_new_tokens"] = max_new_tokens
+    summary["temperature"] = settings.llm.temperature
+    summary["template"] = settings.prompt.template
     for row in rows:
         pq = per_question[row["id"]]
         pq.setdefault("answers", {})[cfg.name] = {k: row[k] for k in ("prediction", "refused", "em", "f1",
                                                                       "contains", "ttft_s", "tokens", "error",
                                                                       "grounding", "grounding_failures",
                                                                       "refused_grounded", "noise_claims", "cited",
+                                                                      "quoted", "quote_found", "second_pass",
+                                                                      "service_refused",
                                                                       "sig_coverage", "sig_agree", "sig_dense",
                                                                       "source_texts")
                                                if k in row}
@@ -239,5 +305,6 @@ def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_
             pq.update(references=row["references"], prediction=row["prediction"], f1=row["f1"],
                       refused=row["refused"])
     _say(f"[{cfg.name}] EM {summary['em']} F1 {summary['f1']} refusal {summary['refusal_rate']} "
-         f"false refusal {summary['false_refusal_rate']}")
+         f"false refusal {summary['false_refusal_rate']}; {summary['answered_now']} answered now, "
+         f"{summary['cached']} from the cache, {summary['pending']} pending")
     return summary

@@ -114,12 +114,21 @@ def render_markdown(result: dict[str, Any], plot_name: str | None = None) -> str
         out += ["After the grounding check (grounding.check_answer: an answer whose numbers, dates or entities are not "
                 "in its passages, or whose passage misses the question's year/place, is shown as "
                 "「资料中没有找到可靠依据」 and counts as a refusal). from noise: the answer states a claim that "
-                "only a noise passage given to the model holds. cited: answers with at least one [n] marker.", ""]
-        out += [_table(["config", "contains", "false refusal", "refusal rate", "from noise", "cited"],
+                "only a noise passage given to the model holds. cited: answers with at least one [n] marker. "
+                "quoted: answers with a 「原文：」 quote (template knowledge_qa_quoted); quote found: of those, the "
+                "quote is in the passages.", ""]
+        out += [_table(["config", "contains", "false refusal", "refusal rate", "from noise", "cited", "quoted",
+                        "quote found", "answered", "pending"],
                        [[c["name"], c["answers"].get("grounded_contains"),
                          c["answers"].get("grounded_false_refusal_rate"), c["answers"].get("grounded_refusal_rate"),
-                         c["answers"].get("grounded_answered_from_noise"), c["answers"].get("cited_rate")]
+                         c["answers"].get("grounded_answered_from_noise"), c["answers"].get("cited_rate"),
+                         c["answers"].get("quoted_rate"), c["answers"].get("quote_found_rate"),
+                         (c["answers"].get("n_answerable") or 0) + (c["answers"].get("n_unanswerable") or 0),
+                         c["answers"].get("pending", 0)]
                         for c in ans]), ""]
+        if any(c["answers"].get("pending") for c in ans):
+            out += ["**Partial run**: some questions are still pending (--answer-batch); run the same command "
+                    "again with the same --answer-cache to answer them.", ""]
         examples = [q for q in result.get("questions", []) if q.get("prediction") is not None][:8]
         if examples:
             out += ["### Sample answers (first configuration with answers)", ""]
