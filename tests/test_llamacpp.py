@@ -101,6 +101,35 @@ def test_context_window_and_answer_length(glm4_model):
     assert glm4_model.count_tokens(answer) <= 256 - n_prompt + 2          # never past the window
 
 
+def test_the_next_prompt_reuses_the_shared_prefix(glm4_model):
+    """llama.cpp keeps the previous prompt's KV cache: a prompt that starts like the last one (the same system text and
+    template head) evaluates only the rest — and answers exactly as from an empty cache."""
+    first = [{"role": "system", "content": "你是知问助手。" * 8}, {"role": "user", "content": "北京是哪里？"}]
+    second = [{"role": "system", "content": "你是知问助手。" * 8}, {"role": "user", "content": "上海在哪里？"}]
+    a, b = glm4_model.encode_messages(first), glm4_model.encode_messages(second)
+    shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    assert shared > 20
+    glm4_model.llama.reset()
+    glm4_model.generate(second, GREEDY)
+    fresh = glm4_model.generate(second, GREEDY)        # the same prompt again: fully cached, same answer
+    glm4_model.generate(first, GREEDY)
+    ctx = glm4_model.llama._ctx
+    kept = []
+    original = ctx.kv_cache_seq_rm
+
+    def spy(seq_id, p0, p1):
+        kept.append(p0)
+        return original(seq_id, p0, p1)
+
+    ctx.kv_cache_seq_rm = spy
+    try:
+        answer = glm4_model.generate(second, GREEDY)
+    finally:
+        del ctx.kv_cache_seq_rm
+    assert kept and kept[0] == shared                   # the cache was cut after the shared prefix, not dropped
+    assert answer == fresh
+
+
 def test_langchain_wrapper_is_the_same_model(glm4_model):
     from langchain_core.messages import HumanMessage, SystemMessage
 
@@ -138,29 +167,21 @@ def _compile_lib(folder, name: str, source: str, cxx: bool = False):
 
 
 def test_amx_kernels_are_trusted_only_in_a_build_that_cannot_crash(tmp_path):
-    """amx_kernels_safe on real libraries: the marker of scripts/llama_cpp_amx_fix.h, or the compiler's version."""
-    import re
-    import subprocess
+    """amx_kernels_safe on real libraries: only a build marked by scripts/setup.sh's AMX patches is trusted (a build
+    with just the GCC fix header still crashes once torch's oneDNN has used AMX on the same thread)."""
     from types import SimpleNamespace
 
     from llm.llamacpp_backend import amx_kernels_safe
 
-    def as_llama_cpp(lib, folder):
-        return SimpleNamespace(llama_cpp=SimpleNamespace(_lib=lib, _base_path=folder))
+    def as_llama_cpp(lib):
+        return SimpleNamespace(llama_cpp=SimpleNamespace(_lib=lib))
 
-    # a build made with the fix header (force-included, as scripts/setup.sh does): the marker says so
     fix = Path(__file__).parents[1] / "scripts" / "llama_cpp_amx_fix.h"
-    fixed = _compile_lib(tmp_path / "fixed", "libggml-cpu.so", f'#include "{fix}"\nint f(void) {{ return 1; }}\n',
-                         cxx=True)
-    assert fixed.zhiwen_amx_tilecfg_fix() == 1
-    assert amx_kernels_safe(as_llama_cpp(fixed, tmp_path / "fixed"))
-    # a build without it: safe exactly when the GCC that compiled it has correct AMX intrinsics (>= 13.2)
-    plain = _compile_lib(tmp_path / "plain", "libggml-cpu.so", "int f(void) { return 1; }\n")
-    version = subprocess.run(["gcc", "-dumpfullversion"], capture_output=True, text=True).stdout
-    major, minor = (int(x) for x in re.findall(r"\d+", version)[:2])
-    assert amx_kernels_safe(as_llama_cpp(plain, tmp_path / "plain")) == ((major, minor) >= (13, 2))
-    # nothing to read: not trusted
-    assert not amx_kernels_safe(as_llama_cpp(plain, tmp_path / "nowhere"))
+    header_only = _compile_lib(tmp_path / "a", "libllama.so", f'#include "{fix}"\nint f(void) {{ return 1; }}\n',
+                               cxx=True)
+    assert header_only.zhiwen_amx_tilecfg_fix() == 1 and not amx_kernels_safe(as_llama_cpp(header_only))
+    patched = _compile_lib(tmp_path / "b", "libllama.so", 'int zhiwen_amx_tile_reload(void) { return 1; }\n')
+    assert amx_kernels_safe(as_llama_cpp(patched))
 
 
 # --- auto ---------------------------------------------------------------------------------------------------------
