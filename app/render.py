@@ -26,7 +26,8 @@ document.addEventListener("click", (e) => {
   const cite = e.target.closest && e.target.closest(".zw-cite");
   if (!cite) return;
   setTimeout(() => {
-    const n = cite.dataset.passage;
+    // the chat's HTML sanitizer drops data attributes: the number is read from the marker's text "[n]"
+    const n = cite.dataset.passage || (cite.textContent.match(/[0-9]+/) || [""])[0];
     document.querySelectorAll(".zw-hit").forEach((h) => h.classList.toggle("zw-cited", h.dataset.rank === n));
     const card = document.querySelector(`.zw-hit[data-rank="${n}"]`);
     if (card) card.scrollIntoView({behavior: "smooth", block: "nearest"});
@@ -244,8 +245,9 @@ def _cited_body(text: str, report: Any) -> str:
 
 
 def reason_note(reason: str, message: str, hint: str = "") -> str:
-    """The one note that says which rule refused (data-reason: AnswerStream.refusal.reason)."""
-    return (f'<div class="zw-note zw-after zw-reason" data-reason="{html.escape(reason)}">{html.escape(message)}'
+    """The one note that says which rule refused: class zw-reason-<AnswerStream.refusal.reason> (a class, not a data
+    attribute: the chat's HTML sanitizer keeps classes only)."""
+    return (f'<div class="zw-note zw-after zw-reason zw-reason-{html.escape(reason)}">{html.escape(message)}'
             f"{html.escape(hint)}</div>")
 
 
@@ -261,7 +263,7 @@ def answer_markdown(text: str, *, refused: bool = False, error: str = "", stoppe
     if grounding is not None and not grounding.ok and not error:
         failed = "".join(f"<li>{html.escape(f.message)}</li>" for f in grounding.failures)
         return (f'<div class="zw-refusal zw-ungrounded">⊘ {UNGROUNDED}'
-                f'<div class="zw-note zw-after zw-reason" data-reason="ungrounded">核对未通过（依据见右侧段落）：'
+                f'<div class="zw-note zw-after zw-reason zw-reason-ungrounded">核对未通过（依据见右侧段落）：'
                 f"<ul>{failed}</ul></div>"
                 f'<details><summary>模型的原始回答（未经核实，请勿当作事实）</summary>{body}</details></div>')
     if citations is not None and not error:

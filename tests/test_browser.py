@@ -283,7 +283,7 @@ def test_refusal_is_styled_and_calls_no_llm(server, page):
     border = bubble.evaluate("e => getComputedStyle(e).borderLeftColor")
     assert border == "rgb(217, 119, 6)", border
     # it says which rule refused, with the numbers, and that the model was not asked
-    note = bubble.query_selector(".zw-reason[data-reason=score_threshold]")
+    note = bubble.query_selector(".zw-reason.zw-reason-score_threshold")
     assert note, bubble.inner_html()
     assert "相关度阈值 0.86" in note.inner_text() and "没有调用模型" in note.inner_text(), note.inner_text()
     assert page.query_selector("#sources .zw-sources.zw-weak[data-reason=score_threshold]"), \
@@ -301,13 +301,19 @@ def test_refusal_is_styled_and_calls_no_llm(server, page):
     page.press("#question textarea", "Enter")
     page.wait_for_selector("#sources .zw-sources[data-reason=key_term_coverage]", timeout=120_000)
     _shot(page, "3a-refusal-key-terms")
-    note = page.locator("#chat [data-testid=bot]").nth(1).locator(".zw-reason[data-reason=key_term_coverage]")
+    note = page.locator("#chat [data-testid=bot]").nth(1).locator(".zw-reason.zw-reason-key_term_coverage")
     text = note.inner_text()
     assert "关键词" in text and "「体检」" in text and "没有调用模型" in text, text
     sources = page.inner_text("#sources")
     assert DOC_NAME in sources and "没有写到问题的关键词" in sources, sources
     cards, marks = _closest_marks(page)
     assert cards >= 1 and len(marks) == cards, (cards, marks)
+    # the page's citation script is live: a [1] marker (rendered by render.answer_markdown from a model's answer,
+    # tested in test_grounding; inserted here because no model answers before this point) outlines source card 1
+    page.evaluate("""() => { const s = document.createElement('span'); s.className = 'zw-cite';
+                     s.textContent = '[1]'; document.querySelector('#chat').append(s); }""")
+    page.click("#chat .zw-cite")
+    page.wait_for_selector('#sources .zw-hit.zw-cited[data-rank="1"]', timeout=10_000)
     _no_error_on_page(page)
     # no LLM call: the model was never loaded and no prompt was built
     health = json.loads(server.api("/api/health")[1])

@@ -214,11 +214,11 @@ def test_refusal_notes_say_which_rule_and_mark_the_closest_sentence():
 
     low = threshold_refusal(0.8261, 0.86)
     bubble = render.answer_markdown("", refused=True, refusal=low)
-    assert 'data-reason="score_threshold"' in bubble and "0.826" in bubble and "0.86" in bubble
+    assert "zw-reason-score_threshold" in bubble and "0.826" in bubble and "0.86" in bubble
     assert "没有调用模型" in bubble and render.REFUSAL in bubble
     own = render.answer_markdown("根据已知信息无法回答该问题。",
                                  refusal=Refusal("model", "模型判断：提供给它的段落中没有答案。", {}))
-    assert 'data-reason="model"' in own and "zw-model-refusal" in own
+    assert "zw-reason-model" in own and "zw-model-refusal" in own
     hits = [_hit("天气很好。上传文件请点击上传按钮。其他。"), _hit("第二段。第二段的第二句。")]
     panel = render.hits_html(hits, "怎么上传？", title="最接近的段落", weak=True, reason="score_threshold",
                              closest={1: "上传文件请点击上传按钮。", 2: "第二段的第二句。"})
