@@ -253,10 +253,20 @@ def sample_questions(split: EvalSplit, limit: int | None, seed: int = 0) -> list
 
 
 def stratified_head(questions: list[Question], unanswerable_ids: set[str], n: int | None) -> list[Question]:
-    """The first `n` questions of a sampled list, keeping its share of unanswerable ones (for the slow LLM part)."""
-    if n is None or n >= len(questions):
-        return list(questions)
+    """The first `n` questions of a sampled list, keeping its share of unanswerable ones (for the slow LLM part),
+    answerable and unanswerable alternating."""
     una = [q for q in questions if q.id in unanswerable_ids]
     ans = [q for q in questions if q.id not in unanswerable_ids]
-    n_una = round(n * len(una) / max(1, len(questions)))
-    return ans[: n - n_una] + una[:n_una]
+    if n is not None and n < len(questions):
+        n_una = round(n * len(una) / max(1, len(questions)))
+        ans, una = ans[: n - n_una], una[:n_una]
+    # alternate the two kinds (in proportion), so a run cut short (--answer-batch) still has both
+    out, i, j = [], 0, 0
+    while i < len(ans) or j < len(una):
+        if j >= len(una) or (i < len(ans) and i * len(una) <= j * len(ans)):
+            out.append(ans[i])
+            i += 1
+        else:
+            out.append(una[j])
+            j += 1
+    return out

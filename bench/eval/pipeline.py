@@ -130,6 +130,7 @@ def run(opts: RunOptions) -> dict[str, Any]:
         llms: dict[tuple, Any] = {}                     # LLM settings → loaded ChatModel, shared by configurations
         pending: list[tuple] = []                       # configurations whose answers come after all retrieval
         cache = AnswerCache(opts.answer_cache)
+        searched: dict[tuple, tuple] = {}              # retrieval results per (KB, embedding, retrieval settings)
         budget = Budget(opts.answer_batch)
         kb_fingerprint = fingerprint(sorted(p.id for p in split.kb_passages), opts.formats)
         per_question: dict[str, dict[str, Any]] = {q.id: {"id": q.id, "query": q.query,
@@ -170,9 +171,14 @@ def run(opts: RunOptions) -> dict[str, Any]:
                     embedders[emb_key].warm_up()        # model loading is not query latency
                 embedder = embedders[emb_key]
             searcher = HybridSearcher(settings.retrieval, embedder)
-            _say(f"[{cfg.name}] retrieval on {len(questions)} questions ({mode})")
-            r_summary, r_rows = evaluate_retrieval(searcher, kb, questions, una_ids, passage_of_file, mode=mode,
-                                                   threshold=settings.retrieval.score_threshold)
+            r_key = (key, emb_key, json.dumps(settings.retrieval.model_dump(), sort_keys=True))
+            if r_key in searched:       # configurations that differ only in the LLM or prompt search alike
+                r_summary, r_rows = searched[r_key]
+            else:
+                _say(f"[{cfg.name}] retrieval on {len(questions)} questions ({mode})")
+                r_summary, r_rows = evaluate_retrieval(searcher, kb, questions, una_ids, passage_of_file, mode=mode,
+                                                       threshold=settings.retrieval.score_threshold)
+                searched[r_key] = (r_summary, r_rows)
             entry: dict[str, Any] = {"name": cfg.name, "params": cfg.params(settings), "kb": kb_name,
                                      "ingest": {k: v for k, v in ingest_info.items() if k != "survival"},
                                      "retrieval": r_summary, "answers": None}
