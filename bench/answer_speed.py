@@ -68,7 +68,9 @@ def run_engine(args: argparse.Namespace) -> int:
     items = cmrc_items(args.data, args.quality)
     llm = {"model": args.model, "backend": args.engine, "device": "cpu", "temperature": 0.0,
            "max_new_tokens": args.max_new_tokens, "max_context_tokens": 4096}
-    settings = load_settings(paths={"kb_root": str(args.kb_root), "models_dir": args.models_dir}, llm=llm)
+    overrides = {"prompt": {"context_tokens": args.context_tokens}} if args.context_tokens else {}
+    settings = load_settings(paths={"kb_root": str(args.kb_root), "models_dir": args.models_dir}, llm=llm,
+                             **overrides)
     service = QAService(settings)
     t = time.perf_counter()
     service.warm_up()
@@ -92,6 +94,7 @@ def run_engine(args: argparse.Namespace) -> int:
         rows.append({
             "i": i, "timed": i < args.questions, "question": it["question"], "answer": text,
             "gold": list(it["answers"]), "refused": refused, "tokens": n_tokens,
+            "prompt_tokens": getattr(stream, "prompt_tokens", 0),
             "ttft_s": round(first - t0, 3) if first else None, "whole_s": round(end - t0, 3),
             "decode_tok_s": round((n_tokens - 1) / (end - first), 2) if first and n_tokens > 1 and end - first > 1e-3
             else None,
@@ -125,6 +128,7 @@ def summarize(res: dict) -> dict:
         "decode_tok_s": round(sum(decode) / len(decode), 2) if decode else None,
         "whole_p50": pct(whole, 50), "whole_p95": pct(whole, 95),
         "tokens_mean": round(sum(r["tokens"] for r in timed) / len(timed), 1) if timed else None,
+        "prompt_tokens_p50": pct([r.get("prompt_tokens", 0) for r in timed], 50),
         "quality_n": len(allq), "em": round(sum(r["em"] for r in allq) / len(allq), 3),
         "f1": round(sum(r["f1"] for r in allq) / len(allq), 3),
         "false_refusals": sum(r["refused"] for r in allq),
@@ -137,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--questions", type=int, default=20, help="timed questions (the first N)")
     ap.add_argument("--quality", type=int, default=50, help="questions answered for EM/F1/false refusals")
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--context-tokens", type=int, default=0,
+                    help="prompt.context_tokens for both engines (0: the setting)")
     ap.add_argument("--engines", nargs="+", default=["transformers", "llamacpp"], choices=["transformers", "llamacpp"])
     ap.add_argument("--data", type=Path, default=CMRC_TRIAL)
     ap.add_argument("--out", type=Path, help="write the summary and every answer here (JSON)")
@@ -168,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, "-m", "bench.answer_speed", "--engine", engine, "--kb-root", str(kb_root),
                    "--models-dir", models_dir, "--json", str(out), "--model", args.model,
                    "--questions", str(args.questions), "--quality", str(args.quality),
-                   "--max-new-tokens", str(args.max_new_tokens), "--data", str(args.data)]
+                   "--max-new-tokens", str(args.max_new_tokens), "--data", str(args.data),
+                   "--context-tokens", str(args.context_tokens)]
             print(f"--- {engine}", flush=True)
             t = time.perf_counter()
             proc = subprocess.run(cmd, cwd=PROJECT_ROOT, check=False)

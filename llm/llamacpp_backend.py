@@ -67,7 +67,7 @@ _CONTROL_TEXT = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>|\[gMASK\]|<sop>|<eop>|</s>
 
 
 # --- llama.cpp's log: kept, so a failed load can say what llama.cpp said ------------------------------------------
-_LOG_LINES: deque[str] = deque(maxlen=200)
+_LOG_LINES: deque[str] = deque(maxlen=400)
 _LOG_LOCK = threading.Lock()
 _log_callback: Any = None              # the ctypes callback must stay referenced for as long as llama.cpp may call it
 
@@ -79,10 +79,12 @@ def _install_log_capture(llama_cpp: Any) -> None:
 
     @llama_cpp.llama_log_callback
     def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if level == 1:                 # GGML_LOG_LEVEL_DEBUG (one line per repacked tensor...): not kept
+            return
         line = text.decode("utf-8", errors="replace")
         with _LOG_LOCK:
             _LOG_LINES.append(line)
-        if level == 3:                 # GGML_LOG_LEVEL_ERROR
+        if level == 4:                 # GGML_LOG_LEVEL_ERROR (3 is WARN, 2 INFO, 5 a continued line)
             log.warning("llama.cpp: %s", line.rstrip())
 
     _log_callback = on_log
@@ -182,16 +184,47 @@ def cpu_has_amx() -> bool:
         return False
 
 
+_GCC = re.compile(rb"GCC: \([^)\n]*\) (\d+)\.(\d+)")
+
+
+def amx_kernels_safe(llama_cpp: Any) -> bool:
+    """Whether this llama.cpp build can run its AMX kernels (and so its extra weight buffers) on an AMX CPU.
+
+    GCC before 13.2 compiles llama.cpp's AMX tile set-up wrongly (scripts/llama_cpp_amx_fix.h says how): the process
+    dies with SIGSEGV in llama_decode on the first prompt. A build made by scripts/setup.sh carries that header's
+    marker symbol; another build is safe only when no such GCC compiled its CPU backend (read from the libraries'
+    .comment section)."""
+    module = llama_cpp.llama_cpp
+    if hasattr(module._lib, "zhiwen_amx_tilecfg_fix"):
+        return True
+    base = Path(getattr(module, "_base_path", "") or ".")
+    found = False
+    for lib in sorted(base.glob("libggml-cpu*.so*")) or sorted(base.glob("libllama.so*")):
+        try:
+            data = lib.read_bytes()
+        except OSError:
+            continue
+        for major, minor in _GCC.findall(data):
+            found = True
+            if (int(major), int(minor)) < (13, 2):
+                return False
+    return found
+
+
+def extra_buffers_wanted(llama_cpp: Any) -> bool:
+    """llama.cpp's extra weight buffers (AMX tiles on AMX CPUs, repacked Q4/IQ4 blocks for AVX2/AVX-512 elsewhere)
+    make prompt processing several times faster; they stay off only where they would crash (amx_kernels_safe)."""
+    return not cpu_has_amx() or amx_kernels_safe(llama_cpp)
+
+
 _PARAMS_LOCK = threading.Lock()
 
 
 def open_llama(llama_cpp: Any, path: Path, *, extra_buffers: bool, **kwargs: Any) -> Any:
     """llama_cpp.Llama(path, **kwargs), optionally without llama.cpp's extra weight buffers (use_extra_bufts).
 
-    Why: on this project's 2-core Xeon with AMX (in a VM), llama-cpp-python 0.3.36 built with GGML_NATIVE crashed
-    the process (SIGSEGV inside llama_decode) on the first decode of a Q4_K_M file whenever the AMX/repacked weight
-    buffers were used; without them it answers correctly. llama-cpp-python exposes no argument for this model
-    parameter, so the default-parameter factory is wrapped while the model loads (under a lock)."""
+    llama-cpp-python exposes no argument for this model parameter, so the default-parameter factory is wrapped while
+    the model loads (under a lock). See extra_buffers_wanted for when they are off."""
     if extra_buffers:
         return llama_cpp.Llama(str(path), **kwargs)
     module = llama_cpp.llama_cpp
@@ -208,6 +241,18 @@ def open_llama(llama_cpp: Any, path: Path, *, extra_buffers: bool, **kwargs: Any
             return llama_cpp.Llama(str(path), **kwargs)
         finally:
             module.llama_model_default_params = original
+
+
+_BUFFER_LINE = re.compile(r"load_tensors:\s+(\S+) model buffer size\s*=\s*([\d.]+) MiB")
+
+
+def weight_buffers(llama_log: str) -> dict[str, float]:
+    """{buffer type: MiB} of the loaded weights, from llama.cpp's load log: "AMX" (AMX tile layout), "CPU_REPACK"
+    (interleaved blocks for AVX2/AVX-512 kernels), "CPU_Mapped" (the file as it is, memory-mapped), "CUDA0" ..."""
+    out: dict[str, float] = {}
+    for name, mib in _BUFFER_LINE.findall(llama_log):
+        out[name] = out.get(name, 0.0) + float(mib)
+    return out
 
 
 def _int(meta: dict[str, str], key: str, default: int = 0) -> int:
@@ -254,6 +299,7 @@ class LlamaCppChatModel(ChatModel):
         self._special = {"bos_token": self._token_text(llama.token_bos()),
                          "eos_token": self._token_text(llama.token_eos())}
         self._lock = threading.Lock()
+        self.weight_buffers: dict[str, float] = {}   # {llama.cpp buffer type: MiB} of the weights (weight_buffers)
 
     def _token_text(self, token: int) -> str:
         if token is None or token < 0:
@@ -397,10 +443,12 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     # 2. the weights (memory-mapped) and a context of llm.max_context_tokens
     mark = _log_mark()
     try:
-        llama = open_llama(llama_cpp, gguf, extra_buffers=not cpu_has_amx(), n_ctx=context, n_batch=512,
-                           n_threads=threads, n_threads_batch=threads, n_gpu_layers=llm.n_gpu_layers, verbose=False)
+        llama = open_llama(llama_cpp, gguf, extra_buffers=extra_buffers_wanted(llama_cpp), n_ctx=context,
+                           n_batch=512, n_threads=threads, n_threads_batch=threads, n_gpu_layers=llm.n_gpu_layers,
+                           verbose=False)
     except (ValueError, RuntimeError, OSError):
         raise LLMError(explain_load_failure(gguf, _recent_log(mark), size)) from None
+    buffers = weight_buffers(_recent_log(mark))
 
     template, template_note = _template_for(meta, gguf)
     notes = [n for n in (notice, template_note) if n]
@@ -415,5 +463,8 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
         device="cuda" if offload else "cpu", quantization=file_type, dtype="", is_demo=is_demo,
         weights_path=str(gguf), max_context_tokens=context, notes=tuple(notes),
     )
-    log.info("llama.cpp: %s, %d threads, context %d, %s", gguf.name, threads, context, meta.get("general.name", ""))
-    return LlamaCppChatModel(llama, info, GenerationParams.from_settings(llm), template, plan)
+    log.info("llama.cpp: %s, %d threads, context %d, weights in %s, %s", gguf.name, threads, context,
+             ", ".join(f"{k} {v:.0f} MiB" for k, v in buffers.items()) or "?", meta.get("general.name", ""))
+    model = LlamaCppChatModel(llama, info, GenerationParams.from_settings(llm), template, plan)
+    model.weight_buffers = buffers
+    return model

@@ -8,27 +8,40 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 
 # llama.cpp engine (llm.backend: llamacpp / auto). llama-cpp-python ships only as source: build its wheel once
-# (7–15 min on 2 cores) and keep it in ~/.cache/zhiwen/wheels, keyed by the CMake flags and this CPU's instruction
-# set, so later runs, other clones and CI on this machine install it in seconds. GGML_NATIVE uses every instruction
-# this CPU has (AVX-512, AMX...); for a wheel to copy to other machines set ZHIWEN_LLAMA_CMAKE_ARGS, e.g.
-# "-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON" (longer build), or add -DGGML_CUDA=on for GPUs.
-# OpenMP threads the matrix kernels; no BLAS: llama.cpp's own quantized kernels beat it for Q4/Q8 weights.
+# (about 5 min on an idle 2-core machine) and keep it in ~/.cache/zhiwen/wheels, keyed by the CMake flags, the
+# compiler, this CPU's instruction set and the AMX fix header, so later runs, other clones and CI on this machine
+# install it in seconds, and a wheel built for one CPU is never installed on another. GGML_NATIVE uses every
+# instruction this CPU has (AVX-512, AMX...); for a wheel to copy to other machines set ZHIWEN_LLAMA_CMAKE_ARGS,
+# e.g. "-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON" (longer build), or add -DGGML_CUDA=on for
+# GPUs. OpenMP threads the matrix kernels; no BLAS: llama.cpp's own quantized kernels beat it for Q4/Q8 weights.
+# scripts/llama_cpp_amx_fix.h is force-included into the C++ sources: GCC < 13.2 (Debian 12's 12.2) miscompiles
+# llama.cpp's AMX kernels, which then crash on AMX Xeons (the header says why).
 LLAMA_CPP_VERSION=0.3.36
 LLAMA_CMAKE_ARGS=${ZHIWEN_LLAMA_CMAKE_ARGS:-"-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DGGML_OPENMP=ON"}
-if [ "$(.venv/bin/python -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null)" != "$LLAMA_CPP_VERSION" ]; then
-  key=$(printf '%s\n%s\n%s\n' "$LLAMA_CMAKE_ARGS" "$(uname -m)" "$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)" \
-        | sha256sum | cut -c1-12)
-  wheel_dir="${ZHIWEN_WHEEL_CACHE:-$HOME/.cache/zhiwen/wheels}/llama-cpp-python-$LLAMA_CPP_VERSION-$key"
+LLAMA_FIX=scripts/llama_cpp_amx_fix.h
+llama_key=$(printf '%s\n%s\n%s\n%s\n%s\n' "$LLAMA_CMAKE_ARGS" "$(uname -m)" "$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)" \
+            "$(${CXX:-c++} --version 2>/dev/null | head -1)" "$(sha256sum < "$LLAMA_FIX")" | sha256sum | cut -c1-12)
+# the installed wheel must be this version *and* this build (an older build of the same version is replaced)
+if [ "$(.venv/bin/python -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null)" != "$LLAMA_CPP_VERSION" ] \
+   || [ "$(cat .venv/.zhiwen-llama-build 2>/dev/null)" != "$llama_key" ]; then
+  wheel_dir="${ZHIWEN_WHEEL_CACHE:-$HOME/.cache/zhiwen/wheels}/llama-cpp-python-$LLAMA_CPP_VERSION-$llama_key"
   if ! ls "$wheel_dir"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
-    echo "building llama-cpp-python $LLAMA_CPP_VERSION once (7–15 min on 2 cores; cached in $wheel_dir) …"
+    echo "building llama-cpp-python $LLAMA_CPP_VERSION once (about 5 min on 2 idle cores; cached in $wheel_dir) …"
     start=$(date +%s)
     tmp=$(mktemp -d)
-    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    cp "$LLAMA_FIX" "$tmp/zhiwen_amx_fix.h"
+    case "$LLAMA_CMAKE_ARGS" in
+      *CMAKE_CXX_FLAGS*) cmake_args="$LLAMA_CMAKE_ARGS" ;;        # the caller's own C++ flags win (add the -include)
+      *) cmake_args="$LLAMA_CMAKE_ARGS -DCMAKE_CXX_FLAGS=-include$tmp/zhiwen_amx_fix.h" ;;
+    esac
+    CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
       .venv/bin/pip wheel -q --disable-pip-version-check --no-deps -w "$tmp" "llama-cpp-python==$LLAMA_CPP_VERSION"
-    mkdir -p "$wheel_dir" && mv "$tmp"/llama_cpp_python-*.whl "$wheel_dir"/ && rmdir "$tmp"
+    mkdir -p "$wheel_dir" && mv "$tmp"/llama_cpp_python-*.whl "$wheel_dir"/ && rm -rf "$tmp"
     echo "built in $(( $(date +%s) - start )) s"
   fi
-  .venv/bin/pip install -q --disable-pip-version-check --no-deps "$wheel_dir"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps --force-reinstall \
+    "$wheel_dir"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
+  echo "$llama_key" > .venv/.zhiwen-llama-build
 fi
 
 .venv/bin/pip install -q --disable-pip-version-check -r "${REQUIREMENTS:-requirements.txt}"

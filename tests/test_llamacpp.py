@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -119,6 +120,49 @@ def test_threads_setting_and_physical_cores(glm_files):
     model.close()
 
 
+# --- llama.cpp's extra weight buffers (AMX / repacked) ---------------------------------------------------------
+def _compile_lib(folder, name: str, source: str, cxx: bool = False):
+    """A real shared library made by this machine's compiler (its .comment section names the compiler)."""
+    import ctypes
+    import subprocess
+
+    compiler = shutil.which("g++" if cxx else "gcc")
+    if compiler is None:
+        pytest.skip("no GCC here (scripts/setup.sh needs one to build llama-cpp-python)")
+    folder.mkdir(parents=True, exist_ok=True)
+    src = folder / ("x.cpp" if cxx else "x.c")
+    src.write_text(source)
+    lib = folder / name
+    subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(lib), str(src)], check=True)
+    return ctypes.CDLL(str(lib))
+
+
+def test_amx_kernels_are_trusted_only_in_a_build_that_cannot_crash(tmp_path):
+    """amx_kernels_safe on real libraries: the marker of scripts/llama_cpp_amx_fix.h, or the compiler's version."""
+    import re
+    import subprocess
+    from types import SimpleNamespace
+
+    from llm.llamacpp_backend import amx_kernels_safe
+
+    def as_llama_cpp(lib, folder):
+        return SimpleNamespace(llama_cpp=SimpleNamespace(_lib=lib, _base_path=folder))
+
+    # a build made with the fix header (force-included, as scripts/setup.sh does): the marker says so
+    fix = Path(__file__).parents[1] / "scripts" / "llama_cpp_amx_fix.h"
+    fixed = _compile_lib(tmp_path / "fixed", "libggml-cpu.so", f'#include "{fix}"\nint f(void) {{ return 1; }}\n',
+                         cxx=True)
+    assert fixed.zhiwen_amx_tilecfg_fix() == 1
+    assert amx_kernels_safe(as_llama_cpp(fixed, tmp_path / "fixed"))
+    # a build without it: safe exactly when the GCC that compiled it has correct AMX intrinsics (>= 13.2)
+    plain = _compile_lib(tmp_path / "plain", "libggml-cpu.so", "int f(void) { return 1; }\n")
+    version = subprocess.run(["gcc", "-dumpfullversion"], capture_output=True, text=True).stdout
+    major, minor = (int(x) for x in re.findall(r"\d+", version)[:2])
+    assert amx_kernels_safe(as_llama_cpp(plain, tmp_path / "plain")) == ((major, minor) >= (13, 2))
+    # nothing to read: not trusted
+    assert not amx_kernels_safe(as_llama_cpp(plain, tmp_path / "nowhere"))
+
+
 # --- auto ---------------------------------------------------------------------------------------------------------
 def test_auto_picks_the_engine_from_the_model_files(glm_files, tmp_path):
     from tests.support.tiny_glm import build_tiny_glm
@@ -219,3 +263,12 @@ def test_real_demo_gguf_answers_through_the_qa_service(tmp_path, cmrc_trial, mod
     # the prompt the model saw is Qwen's ChatML from the GGUF's own template, with the 「已知信息」 passages in it
     prompt = service.llm.render_prompt([{"role": "user", "content": "你好"}])
     assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")
+    # the weights sit in llama.cpp's fast layouts wherever that cannot crash: AMX tiles on an AMX CPU (with a build
+    # that has scripts/llama_cpp_amx_fix.h), repacked blocks on AVX2 / AVX-512 CPUs
+    import llama_cpp
+
+    from llm.llamacpp_backend import amx_kernels_safe, cpu_has_amx
+    buffers = service.llm.weight_buffers
+    assert buffers.get("CPU_Mapped", 0) > 0
+    if cpu_has_amx():
+        assert ("AMX" in buffers) == amx_kernels_safe(llama_cpp)
