@@ -114,8 +114,11 @@ def client(settings: Settings) -> MilvusClient:
 
 
 def close_clients() -> None:
-    """Close every client this process opened (tests; a Milvus Lite file is then free for another process)."""
+    """Close every client this process opened (tests, benchmarks). Milvus Lite's in-process server of each file is
+    stopped too (pymilvus leaves it running until the process exits), so the file is free for another process and
+    nothing writes into its folder afterwards."""
     with _clients_lock:
+        lite = [key[0] for key in _clients if not key[0].startswith(("http://", "https://", "tcp://", "unix:"))]
         for c in _clients.values():
             try:
                 c.close()
@@ -123,6 +126,13 @@ def close_clients() -> None:
                 pass
         _clients.clear()
         _flushed_at_open.clear()
+    if lite:
+        try:
+            from milvus_lite.server_manager import server_manager_instance
+        except ImportError:
+            return
+        for uri in lite:
+            server_manager_instance.release_server(uri)
 
 
 def _connect(settings: Settings, uri: str) -> MilvusClient:

@@ -87,6 +87,11 @@ class _PerGenerationCache:
                 return self._items[key]
         value = build()  # outside the lock: BM25 over a large KB takes seconds
         with self._lock:
+            # A new generation of a KB replaces its older ones: their derived indexes hold the old generation's
+            # segments, which after a merge would be a second copy of a big KB in memory (1M chunks: +8 GiB).
+            if isinstance(key, tuple) and key:
+                for old in [k for k in self._items if isinstance(k, tuple) and k[:1] == key[:1] and k != key]:
+                    del self._items[old]
             self._items[key] = value
             self._items.move_to_end(key)
             while len(self._items) > self._maxsize:

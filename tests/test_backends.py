@@ -194,6 +194,7 @@ def test_milvus_commit_killed_half_way_leaves_the_previous_generation(tmp_path, 
         assert not c.query(coll, filter=f'sha == "{"b" * 64}"', output_fields=["pk"])
     finally:
         milvus_store.close_clients()
+    assert not milvus_store._lite_locked(str(s.kb_root / "milvus.db")), "closed: the file is free for another process"
 
 
 @milvus_only

@@ -324,6 +324,25 @@ def _write_format_1(kb_path: Path, chunks: list[Chunk], vectors: np.ndarray) -> 
     (kb_path / "CURRENT").write_text("gen-3\n")
 
 
+def test_the_searcher_keeps_only_the_live_generation_of_a_kb(tmp_settings):
+    """After a commit the searcher's per-generation cache drops the old generation (whose BM25 view holds its
+    segments: after a merge, a second copy of the KB); another KB's entry stays."""
+    from retrieval.retriever import HybridSearcher
+
+    searcher = HybridSearcher(tmp_settings.retrieval)  # BM25 only: no embedding model needed
+    kb, other = _kb_with(tmp_settings, 3), _kb_with(tmp_settings, 2, name="other")
+    for k in (kb, other):
+        searcher.search(k, "年假", mode="bm25")
+    with kb.writer() as w:
+        _file(w, "d/new.txt", 50)
+        w.commit()
+    kb2 = kb.reopen()
+    searcher.search(kb2, "年假", mode="bm25")
+    held = searcher._cache.keys()
+    assert (str(kb2.path), kb2.generation) in held and (str(kb.path), kb.generation) not in held
+    assert (str(other.path), other.generation) in held
+
+
 def test_auto_index_follows_the_size_of_the_kb_not_of_the_segment(tmp_settings, monkeypatch):
     """store.faiss_index auto: once the KB reaches ivf_threshold, a new segment of at least IVF_MIN_ROWS chunks is
     IVF even when it is smaller than the threshold (a KB built by many commits); a one-file segment stays exact."""
