@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.locate import resolve_model_path
+from llm.openmp import configure_openmp_waits
 from llm.planner import MemoryPlan, plan_gguf_memory
 from llm.types import (
     BackendUnavailableError,
@@ -104,10 +105,7 @@ def _log_mark() -> int:
 
 
 def import_llama_cpp() -> Any:
-    # OpenMP threads that wait by spinning (libgomp's default) starve everything else on a busy CPU: on the 2-core
-    # development machine under load, 0.5B decoding ran at 0.2 tokens/s with spinning waits and 4.0 with passive
-    # ones (TTFT 26 s vs 3.9 s). libgomp reads this when llama.cpp's library loads it, i.e. at this import.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    configure_openmp_waits()           # short spin, then sleep (llm/openmp.py); no-op when already set
     try:
         import llama_cpp
     except ImportError as e:

@@ -293,3 +293,22 @@ def test_real_demo_gguf_answers_through_the_qa_service(tmp_path, cmrc_trial, mod
     assert buffers.get("CPU_Mapped", 0) > 0
     if cpu_has_amx():
         assert ("AMX" in buffers) == amx_kernels_safe(llama_cpp)
+
+
+def test_openmp_waits_spin_briefly_unless_the_operator_chose():
+    """Importing llm sets GOMP_SPINCOUNT before torch / llama.cpp load the OpenMP runtime; an operator's own
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT stays as it is (llm/openmp.py)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, llm; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+    def run(**extra):
+        return subprocess.run([sys.executable, "-c", code], env={**base, **extra}, capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parents[1]).stdout.split()
+
+    assert run() == ["10000", "None"]
+    assert run(OMP_WAIT_POLICY="PASSIVE") == ["None", "PASSIVE"]
+    assert run(GOMP_SPINCOUNT="500") == ["500", "None"]
