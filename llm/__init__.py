@@ -8,11 +8,16 @@
 The model pack that assembles the demo weights is its own room: modelpack/.
 
     from llm import load_llm, GenerationParams, plan_memory
-Importing this package does not import torch; the transformers backend loads it when a model is loaded.
+Importing this package does not import torch; the transformers backend loads it when a model is loaded. It sets the
+OpenMP wait policy for the process (llm/openmp.py) before torch or llama.cpp load their OpenMP runtime.
 """
-from llm.loader import load_llm
-from llm.planner import MemoryPlan, plan_memory
-from llm.types import (
+from llm.openmp import configure_openmp_waits
+
+configure_openmp_waits()
+
+from llm.loader import load_llm  # noqa: E402
+from llm.planner import MemoryPlan, plan_memory  # noqa: E402
+from llm.types import (  # noqa: E402
     BackendUnavailableError,
     ChatModel,
     ChatTemplateMissingError,

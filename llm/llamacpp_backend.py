@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.locate import resolve_model_path
+from llm.openmp import configure_openmp_waits
 from llm.planner import MemoryPlan, plan_gguf_memory
 from llm.types import (
     BackendUnavailableError,
@@ -104,10 +105,7 @@ def _log_mark() -> int:
 
 
 def import_llama_cpp() -> Any:
-    # OpenMP threads that wait by spinning (libgomp's default) starve everything else on a busy CPU: on the 2-core
-    # development machine under load, 0.5B decoding ran at 0.2 tokens/s with spinning waits and 4.0 with passive
-    # ones (TTFT 26 s vs 3.9 s). libgomp reads this when llama.cpp's library loads it, i.e. at this import.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    configure_openmp_waits()           # short spin, then sleep (llm/openmp.py); no-op when already set
     try:
         import llama_cpp
     except ImportError as e:
@@ -184,36 +182,23 @@ def cpu_has_amx() -> bool:
         return False
 
 
-_GCC = re.compile(rb"GCC: \([^)\n]*\) (\d+)\.(\d+)")
-
-
 def amx_kernels_safe(llama_cpp: Any) -> bool:
     """Whether this llama.cpp build can run its AMX kernels (and so its extra weight buffers) on an AMX CPU.
 
-    GCC before 13.2 compiles llama.cpp's AMX tile set-up wrongly (scripts/llama_cpp_amx_fix.h says how): the process
-    dies with SIGSEGV in llama_decode on the first prompt. A build made by scripts/setup.sh carries that header's
-    marker symbol; another build is safe only when no such GCC compiled its CPU backend (read from the libraries'
-    .comment section)."""
-    module = llama_cpp.llama_cpp
-    if hasattr(module._lib, "zhiwen_amx_tilecfg_fix"):
-        return True
-    base = Path(getattr(module, "_base_path", "") or ".")
-    found = False
-    for lib in sorted(base.glob("libggml-cpu*.so*")) or sorted(base.glob("libllama.so*")):
-        try:
-            data = lib.read_bytes()
-        except OSError:
-            continue
-        for major, minor in _GCC.findall(data):
-            found = True
-            if (int(major), int(minor)) < (13, 2):
-                return False
-    return found
+    Two faults kill the process (SIGSEGV / SIGILL inside llama_decode) with a stock build:
+    1. GCC before 13.2 compiles llama.cpp's AMX tile set-up wrongly (scripts/llama_cpp_amx_fix.h says how);
+    2. llama.cpp loads the AMX tile configuration once per thread (ggml-cpu/amx/mmq.cpp, ggml_tile_config_init) and
+       never again; in this process torch's oneDNN runs its own AMX kernels (the bf16 e5 embedder) on the same
+       threads and releases or replaces that configuration afterwards, so llama.cpp's next prompt executes tile
+       instructions on an unconfigured unit (SIGILL).
+    scripts/setup.sh patches both and marks the build with the symbol zhiwen_amx_tile_reload; any other build keeps
+    its AMX kernels unused on AMX CPUs."""
+    return hasattr(llama_cpp.llama_cpp._lib, "zhiwen_amx_tile_reload")
 
 
 def extra_buffers_wanted(llama_cpp: Any) -> bool:
     """llama.cpp's extra weight buffers (AMX tiles on AMX CPUs, repacked Q4/IQ4 blocks for AVX2/AVX-512 elsewhere)
-    make prompt processing several times faster; they stay off only where they would crash (amx_kernels_safe)."""
+    make prompt processing faster; they stay off only where they would crash (amx_kernels_safe)."""
     return not cpu_has_amx() or amx_kernels_safe(llama_cpp)
 
 
@@ -462,6 +447,7 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
         name=gguf.stem if gguf.parent != path else path.name, backend="llamacpp",
         device="cuda" if offload else "cpu", quantization=file_type, dtype="", is_demo=is_demo,
         weights_path=str(gguf), max_context_tokens=context, notes=tuple(notes),
+        context_tokens=0 if offload else llm.cpu_context_tokens,
     )
     log.info("llama.cpp: %s, %d threads, context %d, weights in %s, %s", gguf.name, threads, context,
              ", ".join(f"{k} {v:.0f} MiB" for k, v in buffers.items()) or "?", meta.get("general.name", ""))

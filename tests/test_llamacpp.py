@@ -52,6 +52,8 @@ def test_glm_gguf_loads_and_streams(glm_files, arch):
     assert (info.backend, info.engine, info.device, info.quantization) == ("llamacpp", "llama.cpp", "cpu", "F32")
     assert info.max_context_tokens == 256 and model.llama.n_ctx() == 256          # llm.max_context_tokens
     assert info.name == f"tiny-{arch}" and info.weights_path == str(glm_files[arch])
+    # on a CPU the passages get llm.cpu_context_tokens (1024 by default), never more than prompt.context_tokens
+    assert info.context_tokens == 1024 and info.context_budget(2048) == 1024 and info.context_budget(600) == 600
     pieces = list(model.stream(CHAT, GREEDY))
     assert pieces and all(isinstance(p, str) and p for p in pieces)
     assert model.generate(CHAT, GREEDY) == "".join(pieces)                         # greedy: the same text twice
@@ -101,6 +103,35 @@ def test_context_window_and_answer_length(glm4_model):
     assert glm4_model.count_tokens(answer) <= 256 - n_prompt + 2          # never past the window
 
 
+def test_the_next_prompt_reuses_the_shared_prefix(glm4_model):
+    """llama.cpp keeps the previous prompt's KV cache: a prompt that starts like the last one (the same system text and
+    template head) evaluates only the rest — and answers exactly as from an empty cache."""
+    first = [{"role": "system", "content": "你是知问助手。" * 8}, {"role": "user", "content": "北京是哪里？"}]
+    second = [{"role": "system", "content": "你是知问助手。" * 8}, {"role": "user", "content": "上海在哪里？"}]
+    a, b = glm4_model.encode_messages(first), glm4_model.encode_messages(second)
+    shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    assert shared > 20
+    glm4_model.llama.reset()
+    glm4_model.generate(second, GREEDY)
+    fresh = glm4_model.generate(second, GREEDY)        # the same prompt again: fully cached, same answer
+    glm4_model.generate(first, GREEDY)
+    ctx = glm4_model.llama._ctx
+    kept = []
+    original = ctx.kv_cache_seq_rm
+
+    def spy(seq_id, p0, p1):
+        kept.append(p0)
+        return original(seq_id, p0, p1)
+
+    ctx.kv_cache_seq_rm = spy
+    try:
+        answer = glm4_model.generate(second, GREEDY)
+    finally:
+        del ctx.kv_cache_seq_rm
+    assert kept and kept[0] == shared                   # the cache was cut after the shared prefix, not dropped
+    assert answer == fresh
+
+
 def test_langchain_wrapper_is_the_same_model(glm4_model):
     from langchain_core.messages import HumanMessage, SystemMessage
 
@@ -138,29 +169,21 @@ def _compile_lib(folder, name: str, source: str, cxx: bool = False):
 
 
 def test_amx_kernels_are_trusted_only_in_a_build_that_cannot_crash(tmp_path):
-    """amx_kernels_safe on real libraries: the marker of scripts/llama_cpp_amx_fix.h, or the compiler's version."""
-    import re
-    import subprocess
+    """amx_kernels_safe on real libraries: only a build marked by scripts/setup.sh's AMX patches is trusted (a build
+    with just the GCC fix header still crashes once torch's oneDNN has used AMX on the same thread)."""
     from types import SimpleNamespace
 
     from llm.llamacpp_backend import amx_kernels_safe
 
-    def as_llama_cpp(lib, folder):
-        return SimpleNamespace(llama_cpp=SimpleNamespace(_lib=lib, _base_path=folder))
+    def as_llama_cpp(lib):
+        return SimpleNamespace(llama_cpp=SimpleNamespace(_lib=lib))
 
-    # a build made with the fix header (force-included, as scripts/setup.sh does): the marker says so
     fix = Path(__file__).parents[1] / "scripts" / "llama_cpp_amx_fix.h"
-    fixed = _compile_lib(tmp_path / "fixed", "libggml-cpu.so", f'#include "{fix}"\nint f(void) {{ return 1; }}\n',
-                         cxx=True)
-    assert fixed.zhiwen_amx_tilecfg_fix() == 1
-    assert amx_kernels_safe(as_llama_cpp(fixed, tmp_path / "fixed"))
-    # a build without it: safe exactly when the GCC that compiled it has correct AMX intrinsics (>= 13.2)
-    plain = _compile_lib(tmp_path / "plain", "libggml-cpu.so", "int f(void) { return 1; }\n")
-    version = subprocess.run(["gcc", "-dumpfullversion"], capture_output=True, text=True).stdout
-    major, minor = (int(x) for x in re.findall(r"\d+", version)[:2])
-    assert amx_kernels_safe(as_llama_cpp(plain, tmp_path / "plain")) == ((major, minor) >= (13, 2))
-    # nothing to read: not trusted
-    assert not amx_kernels_safe(as_llama_cpp(plain, tmp_path / "nowhere"))
+    header_only = _compile_lib(tmp_path / "a", "libllama.so", f'#include "{fix}"\nint f(void) {{ return 1; }}\n',
+                               cxx=True)
+    assert header_only.zhiwen_amx_tilecfg_fix() == 1 and not amx_kernels_safe(as_llama_cpp(header_only))
+    patched = _compile_lib(tmp_path / "b", "libllama.so", 'int zhiwen_amx_tile_reload(void) { return 1; }\n')
+    assert amx_kernels_safe(as_llama_cpp(patched))
 
 
 # --- auto ---------------------------------------------------------------------------------------------------------
@@ -272,3 +295,22 @@ def test_real_demo_gguf_answers_through_the_qa_service(tmp_path, cmrc_trial, mod
     assert buffers.get("CPU_Mapped", 0) > 0
     if cpu_has_amx():
         assert ("AMX" in buffers) == amx_kernels_safe(llama_cpp)
+
+
+def test_openmp_waits_spin_briefly_unless_the_operator_chose():
+    """Importing llm sets GOMP_SPINCOUNT before torch / llama.cpp load the OpenMP runtime; an operator's own
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT stays as it is (llm/openmp.py)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, llm; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+    def run(**extra):
+        return subprocess.run([sys.executable, "-c", code], env={**base, **extra}, capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parents[1]).stdout.split()
+
+    assert run() == ["10000", "None"]
+    assert run(OMP_WAIT_POLICY="PASSIVE") == ["None", "PASSIVE"]
+    assert run(GOMP_SPINCOUNT="500") == ["500", "None"]
