@@ -141,8 +141,9 @@ def highlighted_passage(passage: str, reference: str, top: int = 2, *, evidence:
 
 
 def _how(rank: int, grounding: Any, closest: dict[int, str] | None) -> dict[str, Any]:
-    """How passage `rank` of an answer's panel is highlighted (hits_html and hit_spans share it)."""
-    checked = grounding is not None and grounding.status != "refusal"
+    """How passage `rank` of an answer's panel is highlighted (hits_html and hit_spans share it): given `closest`
+    sentences win (the caller has no answer to go by: closest_for), else a checked answer's content decides."""
+    checked = grounding is not None and grounding.status != "refusal" and not closest
     evidence = getattr(grounding, "evidence", None) or {}
     return {"evidence": evidence.get(rank, ""), "answer_only": checked,
             "closest": "" if checked or not closest else closest.get(rank, "")}
@@ -156,9 +157,12 @@ def hit_spans(hits: Sequence[Hit], reference: str, *, grounding: Any = None,
 
 def closest_for(stream: Any) -> dict[int, str] | None:
     """The question-closest sentences to highlight in a finished answer's panel — when there is no answer to go by:
-    a refusal by retrieval or by the model, or no text — else None (the answer's content decides)."""
+    a refusal by retrieval or by the model, no text, or only [n] markers — else None (the answer's content decides).
+    """
     refusal = getattr(stream, "refusal", None)
-    if stream.refused or (refusal is not None and refusal.reason == "model") or not stream.text.strip():
+    # an answer of markers only (「[1] [2]」: the 0.5B demo model under the citing template) says nothing to go by
+    says_nothing = not any(ch.isalnum() for ch in _MARKER.sub("", stream.text))
+    if stream.refused or (refusal is not None and refusal.reason == "model") or says_nothing:
         return stream.question_evidence
     return None
 
@@ -190,8 +194,7 @@ def hits_html(hits: Sequence[Hit], reference: str, *, title: str, note: str = ""
     to the question. `state` ("streaming" while the answer is written, else "done") and `reason` (the refusal's
     reason, AnswerStream.refusal) are data attributes for scripts and tests."""
     cited = {c.passage for c in getattr(grounding, "citations", ())}
-    checked = grounding is not None and grounding.status != "refusal"
-    closest = {} if checked else (closest or {})
+    closest = closest or {}
     cls = "zw-sources zw-weak" if weak else "zw-sources"
     attrs = f' data-state="{html.escape(state)}"' + (f' data-reason="{html.escape(reason)}"' if reason else "")
     out = [f'<div class="{cls}"{attrs}><div class="zw-sources-title">{html.escape(title)}</div>']

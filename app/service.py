@@ -320,6 +320,7 @@ class QAService:
                 question.strip(), result.hits, history or [], self.settings, llm.count_tokens,
                 template=self._template, history_turns=p.history_turns, max_new_tokens=gen.max_new_tokens,
                 max_context_tokens=llm.info.max_context_tokens,
+                context_tokens=llm.info.context_budget(self.settings.prompt.context_tokens),   # llm.cpu_context_tokens
             )
         except PromptBudgetError as e:
             raise QAError(str(e)) from None

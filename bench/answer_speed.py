@@ -12,6 +12,9 @@ questions: TTFT (call → first text piece), decode tokens/s (answer tokens afte
 piece; tokens counted with the engine's own tokenizer), whole-answer seconds. Over all `--quality` questions:
 EM / F1 (bench.eval.metrics, CMRC-style) and false refusals (a refusal to an answerable question,
 bench.eval.answer_eval.looks_like_refusal). The two engines run one after the other, never at once.
+The passages get the settings' budget — on a CPU `llm.cpu_context_tokens`, at most `prompt.context_tokens` —
+and `--context-tokens N` sets `prompt.context_tokens` for both (to compare budgets); each answer records its prompt
+tokens (the summary shows their median).
 """
 from __future__ import annotations
 

@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                     kb.index.nprobe = settings.store.ivf_nprobe
                 del kb
                 one_file_updates(settings, name, emb, full, new_file, new_file[0].text[:40])
+                del full, cached  # their caches hold the live KB; the cold writer stands for a new process
                 SEGMENTS._items.clear()
                 gc.collect()
                 t0 = time.perf_counter()

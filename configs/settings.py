@@ -168,6 +168,8 @@ class LLMSettings(_Section):
     temperature: float = Field(ge=0)
     top_p: float = Field(gt=0, le=1)
     repetition_penalty: float = Field(gt=0)
+    cpu_context_tokens: int = Field(ge=0, description="「已知信息」 budget when the model runs on a CPU (prefill "
+                                    "costs seconds per 1,000 tokens there); 0 = prompt.context_tokens.")
     threads: int = Field(ge=0, description="llama.cpp CPU threads; 0 = the machine's physical cores.")
     n_gpu_layers: int = Field(ge=-1, description="llama.cpp layers offloaded to a GPU (-1 = all; needs a CUDA build).")
     static_cache: bool = Field(description="transformers on CUDA: a static KV cache for the window.")

@@ -447,6 +447,7 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
         name=gguf.stem if gguf.parent != path else path.name, backend="llamacpp",
         device="cuda" if offload else "cpu", quantization=file_type, dtype="", is_demo=is_demo,
         weights_path=str(gguf), max_context_tokens=context, notes=tuple(notes),
+        context_tokens=0 if offload else llm.cpu_context_tokens,
     )
     log.info("llama.cpp: %s, %d threads, context %d, weights in %s, %s", gguf.name, threads, context,
              ", ".join(f"{k} {v:.0f} MiB" for k, v in buffers.items()) or "?", meta.get("general.name", ""))

@@ -372,7 +372,7 @@ def load_transformers_model(settings: Any) -> TransformersChatModel:
     info = ModelInfo(
         name=name, backend="transformers", device=device, quantization=quant,
         dtype=str(dtype).removeprefix("torch."), is_demo=is_demo, weights_path=str(folder),
-        max_context_tokens=context, notes=tuple(notes),
+        max_context_tokens=context, notes=tuple(notes), context_tokens=llm.cpu_context_tokens if device == "cpu" else 0,
     )
     static = device == "cuda" and llm.static_cache
     # llm.compile auto: only where it measured faster (H200, ChatGLM3-6B shape, docs/gpu.md): nf4 4-5x plain decoding;

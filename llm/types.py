@@ -101,12 +101,17 @@ class ModelInfo:
     is_demo: bool = False           # True when settings.llm.demo_model stands in for a missing settings.llm.model
     weights_path: str = ""          # the folder actually loaded
     notes: tuple[str, ...] = field(default_factory=tuple)   # visible remarks (demo stand-in, quantization ignored)
+    context_tokens: int = 0         # the engine's passage budget (llm.cpu_context_tokens on a CPU); 0 = the setting
 
     @property
     def engine(self) -> str:
         """Which engine answers, for the status line: llama.cpp, transformers, or the remote server."""
         return {"llamacpp": "llama.cpp", "transformers": "transformers", "openai": "OpenAI 兼容服务"}.get(
             self.backend, self.backend)
+
+    def context_budget(self, configured: int) -> int:
+        """The 「已知信息」 token budget for this engine: prompt.context_tokens, capped by the engine's own."""
+        return min(configured, self.context_tokens) if self.context_tokens > 0 else configured
 
     @property
     def notice(self) -> str:

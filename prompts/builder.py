@@ -206,10 +206,11 @@ def _trim_to_sentences(hit: Hit, room: int, count_tokens: Callable[[str], int]) 
 def build_prompt_from_settings(question: str, hits: Sequence[Hit], history: Sequence[Any] | None, settings: Any,
                                count_tokens: Callable[[str], int], *, system: str | None = None,
                                template: str | None = None, history_turns: int | None = None,
-                               max_new_tokens: int | None = None, max_context_tokens: int | None = None) -> BuiltPrompt:
+                               max_new_tokens: int | None = None, max_context_tokens: int | None = None,
+                               context_tokens: int | None = None) -> BuiltPrompt:
     """build_prompt with every budget taken from the settings (prompt.* and llm.*). A keyword that is not None wins:
     a per-question override (history_turns, max_new_tokens), the loaded model's real window (max_context_tokens),
-    a template already loaded (template)."""
+    the engine's passage budget (context_tokens: ModelInfo.context_budget), a template already loaded (template)."""
     def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
 
@@ -217,7 +218,7 @@ def build_prompt_from_settings(question: str, hits: Sequence[Hit], history: Sequ
         question, hits, history,
         template=template if template is not None else load_template(settings.prompt.template),
         count_tokens=count_tokens,
-        context_tokens=settings.prompt.context_tokens,
+        context_tokens=pick(context_tokens, settings.prompt.context_tokens),
         history_turns=pick(history_turns, settings.prompt.history_turns),
         max_context_tokens=pick(max_context_tokens, settings.llm.max_context_tokens),
         max_new_tokens=pick(max_new_tokens, settings.llm.max_new_tokens),

@@ -9,9 +9,10 @@
  * exposed. This header re-declares both with their real memory operands; compilers whose intrinsics are right
  * (GCC >= 13.2 uses builtins, clang) keep their own.
  *
- * zhiwen_amx_tilecfg_fix() marks the libraries as built with this header: llm/llamacpp_backend.py turns llama.cpp's
- * AMX / repacked weight buffers on for AMX CPUs only in a build that has it (or one made by a compiler without the
- * bug). */
+ * zhiwen_amx_tilecfg_fix() marks the libraries as built with this header. It is not enough for llama.cpp's AMX
+ * kernels inside Zhiwen: llama.cpp loads the tile configuration once per thread, and torch's oneDNN releases it on
+ * the same threads (SIGILL), so llm/llamacpp_backend.py uses them only in a build also marked zhiwen_amx_tile_reload
+ * (docs/benchmarks.md §8b). */
 #if defined(__cplusplus) && defined(__x86_64__)
 extern "C" int zhiwen_amx_tilecfg_fix(void);
 extern "C" __attribute__((weak, visibility("default"))) int zhiwen_amx_tilecfg_fix(void) { return 1; }

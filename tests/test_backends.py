@@ -51,7 +51,10 @@ def world(request, tmp_path_factory, cmrc_trial, models_dir):
         paths={"kb_root": str(root / "kb"), "models_dir": str(models_dir)},
         store={"backend": backend, "uri": str(root / "kb" / "milvus.db")},
         ingest={"workers": 1},
-        llm={"model": str(glm), "device": "cpu", "dtype": "float32", "temperature": 0.0, "max_new_tokens": 8},
+        # the whole prompt.context_tokens budget for the passages: this suite compares the stores (the CPU budget,
+        # llm.cpu_context_tokens, cuts the merged passages the answer test looks into; it is tested in test_llamacpp)
+        llm={"model": str(glm), "device": "cpu", "dtype": "float32", "temperature": 0.0, "max_new_tokens": 8,
+             "cpu_context_tokens": 0},
     )
     paragraphs = cmrc_paragraphs(cmrc_trial, 5)
     docs = write_docs(root / "docs", paragraphs)

@@ -52,6 +52,8 @@ def test_glm_gguf_loads_and_streams(glm_files, arch):
     assert (info.backend, info.engine, info.device, info.quantization) == ("llamacpp", "llama.cpp", "cpu", "F32")
     assert info.max_context_tokens == 256 and model.llama.n_ctx() == 256          # llm.max_context_tokens
     assert info.name == f"tiny-{arch}" and info.weights_path == str(glm_files[arch])
+    # on a CPU the passages get llm.cpu_context_tokens (1024 by default), never more than prompt.context_tokens
+    assert info.context_tokens == 1024 and info.context_budget(2048) == 1024 and info.context_budget(600) == 600
     pieces = list(model.stream(CHAT, GREEDY))
     assert pieces and all(isinstance(p, str) and p for p in pieces)
     assert model.generate(CHAT, GREEDY) == "".join(pieces)                         # greedy: the same text twice

@@ -225,13 +225,21 @@ def test_refusal_notes_say_which_rule_and_mark_the_closest_sentence():
     assert 'data-reason="score_threshold"' in panel and 'data-state="done"' in panel and "zw-legend" in panel
     assert panel.count('<mark class="zw-q" title=') == 2 and '上传文件请点击上传按钮。</mark>' in panel
     assert render.hit_spans(hits, "", closest={1: "上传文件请点击上传按钮。"}) == [[[5, 17]], []]
-    # once a checked answer exists, its content decides and the question marks are not used
+    # once a checked answer exists, its content decides (the page passes closest sentences only when
+    # render.closest_for finds nothing to go by)
     from grounding import check_answer
 
     verdict = check_answer("点击上传按钮。", "怎么上传？", [h.text for h in hits])
-    answered = render.hits_html(hits, "点击上传按钮。", title="答案来源", grounding=verdict,
-                                closest={2: "第二段。"})
+    answered = render.hits_html(hits, "点击上传按钮。", title="答案来源", grounding=verdict)
     assert "zw-q" not in answered and "<mark>上传文件请点击上传按钮。</mark>" in answered
+
+    class Done:      # a finished stream's fields, as render.closest_for reads them
+        refused, refusal, question_evidence = False, None, {1: "上传文件请点击上传按钮。"}
+
+        def __init__(self, text):
+            self.text = text
+    assert render.closest_for(Done("[1] [2]")) == {1: "上传文件请点击上传按钮。"}   # markers only: nothing to go by
+    assert render.closest_for(Done("点击上传按钮[1]。")) is None
 
 
 def test_citation_compliance_is_marked_subtly():
