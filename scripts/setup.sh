@@ -14,13 +14,16 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 # instruction this CPU has (AVX-512, AMX...); for a wheel to copy to other machines set ZHIWEN_LLAMA_CMAKE_ARGS,
 # e.g. "-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON" (longer build), or add -DGGML_CUDA=on for
 # GPUs. OpenMP threads the matrix kernels; no BLAS: llama.cpp's own quantized kernels beat it for Q4/Q8 weights.
-# scripts/llama_cpp_amx_fix.h is force-included into the C++ sources: GCC < 13.2 (Debian 12's 12.2) miscompiles
-# llama.cpp's AMX kernels, which then crash on AMX Xeons (the header says why).
+# Two fixes make llama.cpp's AMX kernels safe on AMX Xeons (docs/benchmarks.md §8b): scripts/llama_cpp_amx_fix.h is
+# force-included into the C++ sources (GCC < 13.2, Debian 12's 12.2, miscompiles the tile set-up: SIGSEGV), and
+# scripts/llama_cpp_amx_patch.py patches the unpacked sdist so the tile configuration is loaded on every matrix
+# product (torch's oneDNN releases it on the same threads: SIGILL).
 LLAMA_CPP_VERSION=0.3.36
 LLAMA_CMAKE_ARGS=${ZHIWEN_LLAMA_CMAKE_ARGS:-"-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DGGML_OPENMP=ON"}
 LLAMA_FIX=scripts/llama_cpp_amx_fix.h
+LLAMA_PATCH=scripts/llama_cpp_amx_patch.py
 llama_key=$(printf '%s\n%s\n%s\n%s\n%s\n' "$LLAMA_CMAKE_ARGS" "$(uname -m)" "$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)" \
-            "$(${CXX:-c++} --version 2>/dev/null | head -1)" "$(sha256sum < "$LLAMA_FIX")" | sha256sum | cut -c1-12)
+            "$(${CXX:-c++} --version 2>/dev/null | head -1)" "$(cat "$LLAMA_FIX" "$LLAMA_PATCH" | sha256sum)" | sha256sum | cut -c1-12)
 # the installed wheel must be this version *and* this build (an older build of the same version is replaced)
 if [ "$(.venv/bin/python -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null)" != "$LLAMA_CPP_VERSION" ] \
    || [ "$(cat .venv/.zhiwen-llama-build 2>/dev/null)" != "$llama_key" ]; then
@@ -34,8 +37,12 @@ if [ "$(.venv/bin/python -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/
       *CMAKE_CXX_FLAGS*) cmake_args="$LLAMA_CMAKE_ARGS" ;;        # the caller's own C++ flags win (add the -include)
       *) cmake_args="$LLAMA_CMAKE_ARGS -DCMAKE_CXX_FLAGS=-include$tmp/zhiwen_amx_fix.h" ;;
     esac
+    .venv/bin/pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+      -d "$tmp/sdist" "llama-cpp-python==$LLAMA_CPP_VERSION"
+    tar -xzf "$tmp"/sdist/llama_cpp_python-"$LLAMA_CPP_VERSION".tar.gz -C "$tmp"
+    .venv/bin/python "$LLAMA_PATCH" "$tmp/llama_cpp_python-$LLAMA_CPP_VERSION"
     CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-      .venv/bin/pip wheel -q --disable-pip-version-check --no-deps -w "$tmp" "llama-cpp-python==$LLAMA_CPP_VERSION"
+      .venv/bin/pip wheel -q --disable-pip-version-check --no-deps -w "$tmp" "$tmp/llama_cpp_python-$LLAMA_CPP_VERSION"
     mkdir -p "$wheel_dir" && mv "$tmp"/llama_cpp_python-*.whl "$wheel_dir"/ && rm -rf "$tmp"
     echo "built in $(( $(date +%s) - start )) s"
   fi

@@ -283,6 +283,11 @@ def test_real_demo_gguf_answers_through_the_qa_service(tmp_path, cmrc_trial, mod
     assert (info.backend, info.quantization, info.name) == ("llamacpp", "Q4_K_M", "qwen2.5-coder-0.5b-instruct")
     assert stream.error == "" and not stream.refused and answer.strip()
     assert stream.sources[0].source.endswith("cmrc_00.txt")
+    # a second question: the e5 query embedding (torch; oneDNN's AMX kernels on an AMX CPU with bf16) runs on the
+    # threads llama.cpp's AMX kernels used for the first answer — a build that configures the tile unit only once
+    # per thread dies here with SIGILL (docs/benchmarks.md §8b)
+    second = service.answer(paragraphs[1]["question"], "ll", [])
+    assert "".join(second).strip() and second.error == ""
     # the prompt the model saw is Qwen's ChatML from the GGUF's own template, with the 「已知信息」 passages in it
     prompt = service.llm.render_prompt([{"role": "user", "content": "你好"}])
     assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")
