@@ -272,28 +272,29 @@ class Manifest:
     def dim(self) -> int:
         return self.spec.dim if self.spec else 0
 
-    def to_json(self) -> dict[str, Any]:
+    def _head_json(self) -> dict[str, Any]:
+        """The fields both JSON forms share."""
         return {
             "format": self.format,
             "generation": self.generation,
             "spec": self.spec.to_json() if self.spec else None,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            "segments": [i.to_json() for i in self.segments],
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self._head_json(),
             "files": {p: e.to_json() for p, e in self.files.items()},
             "checksums": dict(self.checksums),
-            "segments": [i.to_json() for i in self.segments],
             "contents": {sha: list(loc) for sha, loc in self.contents.items()},
         }
 
     def to_disk_json(self) -> dict[str, Any]:
         """Format 3's manifest.json: everything but the file table and the content map, which live in `parts`."""
         return {
-            "format": self.format,
-            "generation": self.generation,
-            "spec": self.spec.to_json() if self.spec else None,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "segments": [i.to_json() for i in self.segments],
+            **self._head_json(),
             "part_buckets": self.part_buckets,
             "parts": [p.to_json() for p in self.parts],
         }
