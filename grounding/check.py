@@ -48,8 +48,11 @@ UNGROUNDED = "资料中没有找到可靠依据"
 # right answers and most near-miss answers; 0.34 fails three times as many right answers.
 MIN_RELEVANCE = 0.25
 _MARKER = re.compile(r"\[(\d{1,2})\]|【(\d{1,2})】")
-_REFUSALS = ("无法回答", "不能回答", "没有提供足够的相关信息", "没有足够的相关信息", "没有相关信息",
-             "未提及", "没有提及", "无法从", "无法确定")
+# The templates' two refusal sentences (「根据已知信息无法回答该问题」「没有提供足够的相关信息」) and close
+# variants: the one list that the grounding check, the refusal gate (grounding.retry) and bench.eval all use.
+REFUSAL_MARKERS: tuple[str, ...] = ("无法回答", "不能回答", "无法根据已知信息", "没有提供足够的相关信息",
+                                   "没有提供相关信息", "没有足够的相关信息", "没有相关信息", "未提及", "没有提及",
+                                   "无法从", "无法确定")
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ def looks_like_refusal(answer: str) -> bool:
     True
     """
     text = "".join(answer.split())
-    return any(m in text for m in _REFUSALS)
+    return any(m in text for m in REFUSAL_MARKERS)
 
 
 def citations(answer: str) -> list[Citation]:

@@ -17,15 +17,10 @@ from typing import Any
 from bench.eval.cache import AnswerCache, Budget
 from bench.eval.datasets import Question
 from bench.eval.metrics import char_f1, contains_answer, exact_match, mean, percentile, references
+from grounding.check import REFUSAL_MARKERS, looks_like_refusal  # one refusal list for the product and its evaluation
 
-# The template's two refusal sentences (「根据已知信息无法回答该问题」「没有提供足够的相关信息」) and close variants.
-REFUSAL_MARKERS: tuple[str, ...] = ("无法回答", "不能回答", "无法根据已知信息", "没有提供足够的相关信息",
-                                    "没有提供相关信息", "没有足够的相关信息", "没有相关信息", "未提及", "没有提及")
-
-
-def looks_like_refusal(text: str) -> bool:
-    """looks_like_refusal("根据已知信息无法回答该问题。") -> True; a short answer like "4分钟" -> False."""
-    return any(m in text for m in REFUSAL_MARKERS)
+__all__ = ["REFUSAL_MARKERS", "ask_raw", "default_check", "evaluate_answers", "looks_like_refusal", "score_answer",
+           "summarize_answers", "timed_stream"]
 
 
 def timed_stream(pieces: Iterable[str], t0: float | None = None) -> tuple[str, float | None, float | None, int]:
