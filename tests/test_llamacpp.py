@@ -319,3 +319,19 @@ def test_openmp_waits_spin_briefly_unless_the_operator_chose():
     assert run() == ["10000", "None"]
     assert run(OMP_WAIT_POLICY="PASSIVE") == ["None", "PASSIVE"]
     assert run(GOMP_SPINCOUNT="500") == ["500", "None"]
+
+
+def test_gguf_formats_bench_requantizes_and_measures(glm_files, tmp_path, cmrc_trial):
+    """bench.gguf_formats (which weight format prefills fastest) on a tiny GLM GGUF: llama.cpp's own quantiser
+    writes a Q8_0 file that loads the way the product loads GGUFs, and the prefill/decode numbers come back."""
+    import gguf
+
+    from bench.gguf_formats import FORMATS, measure, requantize
+
+    dst = tmp_path / "tiny-glm4-q8_0.gguf"
+    requantize(glm_files["glm4"], dst, FORMATS["Q8_0"])
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(dst)).tensors if len(t.shape) == 2}
+    assert types == {"Q8_0"}, types
+    row = measure(dst, prompt_tokens=100, repeats=1)
+    assert row["prompt_tokens"] == 100 and row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
+    assert len(row["tokens"]) == 64 and all(0 <= t < 400 for t in row["tokens"])
