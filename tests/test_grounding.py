@@ -229,3 +229,24 @@ def test_refusal_gate_streams_answers_and_swaps_a_refusal_for_the_second_pass():
         "上传文件：点击按钮。一个 zip 压缩包里最多 2000 个文件。解压后不超过 500 MB。"
     assert second_pass_context("zip 压缩包里最多能放多少个文件？", [passage])[0] == 1
     assert second_pass_context("zip 压缩包里最多能放多少个文件？", ["无关的段落。", passage]) is None
+
+
+def test_answer_checks_bench_keeps_only_answers_that_passed_the_check():
+    """bench.answer_checks scores further checks only on answers the grounding check let through, each with its
+    support sentence, the neighbours and the passage title."""
+    from bench.answer_checks import passed_answers, support_window
+
+    passage = "上传说明\n\n请点击按钮上传。一个 zip 压缩包里最多 2000 个文件。单个文件不超过 50 MB。"
+    report = {"questions": [
+        {"query": "zip 压缩包里最多能放多少个文件？", "answerable": True,
+         "answers": {"c": {"prediction": "最多 2000 个文件。", "refused": False, "source_texts": [passage]}}},
+        {"query": "zip 压缩包里最多能放多少个文件？", "answerable": False,
+         "answers": {"c": {"prediction": "最多 3000 个文件。", "refused": False, "source_texts": [passage]}}},
+        {"query": "年假有几天？", "answerable": True,
+         "answers": {"c": {"prediction": "根据已知信息无法回答该问题。", "refused": True, "source_texts": [passage]}}},
+    ]}
+    rows = passed_answers(report, "c")
+    assert [r["answer"] for r in rows] == ["最多 2000 个文件。"]       # 3000 is in no passage; a refusal is no answer
+    assert rows[0]["sentence"] == "一个 zip 压缩包里最多 2000 个文件。"
+    assert rows[0]["window"].startswith("上传说明\n") and "单个文件不超过 50 MB。" in rows[0]["window"]
+    assert support_window("甲。乙。丙。丁。", "丙。") == "乙。丙。丁。"

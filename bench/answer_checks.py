@@ -1,0 +1,109 @@
+"""Candidate checks after the grounding check, scored on the answers of a finished `bench.evaluate --noise` run.
+
+    .venv/bin/python -m bench.answer_checks REPORT.json                       # the e5 evidence similarity only
+    .venv/bin/python -m bench.answer_checks REPORT.json --config greedy --self-check   # + the model asked to verify
+
+An end-to-end run (bench.evaluate --noise, docs/benchmarks.md §10.5) stores, per question, the answer and the passages
+the model was given. This script takes the answers that passed grounding.check_answer and asks what a further check
+would do to both refusal rates, before it is built into the product:
+  evidence similarity  the e5 cosine between the question (query encoding) and the sentence the check found as the
+                       answer's support (passage encoding): a near-miss answer's support is about the topic, not the
+                       asked fact. Printed: the values on answerable and unanswerable questions, and for each
+                       threshold how many answers of each side it would turn into refusals.
+  self-check           (--self-check) the configured LLM is asked, greedily, whether its support sentence (with its
+                       neighbours and the passage title) states what the question asks: 「…只回答“是”或“否”」; an answer
+                       judged 否 would become a refusal. Costs one short prompt per answer.
+A check is worth adopting only where it turns many more unanswerable answers than answerable ones into refusals.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+SELF_CHECK = ("资料：\n{window}\n\n问题：{question}\n回答：{answer}\n\n"
+              "请判断：上面的资料是否明确写出了这个问题所问的内容，并且回答与资料一致？只回答“是”或“否”。")
+
+
+def support_window(passage: str, sentence: str) -> str:
+    """The support sentence with its neighbours, and the passage's title line when it is short and not in them."""
+    from retrieval.sentences import split_sentences
+
+    sentences = split_sentences(passage)
+    i = sentences.index(sentence) if sentence in sentences else 0
+    window = "".join(sentences[max(0, i - 1):i + 2])
+    title = passage.split("\n", 1)[0].strip() if "\n" in passage else ""
+    return f"{title}\n{window}" if title and len(title) <= 30 and title not in window else window
+
+
+def passed_answers(report: dict, config: str) -> list[dict]:
+    """Answers (not refusals) of `config` that pass grounding.check_answer, with their support sentence."""
+    from grounding.check import check_answer
+
+    out = []
+    for q in report["questions"]:
+        a = (q.get("answers") or {}).get(config)
+        if not a or a.get("prediction") is None or a["refused"]:
+            continue
+        verdict = check_answer(a["prediction"], q["query"], a["source_texts"])
+        if not verdict.ok or verdict.source is None:
+            continue
+        passage = a["source_texts"][verdict.source - 1]
+        sentence = verdict.evidence.get(verdict.source) or passage[:200]
+        out.append({"answerable": q["answerable"], "question": q["query"], "answer": a["prediction"],
+                    "sentence": sentence, "window": support_window(passage, sentence)})
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("report", type=Path, help="the JSON report of a bench.evaluate --noise run")
+    ap.add_argument("--config", default=None, help="which configuration's answers (default: the first)")
+    ap.add_argument("--self-check", action="store_true", help="also ask the configured LLM to verify each answer")
+    args = ap.parse_args(argv)
+
+    import numpy as np
+
+    from configs import load_settings
+    from retrieval.embeddings import Embedder
+
+    report = json.loads(args.report.read_text(encoding="utf-8"))
+    config = args.config or report["configs"][0]["name"]
+    rows = passed_answers(report, config)
+    n_a = sum(r["answerable"] for r in rows)
+    print(f"{args.report.name} [{config}]: {len(rows)} answers passed the grounding check "
+          f"({n_a} answerable, {len(rows) - n_a} unanswerable)")
+    settings = load_settings()
+    emb = Embedder.from_settings(settings)
+    for r in rows:
+        q = np.asarray(emb.encode_query(r["question"]), dtype=np.float32).reshape(-1)
+        r["similarity"] = float(np.asarray(emb.encode_passages([r["sentence"]]), dtype=np.float32)[0] @ q)
+    for side, flag in (("answerable", True), ("unanswerable", False)):
+        vals = sorted(round(r["similarity"], 3) for r in rows if r["answerable"] == flag)
+        print(f"evidence similarity, {side}: {vals}")
+    print("| threshold | answerable answers refused | unanswerable answers refused |\n|---|---|---|")
+    for t in (0.85, 0.86, 0.87, 0.88, 0.89, 0.90):
+        a = sum(r["similarity"] < t for r in rows if r["answerable"])
+        u = sum(r["similarity"] < t for r in rows if not r["answerable"])
+        print(f"| {t:.2f} | {a} of {n_a} | {u} of {len(rows) - n_a} |")
+
+    if args.self_check:
+        from llm.loader import load_llm
+        from llm.types import GenerationParams
+
+        llm = load_llm(settings)
+        gen = GenerationParams.from_settings(settings.llm, max_new_tokens=3, temperature=0)
+        for r in rows:
+            prompt = SELF_CHECK.format(window=r["window"], question=r["question"], answer=r["answer"])
+            r["self_check"] = "".join(llm.stream([{"role": "user", "content": prompt}], gen)).strip()
+        a = sum(not r["self_check"].startswith("是") for r in rows if r["answerable"])
+        u = sum(not r["self_check"].startswith("是") for r in rows if not r["answerable"])
+        print(f"self-check ({llm.info.name}): judged 否 on {a} of {n_a} "
+              f"answerable and {u} of {len(rows) - n_a} unanswerable answers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
