@@ -408,8 +408,13 @@ def test_second_pass_after_a_likely_false_refusal(world):
     (docs / "limits.txt").write_text("上传说明：点击「上传」按钮，选择要上传的文件。上传限制：一个 zip 压缩包里最多 "
                                      "2000 个文件，解压后不超过 500 MB。单个文件不超过 100 MB。", encoding="utf-8")
     assert ingest(docs, "guide", settings).exit_code == 0
-    on = QAService(settings.model_copy(update={"prompt": settings.prompt.model_copy(update={"second_pass": True})}),
-                   llm=service.llm, embedder=service.searcher.embedder)
+    assert load_settings().prompt.second_pass, "on by default (docs/benchmarks.md §10.5)"
+
+    def with_second_pass(value: bool) -> QAService:
+        prompt = settings.prompt.model_copy(update={"second_pass": value})
+        return QAService(settings.model_copy(update={"prompt": prompt}), llm=service.llm,
+                         embedder=service.searcher.embedder)
+    on, off = with_second_pass(True), with_second_pass(False)
     question = "zip 压缩包里最多能放多少个文件？"
     with ScriptedCalls(service.llm, [["根据已知信息", "无法回答该问题。"], ["最多 2000 个", "文件。"]]) as spy:
         stream = on.answer(question, "guide", [], AnswerParams(threshold=-1.0))
@@ -420,9 +425,9 @@ def test_second_pass_after_a_likely_false_refusal(world):
     second_prompt, params = spy.calls[1][0][-1]["content"], spy.calls[1][1]
     assert "一个 zip 压缩包里最多 2000 个文件" in second_prompt and question in second_prompt
     assert params.temperature == 0
-    # off (the default): the refusal stays, one call
+    # off: the refusal stays, one call
     with ScriptedCalls(service.llm, [["根据已知信息无法回答该问题。"]]) as spy:
-        stream = service.answer(question, "guide", [], AnswerParams(threshold=-1.0))
+        stream = off.answer(question, "guide", [], AnswerParams(threshold=-1.0))
         assert "".join(stream) == "根据已知信息无法回答该问题。" and stream.second_pass is None
     assert len(spy.calls) == 1
 
