@@ -14,7 +14,8 @@ EM / F1 (bench.eval.metrics, CMRC-style) and false refusals (a refusal to an ans
 bench.eval.answer_eval.looks_like_refusal). The two engines run one after the other, never at once.
 The passages get the settings' budget — on a CPU `llm.cpu_context_tokens`, at most `prompt.context_tokens` —
 and `--context-tokens N` sets `prompt.context_tokens` for both (to compare budgets); each answer records its prompt
-tokens (the summary shows their median).
+tokens (the summary shows their median). `--llamacpp-format BF16` gives llama.cpp the demo GGUF re-quantised to bf16
+(bench.gguf_formats): then both engines compute with the same bf16 values.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 from bench.corpus import CMRC_TRIAL
+from bench.gguf_formats import FORMATS
 from configs import PROJECT_ROOT
 
 
@@ -147,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context-tokens", type=int, default=0,
                     help="prompt.context_tokens for both engines (0: the setting)")
     ap.add_argument("--engines", nargs="+", default=["transformers", "llamacpp"], choices=["transformers", "llamacpp"])
+    ap.add_argument("--llamacpp-format", choices=sorted(FORMATS), default=None,
+                    help="give llama.cpp the demo GGUF re-quantised to this format (bench.gguf_formats), e.g. BF16: "
+                         "the same bf16 values transformers computes with")
     ap.add_argument("--data", type=Path, default=CMRC_TRIAL)
     ap.add_argument("--out", type=Path, help="write the summary and every answer here (JSON)")
     ap.add_argument("--engine", help=argparse.SUPPRESS)            # child mode
@@ -172,10 +177,21 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         kb_root = build_kb(items, work, models_dir)
         print(f"knowledge base: {len(items)} CMRC passages in {time.perf_counter() - t:.0f} s", flush=True)
+        gguf = None
+        if args.llamacpp_format and "llamacpp" in args.engines:
+            src = next((Path(models_dir) / args.model).glob("*.gguf"))
+            gguf = work / f"{args.model}-{args.llamacpp_format.lower()}.gguf"
+            proc = subprocess.run([sys.executable, "-m", "bench.gguf_formats", "--requantize", str(src), str(gguf),
+                                   str(FORMATS[args.llamacpp_format])],
+                                  cwd=PROJECT_ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"re-quantising {src.name} to {args.llamacpp_format} failed: {proc.stderr[-500:]}")
+            print(f"llama.cpp gets {gguf.name} (re-quantised from {src.name})", flush=True)
         for engine in args.engines:
             out = work / f"{engine}.json"
+            model = str(gguf) if engine == "llamacpp" and gguf is not None else args.model
             cmd = [sys.executable, "-m", "bench.answer_speed", "--engine", engine, "--kb-root", str(kb_root),
-                   "--models-dir", models_dir, "--json", str(out), "--model", args.model,
+                   "--models-dir", models_dir, "--json", str(out), "--model", model,
                    "--questions", str(args.questions), "--quality", str(args.quality),
                    "--max-new-tokens", str(args.max_new_tokens), "--data", str(args.data),
                    "--context-tokens", str(args.context_tokens)]
