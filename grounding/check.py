@@ -39,7 +39,7 @@ from grounding.claims import (
     supports,
 )
 from grounding.evidence import best_sentence, key_terms, term_coverage
-from grounding.quote import QuoteMatch, find_quote, split_quote
+from grounding.quote import QuoteMatch, find_quote, is_cut, split_quote
 from retrieval.sentences import sentence_ends
 
 UNGROUNDED = "资料中没有找到可靠依据"
@@ -214,8 +214,9 @@ def check_answer(answer: str, question: str, passages: Sequence[str], *, require
     if quote_text and quote is None:
         failures.append(Failure("quote", quote_text[:20], f"答案引用的原文「{quote_text[:20]}」在资料中找不到"))
     elif quote is not None:
+        copied = quote.text if is_cut(quote, passages) else quote.stretch   # a quote cut mid-clause: its sentence
         for claim in all_claims:
-            if support.get(claim.key) and not supports(quote.stretch, claim):
+            if support.get(claim.key) and not supports(copied, claim):
                 failures.append(Failure("quote", claim.text, f"「{claim.text}」不在答案引用的原文中"))
     elif require_quote and all_claims:
         failures.append(Failure("unquoted", strip_markers(answer).strip()[:20], "答案没有给出所依据的原文"))

@@ -39,6 +39,7 @@ class QuoteMatch:
     text: str             # the passage's own text of the quoted stretch, widened to whole sentences
     share: float          # share of the quote's character pairs found (1.0 = verbatim up to punctuation)
     stretch: str = ""     # the passage's text of exactly the quoted stretch (what the answer's claims must be in)
+    stretch_end: int = -1  # offset in the passage's text right after that stretch
 
 
 def split_quote(answer: str) -> tuple[str, str | None]:
@@ -47,14 +48,34 @@ def split_quote(answer: str) -> tuple[str, str | None]:
     >>> split_quote("3个。原文：“共有3个。”")
     ('3个。', '共有3个。')
     """
-    labels = list(_QUOTE_LABEL.finditer(answer))   # the last one: an answer may mention 原文 before its quote
+    labels = list(_QUOTE_LABEL.finditer(answer))
     if not labels:
         return answer, None
-    m = labels[-1]
+    # The last label whose quote says something: an answer may mention 原文 before its quote, and a small model may
+    # go on after its quote with a blank line and a second, cut-off answer and quote (「…原文：元」), which is dropped.
+    m = next((x for x in reversed(labels) if _quote_chars(_quote_at(answer, x)) >= MIN_QUOTE_CHARS), labels[-1])
     keep = 1 if answer[m.start(): m.start() + 1] in "。！？!?；;" else 0     # the answer's own full stop
     head = answer[: m.start() + keep]
-    quote = answer[m.end():].strip().strip(_QUOTE_MARKS + " \n").strip()
-    return head.rstrip(), quote or None
+    return head.rstrip(), _quote_at(answer, m) or None
+
+
+def _quote_at(answer: str, label: re.Match) -> str:
+    """The quote after `label`: up to the first blank line (what follows is no longer the quote)."""
+    quote = re.split(r"\n\s*\n", answer[label.end():].strip(), maxsplit=1)[0]
+    return quote.strip().strip(_QUOTE_MARKS + " \n").strip()
+
+
+def _quote_chars(quote: str) -> int:
+    return sum(ch.isalnum() for ch in quote)
+
+
+def is_cut(match: QuoteMatch, passages: Sequence[str]) -> bool:
+    """True when the quoted stretch stops inside a word or clause of its passage (the next character is a letter,
+    digit or CJK character, not punctuation): the answer hit its token limit mid-quote, so its claims are checked
+    against the whole sentence the quote starts. A quote that stops at a comma or full stop is complete."""
+    text = passages[match.passage - 1]
+    end = match.stretch_end
+    return 0 <= end < len(text) and text[end].isalnum()
 
 
 def _alnum_map(text: str) -> tuple[str, list[int]]:
@@ -90,7 +111,7 @@ def find_quote(quote: str, passages: Sequence[str]) -> QuoteMatch | None:
         if at >= 0:
             a, b = pos[at], pos[at + len(q) - 1] + 1
             s, e = _widen(p, a, b)
-            return QuoteMatch(i, s, e, p[s:e].strip(), 1.0, p[a:b])
+            return QuoteMatch(i, s, e, p[s:e].strip(), 1.0, p[a:b], b)
     qg = char_bigrams(q)
     best: QuoteMatch | None = None
     for i, p in enumerate(passages, start=1):
@@ -105,5 +126,5 @@ def find_quote(quote: str, passages: Sequence[str]) -> QuoteMatch | None:
             if share >= MIN_QUOTE_SHARE and (best is None or share > best.share):
                 b = min(len(pos) - 1, a + len(window) - 1)
                 s, e = _widen(p, pos[a], pos[b] + 1)
-                best = QuoteMatch(i, s, e, p[s:e].strip(), share, p[pos[a]: pos[b] + 1])
+                best = QuoteMatch(i, s, e, p[s:e].strip(), share, p[pos[a]: pos[b] + 1], pos[b] + 1)
     return best

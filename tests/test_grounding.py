@@ -184,6 +184,27 @@ def test_quote_then_verify_checks_the_quoted_sentence():
     assert check_answer("根据已知信息无法回答该问题。", q, GUIDE, require_quote=True).status == "refusal"
 
 
+def test_a_cut_or_rambling_quote_is_read_as_the_model_meant_it():
+    """What small models do with the quote template (docs/benchmarks.md §10.5): the quote is cut by the token limit
+    — its claims are then checked against the whole sentence it starts — or a second, cut-off answer and quote follow
+    after a blank line, which are dropped."""
+    from grounding.quote import find_quote, is_cut, split_quote
+
+    q = "zip 压缩包里最多能放多少个文件？解压后多大？"
+    answer = "最多 2000 个文件，解压后不超过 500 MB。"
+    cut = check_answer(answer + "\n原文：一个 zip 压缩包里最多 2000 个文件，解压后不超", q, GUIDE)
+    assert cut.ok and cut.quote is not None and is_cut(cut.quote, GUIDE)
+    # a quote that stops at a comma or full stop is complete and has to hold the claims itself
+    assert not is_cut(find_quote("一个 zip 压缩包里最多 2000 个文件", GUIDE), GUIDE)
+    whole = check_answer("最多 2000 个文件，解压后不超过 500 MB。\n原文：一个 zip 压缩包里最多 2000 个文件。", q, GUIDE)
+    assert "quote" in [f.kind for f in whole.failures]
+    rambling = "最多 2000 个文件。原文：一个 zip 压缩包里最多 2000 个文件。\n\n压缩包最多 2000 个。原文：一"
+    assert split_quote(rambling) == ("最多 2000 个文件。", "一个 zip 压缩包里最多 2000 个文件。")
+    assert check_answer(rambling, "zip 压缩包里最多能放多少个文件？", GUIDE).ok
+    assert split_quote("2000 个。原文：一个 zip 压缩包里最多 2000 个文件。\n\n以上。") == \
+        ("2000 个。", "一个 zip 压缩包里最多 2000 个文件。")
+
+
 def test_likely_false_refusal_detector_needs_the_asked_kind_and_the_key_terms():
     from grounding.evidence import answer_candidate, asked_kind
 
