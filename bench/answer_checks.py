@@ -28,12 +28,11 @@ SELF_CHECK = ("资料：\n{window}\n\n问题：{question}\n回答：{answer}\n\n
 
 
 def support_window(passage: str, sentence: str) -> str:
-    """The support sentence with its neighbours, and the passage's title line when it is short and not in them."""
-    from retrieval.sentences import split_sentences
+    """The support sentence with its neighbours (grounding.retry.candidate_window, as the second pass sees them), and
+    the passage's title line when it is short and not in them."""
+    from grounding.retry import candidate_window
 
-    sentences = split_sentences(passage)
-    i = sentences.index(sentence) if sentence in sentences else 0
-    window = "".join(sentences[max(0, i - 1):i + 2])
+    window = candidate_window(passage, sentence)
     title = passage.split("\n", 1)[0].strip() if "\n" in passage else ""
     return f"{title}\n{window}" if title and len(title) <= 30 and title not in window else window
 
@@ -77,9 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({n_a} answerable, {len(rows) - n_a} unanswerable)")
     settings = load_settings()
     emb = Embedder.from_settings(settings)
-    for r in rows:
-        q = np.asarray(emb.encode_query(r["question"]), dtype=np.float32).reshape(-1)
-        r["similarity"] = float(np.asarray(emb.encode_passages([r["sentence"]]), dtype=np.float32)[0] @ q)
+    sentences = np.asarray(emb.encode_passages([r["sentence"] for r in rows]), dtype=np.float32).reshape(len(rows), -1)
+    for r, vec in zip(rows, sentences, strict=True):
+        r["similarity"] = float(vec @ np.asarray(emb.encode_query(r["question"]), dtype=np.float32).reshape(-1))
     for side, flag in (("answerable", True), ("unanswerable", False)):
         vals = sorted(round(r["similarity"], 3) for r in rows if r["answerable"] == flag)
         print(f"evidence similarity, {side}: {vals}")

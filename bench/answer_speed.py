@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench.corpus import CMRC_TRIAL
-from bench.gguf_formats import FORMATS
+from bench.gguf_formats import FORMATS, requantize_in_child
 from configs import PROJECT_ROOT
 
 
@@ -181,11 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.llamacpp_format and "llamacpp" in args.engines:
             src = next((Path(models_dir) / args.model).glob("*.gguf"))
             gguf = work / f"{args.model}-{args.llamacpp_format.lower()}.gguf"
-            proc = subprocess.run([sys.executable, "-m", "bench.gguf_formats", "--requantize", str(src), str(gguf),
-                                   str(FORMATS[args.llamacpp_format])],
-                                  cwd=PROJECT_ROOT, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"re-quantising {src.name} to {args.llamacpp_format} failed: {proc.stderr[-500:]}")
+            requantize_in_child(src, gguf, args.llamacpp_format)
             print(f"llama.cpp gets {gguf.name} (re-quantised from {src.name})", flush=True)
         for engine in args.engines:
             out = work / f"{engine}.json"

@@ -50,6 +50,16 @@ def requantize(src: Path, dst: Path, ftype: int) -> float:
     return time.perf_counter() - t
 
 
+def requantize_in_child(src: Path, dst: Path, name: str) -> float:
+    """requantize(src, dst, FORMATS[name]) in a child process (llama.cpp logs every tensor; the report stays clean):
+    the seconds it took. A failure stops the benchmark with the quantiser's last words."""
+    proc = subprocess.run([sys.executable, "-m", "bench.gguf_formats", "--requantize", str(src), str(dst),
+                           str(FORMATS[name])], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"re-quantising {src.name} to {name} failed: {proc.stderr.strip()[-500:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
 def measure(path: Path, prompt_tokens: int, repeats: int) -> dict:
     """In this process: load `path` as the product does, time prefill and 64 greedy decode tokens."""
     from llm.llamacpp_backend import extra_buffers_wanted, open_llama, physical_cores
@@ -113,11 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         files = [(src.name.rsplit("-", 1)[-1].removesuffix(".gguf").upper(), src)]
         for name in [f for f in args.formats.split(",") if f]:
             dst = Path(tmp) / f"{args.model}-{name.lower()}.gguf"
-            proc = subprocess.run([sys.executable, "-m", "bench.gguf_formats", "--requantize", str(src), str(dst),
-                                   str(FORMATS[name])], cwd=PROJECT_ROOT, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"requantising to {name} failed: {proc.stderr.strip()[-500:]}")
-            secs = float(proc.stdout.strip().splitlines()[-1])
+            secs = requantize_in_child(src, dst, name)
             print(f"requantised {src.name} -> {name} in {secs:.1f} s", flush=True)
             files.append((name, dst))
         rows = []

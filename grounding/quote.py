@@ -53,20 +53,17 @@ def split_quote(answer: str) -> tuple[str, str | None]:
         return answer, None
     # The last label whose quote says something: an answer may mention 原文 before its quote, and a small model may
     # go on after its quote with a blank line and a second, cut-off answer and quote (「…原文：元」), which is dropped.
-    m = next((x for x in reversed(labels) if _quote_chars(_quote_at(answer, x)) >= MIN_QUOTE_CHARS), labels[-1])
+    quoted = [(m, _quote_at(answer, m)) for m in labels]
+    m, quote = next(((m, q) for m, q in reversed(quoted) if len(_alnum_map(q)[0]) >= MIN_QUOTE_CHARS), quoted[-1])
     keep = 1 if answer[m.start(): m.start() + 1] in "。！？!?；;" else 0     # the answer's own full stop
     head = answer[: m.start() + keep]
-    return head.rstrip(), _quote_at(answer, m) or None
+    return head.rstrip(), quote or None
 
 
 def _quote_at(answer: str, label: re.Match) -> str:
     """The quote after `label`: up to the first blank line (what follows is no longer the quote)."""
     quote = re.split(r"\n\s*\n", answer[label.end():].strip(), maxsplit=1)[0]
     return quote.strip().strip(_QUOTE_MARKS + " \n").strip()
-
-
-def _quote_chars(quote: str) -> int:
-    return sum(ch.isalnum() for ch in quote)
 
 
 def is_cut(match: QuoteMatch, passages: Sequence[str]) -> bool:
