@@ -17,7 +17,8 @@ transactions; a commit is made atomic for readers the way the FAISS store does i
   2. upsert the new contents' chunks                         (content-addressed: pk = hash(sha256, position))
   3. write manifest parts of generation n+1, then the head   (the switch: one row upsert)
   4. delete the chunks no live file refers to any more; head.garbage lists them until they are gone
-  5. Milvus Lite only: flush, so the rows leave Lite's in-memory table for indexed segments (_flush_lite)
+  5. Milvus Lite only (a file or milvus-lite's server): flush, so the rows leave Lite's in-memory table for indexed
+     segments (_flush_lite)
 
 Readers only ever use chunks whose content is live in the manifest they read, so rows written by a commit that has
 not switched yet, or left by one killed half-way, are never shown, and a deleted file is gone at the next question
@@ -98,7 +99,25 @@ def resolve_uri(settings: Settings) -> str:
 
 
 def is_lite(settings: Settings) -> bool:
+    """store.uri is a Milvus Lite file, run inside this process."""
     return not resolve_uri(settings).startswith(("http://", "https://", "tcp://", "unix:"))
+
+
+_lite_servers: dict[str, bool] = {}
+
+
+def engine_is_lite(settings: Settings) -> bool:
+    """The engine behind store.uri is Milvus Lite: a `*.db` file, or milvus-lite's own gRPC server
+    (`python -m milvus_lite server`, which reports its version as "milvus_lite-…"). Both need the flush after a
+    commit and FLAT for `store.index_type: auto`; a Milvus standalone/cluster needs neither."""
+    if is_lite(settings):
+        return True
+    uri = resolve_uri(settings)
+    if uri not in _lite_servers:
+        with _engine_errors(settings, "读取服务器版本"):
+            version = str(client(settings).get_server_version())
+        _lite_servers[uri] = version.startswith("milvus_lite")
+    return _lite_servers[uri]
 
 
 def client(settings: Settings) -> MilvusClient:
@@ -126,6 +145,7 @@ def close_clients() -> None:
                 pass
         _clients.clear()
         _flushed_at_open.clear()
+        _lite_servers.clear()
     if lite:
         try:
             from milvus_lite.server_manager import server_manager_instance
@@ -251,7 +271,7 @@ def _create_chunks_collection(c: MilvusClient, name: str, dim: int, index_type: 
 def _index_type(settings: Settings) -> str:
     t = settings.store.index_type
     if t == "auto":
-        return "FLAT" if is_lite(settings) else "AUTOINDEX"
+        return "FLAT" if engine_is_lite(settings) else "AUTOINDEX"
     return t.upper()
 
 
@@ -259,9 +279,9 @@ def _flush_lite(c: MilvusClient, settings: Settings, *collections: str) -> None:
     """Milvus Lite keeps new rows in an in-memory table until 128 MB of them accumulate, and every search scans that
     table row by row in Python, rebuilding a BM25 index over it per question (10k fresh chunks: ~2 s per hybrid
     search; docs/benchmarks.md §4c). A flush moves the rows into Parquet segments whose dense and BM25 indexes are
-    built once and cached, so a commit flushes what it wrote. A Milvus server seals and indexes segments itself (and
-    rate-limits flush), so this is for Lite only."""
-    if not is_lite(settings):
+    built once and cached, so a commit flushes what it wrote — also through milvus-lite's own server. A Milvus
+    server seals and indexes segments itself (and rate-limits flush), so this is for Lite only."""
+    if not engine_is_lite(settings):
         return
     for name in collections:
         if c.has_collection(name):
@@ -346,18 +366,20 @@ def _quote(values: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------------- KB level
 def list_knowledge_bases(settings: Settings) -> list[str]:
     c = client(settings)
-    _ensure_meta(c)
-    rows = c.query(META_COLLECTION, filter='kind == "head"', output_fields=["kb"])
+    with _engine_errors(settings, "列出知识库"):
+        _ensure_meta(c)
+        rows = c.query(META_COLLECTION, filter='kind == "head"', output_fields=["kb"])
     return sorted(r["kb"] for r in rows)
 
 
 def delete_knowledge_base(name: str, settings: Settings, *, timeout: float | None = 0) -> None:
     path = kb_dir(name, settings)
     c = client(settings)
-    _ensure_meta(c)
-    if _read_head(c, name) is None:
-        raise KBNotFoundError(f"知识库「{name}」不存在（Milvus {resolve_uri(settings)}）。")
-    with _writer_lock(path, name, timeout):
+    with _engine_errors(settings, f"删除知识库「{name}」"):
+        _ensure_meta(c)
+        if _read_head(c, name) is None:
+            raise KBNotFoundError(f"知识库「{name}」不存在（Milvus {resolve_uri(settings)}）。")
+    with _writer_lock(path, name, timeout), _engine_errors(settings, f"删除知识库「{name}」"):
         c.delete(META_COLLECTION, ids=[_head_pk(name)])  # readers see "not found" from here on
         c.delete(META_COLLECTION, filter=f'kb == {_quote([name])[1:-1]}')
         if c.has_collection(collection_name(name)):
@@ -439,13 +461,15 @@ class MilvusKnowledgeBase:
     def create(cls, name: str, settings: Settings, *, exist_ok: bool = True) -> MilvusKnowledgeBase:
         path = kb_dir(name, settings)
         c = client(settings)
-        _ensure_meta(c)
-        if _read_head(c, name) is not None:
+        with _engine_errors(settings, f"创建知识库「{name}」"):
+            _ensure_meta(c)
+            exists = _read_head(c, name) is not None
+        if exists:
             if not exist_ok:
                 raise KBError(f"知识库「{name}」已存在（Milvus {resolve_uri(settings)}）。")
             return cls.open(name, settings)
         (path / SOURCES_DIR).mkdir(parents=True, exist_ok=True)
-        with _writer_lock(path, name, timeout=0):
+        with _writer_lock(path, name, timeout=0), _engine_errors(settings, f"创建知识库「{name}」"):
             if _read_head(c, name) is None:
                 MilvusKBWriter(name, settings).commit(force=True)
         return cls.open(name, settings)
@@ -633,6 +657,11 @@ class MilvusKBWriter:
         self.settings = settings
         self.path = kb_dir(name, settings)
         self._c = client(settings)
+        with _engine_errors(settings, f"打开知识库「{name}」的写入"):
+            self._read_state()
+
+    def _read_state(self) -> None:
+        name = self.name
         _ensure_meta(self._c)
         self._collection = collection_name(name)
         head = _read_head(self._c, name)
@@ -732,6 +761,10 @@ class MilvusKBWriter:
         """Apply the pending state as generation n+1 (see the module docstring for the order of writes)."""
         if not self.dirty and not force:
             return None
+        with _engine_errors(self.settings, f"写入知识库「{self.name}」"):
+            return self._commit()
+
+    def _commit(self) -> str | None:
         c = self._c
         gen = 0 if self._head is None else int(self._head["generation"]) + 1
         owners: dict[str, str] = {}

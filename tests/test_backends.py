@@ -1,8 +1,9 @@
-"""The same behaviour from both stores (`store.backend`: faiss files and Milvus Lite), one parameterised suite.
+"""The same behaviour from every store (`store.backend`: faiss files, Milvus Lite, a Milvus server), one suite.
 
 Real components throughout: real CMRC 2018 trial passages from /work/shared/data, real ingest (loaders, splitter,
-parser processes), the real multilingual-e5-small, real FAISS and a real Milvus Lite database file (milvus-lite runs
-inside the test process), and a tiny random GLM as the LLM. Milvus cases skip, with the reason, only where
+parser processes), the real multilingual-e5-small, real FAISS, a real Milvus Lite database file (milvus-lite runs
+inside the test process) and a real Milvus-protocol server in its own process on loopback (`store.uri: http://…`,
+tests/support/milvus_server.py), and a tiny random GLM as the LLM. Milvus cases skip, with the reason, only where
 pymilvus / milvus-lite cannot be imported. Module-scoped worlds keep it lean: one ingest per backend.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ from ingest import ingest, remove_files
 from retrieval.retriever import HybridSearcher
 from retrieval.store import KBLockedError, KnowledgeBase, list_knowledge_bases
 from tests.conftest import require_model
+from tests.support.app_server import stop_process
+from tests.support.milvus_server import MilvusLiteServer
 from tests.support.tiny_glm import build_tiny_glm
 from tests.test_service import UNRELATED, cmrc_paragraphs, write_docs
 
@@ -30,6 +33,8 @@ _MILVUS_MISSING = [m for m in ("pymilvus", "milvus_lite") if importlib.util.find
 BACKENDS = [
     "faiss",
     pytest.param("milvus", marks=pytest.mark.skipif(
+        bool(_MILVUS_MISSING), reason=f"Milvus Lite cannot be used here: {', '.join(_MILVUS_MISSING)} not installed")),
+    pytest.param("milvus-server", marks=pytest.mark.skipif(
         bool(_MILVUS_MISSING), reason=f"Milvus Lite cannot be used here: {', '.join(_MILVUS_MISSING)} not installed")),
 ]
 
@@ -47,9 +52,11 @@ def world(request, tmp_path_factory, cmrc_trial, models_dir):
     backend = request.param
     root = tmp_path_factory.mktemp(f"backend-{backend}")
     glm = build_tiny_glm(root / "tiny-glm", "glm")
+    server = MilvusLiteServer(root / "milvus-server-data") if backend == "milvus-server" else None
+    uri = server.uri if server else str(root / "kb" / "milvus.db")
     settings = load_settings(
         paths={"kb_root": str(root / "kb"), "models_dir": str(models_dir)},
-        store={"backend": backend, "uri": str(root / "kb" / "milvus.db")},
+        store={"backend": "faiss" if backend == "faiss" else "milvus", "uri": uri},
         ingest={"workers": 1},
         # the whole prompt.context_tokens budget for the passages: this suite compares the stores (the CPU budget,
         # llm.cpu_context_tokens, cuts the merged passages the answer test looks into; it is tested in test_llamacpp)
@@ -62,11 +69,14 @@ def world(request, tmp_path_factory, cmrc_trial, models_dir):
     service = QAService(settings)
     report = ingest(docs, "cmrc", settings, embedder=service.searcher.embedder)
     assert report.exit_code == 0 and report.chunks_embedded > 0, report
-    yield {"backend": backend, "settings": settings, "service": service, "paragraphs": paragraphs, "docs": docs}
-    if backend == "milvus":
+    yield {"backend": backend, "settings": settings, "service": service, "paragraphs": paragraphs, "docs": docs,
+           "server": server}
+    if backend != "faiss":
         from retrieval import milvus_store
 
         milvus_store.close_clients()
+    if server:
+        server.stop()
 
 
 def _sources(stream) -> list[str]:
@@ -77,7 +87,7 @@ def test_ingest_layout_and_answers_with_sources(world):
     s, service = world["settings"], world["service"]
     kb = KnowledgeBase.open("cmrc", s)
     assert list_knowledge_bases(s) == ["cmrc"]
-    assert type(kb).__name__ == ("MilvusKnowledgeBase" if world["backend"] == "milvus" else "KnowledgeBase")
+    assert type(kb).__name__ == ("KnowledgeBase" if world["backend"] == "faiss" else "MilvusKnowledgeBase")
     entries = kb.manifest.files
     assert sorted(entries) == [f"docs/cmrc_{i:02d}.txt" for i in range(5)]
     assert all(e.status == "ok" and e.chunk_ids for e in entries.values())
@@ -220,3 +230,86 @@ def test_milvus_lite_file_held_by_another_process_is_a_clear_lock_error(tmp_path
         holder.kill()
         holder.wait()
         milvus_store.close_clients()
+
+
+# ------------------------------------------------------------------------------------- a Milvus server only ------
+@pytest.mark.parametrize("world", ["milvus-server"], indirect=True)
+def test_the_app_and_ingest_py_share_one_milvus_server(world, tmp_path, cmrc_trial):
+    """`store.uri: http://…`: while `ingest.py` (another process) adds a file through the same server, the running
+    service keeps answering from the live generation, and the new file answers at the next question after the commit.
+    (A Milvus Lite *file* refuses the second process: test_milvus_lite_file_held_by_another_process_...)"""
+    from retrieval import milvus_store
+
+    s, service, server = world["settings"], world["service"], world["server"]
+    assert not milvus_store.is_lite(s) and milvus_store.engine_is_lite(s), "a server URI, recognised as Lite's server"
+    new = cmrc_paragraphs(cmrc_trial, 7)[-1]
+    more = write_docs(tmp_path / "more", [new], prefix="new")
+    old = world["paragraphs"][1]
+    env = {**os.environ, "ZHIWEN_PROFILE": "test", "ZHIWEN_STORE__BACKEND": "milvus", "ZHIWEN_STORE__URI": server.uri,
+           "ZHIWEN_PATHS__KB_ROOT": str(s.kb_root), "ZHIWEN_PATHS__MODELS_DIR": str(s.paths.models_dir),
+           "ZHIWEN_INGEST__WORKERS": "1"}
+    proc = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "ingest.py"), str(more), "--kb", "cmrc", "--quiet"],
+                            cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    answered_meanwhile = 0
+    try:
+        while proc.poll() is None:
+            stream = service.answer(old["question"], "cmrc", params=AnswerParams(threshold=-1.0))
+            "".join(stream)
+            assert _sources(stream)[0] == "docs/cmrc_01.txt", "reads go on from the live generation"
+            answered_meanwhile += 1
+        out = proc.stdout.read()
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0, out
+    assert answered_meanwhile >= 1, "the service answered while ingest.py wrote"
+    kb = KnowledgeBase.open("cmrc", s)
+    added = [p for p in kb.manifest.files if p.startswith("more/")]
+    assert added == ["more/new_00.txt"] and kb.manifest.files[added[0]].status == "ok", list(kb.manifest.files)
+    after = service.answer(new["question"], "cmrc", params=AnswerParams(threshold=-1.0))
+    "".join(after)
+    assert _sources(after)[0] == "more/new_00.txt", "the running service sees the other process's commit"
+    assert any(a in after.sources[0].text for a in new["answers"])
+
+
+@milvus_only
+def test_a_milvus_server_that_is_down_is_one_sentence_naming_store_uri(tmp_path):
+    """The server stops: opening, listing and writing each raise MilvusStoreError naming store.uri within
+    store.timeout_s, never a raw gRPC traceback; started again, the knowledge base is all there."""
+    from retrieval import milvus_store
+
+    data = tmp_path / "milvus-data"
+    server = MilvusLiteServer(data)
+    s = load_settings(paths={"kb_root": str(tmp_path / "kb")},
+                      store={"backend": "milvus", "uri": server.uri, "timeout_s": 5})
+    try:
+        _one_file_kb(s)
+        milvus_store.close_clients()
+        server.stop()
+        for call in (lambda: KnowledgeBase.open("k", s), lambda: list_knowledge_bases(s),
+                     lambda: KnowledgeBase.open_writer("k", s).__enter__()):
+            t = time.monotonic()
+            with pytest.raises(milvus_store.MilvusStoreError, match="store.uri") as err:
+                call()
+            assert server.uri in str(err.value) and "Traceback" not in str(err.value)
+            assert time.monotonic() - t < 60
+            milvus_store.close_clients()
+        server = MilvusLiteServer(data)  # same data folder, new port
+        s2 = load_settings(paths={"kb_root": str(tmp_path / "kb")}, store={"backend": "milvus", "uri": server.uri})
+        kb = KnowledgeBase.open("k", s2)
+        assert list(kb.manifest.files) == ["d/a.txt"] and len(kb) == 1
+    finally:
+        milvus_store.close_clients()
+        server.stop()
+
+
+def _one_file_kb(s) -> None:
+    import numpy as np
+
+    from retrieval.store import FileEntry, IndexSpec
+    from retrieval.types import Chunk
+
+    with KnowledgeBase.open_writer("k", s) as w:
+        w.set_spec(IndexSpec("m", 4, "passage: ", 512, 250, 50))
+        w.add_content("a" * 64, [Chunk("年假有五天。", "d/a.txt", "a" * 64, 0)], np.eye(4, dtype=np.float32)[:1])
+        w.put(FileEntry("d/a.txt", "a" * 64, 1, 0.0, "ok"))
+        w.commit()
