@@ -29,8 +29,9 @@ from bench.retrieval_noise import _near_misses
 from configs import load_settings
 from grounding.check import check_answer
 from grounding.claims import extract_claims, normalize
-from grounding.evidence import key_term_coverage
+from grounding.evidence import key_term_coverage, key_terms, term_in
 from retrieval.retriever import HybridSearcher
+from retrieval.sentences import split_sentences
 
 
 def _noise_answer(reference: str, passage: str) -> str | None:
@@ -44,12 +45,31 @@ def _noise_answer(reference: str, passage: str) -> str | None:
     return None
 
 
-def _signals(question: str, hits: Sequence) -> tuple[float, float, bool, float]:
-    """(best dense, key-term coverage of the best passage, dense/BM25 agree on it, best coverage of any passage)."""
+def window_key_term_coverage(question: str, passage: str, *, width: int = 3, title: bool = True) -> float:
+    """The best share of the question's key terms written within `width` consecutive sentences of `passage` (plus its
+    first line when `title`: the subject a passage is about is often named only there); 1.0 when the question has
+    fewer than two key terms. A passage that mentions the asked things far apart, e.g. a near-miss copy with the
+    answer sentence gone, scores lower here than in key_term_coverage."""
+    terms = key_terms(question)
+    if len(terms) < 2:
+        return 1.0
+    sents = split_sentences(passage) or [passage]
+    head = normalize(passage.split("\n", 1)[0]) if title and "\n" in passage else ""
+    best = 0
+    for i in range(max(1, len(sents) - width + 1)):
+        text = head + normalize("".join(sents[i:i + width]))
+        best = max(best, sum(term_in(t, text) for t in terms))
+    return best / len(terms)
+
+
+def _signals(question: str, hits: Sequence) -> tuple:
+    """(best dense, key-term coverage of the best passage, dense/BM25 agree on it, best coverage of any passage,
+    best coverage within 3 sentences (+ the first line) of any passage, the same within 1 and 2 sentences)."""
     covs = [key_term_coverage(question, h.text) for h in hits]
     bm = [h.bm25_score or 0.0 for h in hits]
     de = [h.dense_score or 0.0 for h in hits]
-    return (de[0], covs[0], bm[0] == max(bm) and de[0] == max(de) and bm[0] > 0, max(covs))
+    win = [max(window_key_term_coverage(question, h.text, width=w) for h in hits) for w in (3, 1, 2)]
+    return (de[0], covs[0], bm[0] == max(bm) and de[0] == max(de) and bm[0] > 0, max(covs), *win)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,6 +141,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| key-term coverage, best of the {args.k} passages | {t} | "
               f"{sum(s[3] < t for s in sig_a) / len(sig_a):.3f} | "
               f"{sum(s[3] < t for s in sig_u) / len(sig_u):.3f} |")
+    for col, width in ((4, 3), (6, 2), (5, 1)):
+        for t in (0.34, 0.5, 0.67, 0.75, 1.0):
+            print(f"| key-term coverage within {width} sentence(s) (+ first line), best of the {args.k} | {t} | "
+                  f"{sum(s[col] < t for s in sig_a) / len(sig_a):.3f} | "
+                  f"{sum(s[col] < t for s in sig_u) / len(sig_u):.3f} |")
+        for t in (0.5, 0.67):
+            both_a = sum(s[3] < 0.5 or s[col] < t for s in sig_a) / len(sig_a)
+            both_u = sum(s[3] < 0.5 or s[col] < t for s in sig_u) / len(sig_u)
+            print(f"| coverage (best of {args.k}) < 0.5 or within {width} < {t} | – | {both_a:.3f} | {both_u:.3f} |")
     for t in (0.5,):
         both_a = sum(s[3] < t or s[0] < 0.86 for s in sig_a) / len(sig_a)
         both_u = sum(s[3] < t or s[0] < 0.86 for s in sig_u) / len(sig_u)
