@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 from bench.corpus import CMRC_TRIAL
-from bench.gguf_formats import FORMATS, requantize_in_child
 from configs import PROJECT_ROOT
+from modelpack.requantize import FORMATS, requantize_in_child
 
 
 def cmrc_items(path: Path, n: int) -> list[dict]:

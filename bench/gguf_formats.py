@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.gguf_formats                                   # the 0.5B demo GGUF, Q4_K_M / Q8_0 / Q4_0
     .venv/bin/python -m bench.gguf_formats --model qwen2.5-coder-1.5b-instruct --prompt-tokens 1000
 
-The demo GGUF (Q4_K_M) is re-quantised with llama.cpp's own quantiser (`llama_model_quantize`, allow_requantize)
-into the other formats in a temporary folder. Q8_0 made from Q4_K_M holds the same values to within Q8_0's
+The demo GGUF (Q4_K_M) is re-quantised with llama.cpp's own quantiser (`llama_model_quantize`, allow_requantize;
+modelpack.requantize, what `python -m modelpack requantize` runs) into the other formats in a temporary folder.
+Q8_0 made from Q4_K_M holds the same values to within Q8_0's
 rounding, so its answers are those of the original; Q4_0 made from Q4_K_M loses precision (a real Q4_0 file is
 quantised from f16 instead). Each file is then loaded the way the product loads it (llm.llamacpp_backend.open_llama
 with the product's extra weight buffers, OpenMP waits, threads = physical cores) in its own child process, and runs:
@@ -27,37 +28,12 @@ from pathlib import Path
 
 from bench.corpus import CMRC_TRIAL
 from configs import PROJECT_ROOT
-
-FORMATS = {"Q8_0": 7, "Q4_0": 2, "BF16": 32, "F16": 1}   # llama.h's LLAMA_FTYPE_MOSTLY_* values
+from modelpack.requantize import RequantizeError, requantize_in_child
 
 
 def _prompt_text() -> str:
     data = json.loads(Path(CMRC_TRIAL).read_text(encoding="utf-8"))["data"]
     return "\n".join(p["context"] for a in data for p in a["paragraphs"])
-
-
-def requantize(src: Path, dst: Path, ftype: int) -> float:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.allow_requantize = True
-    params.nthread = 2
-    t = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0:
-        raise SystemExit(f"llama_model_quantize failed for {dst.name} (rc {rc})")
-    return time.perf_counter() - t
-
-
-def requantize_in_child(src: Path, dst: Path, name: str) -> float:
-    """requantize(src, dst, FORMATS[name]) in a child process (llama.cpp logs every tensor; the report stays clean):
-    the seconds it took. A failure stops the benchmark with the quantiser's last words."""
-    proc = subprocess.run([sys.executable, "-m", "bench.gguf_formats", "--requantize", str(src), str(dst),
-                           str(FORMATS[name])], cwd=PROJECT_ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"re-quantising {src.name} to {name} failed: {proc.stderr.strip()[-500:]}")
-    return float(proc.stdout.strip().splitlines()[-1])
 
 
 def measure(path: Path, prompt_tokens: int, repeats: int) -> dict:
@@ -101,12 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--formats", default="Q8_0,Q4_0")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--requantize", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.requantize:
-        src, dst, ftype = args.requantize
-        print(requantize(Path(src), Path(dst), int(ftype)), flush=True)
-        return 0
     if args.child:
         print(json.dumps(measure(Path(args.child), args.prompt_tokens, args.repeats)), flush=True)
         return 0
@@ -123,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         files = [(src.name.rsplit("-", 1)[-1].removesuffix(".gguf").upper(), src)]
         for name in [f for f in args.formats.split(",") if f]:
             dst = Path(tmp) / f"{args.model}-{name.lower()}.gguf"
-            secs = requantize_in_child(src, dst, name)
+            try:
+                secs = requantize_in_child(src, dst, name)
+            except RequantizeError as e:
+                raise SystemExit(str(e)) from None
             print(f"requantised {src.name} -> {name} in {secs:.1f} s", flush=True)
             files.append((name, dst))
         rows = []

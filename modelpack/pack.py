@@ -579,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_convert"]:
         return _convert_child(argv[1:])
+    if argv[:1] == ["_requantize"]:
+        from modelpack.requantize import requantize_child
+        return requantize_child(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m modelpack", description="Assemble and check the model pack.")
     parser.add_argument("--models-dir", type=Path, help="default: settings paths.models_dir "
                                                          "(env ZHIWEN_PATHS__MODELS_DIR)")
@@ -592,6 +595,13 @@ def main(argv: list[str] | None = None) -> int:
     p_verify.add_argument("--deep", action="store_true",
                           help="also run the models: e5 similarities, 0.5B against transformers' own GGUF loading, "
                                "1.5B answers 中国的首都是哪里 (minutes)")
+    p_req = sub.add_parser("requantize", help="re-quantise a GGUF for this CPU with llama.cpp (e.g. Q8_0 on AMX "
+                                              "Xeons: docs/benchmarks.md §8d)")
+    p_req.add_argument("model", help="qwen-0.5b / qwen-1.5b (the demo GGUFs), a folder holding one .gguf, or a file")
+    p_req.add_argument("--format", default="Q8_0", help="Q8_0 (default), BF16, F16, Q4_0 (lossy: --allow-lossy)")
+    p_req.add_argument("--out", type=Path, help="default: <models_dir>/<name>-<format>/<name>-<format>.gguf")
+    p_req.add_argument("--force", action="store_true", help="replace an existing output file")
+    p_req.add_argument("--allow-lossy", action="store_true", help="allow Q4_0 from an already quantised file")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")     # nothing here may reach a model hub
     if args.models_dir is not None:
@@ -606,6 +616,10 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             pull(args.names, models_dir, force=args.force)
             print(f"done in {time.monotonic() - t0:.1f} s: {models_dir}")
+            return 0
+        if args.command == "requantize":
+            from modelpack.requantize import run
+            run(args.model, args.format, args.out, models_dir, force=args.force, allow_lossy=args.allow_lossy)
             return 0
         return _cmd_verify(args.names, models_dir, args.deep)
     except ModelPackError as e:

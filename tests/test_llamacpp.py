@@ -7,12 +7,14 @@ QAService. Skipped only where llama-cpp-python is not installed (scripts/setup.s
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from configs import load_settings
+from configs import PROJECT_ROOT, load_settings
 from llm import GenerationParams, LLMError, ModelNotFoundError, load_llm
 from llm.loader import choose_backend
 from llm.planner import GiB, plan_gguf_memory
@@ -326,12 +328,53 @@ def test_gguf_formats_bench_requantizes_and_measures(glm_files, tmp_path, cmrc_t
     writes a Q8_0 file that loads the way the product loads GGUFs, and the prefill/decode numbers come back."""
     import gguf
 
-    from bench.gguf_formats import FORMATS, measure, requantize
+    from bench.gguf_formats import measure
+    from modelpack.requantize import requantize
 
     dst = tmp_path / "tiny-glm4-q8_0.gguf"
-    requantize(glm_files["glm4"], dst, FORMATS["Q8_0"])
+    requantize(glm_files["glm4"], dst, "Q8_0")
     types = {t.tensor_type.name for t in gguf.GGUFReader(str(dst)).tensors if len(t.shape) == 2}
     assert types == {"Q8_0"}, types
     row = measure(dst, prompt_tokens=100, repeats=1)
     assert row["prompt_tokens"] == 100 and row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
     assert len(row["tokens"]) == 64 and all(0 <= t < 400 for t in row["tokens"])
+
+
+def test_modelpack_requantize_makes_a_q8_0_folder_the_product_loads(glm_files, tmp_path):
+    """`python -m modelpack requantize FILE` (a real subprocess, llama.cpp's quantiser in a child of it): a Q8_0
+    copy in its own folder under models_dir, which llm.model can name and auto sends to llama.cpp, streaming; a
+    second run refuses to overwrite, Q4_0 from a quantised file needs --allow-lossy, and a file that is not a GGUF
+    is one sentence with exit 1 — never a traceback."""
+    import gguf
+
+    models = tmp_path / "models"
+    src = tmp_path / "tiny-glm4-Q4_K_M.gguf"
+    src.write_bytes(glm_files["glm4"].read_bytes())
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "modelpack", "--models-dir", str(models), "requantize", *args],
+                              cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+
+    done = cli(str(src))
+    assert done.returncode == 0, done.stderr
+    out = models / "tiny-glm4-q8_0" / "tiny-glm4-q8_0.gguf"
+    assert out.is_file() and not list(out.parent.glob("*.part"))
+    assert "llm.model: tiny-glm4-q8_0" in done.stdout
+    assert {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors if len(t.shape) == 2} == {"Q8_0"}
+
+    settings = load_settings(paths={"models_dir": str(models)}, llm={"model": "tiny-glm4-q8_0", "backend": "auto",
+                                                                     "max_context_tokens": 256})
+    model = load_llm(settings)
+    assert (model.info.backend, model.info.quantization, model.info.weights_path) == ("llamacpp", "Q8_0", str(out))
+    pieces = list(model.stream(CHAT, GREEDY))
+    assert pieces and all(isinstance(p, str) and p for p in pieces)
+    model.close()
+
+    again = cli(str(src))
+    assert again.returncode == 1 and "exists already" in again.stderr and "Traceback" not in again.stderr
+    lossy = cli(str(src), "--format", "Q4_0")
+    assert lossy.returncode == 1 and "--allow-lossy" in lossy.stderr and "Traceback" not in lossy.stderr
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model at all")
+    wrong = cli(str(bad))
+    assert wrong.returncode == 1 and "not a GGUF file" in wrong.stderr and "Traceback" not in wrong.stderr
