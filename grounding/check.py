@@ -48,6 +48,10 @@ UNGROUNDED = "资料中没有找到可靠依据"
 # right answers and most near-miss answers; 0.34 fails three times as many right answers.
 MIN_RELEVANCE = 0.25
 _MARKER = re.compile(r"\[(\d{1,2})\]|【(\d{1,2})】")
+# A short sentence that only says where the previous one came from: 「根据已知信息编号 [1]。」, 「（来源：[2]）」,
+# 「参见[1]和[3]。」 (the demo model writes its citations so: measured in docs/benchmarks.md §10.5).
+_CITATION_CUE = re.compile(r"根据|依据|来源|出处|参见|参考|见|引自|引用|资料|已知信息|编号|段落|source", re.IGNORECASE)
+CITATION_SENTENCE_CHARS = 24
 # The templates' two refusal sentences (「根据已知信息无法回答该问题」「没有提供足够的相关信息」) and close
 # variants: the one list that the grounding check, the refusal gate (grounding.retry) and bench.eval all use.
 REFUSAL_MARKERS: tuple[str, ...] = ("无法回答", "不能回答", "无法根据已知信息", "没有提供足够的相关信息",
@@ -126,16 +130,19 @@ def looks_like_refusal(answer: str) -> bool:
 
 def citations(answer: str) -> list[Citation]:
     """Markers [n] / 【n】 in the answer with the sentence each belongs to (a marker right after a sentence's
-    full stop belongs to that sentence).
+    full stop belongs to that sentence, and so do the markers of a short source sentence after it: 「…。根据已知信息
+    编号 [1]。」).
 
     >>> [(c.passage, c.sentence_start, c.sentence_end) for c in citations("甲是3个。[1]乙是4个[2]。")]
-    [(1, 0, 8), (2, 8, 15)]
+    [(1, 0, 8), (2, 8, 16)]
     """
     ends = sentence_ends(answer)
     bounds, start = [], 0
     for end in ends:
         piece = answer[start:end]
         if bounds and not strip_markers(piece).strip():      # only markers (and spaces): the previous sentence's
+            bounds[-1] = (bounds[-1][0], end)
+        elif bounds and _citation_sentence(piece):            # 「…。根据已知信息编号 [1]。」: cites the one before
             bounds[-1] = (bounds[-1][0], end)
         elif bounds and _MARKER.match(piece.lstrip()):        # 「。[1]乙…」: the leading markers end the last sentence
             lead = len(piece) - len(piece.lstrip())
@@ -152,6 +159,14 @@ def citations(answer: str) -> list[Citation]:
         s, e = next(((s, e) for s, e in bounds if s <= m.start() < e), (0, len(answer)))
         out.append(Citation(m.start(), m.end(), n, s, e))
     return out
+
+
+def _citation_sentence(piece: str) -> bool:
+    """A sentence that carries markers and, without them, is a short source statement with no claim of its own."""
+    if not _MARKER.search(piece):
+        return False
+    text = strip_markers(piece).strip()
+    return len(text) <= CITATION_SENTENCE_CHARS and bool(_CITATION_CUE.search(text)) and not extract_claims(text)
 
 
 def _sentences_with_markers(answer: str) -> list[tuple[str, list[int]]]:

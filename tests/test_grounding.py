@@ -90,6 +90,25 @@ def test_uncited_sentence_counts_only_when_citations_are_required_and_used():
     assert check_answer("上限是 2000 个文件。", q, GUIDE, require_citations=True).ok
 
 
+def test_a_source_sentence_after_a_sentence_cites_it():
+    """The demo model cites as 「…。根据已知信息编号 [2]。」 (docs/benchmarks.md §10.5: 7 of its first 20 answers under
+    the citing template were failed as uncited): such a short, claimless source sentence cites the sentence before
+    it, for the check and for the compliance report; a sentence with a claim of its own is not one."""
+    from grounding.compliance import citation_report
+
+    q = "zip 压缩包里最多能放多少个文件？"
+    text = "上限是 2000 个文件。根据已知信息编号 [2]。"
+    (c,) = citations(text)
+    assert (c.passage, text[c.sentence_start:c.sentence_end]) == (2, text)
+    assert check_answer(text, q, GUIDE, require_citations=True).ok
+    assert citation_report(text, 2).ok and citation_report(text, 2).sentences == 1
+    wrong = check_answer("上限是 2000 个文件。（来源：[1]）", q, GUIDE, require_citations=True)
+    assert [f.kind for f in wrong.failures] == ["citation"], "the attached marker is checked like any other"
+    own = "上限是 2000 个文件。解压后不超过 500 MB[2]。"
+    assert [f.kind for f in check_answer(own, q, GUIDE, require_citations=True).failures] == ["uncited"]
+    assert len(citation_report(own, 2).uncited) == 1
+
+
 def test_refusal_is_not_checked():
     assert check_answer("根据已知信息无法回答该问题。", "zip 上限？", GUIDE).status == "refusal"
 
