@@ -91,9 +91,10 @@ def test_uncited_sentence_counts_only_when_citations_are_required_and_used():
 
 
 def test_a_source_sentence_after_a_sentence_cites_it():
-    """The demo model cites as 「…。根据已知信息编号 [2]。」 (docs/benchmarks.md §10.5: 16 of its 37 answers to answerable
-    questions under the citing template were failed as uncited): such a short, claimless source sentence cites the sentence before
-    it, for the check and for the compliance report; a sentence with a claim of its own is not one."""
+    """The demo model cites as 「…。根据已知信息编号 [2]。」 (docs/benchmarks.md §10.5: 16 of its 37 answers to
+    answerable questions under the citing template were failed as uncited): such a short, claimless source sentence
+    cites the sentence before it, for the check and for the compliance report; a sentence with a claim of its own is
+    not one."""
     from grounding.compliance import citation_report
 
     q = "zip 压缩包里最多能放多少个文件？"
