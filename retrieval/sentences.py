@@ -15,7 +15,8 @@ CLOSERS = "”’」』）)】》〉\"'"
 SENTENCE_END = re.compile(
     rf"""
       (?:[。！？!?；;]+|…+|\.{{3,}}) [{CLOSERS}]*     # Chinese / ASCII terminators, repeated (?!, ……), plus closers
-    | (?<!\d)\.[{CLOSERS}]*(?=\s|$)                  # an English full stop before whitespace (not "3.14", "1. ")
+    | (?<!\d)(?<!\b[A-Z])\.[{CLOSERS}]*(?=\s|$)      # an English full stop before whitespace (not "3.14", "1. ",
+                                                     # nor an initial: "Thomas R. Holtz", "J. Frank")
     | \n                                             # a line break always ends a sentence
     """,
     re.X,
@@ -43,6 +44,8 @@ def split_sentences(text: str) -> list[str]:
     ['你好。', '再见！']
     >>> split_sentences("他说：“好的。”然后走了。Fine. Thanks!")
     ['他说：“好的。”', '然后走了。', 'Fine.', 'Thanks!']
+    >>> split_sentences("汤玛斯·霍尔兹（Thomas R. Holtz）建立了它。J. Frank Scrase 来自维多利亚。")
+    ['汤玛斯·霍尔兹（Thomas R. Holtz）建立了它。', 'J. Frank Scrase 来自维多利亚。']
     """
     out, start = [], 0
     for end in sentence_ends(text):
