@@ -365,7 +365,8 @@ class QAService:
         """The stricter extraction after a model refusal (prompt.second_pass): when the first passage holds a sentence
         that scores as an answer (grounding.retry.second_pass_context), ask again greedily with only that sentence and
         its neighbours as the 「已知信息」 (template extract_answer). Returns (pieces, info) or None."""
-        found = second_pass_context(question.strip(), [h.text for h in hits])
+        found = second_pass_context(question.strip(), [h.text for h in hits],
+                                    top=self.settings.prompt.second_pass_passages)
         if found is None:
             return None
         n, context = found

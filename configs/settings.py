@@ -151,6 +151,8 @@ class PromptSettings(_Section):
     grounding_check: bool = Field(description="Check each finished answer against its passages (grounding/).")
     second_pass: bool = Field(description="After a model refusal while the top passage seems to hold the answer, "
                               "ask again with only that sentence (grounding/retry.py).")
+    second_pass_passages: int = Field(ge=1, le=20, description="How many of the top passages the second pass looks in "
+                                      "for a sentence that scores as the answer.")
 
 
 class LLMSettings(_Section):

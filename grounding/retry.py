@@ -71,11 +71,12 @@ def candidate_window(passage: str, sentence: str) -> str:
     return "".join(sents[max(0, i - 1): i + 2])
 
 
-def second_pass_context(question: str, passages: Sequence[str]) -> tuple[int, str] | None:
-    """(1-based passage, context for the second pass) when the top passage scores as holding the answer, else None."""
+def second_pass_context(question: str, passages: Sequence[str], *, top: int = 1) -> tuple[int, str] | None:
+    """(1-based passage, context for the second pass) when one of the `top` passages scores as holding the answer
+    (prompt.second_pass_passages), else None."""
     from grounding.evidence import answer_candidate
 
-    found = answer_candidate(question, passages)
+    found = answer_candidate(question, passages, top=top)
     if found is None:
         return None
     n, sentence = found
