@@ -50,7 +50,8 @@ MIN_RELEVANCE = 0.25
 _MARKER = re.compile(r"\[(\d{1,2})\]|【(\d{1,2})】")
 # A short sentence that only says where the previous one came from: 「根据已知信息编号 [1]。」, 「（来源：[2]）」,
 # 「参见[1]和[3]。」 (the demo model writes its citations so: measured in docs/benchmarks.md §10.5).
-_CITATION_CUE = re.compile(r"根据|依据|来源|出处|参见|参考|见|引自|引用|资料|已知信息|编号|段落|source", re.IGNORECASE)
+_CITATION_CUE = re.compile(r"^[\s（(【\[]*(?:根据|依据|来源|出处|参见|参考|见|引自|资料来源|以上|source)",
+                           re.IGNORECASE)
 CITATION_SENTENCE_CHARS = 24
 # The templates' two refusal sentences (「根据已知信息无法回答该问题」「没有提供足够的相关信息」) and close
 # variants: the one list that the grounding check, the refusal gate (grounding.retry) and bench.eval all use.
@@ -162,7 +163,8 @@ def citations(answer: str) -> list[Citation]:
 
 
 def _citation_sentence(piece: str) -> bool:
-    """A sentence that carries markers and, without them, is a short source statement with no claim of its own."""
+    """A sentence that carries markers and, without them, is a short source statement with no claim of its own,
+    starting with a source word (根据, 来源, 参见, 见 …): 「根据已知信息编号 [1]。」 but not 「加班另算[2]。」."""
     if not _MARKER.search(piece):
         return False
     text = strip_markers(piece).strip()

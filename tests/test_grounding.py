@@ -108,6 +108,8 @@ def test_a_source_sentence_after_a_sentence_cites_it():
     own = "上限是 2000 个文件。解压后不超过 500 MB[2]。"
     assert [f.kind for f in check_answer(own, q, GUIDE, require_citations=True).failures] == ["uncited"]
     assert len(citation_report(own, 2).uncited) == 1
+    content = "上限是 2000 个文件。这里引用了第二段[2]。"     # no source word at its start: a sentence of its own
+    assert len(citation_report(content, 2).uncited) == 1
 
 
 def test_refusal_is_not_checked():

@@ -245,7 +245,7 @@ def test_refusal_notes_say_which_rule_and_mark_the_closest_sentence():
 def test_citation_compliance_is_marked_subtly():
     from grounding.compliance import citation_report
 
-    text = "年假十五天[1]。申请要提前三天。见第[7]段。"
+    text = "年假十五天[1]。申请要提前三天。加班另算[7]。"
     report = citation_report(text, passages=2)
     out = render.answer_markdown(text, citations=report)
     assert '<span class="zw-uncited" title="这句话没有标注出处">申请要提前三天。</span>' in out
