@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from bench.corpus import CMRC_TRIAL
+from common.cpu import cpu_flags
 from configs import PROJECT_ROOT
 from modelpack.requantize import FORMATS, requantize_in_child
 
@@ -167,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     from configs import load_settings
 
     models_dir = str(load_settings().models_dir)
-    cpu_flags = Path("/proc/cpuinfo").read_text(errors="replace")
-    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags]
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
     print(describe_machine() + "; flags: " + ", ".join(flags), flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="zhiwen-speed-") as tmp:

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from common.cpu import cpu_flags
 from llm.locate import resolve_model_path
 from llm.openmp import configure_openmp_waits
 from llm.planner import MemoryPlan, plan_gguf_memory
@@ -176,10 +177,7 @@ def physical_cores() -> int:
 
 
 def cpu_has_amx() -> bool:
-    try:
-        return "amx_tile" in Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
+    return "amx_tile" in cpu_flags()
 
 
 def amx_kernels_safe(llama_cpp: Any) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from common.cpu import has_native_bf16
 from llm.adapters import apply_adapter, check_combination, describe, prepare_base_config, read_adapter
 from llm.locate import resolve_model_path
 from llm.planner import MemoryPlan, plan_memory
@@ -108,16 +109,9 @@ def pick_dtype(requested: str, device: str, quantization: str = "none") -> torch
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # bf16 only where the CPU computes it natively. Measured on a 2-core AVX2 machine with qwen2.5-1.5b: a 256-token
     # prefill took 21.6 CPU-s in fp32 and 85.1 in bf16 (emulated), and RAG prompts are long; fp32 costs 2x RAM.
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16 if has_native_bf16() else torch.float32
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16 on x86 (Linux /proc/cpuinfo flags); False when unknown."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:

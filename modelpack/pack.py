@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.cpu import cpu_flags
 from common.files import sha256_file
 from configs import PROJECT_ROOT
 
@@ -575,13 +576,6 @@ def _cmd_verify(names: list[str], models_dir: Path, deep: bool) -> int:
     return 1 if bad else 0
 
 
-def _cpu_has_amx_int8() -> bool:
-    try:
-        return "amx_int8" in Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_convert"]:
@@ -624,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
             pulled = pull(args.names, models_dir, force=args.force)
             print(f"done in {time.monotonic() - t0:.1f} s: {models_dir}")
             ggufs = [m.key for m in resolve_names(args.names) if m.converter == "gguf"]
-            if ggufs and _cpu_has_amx_int8() and pulled:
+            if ggufs and "amx_int8" in cpu_flags() and pulled:
                 print(f"this CPU has AMX: llama.cpp reads prompts 1.3-2.4x faster from a Q8_0 copy of the demo GGUFs "
                       f"(docs/benchmarks.md §8d): python -m modelpack requantize {ggufs[-1]}")
             return 0

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from langchain_core.embeddings import Embeddings
 
+from common.cpu import has_native_bf16
 from configs.settings import EmbeddingSettings, Settings
 
 if TYPE_CHECKING:
@@ -68,17 +69,6 @@ def fingerprint(folder: Path) -> str:
         if p.suffix == ".json" and size < 256_000 and p.name != "tokenizer.json":
             h.update(p.read_bytes())
     return h.hexdigest()[:12]
-
-
-def cpu_has_bf16() -> bool:
-    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16): bf16 is then faster than fp32.
-    Elsewhere bf16 is emulated and slower, so "auto" keeps fp32 there."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return False
-    line = next((ln for ln in flags.splitlines() if ln.startswith("flags")), "")
-    return bool({"avx512_bf16", "amx_bf16"} & set(line.split()))
 
 
 class Embedder(Embeddings):
@@ -163,7 +153,7 @@ class Embedder(Embeddings):
             return want
         if self.device == "cuda":
             return "fp32"
-        return "bf16" if cpu_has_bf16() else "fp32"
+        return "bf16" if has_native_bf16() else "fp32"
 
     def _load_model(self) -> SentenceTransformer:
         self._check_folder()

@@ -82,9 +82,9 @@ def test_device_setting(tiny_folder: Path) -> None:
 
 
 def test_precision_auto_follows_the_processor_and_bf16_stays_close_to_fp32(tiny_folder: Path, tiny: Embedder) -> None:
-    from retrieval.embeddings import cpu_has_bf16
+    from common.cpu import has_native_bf16
 
-    assert make(tiny_folder, device="cpu", precision="auto").precision == ("bf16" if cpu_has_bf16() else "fp32")
+    assert make(tiny_folder, device="cpu", precision="auto").precision == ("bf16" if has_native_bf16() else "fp32")
     assert make(tiny_folder, precision="fp32").precision == "fp32"
     bf16 = make(tiny_folder, precision="bf16")
     assert bf16.precision == "bf16" and bf16.model_id == tiny.model_id  # same stored vectors: KBs stay compatible
