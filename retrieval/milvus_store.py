@@ -72,6 +72,7 @@ _BATCH = 512                  # rows per insert / ids per get
 _FIELDS = ["pk", "sha", "position", "btext", "page", "extra"]
 # Milvus's jieba analyzer in search mode (long words and their sub-words, like retrieval/bm25.py) + lower-casing.
 ANALYZER = {"tokenizer": {"type": "jieba", "mode": "search"}, "filter": ["lowercase"]}
+SERVER_SCHEMES = ("http://", "https://", "tcp://", "unix:")   # store.uri of a server; anything else is a Lite file
 _INSTALL_HINT = "pip install pymilvus milvus-lite (requirements.txt pins them)"
 
 
@@ -87,7 +88,7 @@ _clients_lock = threading.Lock()
 def resolve_uri(settings: Settings) -> str:
     """store.uri as MilvusClient wants it: a server URL as given, a Milvus Lite file as an absolute path."""
     uri = settings.store.uri.strip()
-    if uri.startswith(("http://", "https://", "tcp://", "unix:")):
+    if uri.startswith(SERVER_SCHEMES):
         return uri
     path = settings.kb_root / "milvus.db" if not uri else settings.resolve(uri)
     if path.suffix != ".db":
@@ -100,7 +101,7 @@ def resolve_uri(settings: Settings) -> str:
 
 def is_lite(settings: Settings) -> bool:
     """store.uri is a Milvus Lite file, run inside this process."""
-    return not resolve_uri(settings).startswith(("http://", "https://", "tcp://", "unix:"))
+    return not resolve_uri(settings).startswith(SERVER_SCHEMES)
 
 
 _lite_servers: dict[str, bool] = {}
@@ -137,7 +138,7 @@ def close_clients() -> None:
     stopped too (pymilvus leaves it running until the process exits), so the file is free for another process and
     nothing writes into its folder afterwards."""
     with _clients_lock:
-        lite = [key[0] for key in _clients if not key[0].startswith(("http://", "https://", "tcp://", "unix:"))]
+        lite = [key[0] for key in _clients if not key[0].startswith(SERVER_SCHEMES)]
         for c in _clients.values():
             try:
                 c.close()
@@ -167,7 +168,7 @@ def _connect(settings: Settings, uri: str) -> MilvusClient:
             kwargs[k] = getattr(s, k)
     if s.server_pem_path:
         kwargs["secure"] = True
-    lite = not uri.startswith(("http://", "https://", "tcp://", "unix:"))
+    lite = not uri.startswith(SERVER_SCHEMES)
     if lite:
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
     try:
