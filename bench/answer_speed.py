@@ -15,7 +15,7 @@ bench.eval.answer_eval.looks_like_refusal). The two engines run one after the ot
 The passages get the settings' budget — on a CPU `llm.cpu_context_tokens`, at most `prompt.context_tokens` —
 and `--context-tokens N` sets `prompt.context_tokens` for both (to compare budgets); each answer records its prompt
 tokens (the summary shows their median). `--llamacpp-format BF16` gives llama.cpp the demo GGUF re-quantised to bf16
-(bench.gguf_formats): then both engines compute with the same bf16 values.
+(modelpack.requantize): then both engines compute with the same bf16 values; `Q8_0` is the faster file on AMX CPUs.
 """
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="prompt.context_tokens for both engines (0: the setting)")
     ap.add_argument("--engines", nargs="+", default=["transformers", "llamacpp"], choices=["transformers", "llamacpp"])
     ap.add_argument("--llamacpp-format", choices=sorted(FORMATS), default=None,
-                    help="give llama.cpp the demo GGUF re-quantised to this format (bench.gguf_formats), e.g. BF16: "
+                    help="give llama.cpp the demo GGUF re-quantised to this format (modelpack.requantize), e.g. BF16: "
                          "the same bf16 values transformers computes with")
     ap.add_argument("--data", type=Path, default=CMRC_TRIAL)
     ap.add_argument("--out", type=Path, help="write the summary and every answer here (JSON)")

@@ -121,7 +121,7 @@ def run(name_or_path: str, fmt: str, out: Path | None, models_dir: Path, *, forc
         raise RequantizeError(f"{fmt} made from an already quantised file loses precision (answers change); "
                               f"use Q8_0, or add --allow-lossy to make it anyway")
     dst = (out.expanduser() if out else default_output(src, fmt, models_dir)).resolve()
-    if dst.resolve() == src.resolve():
+    if dst == src.resolve():
         raise RequantizeError("the output would overwrite the source; give another --out")
     if dst.exists() and not force:
         raise RequantizeError(f"{dst} exists already (--force replaces it)")
