@@ -22,7 +22,7 @@ from app.service import AnswerParams, QAService
 from configs import PROJECT_ROOT, load_settings
 from ingest import ingest, remove_files
 from retrieval.retriever import HybridSearcher
-from retrieval.store import KBLockedError, KnowledgeBase, list_knowledge_bases
+from retrieval.store import IndexSpec, KBLockedError, KnowledgeBase, list_knowledge_bases
 from tests.conftest import require_model
 from tests.support.app_server import stop_process
 from tests.support.milvus_server import MilvusLiteServer
@@ -163,6 +163,20 @@ def test_incremental_rename_duplicate_and_delete_gone_at_next_question(world):
 milvus_only = pytest.mark.skipif(bool(_MILVUS_MISSING), reason=f"{', '.join(_MILVUS_MISSING)} not installed")
 
 
+_SPEC = IndexSpec("m", 4, "passage: ", 512, 250, 50)   # the small KBs written by hand below
+
+
+def _add_file(w, sha: str, path: str, text: str, row: int) -> None:
+    """One file of one chunk, its vector the `row`-th unit vector of dimension 4 (_SPEC's)."""
+    import numpy as np
+
+    from retrieval.store import FileEntry
+    from retrieval.types import Chunk
+
+    w.add_content(sha, [Chunk(text, path, sha, 0)], np.eye(4, dtype=np.float32)[row:row + 1])
+    w.put(FileEntry(path, sha, 1, 0.0, "ok"))
+
+
 @milvus_only
 def test_milvus_commit_killed_half_way_leaves_the_previous_generation(tmp_path, monkeypatch):
     """A commit that dies after writing its rows but before switching the head: readers keep the old generation and
@@ -170,28 +184,20 @@ def test_milvus_commit_killed_half_way_leaves_the_previous_generation(tmp_path, 
     import numpy as np
 
     from retrieval import milvus_store
-    from retrieval.store import FileEntry, IndexSpec
-    from retrieval.types import Chunk
 
     s = load_settings(paths={"kb_root": str(tmp_path / "kb")}, store={"backend": "milvus"})
-    spec = IndexSpec("m", 4, "passage: ", 512, 250, 50)
     vec = np.eye(4, dtype=np.float32)
-
-    def add(w, sha: str, path: str, text: str, row: int) -> None:
-        w.add_content(sha, [Chunk(text, path, sha, 0)], vec[row:row + 1])
-        w.put(FileEntry(path, sha, 1, 0.0, "ok"))
-
     coll = milvus_store.collection_name("k")
     logged = lambda: [p.name for p in (s.kb_root / "milvus.db" / "collections" / coll / "wal").iterdir()]  # noqa: E731
     try:
         with KnowledgeBase.open_writer("k", s) as w:
-            w.set_spec(spec)
-            add(w, "a" * 64, "d/a.txt", "年假有五天。", 0)
+            w.set_spec(_SPEC)
+            _add_file(w, "a" * 64, "d/a.txt", "年假有五天。", 0)
             assert w.commit() == "gen-1"
         assert logged() == [], "a commit flushes Lite's log into indexed segments (else every search rescans it)"
         monkeypatch.setattr(milvus_store, "_write_manifest", lambda *a: (_ for _ in ()).throw(OSError("killed")))
         with pytest.raises(OSError, match="killed"), KnowledgeBase.open_writer("k", s) as w:
-            add(w, "b" * 64, "d/b.txt", "报销要在十五天内提交。", 1)
+            _add_file(w, "b" * 64, "d/b.txt", "报销要在十五天内提交。", 1)
             w.commit()
         monkeypatch.undo()
         assert logged(), "the dead writer's rows are only in Lite's log"
@@ -303,13 +309,7 @@ def test_a_milvus_server_that_is_down_is_one_sentence_naming_store_uri(tmp_path)
 
 
 def _one_file_kb(s) -> None:
-    import numpy as np
-
-    from retrieval.store import FileEntry, IndexSpec
-    from retrieval.types import Chunk
-
     with KnowledgeBase.open_writer("k", s) as w:
-        w.set_spec(IndexSpec("m", 4, "passage: ", 512, 250, 50))
-        w.add_content("a" * 64, [Chunk("年假有五天。", "d/a.txt", "a" * 64, 0)], np.eye(4, dtype=np.float32)[:1])
-        w.put(FileEntry("d/a.txt", "a" * 64, 1, 0.0, "ok"))
+        w.set_spec(_SPEC)
+        _add_file(w, "a" * 64, "d/a.txt", "年假有五天。", 0)
         w.commit()
