@@ -262,7 +262,8 @@ def test_memory_planner_refuses_a_window_that_does_not_fit():
 
 # --- the real demo GGUF through the whole QA service ---------------------------------------------------------------
 def test_real_demo_gguf_answers_through_the_qa_service(tmp_path, cmrc_trial, models_dir):
-    """Qwen2.5-Coder-0.5B Q4_K_M (the demo pack's GGUF, as it is) + real e5, 3 CMRC passages, through QAService."""
+    """Qwen2.5-Coder-0.5B Q4_K_M (the demo pack's GGUF, as it is; on a CPU with AMX int8 its Q8_0 copy, which
+    pull makes there) + real e5, 3 CMRC passages, through QAService."""
     from app.service import QAService
     from ingest import ingest
     from tests.test_service import cmrc_paragraphs, write_docs
@@ -282,7 +283,16 @@ def test_real_demo_gguf_answers_through_the_qa_service(tmp_path, cmrc_trial, mod
     stream = service.answer(para["question"], "ll", [])
     answer = "".join(stream)
     info = service.info
-    assert (info.backend, info.quantization, info.name) == ("llamacpp", "Q4_K_M", "qwen2.5-coder-0.5b-instruct")
+    import llama_cpp
+
+    from common.cpu import cpu_flags
+    from llm.llamacpp_backend import amx_kernels_safe, find_gguf
+    from modelpack.requantize import amx_copy_for
+    copy = amx_copy_for(find_gguf(folder), models_dir)[0]
+    if copy is not None and "amx_int8" in cpu_flags() and amx_kernels_safe(llama_cpp):
+        assert (info.backend, info.quantization, info.name) == ("llamacpp", "Q8_0", copy.stem)
+    else:
+        assert (info.backend, info.quantization, info.name) == ("llamacpp", "Q4_K_M", "qwen2.5-coder-0.5b-instruct")
     assert stream.error == "" and not stream.refused and answer.strip()
     assert stream.sources[0].source.endswith("cmrc_00.txt")
     # a second question: the e5 query embedding (torch; oneDNN's AMX kernels on an AMX CPU with bf16) runs on the
@@ -295,9 +305,7 @@ def test_real_demo_gguf_answers_through_the_qa_service(tmp_path, cmrc_trial, mod
     assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")
     # the weights sit in llama.cpp's fast layouts wherever that cannot crash: AMX tiles on an AMX CPU (with a build
     # that has scripts/llama_cpp_amx_fix.h), repacked blocks on AVX2 / AVX-512 CPUs
-    import llama_cpp
-
-    from llm.llamacpp_backend import amx_kernels_safe, cpu_has_amx
+    from llm.llamacpp_backend import cpu_has_amx
     buffers = service.llm.weight_buffers
     assert buffers.get("CPU_Mapped", 0) > 0
     if cpu_has_amx():
