@@ -13,6 +13,11 @@ would do to both refusal rates, before it is built into the product:
   self-check           (--self-check) the configured LLM is asked, greedily, whether its support sentence (with its
                        neighbours and the passage title) states what the question asks: 「…只回答“是”或“否”」; an answer
                        judged 否 would become a refusal. Costs one short prompt per answer.
+  re-extraction        (--re-extract) the configured LLM is asked the question again with only the support window as
+                       the 「已知信息」 (the second pass's strict extraction template, extract_answer): a refusal there,
+                       or an extraction that shares little with the answer (character F1 < 0.3), would turn the answer
+                       into a refusal. A near miss holds the topic's words but not the asked fact, so the strict
+                       prompt on that one sentence may refuse where the long prompt answered. One short prompt each.
 A check is worth adopting only where it turns many more unanswerable answers than answerable ones into refusals.
 """
 from __future__ import annotations
@@ -61,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("report", type=Path, help="the JSON report of a bench.evaluate --noise run")
     ap.add_argument("--config", default=None, help="which configuration's answers (default: the first)")
     ap.add_argument("--self-check", action="store_true", help="also ask the configured LLM to verify each answer")
+    ap.add_argument("--re-extract", action="store_true",
+                    help="also ask the configured LLM the question again on the support window alone")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -101,6 +108,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         u = sum(not r["self_check"].startswith("是") for r in rows if not r["answerable"])
         print(f"self-check ({llm.info.name}): judged 否 on {a} of {n_a} "
               f"answerable and {u} of {len(rows) - n_a} unanswerable answers")
+    if args.re_extract:
+        from bench.eval.metrics import char_f1
+        from grounding.check import looks_like_refusal
+        from llm.loader import load_llm
+        from llm.types import GenerationParams
+        from prompts.builder import build_prompt_from_settings
+        from prompts.template_files import load_template
+        from retrieval.types import Hit
+
+        llm = load_llm(settings)
+        gen = GenerationParams.from_settings(settings.llm, max_new_tokens=48, temperature=0)
+        template = load_template("extract_answer")
+        for r in rows:      # the prompt the service's second pass builds (app.service.QAService.second_pass)
+            hit = Hit(text=r["window"], score=1.0, source="passage.txt", chunk_ids=(0,))
+            built = build_prompt_from_settings(r["question"], [hit], [], settings, llm.count_tokens,
+                                               template=template, history_turns=0, max_new_tokens=gen.max_new_tokens,
+                                               max_context_tokens=llm.info.max_context_tokens)
+            r["re_extract"] = "".join(llm.stream(built.messages, gen)).strip()
+            r["re_refused"] = looks_like_refusal(r["re_extract"])
+            r["re_f1"] = 0.0 if r["re_refused"] else char_f1(r["re_extract"], ((r["answer"],),))
+            print(json.dumps({k: r[k] for k in ("answerable", "question", "answer", "re_extract", "re_f1")},
+                             ensure_ascii=False), flush=True)
+        for name, test in (("refused", lambda r: r["re_refused"]), ("F1 < 0.3", lambda r: r["re_f1"] < 0.3)):
+            a = sum(test(r) for r in rows if r["answerable"])
+            u = sum(test(r) for r in rows if not r["answerable"])
+            print(f"re-extraction ({llm.info.name}) {name}: {a} of {n_a} answerable, {u} of {len(rows) - n_a} "
+                  f"unanswerable answers")
     return 0
 
 
