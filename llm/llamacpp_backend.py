@@ -403,10 +403,6 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     check_gguf_file(gguf)
     llama_cpp = import_llama_cpp()
     threads = llm.threads or physical_cores()
-    copy, copy_note = None, ""
-    if llm.use_amx_copy and llm.n_gpu_layers == 0 and "amx_int8" in cpu_flags() and amx_kernels_safe(llama_cpp):
-        from modelpack.requantize import amx_copy_for
-        copy, copy_note = amx_copy_for(gguf, settings.models_dir)
     size = gguf.stat().st_size
 
     # 1. the vocabulary and metadata only (fast): architecture, shapes, template; fails early on unknown files
@@ -420,6 +416,11 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     dims = gguf_dims(meta, n_vocab)
     context = min(llm.max_context_tokens, dims["context_train"]) if dims["context_train"] else llm.max_context_tokens
     file_type = FILE_TYPES.get(_int(meta, "general.file_type", -1), "gguf")
+    copy, copy_note = None, ""        # llm.use_amx_copy: the file's Q8_0 copy, for llama.cpp's AMX int8 kernels
+    if (llm.use_amx_copy and file_type != "Q8_0" and llm.n_gpu_layers == 0 and "amx_int8" in cpu_flags()
+            and amx_kernels_safe(llama_cpp)):
+        from modelpack.requantize import amx_copy_for
+        copy, copy_note = amx_copy_for(gguf, settings.models_dir)
 
     import psutil
     plan = plan_gguf_memory(dims, size, context, file_type, psutil.virtual_memory().available)

@@ -437,3 +437,13 @@ def test_the_amx_copy_answers_in_place_of_its_source(glm_files, tmp_path, monkey
     stale.close()
     assert amx_copy_for(src, models)[0] is None
     assert ensure_amx_copy(src, models) == copy and amx_copy_for(src, models) == (copy, "")   # pull makes it again
+
+    # a GGUF that is Q8_0 already answers as it is, even where a copy of another file sits under its name
+    from modelpack.requantize import requantize
+    own = tmp_path / "elsewhere" / "tiny-glm4-Q8_0.gguf"
+    own.parent.mkdir()
+    requantize(glm_files["glm4"], own, "Q8_0")
+    direct = load_llm(load_settings(paths={"models_dir": str(models)},
+                                    llm={"model": str(own), "backend": "auto", "max_context_tokens": 256}))
+    assert (direct.info.weights_path, direct.info.quantization, direct.info.notes) == (str(own), "Q8_0", ())
+    direct.close()
