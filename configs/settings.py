@@ -174,6 +174,8 @@ class LLMSettings(_Section):
                                     "costs seconds per 1,000 tokens there); 0 = prompt.context_tokens.")
     threads: int = Field(ge=0, description="llama.cpp CPU threads; 0 = the machine's physical cores.")
     n_gpu_layers: int = Field(ge=-1, description="llama.cpp layers offloaded to a GPU (-1 = all; needs a CUDA build).")
+    prompt_cache_mb: int = Field(ge=0, description="llama.cpp: RAM for the KV state of recent prompts, so a prompt "
+                                 "that begins like an earlier one (same passages) reads only the rest; 0 = off.")
     use_amx_copy: bool = Field(description="llama.cpp on a CPU with AMX: answer from the GGUF's Q8_0 copy made by "
                                "`python -m modelpack requantize` (pull makes it for the demo models) when it exists.")
     static_cache: bool = Field(description="transformers on CUDA: a static KV cache for the window.")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from common.cpu import cpu_flags
-from llm.locate import resolve_model_path
+from llm.locate import amx_copy_for, resolve_model_path
 from llm.openmp import configure_openmp_waits
 from llm.planner import MemoryPlan, plan_gguf_memory
 from llm.types import (
@@ -419,14 +419,15 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     copy, copy_note = None, ""        # llm.use_amx_copy: the file's Q8_0 copy, for llama.cpp's AMX int8 kernels
     if (llm.use_amx_copy and file_type != "Q8_0" and llm.n_gpu_layers == 0 and "amx_int8" in cpu_flags()
             and amx_kernels_safe(llama_cpp)):
-        from modelpack.requantize import amx_copy_for
         copy, copy_note = amx_copy_for(gguf, settings.models_dir)
 
     import psutil
-    plan = plan_gguf_memory(dims, size, context, file_type, psutil.virtual_memory().available)
+    cache_bytes = llm.prompt_cache_mb * 2**20
+    plan = plan_gguf_memory(dims, size, context, file_type, psutil.virtual_memory().available, cache_bytes)
     log.info("memory plan: %s", plan.summary())
     if copy is not None:       # the Q8_0 copy (same model, same metadata) when it fits too; it is the larger file
-        copy_plan = plan_gguf_memory(dims, copy.stat().st_size, context, "Q8_0", psutil.virtual_memory().available)
+        copy_plan = plan_gguf_memory(dims, copy.stat().st_size, context, "Q8_0", psutil.virtual_memory().available,
+                                     cache_bytes)
         if copy_plan.fits:
             log.info("this CPU has AMX: answering from the Q8_0 copy %s of %s (llm.use_amx_copy); memory plan: %s",
                      copy, gguf.name, copy_plan.summary())
@@ -446,6 +447,8 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     except (ValueError, RuntimeError, OSError):
         raise LLMError(explain_load_failure(gguf, _recent_log(mark), size)) from None
     buffers = weight_buffers(_recent_log(mark))
+    if cache_bytes:     # llama-cpp-python's LRU of KV states, looked up by the longest shared token prefix
+        llama.set_cache(llama_cpp.LlamaRAMCache(capacity_bytes=cache_bytes))
 
     template, template_note = _template_for(meta, gguf)
     notes = [n for n in (notice, copy_note, template_note) if n]

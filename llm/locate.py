@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.gguf_copy import AMX_FORMAT, copy_path, made_from
 from llm.types import ModelNotFoundError, demo_notice
 
 if TYPE_CHECKING:
@@ -52,3 +53,16 @@ def has_gguf(path: Path) -> bool:
 def has_transformers_weights(path: Path) -> bool:
     """A transformers model folder: config.json next to the weights."""
     return path.is_dir() and (path / "config.json").is_file()
+
+
+def amx_copy_for(gguf: Path, models_dir: Path) -> tuple[Path | None, str]:
+    """(the Q8_0 copy of `gguf` that `python -m modelpack requantize` made in its default place, or None; a note when a
+    copy is there but cannot be used: it was made from another file, so answering from it would answer from other
+    weights). llm.use_amx_copy: the llama.cpp engine answers from the copy on a CPU with AMX int8."""
+    copy = copy_path(gguf, AMX_FORMAT, models_dir)
+    if copy.resolve() == gguf.resolve() or not copy.is_file():
+        return None, ""
+    if not made_from(copy, gguf):
+        return None, (f"the Q8_0 copy {copy} was not made from {gguf.name} as it is now, so the engine answers from "
+                      f"{gguf.name}; make it again with `python -m modelpack requantize {gguf} --force`")
+    return copy, ""

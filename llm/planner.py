@@ -264,7 +264,7 @@ LLAMACPP_UBATCH = 512                  # tokens a prefill step computes at once 
 
 
 def plan_gguf_memory(dims: Mapping[str, int], file_bytes: int, context_tokens: int, file_type: str,
-                     free_bytes: int | None) -> MemoryPlan:
+                     free_bytes: int | None, extra_bytes: int = 0) -> MemoryPlan:
     """Memory of a GGUF model run by llama.cpp on the CPU, before it is loaded.
 
     weights      the file's size: llama.cpp memory-maps it and touches every tensor while generating.
@@ -272,6 +272,7 @@ def plan_gguf_memory(dims: Mapping[str, int], file_bytes: int, context_tokens: i
                  for the whole window when the context is created.
     activations  the compute buffer of one 512-token prefill step: fp32 logits for the step (vocab × 4 bytes a
                  token) and the FF intermediates (3 × FF × 4 bytes a token).
+    overhead     `extra_bytes`: the prompt cache (llm.prompt_cache_mb), at most that much.
     `dims` holds layers, hidden, kv_heads, head_dim, ff and vocab (llm.llamacpp_backend.gguf_dims).
     """
     if context_tokens <= 0:
@@ -283,19 +284,21 @@ def plan_gguf_memory(dims: Mapping[str, int], file_bytes: int, context_tokens: i
         return file_bytes, kv, act
 
     w, kv, act = terms(context_tokens)
-    total = w + kv + act
+    total = w + kv + act + extra_bytes
     fits = free_bytes is None or total <= free_bytes
     advice = ""
     if not fits:
         shorter = 0
         for tokens in range(context_tokens - 256, 255, -256):
-            if sum(terms(tokens)) <= free_bytes:
+            if sum(terms(tokens)) + extra_bytes <= free_bytes:
                 shorter = tokens
                 break
         tips = [f"lower llm.max_context_tokens from {context_tokens} to {shorter} or less"] if shorter >= 512 else []
+        if extra_bytes:
+            tips.append(f"lower llm.prompt_cache_mb ({extra_bytes // 2**20})")
         tips.append("use a smaller or more strongly quantized GGUF file (e.g. Q4_K_M), or close other programs")
         advice = (f"the model needs about {total / GiB:.1f} GiB but only {free_bytes / GiB:.1f} GiB is free on cpu: "
                   + "; or ".join(tips) + ".")
     return MemoryPlan(device="cpu", quantization=file_type, context_tokens=context_tokens, params=0,  # not in the file
-                      weights_bytes=w, kv_cache_bytes=kv, activation_bytes=act, overhead_bytes=0,
+                      weights_bytes=w, kv_cache_bytes=kv, activation_bytes=act, overhead_bytes=extra_bytes,
                       free_bytes=free_bytes, fits=fits, advice=advice)

@@ -554,15 +554,16 @@ def _cmd_list(models_dir: Path) -> int:
             state += f" ({sum(p.stat().st_size for p in folder.rglob('*') if p.is_file()) / 1e6:.0f} MB)"
         print(f"  {m.key:<10} {m.folder:<24} ~{m.approx_mb:>5} MB  {state:<16}  {m.description}")
         if folder.is_dir():
-            from modelpack.requantize import AMX_FORMAT, amx_copy_for
+            from common.gguf_copy import AMX_FORMAT, copy_path, made_from
             for src in (s for s in m.sources if s.name.endswith(".gguf") and (folder / s.name).is_file()):
-                copy, note = amx_copy_for(folder / src.name, models_dir)
-                if copy is not None:
+                copy = copy_path(folder / src.name, AMX_FORMAT, models_dir)
+                if copy.is_file() and made_from(copy, folder / src.name):
                     use = "llama.cpp answers from it" if "amx_int8" in cpu_flags() else "unused: this CPU has no AMX"
                     print(f"  {'':<10} {copy.parent.name}: the {AMX_FORMAT} copy of {src.name} "
                           f"({copy.stat().st_size / 1e6:.0f} MB; {use}, llm.use_amx_copy)")
-                elif note:
-                    print(f"  {'':<10} {note}")
+                elif copy.is_file():
+                    print(f"  {'':<10} {copy.parent.name}: made from another version of {src.name}, so unused; "
+                          f"`python -m modelpack pull` makes it again")
     pack_folders = {m.folder for m in MODELS.values()} | {n for m in MODELS.values() for n in m.legacy_folders
                                                          if (models_dir / n).is_symlink()}
     own = sorted(p.name for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")

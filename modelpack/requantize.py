@@ -12,28 +12,25 @@ holds its values to within Q8_0's rounding; Q4_0 made from one loses precision (
 The new file goes into its own folder under models_dir (so `llm.model: <folder>` picks it, and `llm.backend: auto`
 sends it to llama.cpp), written to a temporary name and renamed when complete. The quantiser runs in a child
 process: llama.cpp logs a line per tensor, and a crash there cannot take this process with it. Beside the file,
-`<file>.source.json` records which file it was made from (name, size, a fingerprint of its first and last MiB), so
-that the llama.cpp engine can answer from the copy in place of its source on an AMX CPU (`llm.use_amx_copy`,
-`amx_copy_for`) and ignore a copy that belongs to another version of the file. `python -m modelpack pull` makes the
-copies of the demo GGUFs itself on a CPU with AMX (`ensure_amx_copy`).
+`<file>.source.json` records which file it was made from (name, size, a fingerprint of its first and last MiB;
+common.gguf_copy), so that the llama.cpp engine can answer from the copy in place of its source on an AMX CPU
+(`llm.use_amx_copy`, llm.locate.amx_copy_for) and ignore a copy that belongs to another version of the file.
+`python -m modelpack pull` makes the copies of the demo GGUFs itself on a CPU with AMX (`ensure_amx_copy`).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common.gguf_copy import AMX_FORMAT, copy_path, made_from, write_sidecar
 from modelpack.pack import MODELS, ModelPackError
 
 # llama.h's LLAMA_FTYPE_MOSTLY_* values
 FORMATS = {"Q8_0": 7, "Q4_0": 2, "BF16": 32, "F16": 1}
 LOSSY_FROM_QUANTIZED = {"Q4_0"}
-_QUANT_SUFFIX = re.compile(r"[-_.](q\d(_[a-z0-9]+)*|iq\d\w*|bf16|f16|f32)$", re.IGNORECASE)
 
 
 class RequantizeError(ModelPackError):
@@ -68,55 +65,6 @@ def source_gguf(name_or_path: str, models_dir: Path) -> Path:
     return path
 
 
-def default_output(src: Path, fmt: str, models_dir: Path) -> Path:
-    """models_dir/<name>-<fmt>/<name>-<fmt>.gguf, <name> being the source's name without its quantisation suffix."""
-    stem = _QUANT_SUFFIX.sub("", src.stem)
-    name = f"{stem}-{fmt.lower()}"
-    return models_dir / name / f"{name}.gguf"
-
-
-AMX_FORMAT = "Q8_0"      # the format with an AMX int8 kernel for every matrix of the demo models (§8d)
-SIDECAR_SUFFIX = ".source.json"
-_FINGERPRINT_BYTES = 1 << 20
-
-
-def fingerprint(path: Path) -> dict:
-    """What identifies a GGUF file cheaply: name, size, sha256 of its first and last MiB (the header with every
-    tensor's name, type and offset, and the last tensor's data)."""
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(_FINGERPRINT_BYTES))
-        f.seek(max(0, size - _FINGERPRINT_BYTES))
-        h.update(f.read(_FINGERPRINT_BYTES))
-    return {"name": path.name, "size": size, "head_tail_sha256": h.hexdigest()}
-
-
-def sidecar(dst: Path) -> Path:
-    return dst.with_name(dst.name + SIDECAR_SUFFIX)
-
-
-def made_from(dst: Path, src: Path) -> bool:
-    """True when the sidecar of the re-quantised `dst` says it was made from this very `src` file."""
-    try:
-        record = json.loads(sidecar(dst).read_text(encoding="utf-8"))
-        return record.get("source") == fingerprint(src)
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def amx_copy_for(gguf: Path, models_dir: Path) -> tuple[Path | None, str]:
-    """(the Q8_0 copy of `gguf` that `requantize` made in its default place, or None; a note when a copy is there
-    but cannot be used: it was made from another file, so answering from it would answer from other weights)."""
-    dst = default_output(gguf, AMX_FORMAT, models_dir)
-    if dst.resolve() == gguf.resolve() or not dst.is_file():
-        return None, ""
-    if not made_from(dst, gguf):
-        return None, (f"the Q8_0 copy {dst} was not made from {gguf.name} as it is now, so the engine answers from "
-                      f"{gguf.name}; make it again with `python -m modelpack requantize {gguf} --force`")
-    return dst, ""
-
-
 def requantize(src: Path, dst: Path, fmt: str, *, threads: int = 0) -> None:
     """Write `src` re-quantised to `fmt` at `dst`, in this process (see requantize_in_child)."""
     import llama_cpp
@@ -145,8 +93,7 @@ def requantize_in_child(src: Path, dst: Path, fmt: str) -> float:
         last = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise RequantizeError(f"re-quantising {src.name} to {fmt} failed (exit {proc.returncode}): "
                               + " / ".join(last))
-    record = {"source": fingerprint(src), "format": fmt, "made_by": "python -m modelpack requantize"}
-    sidecar(dst).write_text(json.dumps(record, indent=1), encoding="utf-8")   # before the file: never a copy without it
+    write_sidecar(dst, src, fmt)           # before the file appears: never a copy without its record
     os.replace(part, dst)
     return time.monotonic() - t
 
@@ -170,7 +117,7 @@ def run(name_or_path: str, fmt: str, out: Path | None, models_dir: Path, *, forc
     if fmt in LOSSY_FROM_QUANTIZED and not allow_lossy:
         raise RequantizeError(f"{fmt} made from an already quantised file loses precision (answers change); "
                               f"use Q8_0, or add --allow-lossy to make it anyway")
-    dst = (out.expanduser() if out else default_output(src, fmt, models_dir)).resolve()
+    dst = (out.expanduser() if out else copy_path(src, fmt, models_dir)).resolve()
     if dst == src.resolve():
         raise RequantizeError("the output would overwrite the source; give another --out")
     if dst.exists() and not force:
@@ -186,7 +133,7 @@ def run(name_or_path: str, fmt: str, out: Path | None, models_dir: Path, *, forc
 def ensure_amx_copy(src: Path, models_dir: Path) -> Path | None:
     """`pull` on a CPU with AMX: the Q8_0 copy of a pulled demo GGUF, made when missing or made from another file.
     Prints what it does; a failure is a warning (the shipped file still answers), never an error of the pull."""
-    dst = default_output(src, AMX_FORMAT, models_dir)
+    dst = copy_path(src, AMX_FORMAT, models_dir)
     if dst.is_file() and made_from(dst, src):
         return dst
     try:

@@ -113,6 +113,15 @@ def test_the_next_prompt_reuses_the_shared_prefix(glm4_model):
     a, b = glm4_model.encode_messages(first), glm4_model.encode_messages(second)
     shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
     assert shared > 20
+    cache = glm4_model.llama.cache                      # llm.prompt_cache_mb's store: off here (its own test below)
+    glm4_model.llama.set_cache(None)
+    try:
+        _check_prefix_reuse(glm4_model, first, second, shared)
+    finally:
+        glm4_model.llama.set_cache(cache)
+
+
+def _check_prefix_reuse(glm4_model, first, second, shared):
     glm4_model.llama.reset()
     glm4_model.generate(second, GREEDY)
     fresh = glm4_model.generate(second, GREEDY)        # the same prompt again: fully cached, same answer
@@ -132,6 +141,39 @@ def test_the_next_prompt_reuses_the_shared_prefix(glm4_model):
         del ctx.kv_cache_seq_rm
     assert kept and kept[0] == shared                   # the cache was cut after the shared prefix, not dropped
     assert answer == fresh
+
+
+def test_the_prompt_cache_brings_back_an_earlier_prompt(glm_files):
+    """llm.prompt_cache_mb: llama-cpp-python's RAM cache keeps the KV state of recent prompts. After a question on
+    passages P and one on other passages, a third question on P reads only what follows P (the question), where
+    without the cache it reads everything after the shared template head — and it answers exactly the same."""
+    def ask(context: str, question: str) -> list[dict]:
+        return [{"role": "system", "content": "你是知问助手。"},
+                {"role": "user", "content": f"{context}问题：{question}"}]
+
+    p = "已知信息：[1] 北京是中国的首都，也是政治和文化中心。"
+    q = "已知信息：[1] 上海是中国的经济中心，位于长江口。"
+    seen = {}
+    for mb in (0, 64):
+        model = load_llm(settings_for(str(glm_files["glm4"]), prompt_cache_mb=mb))
+        assert (model.llama.cache is not None) == (mb > 0)
+        assert model.plan.overhead_bytes == mb * 2**20             # the memory plan counts the cache
+        model.generate(ask(p, "北京是哪里？"), GREEDY)
+        model.generate(ask(q, "上海在哪里？"), GREEDY)
+        read: list[int] = []
+        original = model.llama.eval
+
+        def spy(tokens, _original=original, _read=read):
+            _read.append(len(tokens))
+            return _original(tokens)
+
+        model.llama.eval = spy
+        answer = model.generate(ask(p, "首都是哪里？"), GREEDY)
+        seen[mb] = (answer, read[0])          # the first eval is the prompt's unread rest; then one per new token
+        third = len(model.encode_messages(ask(p, "首都是哪里？")))
+        model.close()
+    assert seen[64][0] == seen[0][0] and seen[0][0]
+    assert seen[64][1] < third // 4 and third // 2 < seen[0][1], (seen, third)    # 20 vs 86 of 132 tokens
 
 
 def test_langchain_wrapper_is_the_same_model(glm4_model):
@@ -287,7 +329,7 @@ def test_real_demo_gguf_answers_through_the_qa_service(tmp_path, cmrc_trial, mod
 
     from common.cpu import cpu_flags
     from llm.llamacpp_backend import amx_kernels_safe, find_gguf
-    from modelpack.requantize import amx_copy_for
+    from llm.locate import amx_copy_for
     copy = amx_copy_for(find_gguf(folder), models_dir)[0]
     if copy is not None and "amx_int8" in cpu_flags() and amx_kernels_safe(llama_cpp):
         assert (info.backend, info.quantization, info.name) == ("llamacpp", "Q8_0", copy.stem)
@@ -395,7 +437,9 @@ def test_the_amx_copy_answers_in_place_of_its_source(glm_files, tmp_path, monkey
     replaced by a flag set here (CI's CPU may have none; the choice of file is what is tested, its speed is in
     docs/benchmarks.md §8d); the files, the quantiser and llama.cpp are real."""
     import llm.llamacpp_backend as backend
-    from modelpack.requantize import amx_copy_for, ensure_amx_copy, sidecar
+    from common.gguf_copy import sidecar
+    from llm.locate import amx_copy_for
+    from modelpack.requantize import ensure_amx_copy
 
     models = tmp_path / "models"
     src = models / "tiny-glm4" / "tiny-glm4-Q4_K_M.gguf"

@@ -1,0 +1,56 @@
+"""Re-quantised copies of GGUF files: where a copy of a file goes and how it records what it was made from.
+
+One format, two rooms: `modelpack.requantize` writes copies (`python -m modelpack requantize`, and `pull` on AMX
+CPUs), `llm.locate.amx_copy_for` finds the copy the llama.cpp engine answers from (llm.use_amx_copy).
+
+    copy_path(Path("m/x-Q4_K_M.gguf"), "Q8_0", models)  ->  models/x-q8_0/x-q8_0.gguf
+    sidecar(copy)                                      ->  models/x-q8_0/x-q8_0.gguf.source.json
+    made_from(copy, source)                            ->  True when the sidecar names this very source file
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+AMX_FORMAT = "Q8_0"      # the format with an AMX int8 kernel for every matrix of the demo models (docs/benchmarks §8d)
+SIDECAR_SUFFIX = ".source.json"
+_QUANT_SUFFIX = re.compile(r"[-_.](q\d(_[a-z0-9]+)*|iq\d\w*|bf16|f16|f32)$", re.IGNORECASE)
+_FINGERPRINT_BYTES = 1 << 20
+
+
+def copy_path(src: Path, fmt: str, models_dir: Path) -> Path:
+    """models_dir/<name>-<fmt>/<name>-<fmt>.gguf, <name> being the source's name without its quantisation suffix."""
+    name = f"{_QUANT_SUFFIX.sub('', src.stem)}-{fmt.lower()}"
+    return models_dir / name / f"{name}.gguf"
+
+
+def fingerprint(path: Path) -> dict:
+    """What identifies a GGUF file cheaply: name, size, sha256 of its first and last MiB (the header with every
+    tensor's name, type and offset, and the last tensor's data)."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(_FINGERPRINT_BYTES))
+        f.seek(max(0, size - _FINGERPRINT_BYTES))
+        h.update(f.read(_FINGERPRINT_BYTES))
+    return {"name": path.name, "size": size, "head_tail_sha256": h.hexdigest()}
+
+
+def sidecar(copy: Path) -> Path:
+    return copy.with_name(copy.name + SIDECAR_SUFFIX)
+
+
+def write_sidecar(copy: Path, src: Path, fmt: str) -> None:
+    record = {"source": fingerprint(src), "format": fmt, "made_by": "python -m modelpack requantize"}
+    sidecar(copy).write_text(json.dumps(record, indent=1), encoding="utf-8")
+
+
+def made_from(copy: Path, src: Path) -> bool:
+    """True when the sidecar of the re-quantised `copy` says it was made from this very `src` file."""
+    try:
+        record = json.loads(sidecar(copy).read_text(encoding="utf-8"))
+        return record.get("source") == fingerprint(src)
+    except (OSError, ValueError, AttributeError):
+        return False
