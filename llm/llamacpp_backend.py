@@ -258,11 +258,93 @@ def gguf_dims(meta: dict[str, str], n_vocab: int) -> dict[str, int]:
 
 
 # --- the model ----------------------------------------------------------------------------------------------------
+class PromptStates:
+    """llm.prompt_cache_mb: the KV cache of recent prompts, kept in RAM, least recently used out first.
+
+    llama.cpp keeps one KV cache, so only a prompt that starts like the one just before it skips reading the shared
+    part. This keeps the KV state of the last prompts (`llama_state_seq_get_data`: the tokens' keys and values, about
+    29 KB a token for Qwen2.5-1.5B or ChatGLM3-6B) and, before a new prompt, brings back the one that shares the
+    longest start with it when that saves at least `min_gain` tokens of reading over what is loaded now; llama-cpp-
+    python's generate() then reads only the rest and decodes the last prompt token again before sampling, so the
+    answer is the same as from an empty cache. Not llama-cpp-python's LlamaRAMCache: its states also copy the
+    logits buffer (n_batch × vocabulary floats, 311 MB for a 152k vocabulary) that its capacity does not count."""
+
+    def __init__(self, capacity_bytes: int, min_gain: int = 64):
+        from collections import OrderedDict
+
+        self.capacity_bytes = capacity_bytes
+        self.min_gain = min_gain
+        self._states: OrderedDict[tuple[int, ...], bytes] = OrderedDict()
+        self.hits = 0
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(len(v) + 4 * len(k) for k, v in self._states.items())
+
+    @staticmethod
+    def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+        n = 0
+        for x, y in zip(a, b, strict=False):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    def restore(self, llama: Any, tokens: Sequence[int]) -> int:
+        """Load the kept state that shares the longest start with `tokens` when it beats the live cache by
+        min_gain tokens; returns how many prompt tokens it brings back (0: nothing loaded)."""
+        import llama_cpp
+
+        if not self._states:
+            return 0
+        live = self._shared(llama.input_ids[:llama.n_tokens].tolist(), tokens)
+        key, shared = max(((k, self._shared(k, tokens)) for k in self._states), key=lambda kv: kv[1])
+        if shared - live < self.min_gain:
+            return 0
+        data = self._states[key]
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama_cpp.llama_state_seq_set_data(llama._ctx.ctx, buf, len(data), 0) != len(data):
+            llama.reset()                     # a state that does not load: read the prompt from the start
+            del self._states[key]
+            return 0
+        llama.input_ids[:len(key)] = key
+        llama.n_tokens = len(key)
+        llama._requires_eval = True           # restored, not decoded: generate() decodes again before sampling
+        self._states.move_to_end(key)
+        self.hits += 1
+        return shared
+
+    def save(self, llama: Any) -> None:
+        """Keep the live KV state (the prompt and the answer read so far) under its tokens."""
+        import llama_cpp
+
+        n = llama.n_tokens
+        if n <= self.min_gain:
+            return
+        key = tuple(llama.input_ids[:n].tolist())
+        size = llama_cpp.llama_state_seq_get_size(llama._ctx.ctx, 0)
+        if size <= 0 or size + 4 * n > self.capacity_bytes:
+            return
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(llama._ctx.ctx, buf, size, 0)
+        if written <= 0:
+            return
+        self._states.pop(key, None)
+        for k in [k for k in self._states if key[:len(k)] == k]:     # a state this one extends adds nothing
+            del self._states[k]
+        self._states[key] = bytes(buf)[:written]
+        while self.size_bytes > self.capacity_bytes:
+            self._states.popitem(last=False)
+
+    def clear(self) -> None:
+        self._states.clear()
+
+
 class LlamaCppChatModel(ChatModel):
     """A loaded GGUF model. stream() calls are served one at a time (one llama.cpp context)."""
 
     def __init__(self, llama: Any, info: ModelInfo, default_params: GenerationParams, template: str,
-                 plan: MemoryPlan | None = None):
+                 plan: MemoryPlan | None = None, prompt_states: PromptStates | None = None):
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -270,6 +352,7 @@ class LlamaCppChatModel(ChatModel):
         self.info = info
         self.default_params = default_params
         self.plan = plan
+        self.prompt_states = prompt_states       # llm.prompt_cache_mb; None = off
         self.template_source = template
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=[jinja2.ext.loopcontrols])
@@ -349,6 +432,8 @@ class LlamaCppChatModel(ChatModel):
             if stop.is_set():
                 return
             greedy = params.temperature <= 0
+            if self.prompt_states is not None:
+                self.prompt_states.restore(self.llama, tokens)
             chunks = self.llama.create_completion(
                 tokens, max_tokens=max_new, stream=True, temperature=0.0 if greedy else params.temperature,
                 top_p=1.0 if greedy else params.top_p, top_k=0 if greedy else 50, min_p=0.0,
@@ -366,6 +451,8 @@ class LlamaCppChatModel(ChatModel):
                 raise LLMError(f"llama.cpp refused the prompt: {e}") from None
             finally:
                 chunks.close()
+                if self.prompt_states is not None:
+                    self.prompt_states.save(self.llama)
         finally:
             self._lock.release()
 
@@ -447,8 +534,6 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     except (ValueError, RuntimeError, OSError):
         raise LLMError(explain_load_failure(gguf, _recent_log(mark), size)) from None
     buffers = weight_buffers(_recent_log(mark))
-    if cache_bytes:     # llama-cpp-python's LRU of KV states, looked up by the longest shared token prefix
-        llama.set_cache(llama_cpp.LlamaRAMCache(capacity_bytes=cache_bytes))
 
     template, template_note = _template_for(meta, gguf)
     notes = [n for n in (notice, copy_note, template_note) if n]
@@ -466,6 +551,7 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     )
     log.info("llama.cpp: %s, %d threads, context %d, weights in %s, %s", gguf.name, threads, context,
              ", ".join(f"{k} {v:.0f} MiB" for k, v in buffers.items()) or "?", meta.get("general.name", ""))
-    model = LlamaCppChatModel(llama, info, GenerationParams.from_settings(llm), template, plan)
+    model = LlamaCppChatModel(llama, info, GenerationParams.from_settings(llm), template, plan,
+                              PromptStates(cache_bytes) if cache_bytes else None)
     model.weight_buffers = buffers
     return model

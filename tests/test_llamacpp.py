@@ -113,12 +113,12 @@ def test_the_next_prompt_reuses_the_shared_prefix(glm4_model):
     a, b = glm4_model.encode_messages(first), glm4_model.encode_messages(second)
     shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
     assert shared > 20
-    cache = glm4_model.llama.cache                      # llm.prompt_cache_mb's store: off here (its own test below)
-    glm4_model.llama.set_cache(None)
+    states = glm4_model.prompt_states                   # llm.prompt_cache_mb's store: off here (its own test below)
+    glm4_model.prompt_states = None
     try:
         _check_prefix_reuse(glm4_model, first, second, shared)
     finally:
-        glm4_model.llama.set_cache(cache)
+        glm4_model.prompt_states = states
 
 
 def _check_prefix_reuse(glm4_model, first, second, shared):
@@ -144,7 +144,7 @@ def _check_prefix_reuse(glm4_model, first, second, shared):
 
 
 def test_the_prompt_cache_brings_back_an_earlier_prompt(glm_files):
-    """llm.prompt_cache_mb: llama-cpp-python's RAM cache keeps the KV state of recent prompts. After a question on
+    """llm.prompt_cache_mb: the KV state of recent prompts is kept in RAM (PromptStates). After a question on
     passages P and one on other passages, a third question on P reads only what follows P (the question), where
     without the cache it reads everything after the shared template head — and it answers exactly the same."""
     def ask(context: str, question: str) -> list[dict]:
@@ -156,7 +156,7 @@ def test_the_prompt_cache_brings_back_an_earlier_prompt(glm_files):
     seen = {}
     for mb in (0, 64):
         model = load_llm(settings_for(str(glm_files["glm4"]), prompt_cache_mb=mb))
-        assert (model.llama.cache is not None) == (mb > 0)
+        assert (model.prompt_states is not None) == (mb > 0)
         assert model.plan.overhead_bytes == mb * 2**20             # the memory plan counts the cache
         model.generate(ask(p, "北京是哪里？"), GREEDY)
         model.generate(ask(q, "上海在哪里？"), GREEDY)
@@ -170,6 +170,8 @@ def test_the_prompt_cache_brings_back_an_earlier_prompt(glm_files):
         model.llama.eval = spy
         answer = model.generate(ask(p, "首都是哪里？"), GREEDY)
         seen[mb] = (answer, read[0])          # the first eval is the prompt's unread rest; then one per new token
+        if mb:
+            assert model.prompt_states.hits == 1 and 0 < model.prompt_states.size_bytes <= mb * 2**20
         third = len(model.encode_messages(ask(p, "首都是哪里？")))
         model.close()
     assert seen[64][0] == seen[0][0] and seen[0][0]
