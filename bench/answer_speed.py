@@ -15,9 +15,9 @@ bench.eval.answer_eval.looks_like_refusal). The two engines run one after the ot
 The passages get the settings' budget — on a CPU `llm.cpu_context_tokens`, at most `prompt.context_tokens` —
 and `--context-tokens N` sets `prompt.context_tokens` for both (to compare budgets); each answer records its prompt
 tokens (the summary shows their median). `--llamacpp-format BF16` gives llama.cpp the demo GGUF re-quantised to bf16
-(modelpack.requantize): then both engines compute with the same bf16 values; `Q8_0` is the faster file on AMX CPUs,
-and what llama.cpp answers from there anyway when `pull` made the copy (`llm.use_amx_copy`; `--no-amx-copy` turns it
-off, to time the shipped file).
+(modelpack.requantize): then both engines compute with the same bf16 values; `Q8_0` is the faster file on AMX CPUs.
+Where `pull` made the GGUF's copy in this CPU's fastest format (Q8_0 on AMX, BF16 for the 0.5B on AVX-512 BF16),
+llama.cpp answers from it anyway (`llm.use_cpu_copy`; `--no-cpu-copy` turns it off, to time the shipped file).
 Long answers (`--long N`, default 10): CMRC answers are short (10-20 tokens), so the whole answer above is mostly
 TTFT. The issue's target is about a 64-token answer: for the first N passages both engines are asked
 「请根据资料详细介绍<the article's title>。」, which they answer at length; the whole-answer time of those answers that
@@ -80,7 +80,7 @@ def run_engine(args: argparse.Namespace) -> int:
 
     items = cmrc_items(args.data, args.quality)
     llm = {"model": args.model, "backend": args.engine, "device": "cpu", "temperature": 0.0,
-           "max_new_tokens": args.max_new_tokens, "max_context_tokens": 4096, "use_amx_copy": not args.no_amx_copy}
+           "max_new_tokens": args.max_new_tokens, "max_context_tokens": 4096, "use_cpu_copy": not args.no_cpu_copy}
     overrides = {"prompt": {"context_tokens": args.context_tokens}} if args.context_tokens else {}
     settings = load_settings(paths={"kb_root": str(args.kb_root), "models_dir": args.models_dir}, llm=llm,
                              **overrides)
@@ -196,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="give llama.cpp the demo GGUF re-quantised to this format (modelpack.requantize), e.g. BF16: "
                          "the same bf16 values transformers computes with")
     ap.add_argument("--long", type=int, default=10, help="passages asked again for a detailed (capped) answer")
-    ap.add_argument("--no-amx-copy", action="store_true",
-                    help="llama.cpp answers from the shipped GGUF even where pull made a Q8_0 copy (llm.use_amx_copy)")
+    ap.add_argument("--no-cpu-copy", action="store_true",
+                    help="llama.cpp answers from the shipped GGUF even where pull made a copy for this CPU "
+                         "(llm.use_cpu_copy)")
     ap.add_argument("--data", type=Path, default=CMRC_TRIAL)
     ap.add_argument("--out", type=Path, help="write the summary and every answer here (JSON)")
     ap.add_argument("--engine", help=argparse.SUPPRESS)            # child mode
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--questions", str(args.questions), "--quality", str(args.quality),
                    "--max-new-tokens", str(args.max_new_tokens), "--data", str(args.data),
                    "--context-tokens", str(args.context_tokens), "--long", str(args.long),
-                   *(["--no-amx-copy"] if args.no_amx_copy else [])]
+                   *(["--no-cpu-copy"] if args.no_cpu_copy else [])]
             print(f"--- {engine}", flush=True)
             t = time.perf_counter()
             proc = subprocess.run(cmd, cwd=PROJECT_ROOT, check=False)

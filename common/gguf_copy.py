@@ -1,7 +1,8 @@
 """Re-quantised copies of GGUF files: where a copy of a file goes and how it records what it was made from.
 
-One format, two rooms: `modelpack.requantize` writes copies (`python -m modelpack requantize`, and `pull` on AMX
-CPUs), `llm.locate.amx_copy_for` finds the copy the llama.cpp engine answers from (llm.use_amx_copy).
+One format, two rooms: `modelpack.requantize` writes copies (`python -m modelpack requantize`, and `pull` on CPUs
+where a copy is faster), `llm.locate.cpu_copy_for` finds the copy the llama.cpp engine answers from
+(llm.use_cpu_copy). Which format is faster on which CPU is decided here, once, for both (`cpu_copy_format`).
 
     copy_path(Path("m/x-Q4_K_M.gguf"), "Q8_0", models)  ->  models/x-q8_0/x-q8_0.gguf
     sidecar(copy)                                      ->  models/x-q8_0/x-q8_0.gguf.source.json
@@ -15,9 +16,32 @@ import re
 from pathlib import Path
 
 AMX_FORMAT = "Q8_0"      # the format with an AMX int8 kernel for every matrix of the demo models (docs/benchmarks §8d)
+BF16_FORMAT = "BF16"     # AVX-512 BF16 dot products (vdpbf16ps): the fastest prompt reading without AMX (§8c)
+# A BF16 file is 2.6x the Q4_K_M one, and decoding reads all of it per token: up to ~1B parameters the faster prompt
+# reading wins (0.5B: prefill 2.0x, decode 0.85x), above it the slower decoding loses (1.5B: 1.2x / 0.4x; §8c, §8g).
+BF16_MAX_PARAMS = 1_000_000_000
 SIDECAR_SUFFIX = ".source.json"
 _QUANT_SUFFIX = re.compile(r"[-_.](q\d(_[a-z0-9]+)*|iq\d\w*|bf16|f16|f32)$", re.IGNORECASE)
 _FINGERPRINT_BYTES = 1 << 20
+
+
+def cpu_copy_format(flags: frozenset[str] | set[str], n_params: int) -> tuple[str | None, str]:
+    """(the format in which a GGUF of `n_params` parameters answers fastest on a CPU with these /proc/cpuinfo flags,
+    or None when it is the shipped file itself; why, in words). AMX int8 -> Q8_0 (llama.cpp's AMX kernels cover
+    Q8_0 but not the q5_0 tensors of most Q4_K_M files); AVX-512 BF16 without AMX -> BF16 for models up to
+    BF16_MAX_PARAMS; anything else -> the file as it is."""
+    if "amx_int8" in flags:
+        return AMX_FORMAT, "this CPU has AMX int8"
+    if "avx512_bf16" in flags and n_params <= BF16_MAX_PARAMS:
+        return BF16_FORMAT, f"this CPU has AVX-512 BF16 and the model is small ({n_params / 1e9:.2f}B parameters)"
+    return None, ""
+
+
+def n_params(path: Path) -> int:
+    """The parameter count of a GGUF file, from its tensor directory (the gguf package maps the file; no data is
+    read)."""
+    from gguf import GGUFReader
+    return int(sum(int(t.n_elements) for t in GGUFReader(str(path), "r").tensors))
 
 
 def copy_path(src: Path, fmt: str, models_dir: Path) -> Path:

@@ -176,7 +176,8 @@ class LLMSettings(_Section):
     n_gpu_layers: int = Field(ge=-1, description="llama.cpp layers offloaded to a GPU (-1 = all; needs a CUDA build).")
     prompt_cache_mb: int = Field(ge=0, description="llama.cpp: RAM for the KV state of recent prompts, so a prompt "
                                  "that begins like an earlier one (same passages) reads only the rest; 0 = off.")
-    use_amx_copy: bool = Field(description="llama.cpp on a CPU with AMX: answer from the GGUF's Q8_0 copy made by "
+    use_cpu_copy: bool = Field(description="llama.cpp on a CPU: answer from the GGUF's copy in this CPU's fastest "
+                               "format (Q8_0 with AMX int8, BF16 for models up to 1B with AVX-512 BF16) made by "
                                "`python -m modelpack requantize` (pull makes it for the demo models) when it exists.")
     static_cache: bool = Field(description="transformers on CUDA: a static KV cache for the window.")
     compile: bool | Literal["auto"] = Field(description="transformers on CUDA: torch.compile decoding; auto = nf4.")

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from common.cpu import cpu_flags
-from llm.locate import amx_copy_for, resolve_model_path
+from common.gguf_copy import AMX_FORMAT, BF16_MAX_PARAMS, cpu_copy_format, n_params
+from llm.locate import cpu_copy_for, resolve_model_path
 from llm.openmp import configure_openmp_waits
 from llm.planner import MemoryPlan, plan_gguf_memory
 from llm.types import (
@@ -479,6 +480,18 @@ def _template_for(meta: dict[str, str], path: Path) -> tuple[str, str]:
     return FALLBACK_TEMPLATES[name], note
 
 
+def _params_for_copy(gguf: Path, models_dir: Path) -> int:
+    """The model's parameter count where the choice of copy depends on it (common.gguf_copy.cpu_copy_format): on a
+    CPU with AMX it does not, so the file is not read."""
+    if "amx_int8" in cpu_flags() or "avx512_bf16" not in cpu_flags():
+        return 0
+    try:
+        return n_params(gguf)
+    except Exception as e:  # noqa: BLE001 - a file llama.cpp read but the gguf package cannot: no copy, not an error
+        log.warning("could not count the parameters of %s (%s); answering from the file itself", gguf.name, e)
+        return BF16_MAX_PARAMS + 1
+
+
 def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     """Resolve the GGUF (demo fallback), plan memory for the window, then load it with llama.cpp."""
     llm = settings.llm
@@ -503,24 +516,26 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     dims = gguf_dims(meta, n_vocab)
     context = min(llm.max_context_tokens, dims["context_train"]) if dims["context_train"] else llm.max_context_tokens
     file_type = FILE_TYPES.get(_int(meta, "general.file_type", -1), "gguf")
-    copy, copy_note = None, ""        # llm.use_amx_copy: the file's Q8_0 copy, for llama.cpp's AMX int8 kernels
-    if (llm.use_amx_copy and file_type != "Q8_0" and llm.n_gpu_layers == 0 and "amx_int8" in cpu_flags()
-            and amx_kernels_safe(llama_cpp)):
-        copy, copy_note = amx_copy_for(gguf, settings.models_dir)
+    copy, copy_note, why = None, "", ""   # llm.use_cpu_copy: the file's copy in this CPU's fastest format
+    fmt = None
+    if llm.use_cpu_copy and llm.n_gpu_layers == 0:
+        fmt, why = cpu_copy_format(cpu_flags(), _params_for_copy(gguf, settings.models_dir))
+        if fmt is not None and fmt != file_type and (fmt != AMX_FORMAT or amx_kernels_safe(llama_cpp)):
+            copy, copy_note = cpu_copy_for(gguf, fmt, settings.models_dir)
 
     import psutil
     cache_bytes = llm.prompt_cache_mb * 2**20
     plan = plan_gguf_memory(dims, size, context, file_type, psutil.virtual_memory().available, cache_bytes)
     log.info("memory plan: %s", plan.summary())
-    if copy is not None:       # the Q8_0 copy (same model, same metadata) when it fits too; it is the larger file
-        copy_plan = plan_gguf_memory(dims, copy.stat().st_size, context, "Q8_0", psutil.virtual_memory().available,
+    if copy is not None:       # the copy (same model, same metadata) when it fits too; it is the larger file
+        copy_plan = plan_gguf_memory(dims, copy.stat().st_size, context, fmt, psutil.virtual_memory().available,
                                      cache_bytes)
         if copy_plan.fits:
-            log.info("this CPU has AMX: answering from the Q8_0 copy %s of %s (llm.use_amx_copy); memory plan: %s",
-                     copy, gguf.name, copy_plan.summary())
-            gguf, size, file_type, plan = copy, copy.stat().st_size, "Q8_0", copy_plan
+            log.info("%s: answering from the %s copy %s of %s (llm.use_cpu_copy); memory plan: %s",
+                     why, fmt, copy, gguf.name, copy_plan.summary())
+            gguf, size, file_type, plan = copy, copy.stat().st_size, fmt, copy_plan
         else:
-            copy_note = (f"the Q8_0 copy {copy.name} does not fit the free memory ({copy_plan.summary()}), so the "
+            copy_note = (f"the {fmt} copy {copy.name} does not fit the free memory ({copy_plan.summary()}), so the "
                          f"engine answers from {gguf.name}")
     if not plan.fits:
         raise InsufficientMemoryError(f"model file {gguf}: {plan.advice}")

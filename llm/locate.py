@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.gguf_copy import AMX_FORMAT, copy_path, made_from
+from common.gguf_copy import copy_path, made_from
 from llm.types import ModelNotFoundError, demo_notice
 
 if TYPE_CHECKING:
@@ -55,14 +55,15 @@ def has_transformers_weights(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def amx_copy_for(gguf: Path, models_dir: Path) -> tuple[Path | None, str]:
-    """(the Q8_0 copy of `gguf` that `python -m modelpack requantize` made in its default place, or None; a note when a
-    copy is there but cannot be used: it was made from another file, so answering from it would answer from other
-    weights). llm.use_amx_copy: the llama.cpp engine answers from the copy on a CPU with AMX int8."""
-    copy = copy_path(gguf, AMX_FORMAT, models_dir)
+def cpu_copy_for(gguf: Path, fmt: str, models_dir: Path) -> tuple[Path | None, str]:
+    """(the `fmt` copy of `gguf` that `python -m modelpack requantize` made in its default place, or None; a note when
+    a copy is there but cannot be used: it was made from another file, so answering from it would answer from other
+    weights). llm.use_cpu_copy: the llama.cpp engine answers from the copy in this CPU's fastest format
+    (common.gguf_copy.cpu_copy_format)."""
+    copy = copy_path(gguf, fmt, models_dir)
     if copy.resolve() == gguf.resolve() or not copy.is_file():
         return None, ""
     if not made_from(copy, gguf):
-        return None, (f"the Q8_0 copy {copy} was not made from {gguf.name} as it is now, so the engine answers from "
-                      f"{gguf.name}; make it again with `python -m modelpack requantize {gguf} --force`")
+        return None, (f"the {fmt} copy {copy} was not made from {gguf.name} as it is now, so the engine answers from "
+                      f"{gguf.name}; make it again with `python -m modelpack requantize {gguf} --format {fmt} --force`")
     return copy, ""

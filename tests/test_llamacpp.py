@@ -330,11 +330,14 @@ def test_real_demo_gguf_answers_through_the_qa_service(tmp_path, cmrc_trial, mod
     import llama_cpp
 
     from common.cpu import cpu_flags
+    from common.gguf_copy import cpu_copy_format, n_params
     from llm.llamacpp_backend import amx_kernels_safe, find_gguf
-    from llm.locate import amx_copy_for
-    copy = amx_copy_for(find_gguf(folder), models_dir)[0]
-    if copy is not None and "amx_int8" in cpu_flags() and amx_kernels_safe(llama_cpp):
-        assert (info.backend, info.quantization, info.name) == ("llamacpp", "Q8_0", copy.stem)
+    from llm.locate import cpu_copy_for
+    shipped = find_gguf(folder)
+    fmt = cpu_copy_format(cpu_flags(), n_params(shipped))[0]     # pull made this copy on this CPU, if any
+    copy = cpu_copy_for(shipped, fmt, models_dir)[0] if fmt else None
+    if copy is not None and (fmt != "Q8_0" or amx_kernels_safe(llama_cpp)):
+        assert (info.backend, info.quantization, info.name) == ("llamacpp", fmt, copy.stem)
     else:
         assert (info.backend, info.quantization, info.name) == ("llamacpp", "Q4_K_M", "qwen2.5-coder-0.5b-instruct")
     assert stream.error == "" and not stream.refused and answer.strip()
@@ -432,34 +435,55 @@ def test_modelpack_requantize_makes_a_q8_0_folder_the_product_loads(glm_files, t
     assert wrong.returncode == 1 and "not a GGUF file" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
-def test_the_amx_copy_answers_in_place_of_its_source(glm_files, tmp_path, monkeypatch):
-    """llm.use_amx_copy: on a CPU with AMX int8, the engine answers from the Q8_0 copy that `requantize` made of the
-    configured GGUF (pull makes it for the demo models), and from the file itself when the copy is switched off,
-    missing, made from another version of the file, or the CPU has no AMX. Whether this machine has AMX is
-    replaced by a flag set here (CI's CPU may have none; the choice of file is what is tested, its speed is in
-    docs/benchmarks.md §8d); the files, the quantiser and llama.cpp are real."""
+def test_the_cpu_copy_answers_in_place_of_its_source(glm_files, tmp_path, monkeypatch):
+    """llm.use_cpu_copy: the engine answers from the configured GGUF's copy in the CPU's fastest format, made by
+    `requantize` (pull makes it for the demo models) — Q8_0 on a CPU with AMX int8, BF16 for a small model on one
+    with AVX-512 BF16 and no AMX — and from the file itself when the copy is switched off, missing, made from
+    another version of the file, or the CPU has neither. What this machine's CPU has is replaced by flags set here
+    (CI's CPU may have either or none; the choice of file is what is tested, its speed is in docs/benchmarks.md
+    §8c-§8g); the files, the quantiser and llama.cpp are real."""
     import llm.llamacpp_backend as backend
+    import modelpack.requantize as requantize_mod
     from common.gguf_copy import sidecar
-    from llm.locate import amx_copy_for
-    from modelpack.requantize import ensure_amx_copy
+    from llm.locate import cpu_copy_for
+    from modelpack.requantize import ensure_cpu_copy
+
+    def cpu(*flags: str) -> None:
+        monkeypatch.setattr(backend, "cpu_flags", lambda: frozenset(flags))
+        monkeypatch.setattr(requantize_mod, "cpu_flags", lambda: frozenset(flags))
 
     models = tmp_path / "models"
     src = models / "tiny-glm4" / "tiny-glm4-Q4_K_M.gguf"
     src.parent.mkdir(parents=True)
     shutil.copyfile(glm_files["glm4"], src)
-    copy = ensure_amx_copy(src, models)                       # what pull does on an AMX CPU
-    assert copy == models / "tiny-glm4-q8_0" / "tiny-glm4-q8_0.gguf" and sidecar(copy).is_file()
-    made = copy.stat().st_mtime_ns
-    assert ensure_amx_copy(src, models) == copy and copy.stat().st_mtime_ns == made    # the second pull keeps it
+    monkeypatch.setattr(backend, "amx_kernels_safe", lambda llama_cpp: True)
 
     def load(use: bool = True) -> object:
         return load_llm(load_settings(paths={"models_dir": str(models)},
                                       llm={"model": "tiny-glm4", "backend": "auto", "max_context_tokens": 256,
-                                           "use_amx_copy": use}))
+                                           "use_cpu_copy": use}))
 
-    amx = frozenset({"amx_tile", "amx_int8", "amx_bf16", "avx512f"})
-    monkeypatch.setattr(backend, "cpu_flags", lambda: amx)
-    monkeypatch.setattr(backend, "amx_kernels_safe", lambda llama_cpp: True)
+    cpu("avx512f", "avx512_bf16")                             # AVX-512 BF16, no AMX: a BF16 copy for a small model
+    bf16 = models / "tiny-glm4-bf16" / "tiny-glm4-bf16.gguf"
+    assert ensure_cpu_copy(src, models) == bf16 and sidecar(bf16).is_file()
+    model = load()
+    assert (model.info.weights_path, model.info.quantization, model.info.name) == (str(bf16), "BF16", "tiny-glm4-bf16")
+    assert not model.info.notes
+    assert [p for p in model.stream(CHAT, GREEDY) if p]
+    model.close()
+
+    cpu("avx2", "fma")                                        # neither: the file itself, and pull makes no copy
+    assert ensure_cpu_copy(src, models) is None
+    plain = load()
+    assert (plain.info.weights_path, plain.info.quantization) == (str(src), "F32")
+    plain.close()
+
+    amx = ("amx_tile", "amx_int8", "amx_bf16", "avx512f", "avx512_bf16")
+    cpu(*amx)
+    copy = ensure_cpu_copy(src, models)                       # what pull does on an AMX CPU
+    assert copy == models / "tiny-glm4-q8_0" / "tiny-glm4-q8_0.gguf" and sidecar(copy).is_file()
+    made = copy.stat().st_mtime_ns
+    assert ensure_cpu_copy(src, models) == copy and copy.stat().st_mtime_ns == made    # the second pull keeps it
     model = load()
     assert (model.info.weights_path, model.info.quantization, model.info.name) == (str(copy), "Q8_0", "tiny-glm4-q8_0")
     assert not model.info.notes
@@ -470,19 +494,14 @@ def test_the_amx_copy_answers_in_place_of_its_source(glm_files, tmp_path, monkey
     off = load(use=False)
     assert (off.info.weights_path, off.info.quantization) == (str(src), "F32")
     off.close()
-    monkeypatch.setattr(backend, "cpu_flags", lambda: frozenset({"avx512f"}))
-    no_amx = load()
-    assert no_amx.info.weights_path == str(src)
-    no_amx.close()
 
-    monkeypatch.setattr(backend, "cpu_flags", lambda: amx)
     shutil.copyfile(glm_files["chatglm"], src)                # the file changed since the copy was made
     stale = load()
     assert stale.info.weights_path == str(src)
     assert any("was not made from tiny-glm4-Q4_K_M.gguf" in n and "--force" in n for n in stale.info.notes)
     stale.close()
-    assert amx_copy_for(src, models)[0] is None
-    assert ensure_amx_copy(src, models) == copy and amx_copy_for(src, models) == (copy, "")   # pull makes it again
+    assert cpu_copy_for(src, "Q8_0", models)[0] is None
+    assert ensure_cpu_copy(src, models) == copy and cpu_copy_for(src, "Q8_0", models) == (copy, "")  # pull again
 
     # a GGUF that is Q8_0 already answers as it is, even where a copy of another file sits under its name
     from modelpack.requantize import requantize
