@@ -570,8 +570,10 @@ def _cmd_list(models_dir: Path) -> int:
                               f"`python -m modelpack pull` makes it again")
     pack_folders = {m.folder for m in MODELS.values()} | {n for m in MODELS.values() for n in m.legacy_folders
                                                          if (models_dir / n).is_symlink()}
+    # (a GGUF copy, with its .source.json, is listed under its source above)
     own = sorted(p.name for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-                 and p.name not in pack_folders and not p.name.endswith((".part", ".hf", ".old"))) \
+                 and p.name not in pack_folders and not p.name.endswith((".part", ".hf", ".old"))
+                 and not (p / f"{p.name}.gguf.source.json").is_file()) \
         if models_dir.is_dir() else []
     if own:
         print("other folders (use them with embedding.model / llm.model): " + ", ".join(own))
