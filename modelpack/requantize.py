@@ -132,11 +132,29 @@ def run(name_or_path: str, fmt: str, out: Path | None, models_dir: Path, *, forc
     return dst
 
 
+def count_params(src: Path) -> int:
+    """common.gguf_copy.n_params without llama.cpp's loader line on the terminal: this is a command-line process
+    (pull, list), where nothing else writes to stderr meanwhile; the engine's own log capture keeps it quiet there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            return n_params(src)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def ensure_cpu_copy(src: Path, models_dir: Path) -> Path | None:
     """`pull`: the copy of a pulled demo GGUF in this CPU's fastest format (common.gguf_copy.cpu_copy_format), made
     when missing or made from another file; None where the file itself is the fastest. Prints what it does; a
     failure is a warning (the shipped file still answers), never an error of the pull."""
-    fmt, why = cpu_copy_format(cpu_flags(), n_params(src))
+    try:
+        fmt, why = cpu_copy_format(cpu_flags(), count_params(src))
+    except (ImportError, OSError, ValueError) as e:
+        print(f"warning: no copy of {src.name} for this CPU: {e}", file=sys.stderr, flush=True)
+        return None
     if fmt is None:
         return None
     dst = copy_path(src, fmt, models_dir)
