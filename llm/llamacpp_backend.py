@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from common.cpu import cpu_flags
-from common.gguf_copy import AMX_FORMAT, BF16_MAX_PARAMS, cpu_copy_format, n_params
+from common.gguf_copy import AMX_FORMAT, cpu_copy_format
 from llm.locate import cpu_copy_for, resolve_model_path
 from llm.openmp import configure_openmp_waits
 from llm.planner import MemoryPlan, plan_gguf_memory
@@ -480,18 +480,6 @@ def _template_for(meta: dict[str, str], path: Path) -> tuple[str, str]:
     return FALLBACK_TEMPLATES[name], note
 
 
-def _params_for_copy(gguf: Path, models_dir: Path) -> int:
-    """The model's parameter count where the choice of copy depends on it (common.gguf_copy.cpu_copy_format): on a
-    CPU with AMX it does not, so the file is not read."""
-    if "amx_int8" in cpu_flags() or "avx512_bf16" not in cpu_flags():
-        return 0
-    try:
-        return n_params(gguf)
-    except Exception as e:  # noqa: BLE001 - a file llama.cpp read but the gguf package cannot: no copy, not an error
-        log.warning("could not count the parameters of %s (%s); answering from the file itself", gguf.name, e)
-        return BF16_MAX_PARAMS + 1
-
-
 def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     """Resolve the GGUF (demo fallback), plan memory for the window, then load it with llama.cpp."""
     llm = settings.llm
@@ -512,6 +500,7 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     except (ValueError, RuntimeError, OSError):
         raise LLMError(explain_load_failure(gguf, _recent_log(mark), size)) from None
     meta, n_vocab = dict(vocab.metadata), vocab.n_vocab()
+    n_params = int(llama_cpp.llama_model_n_params(vocab.model))     # the tensor directory is read even vocab-only
     vocab.close()
     dims = gguf_dims(meta, n_vocab)
     context = min(llm.max_context_tokens, dims["context_train"]) if dims["context_train"] else llm.max_context_tokens
@@ -519,7 +508,7 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     copy, copy_note, why = None, "", ""   # llm.use_cpu_copy: the file's copy in this CPU's fastest format
     fmt = None
     if llm.use_cpu_copy and llm.n_gpu_layers == 0:
-        fmt, why = cpu_copy_format(cpu_flags(), _params_for_copy(gguf, settings.models_dir))
+        fmt, why = cpu_copy_format(cpu_flags(), n_params)
         if fmt is not None and fmt != file_type and (fmt != AMX_FORMAT or amx_kernels_safe(llama_cpp)):
             copy, copy_note = cpu_copy_for(gguf, fmt, settings.models_dir)
 

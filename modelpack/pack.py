@@ -555,14 +555,14 @@ def _cmd_list(models_dir: Path) -> int:
             state += f" ({sum(p.stat().st_size for p in folder.rglob('*') if p.is_file()) / 1e6:.0f} MB)"
         print(f"  {m.key:<10} {m.folder:<24} ~{m.approx_mb:>5} MB  {state:<16}  {m.description}")
         if folder.is_dir():
-            from common.gguf_copy import copy_path, cpu_copy_format, made_from
+            from common.gguf_copy import AMX_FORMAT, BF16_FORMAT, copy_path, cpu_copy_format, made_from
             from modelpack.requantize import count_params
             for src in (s for s in m.sources if s.name.endswith(".gguf") and (folder / s.name).is_file()):
                 try:
                     fmt, why = cpu_copy_format(cpu_flags(), count_params(folder / src.name))
                 except (ImportError, OSError, ValueError):      # no llama.cpp here: no copy answers either
                     fmt, why = None, ""
-                for other in ("Q8_0", "BF16"):
+                for other in (AMX_FORMAT, BF16_FORMAT):
                     copy = copy_path(folder / src.name, other, models_dir)
                     if copy.is_file() and made_from(copy, folder / src.name):
                         use = f"llama.cpp answers from it: {why}" if other == fmt else \
