@@ -179,6 +179,10 @@ class LLMSettings(_Section):
     use_cpu_copy: bool = Field(description="llama.cpp on a CPU: answer from the GGUF's copy in this CPU's fastest "
                                "format (Q8_0 with AMX int8, BF16 for models up to 1B with AVX-512 BF16) made by "
                                "`python -m modelpack requantize` (pull makes it for the demo models) when it exists.")
+    cpu_prefill: Literal["auto", "llamacpp", "transformers"] = Field(
+        description="llama.cpp on a CPU: which engine reads the prompt. transformers = the model's transformers folder "
+                    "beside the GGUF reads it in bf16 and hands the keys/values to llama.cpp, which writes the answer; "
+                    "auto = that, on CPUs with AVX-512 BF16 or AMX when the folder exists and memory allows.")
     static_cache: bool = Field(description="transformers on CUDA: a static KV cache for the window.")
     compile: bool | Literal["auto"] = Field(description="transformers on CUDA: torch.compile decoding; auto = nf4.")
     openai_base_url: str

@@ -30,6 +30,7 @@ from common.gguf_copy import AMX_FORMAT, cpu_copy_format
 from llm.locate import cpu_copy_for, resolve_model_path
 from llm.openmp import configure_openmp_waits
 from llm.planner import MemoryPlan, plan_gguf_memory
+from llm.prefill import folder_bytes
 from llm.types import (
     BackendUnavailableError,
     ChatModel,
@@ -354,6 +355,7 @@ class LlamaCppChatModel(ChatModel):
         self.default_params = default_params
         self.plan = plan
         self.prompt_states = prompt_states       # llm.prompt_cache_mb; None = off
+        self.prefill: Any = None                 # llm.cpu_prefill: llm.prefill.TransformersPrefill, None = off
         self.template_source = template
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=[jinja2.ext.loopcontrols])
@@ -435,6 +437,10 @@ class LlamaCppChatModel(ChatModel):
             greedy = params.temperature <= 0
             if self.prompt_states is not None:
                 self.prompt_states.restore(self.llama, tokens)
+            if self.prefill is not None:
+                self.prefill.read(self.llama, tokens, stop)
+                if stop.is_set():
+                    return
             chunks = self.llama.create_completion(
                 tokens, max_tokens=max_new, stream=True, temperature=0.0 if greedy else params.temperature,
                 top_p=1.0 if greedy else params.top_p, top_k=0 if greedy else 50, min_p=0.0,
@@ -464,6 +470,8 @@ class LlamaCppChatModel(ChatModel):
         return StoppingCriteriaList([lambda _ids, _logits: stop.is_set()])   # checked after every token
 
     def close(self) -> None:
+        if self.prefill is not None:
+            self.prefill.close()
         self.llama.close()
 
 
@@ -505,15 +513,21 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     dims = gguf_dims(meta, n_vocab)
     context = min(llm.max_context_tokens, dims["context_train"]) if dims["context_train"] else llm.max_context_tokens
     file_type = FILE_TYPES.get(_int(meta, "general.file_type", -1), "gguf")
+    import psutil
+    cache_bytes = llm.prompt_cache_mb * 2**20
+    prefill_folder, prefill_note = _prefill_folder(llm, path, gguf, dims, size, context, file_type, cache_bytes)
+    prefill_bytes = folder_bytes(prefill_folder) + PREFILL_ACTIVATION_BYTES if prefill_folder else 0
+
     copy, copy_note, why = None, "", ""   # llm.use_cpu_copy: the file's copy in this CPU's fastest format
     fmt = None
     if llm.use_cpu_copy and llm.n_gpu_layers == 0:
         fmt, why = cpu_copy_format(cpu_flags(), n_params)
+        if prefill_folder is not None and fmt != AMX_FORMAT:
+            fmt = None       # the BF16 copy reads prompts faster but writes answers slower: transformers reads them
         if fmt is not None and fmt != file_type and (fmt != AMX_FORMAT or amx_kernels_safe(llama_cpp)):
             copy, copy_note = cpu_copy_for(gguf, fmt, settings.models_dir)
 
-    import psutil
-    cache_bytes = llm.prompt_cache_mb * 2**20
+    cache_bytes += prefill_bytes
     plan = plan_gguf_memory(dims, size, context, file_type, psutil.virtual_memory().available, cache_bytes)
     log.info("memory plan: %s", plan.summary())
     if copy is not None:       # the copy (same model, same metadata) when it fits too; it is the larger file
@@ -538,9 +552,18 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     except (ValueError, RuntimeError, OSError):
         raise LLMError(explain_load_failure(gguf, _recent_log(mark), size)) from None
     buffers = weight_buffers(_recent_log(mark))
+    prefill = None
+    if prefill_folder is not None:
+        from llm.prefill import TransformersPrefill
+
+        try:
+            prefill = TransformersPrefill.load(prefill_folder, llama, dims, threads)
+        except Exception as e:  # noqa: BLE001 - llama.cpp reads prompts itself; the reason is shown
+            prefill_note = (f"llm.cpu_prefill: transformers cannot read prompts for this GGUF ({e}); llama.cpp "
+                            f"reads them itself")
 
     template, template_note = _template_for(meta, gguf)
-    notes = [n for n in (notice, copy_note, template_note) if n]
+    notes = [n for n in (notice, copy_note, prefill_note, template_note) if n]
     for n in notes:
         log.warning(n)
     offload = llm.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
@@ -552,10 +575,41 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
         device="cuda" if offload else "cpu", quantization=file_type, dtype="", is_demo=is_demo,
         weights_path=str(gguf), max_context_tokens=context, notes=tuple(notes),
         context_tokens=0 if offload else llm.cpu_context_tokens,
+        prefill="transformers bf16" if prefill is not None else "",
     )
     log.info("llama.cpp: %s, %d threads, context %d, weights in %s, %s", gguf.name, threads, context,
              ", ".join(f"{k} {v:.0f} MiB" for k, v in buffers.items()) or "?", meta.get("general.name", ""))
     model = LlamaCppChatModel(llama, info, GenerationParams.from_settings(llm), template, plan,
                               PromptStates(cache_bytes) if cache_bytes else None)
     model.weight_buffers = buffers
+    model.prefill = prefill
     return model
+
+
+PREFILL_ACTIVATION_BYTES = 512 * 2**20   # transformers reading one 512-token step (attention, FF intermediates)
+
+
+def _prefill_folder(llm: Any, path: Path, gguf: Path, dims: dict[str, int], size: int, context: int,
+                    file_type: str, cache_bytes: int) -> tuple[Path | None, str]:
+    """llm.cpu_prefill: the transformers folder that will read prompts for this GGUF, or None and why not (a note
+    only where the user asked for it, or where auto would have used it but memory is short)."""
+    import psutil
+
+    from llm.prefill import cpu_reads_bf16_fast, folder_bytes, transformers_folder
+
+    mode = llm.cpu_prefill
+    if mode == "llamacpp" or llm.n_gpu_layers != 0:
+        return None, ""
+    folder = transformers_folder(path if path.is_dir() else gguf.parent)
+    if folder is None:
+        return None, ("" if mode == "auto" else
+                      f"llm.cpu_prefill: transformers needs the model's transformers folder (config.json and "
+                      f"*.safetensors) beside {gguf.name}; llama.cpp reads prompts itself")
+    if mode == "auto" and not cpu_reads_bf16_fast(cpu_flags()):
+        return None, ""
+    need = folder_bytes(folder) + PREFILL_ACTIVATION_BYTES
+    plan = plan_gguf_memory(dims, size, context, file_type, psutil.virtual_memory().available, cache_bytes + need)
+    if not plan.fits:
+        return None, (f"llm.cpu_prefill: not enough free memory for transformers to read prompts as well "
+                      f"({need / 2**30:.1f} GiB more; {plan.summary()}); llama.cpp reads them itself")
+    return folder, ""

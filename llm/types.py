@@ -102,12 +102,14 @@ class ModelInfo:
     weights_path: str = ""          # the folder actually loaded
     notes: tuple[str, ...] = field(default_factory=tuple)   # visible remarks (demo stand-in, quantization ignored)
     context_tokens: int = 0         # the engine's passage budget (llm.cpu_context_tokens on a CPU); 0 = the setting
+    prefill: str = ""               # another engine that reads the prompts (llm.cpu_prefill), "" = the engine itself
 
     @property
     def engine(self) -> str:
         """Which engine answers, for the status line: llama.cpp, transformers, or the remote server."""
-        return {"llamacpp": "llama.cpp", "transformers": "transformers", "openai": "OpenAI 兼容服务"}.get(
+        name = {"llamacpp": "llama.cpp", "transformers": "transformers", "openai": "OpenAI 兼容服务"}.get(
             self.backend, self.backend)
+        return f"{name}（{self.prefill} 读提示）" if self.prefill else name
 
     def context_budget(self, configured: int) -> int:
         """The 「已知信息」 token budget for this engine: prompt.context_tokens, capped by the engine's own."""
