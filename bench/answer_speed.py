@@ -79,8 +79,10 @@ def run_engine(args: argparse.Namespace) -> int:
     from configs import load_settings
 
     items = cmrc_items(args.data, args.quality)
-    llm = {"model": args.model, "backend": args.engine, "device": "cpu", "temperature": 0.0,
-           "max_new_tokens": args.max_new_tokens, "max_context_tokens": 4096, "use_cpu_copy": not args.no_cpu_copy}
+    backend, prefill = ENGINES[args.engine]
+    llm = {"model": args.model, "backend": backend, "device": "cpu", "temperature": 0.0,
+           "max_new_tokens": args.max_new_tokens, "max_context_tokens": 4096, "use_cpu_copy": not args.no_cpu_copy,
+           "cpu_prefill": prefill}
     overrides = {"prompt": {"context_tokens": args.context_tokens}} if args.context_tokens else {}
     settings = load_settings(paths={"kb_root": str(args.kb_root), "models_dir": args.models_dir}, llm=llm,
                              **overrides)
@@ -137,11 +139,17 @@ def run_engine(args: argparse.Namespace) -> int:
         print(json.dumps(rows[-1], ensure_ascii=False), flush=True)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     info = service.info
-    result = {"engine": args.engine, "max_new_tokens": args.max_new_tokens,
+    result = {"engine": args.engine, "max_new_tokens": args.max_new_tokens, "engine_line": info.engine,
               "model": info.name, "quantization": info.quantization, "dtype": info.dtype,
               "load_s": round(load_s, 1), "peak_rss_mb": round(peak_mb), "rows": rows}
     args.json.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
     return 0
+
+
+# --engines: (llm.backend, llm.cpu_prefill). llamacpp+tf: llama.cpp writes the answer from the keys/values of the
+# prompt read by transformers in bf16 (llm/prefill.py); plain llamacpp reads prompts itself.
+ENGINES = {"transformers": ("transformers", "llamacpp"), "llamacpp": ("llamacpp", "llamacpp"),
+           "llamacpp+tf": ("llamacpp", "transformers")}
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -191,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--context-tokens", type=int, default=0,
                     help="prompt.context_tokens for both engines (0: the setting)")
-    ap.add_argument("--engines", nargs="+", default=["transformers", "llamacpp"], choices=["transformers", "llamacpp"])
+    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES),
+                    help="llamacpp+tf: llama.cpp answers, transformers reads the prompt (llm.cpu_prefill)")
     ap.add_argument("--llamacpp-format", choices=sorted(FORMATS), default=None,
                     help="give llama.cpp the demo GGUF re-quantised to this format (modelpack.requantize), e.g. BF16: "
                          "the same bf16 values transformers computes with")
@@ -224,14 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         kb_root = build_kb(items, work, models_dir)
         print(f"knowledge base: {len(items)} CMRC passages in {time.perf_counter() - t:.0f} s", flush=True)
         gguf = None
-        if args.llamacpp_format and "llamacpp" in args.engines:
+        if args.llamacpp_format and any(e.startswith("llamacpp") for e in args.engines):
             src = next((Path(models_dir) / args.model).glob("*.gguf"))
             gguf = work / f"{args.model}-{args.llamacpp_format.lower()}.gguf"
             requantize_in_child(src, gguf, args.llamacpp_format)
             print(f"llama.cpp gets {gguf.name} (re-quantised from {src.name})", flush=True)
         for engine in args.engines:
             out = work / f"{engine}.json"
-            model = str(gguf) if engine == "llamacpp" and gguf is not None else args.model
+            model = str(gguf) if engine.startswith("llamacpp") and gguf is not None else args.model
             cmd = [sys.executable, "-m", "bench.answer_speed", "--engine", engine, "--kb-root", str(kb_root),
                    "--models-dir", models_dir, "--json", str(out), "--model", model,
                    "--questions", str(args.questions), "--quality", str(args.quality),
@@ -255,12 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{s['engine']:13} {s['weights']:40} {s['ttft_p50']:6.2f} / {s['ttft_p95']:6.2f}   "
               f"{s['decode_tok_s']:12}   {s['whole_p50']:6.2f} / {s['whole_p95']:6.2f}   {s['peak_rss_mb']:11}   "
               f"{s['em']:.3f}  {s['f1']:.3f}  {s['false_refusals']}/{s['quality_n']}            {long}")
-    if len(summaries) == 2 and all(s["decode_tok_s"] for s in summaries):
-        a, b = summaries
-        print(f"\nllama.cpp vs transformers: decode ×{b['decode_tok_s'] / a['decode_tok_s']:.1f}, "
+    for k in range(1, len(summaries)):
+        a, b = summaries[0], summaries[k]
+        if not (a["decode_tok_s"] and b["decode_tok_s"]):
+            continue
+        print(f"\n{b['engine']} vs {a['engine']}: decode ×{b['decode_tok_s'] / a['decode_tok_s']:.1f}, "
               f"TTFT p50 ×{b['ttft_p50'] / a['ttft_p50']:.2f}, "
               f"whole answer p50 ×{b['whole_p50'] / a['whole_p50']:.2f}, F1 {b['f1'] - a['f1']:+.3f}")
-        paired = paired_long(results[0], results[1])
+        paired = paired_long(results[0], results[k])
         if paired:
             ta, tb = pct([x for x, _ in paired], 50), pct([y for _, y in paired], 50)
             print(f"long answers that reached the {args.max_new_tokens}-token cap on both engines ({len(paired)}): "
