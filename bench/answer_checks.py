@@ -18,6 +18,11 @@ would do to both refusal rates, before it is built into the product:
                        or an extraction that shares little with the answer (character F1 < 0.3), would turn the answer
                        into a refusal. A near miss holds the topic's words but not the asked fact, so the strict
                        prompt on that one sentence may refuse where the long prompt answered. One short prompt each.
+  refusal probability  (--refusal-prob, llama.cpp engine) the model's own log-probability of the template's
+                       refusal sentence 「根据已知信息无法回答该问题」 after the prompt that produced the answer, and
+                       of the answer it gave (mean per token): a model that almost refused may be less sure of a
+                       near miss than of a read-off fact. Costs the prompt's prefill again plus ~30 decoding steps
+                       per answer; in the product only the steps (the prompt's cache is live when the answer ends).
 A check is worth adopting only where it turns many more unanswerable answers than answerable ones into refusals.
 """
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 SELF_CHECK = ("资料：\n{window}\n\n问题：{question}\n回答：{answer}\n\n"
               "请判断：上面的资料是否明确写出了这个问题所问的内容，并且回答与资料一致？只回答“是”或“否”。")
@@ -57,7 +63,8 @@ def passed_answers(report: dict, config: str) -> list[dict]:
         passage = a["source_texts"][verdict.source - 1]
         sentence = verdict.evidence.get(verdict.source) or passage[:200]
         out.append({"answerable": q["answerable"], "question": q["query"], "answer": a["prediction"],
-                    "sentence": sentence, "window": support_window(passage, sentence)})
+                    "sentence": sentence, "window": support_window(passage, sentence),
+                    "sources": list(a["source_texts"])})
     return out
 
 
@@ -66,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("report", type=Path, help="the JSON report of a bench.evaluate --noise run")
     ap.add_argument("--config", default=None, help="which configuration's answers (default: the first)")
     ap.add_argument("--self-check", action="store_true", help="also ask the configured LLM to verify each answer")
+    ap.add_argument("--refusal-prob", action="store_true",
+                    help="also score the refusal sentence's and the answer's log-probability (llama.cpp engine)")
     ap.add_argument("--re-extract", action="store_true",
                     help="also ask the configured LLM the question again on the support window alone")
     args = ap.parse_args(argv)
@@ -108,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         u = sum(not r["self_check"].startswith("是") for r in rows if not r["answerable"])
         print(f"self-check ({llm.info.name}): judged 否 on {a} of {n_a} "
               f"answerable and {u} of {len(rows) - n_a} unanswerable answers")
+    if args.refusal_prob:
+        refusal_probability(rows, settings, n_a)
     if args.re_extract:
         from bench.eval.metrics import char_f1
         from grounding.check import looks_like_refusal
@@ -136,6 +147,64 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"re-extraction ({llm.info.name}) {name}: {a} of {n_a} answerable, {u} of {len(rows) - n_a} "
                   f"unanswerable answers")
     return 0
+
+
+def sequence_logprobs(model: Any, prompt: list[int], seq: list[int]) -> list[float]:
+    """log P(seq[i] | prompt + seq[:i]) from llama.cpp, with the prompt already in its cache."""
+    import numpy as np
+
+    llama = model.llama
+    llama.n_tokens = len(prompt) - 1           # decode the prompt's last token again (eval drops the cache after it)
+    llama.eval([prompt[-1]])
+    out = []
+    for tok in seq:
+        logits = np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),)).astype(np.float64)
+        m = logits.max()
+        out.append(float(logits[tok] - m - np.log(np.exp(logits - m).sum())))
+        llama.eval([tok])
+    return out
+
+
+def refusal_probability(rows: list[dict], settings: Any, n_a: int) -> None:
+    """--refusal-prob: per answer, log P(refusal sentence | prompt) and the answer's mean token log-probability,
+    with the prompt the service built for it (the default template, the passages the model was given)."""
+    import statistics
+
+    from llm.loader import load_llm
+    from prompts.builder import build_prompt_from_settings
+    from retrieval.types import Hit
+
+    llm = load_llm(settings)
+    if not hasattr(llm, "llama"):
+        raise SystemExit("--refusal-prob needs the llama.cpp engine (llm.backend: llamacpp)")
+    llama = llm.llama
+    refusal = llama.tokenize("根据已知信息无法回答该问题".encode(), add_bos=False, special=False)
+    for r in rows:
+        hits = [Hit(text=t, score=1.0, source=f"p{i}.txt", chunk_ids=(i,)) for i, t in enumerate(r["sources"])]
+        built = build_prompt_from_settings(r["question"], hits, [], settings, llm.count_tokens,
+                                           max_new_tokens=64, max_context_tokens=llm.info.max_context_tokens,
+                                           context_tokens=llm.info.max_context_tokens)
+        prompt = llm.encode_messages(built.messages)
+        llama.reset()
+        if llm.prefill is not None:
+            llm.prefill.read(llama, prompt)
+        llama.eval(prompt[llama.n_tokens:])
+        r["lp_refusal"] = sum(sequence_logprobs(llm, prompt, refusal))
+        answer = llama.tokenize(r["answer"].encode(), add_bos=False, special=False)
+        r["lp_answer"] = statistics.fmean(sequence_logprobs(llm, prompt, answer)) if answer else 0.0
+        print(json.dumps({k: r[k] for k in ("answerable", "question", "answer", "lp_refusal", "lp_answer")},
+                         ensure_ascii=False), flush=True)
+    for key in ("lp_refusal", "lp_answer"):
+        for side, flag in (("answerable", True), ("unanswerable", False)):
+            vals = sorted(round(r[key], 2) for r in rows if r["answerable"] == flag)
+            print(f"{key}, {side}: {vals}")
+    print("| signal | threshold | answerable answers refused | unanswerable answers refused |\n|---|---|---|---|")
+    for key, sign in (("lp_refusal", 1), ("lp_answer", -1)):
+        values = sorted({round(r[key], 1) for r in rows})
+        for t in values[:: max(1, len(values) // 12)]:
+            hit = [(r["answerable"]) for r in rows if sign * r[key] >= sign * t]
+            a, u = sum(hit), len(hit) - sum(hit)
+            print(f"| {key} {'≥' if sign > 0 else '≤'} | {t:.1f} | {a} of {n_a} | {u} of {len(rows) - n_a} |")
 
 
 if __name__ == "__main__":
