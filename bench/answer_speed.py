@@ -11,7 +11,9 @@ streaming. One warm-up question first (not counted: loading, first-call set-up).
 questions: TTFT (call → first text piece), decode tokens/s (answer tokens after the first ÷ time after the first
 piece; tokens counted with the engine's own tokenizer), whole-answer seconds. Over all `--quality` questions:
 EM / F1 (bench.eval.metrics, CMRC-style) and false refusals (a refusal to an answerable question,
-bench.eval.answer_eval.looks_like_refusal). The two engines run one after the other, never at once.
+bench.eval.answer_eval.looks_like_refusal). The engines run one after the other, never at once. A third engine,
+`llamacpp+tf` (in the default `--engines`), is llama.cpp writing the answer from a prompt read by transformers
+(`llm.cpu_prefill: transformers`, llm/prefill.py); plain `llamacpp` reads prompts itself (`llm.cpu_prefill: llamacpp`).
 The passages get the settings' budget — on a CPU `llm.cpu_context_tokens`, at most `prompt.context_tokens` —
 and `--context-tokens N` sets `prompt.context_tokens` for both (to compare budgets); each answer records its prompt
 tokens (the summary shows their median). `--llamacpp-format BF16` gives llama.cpp the demo GGUF re-quantised to bf16
