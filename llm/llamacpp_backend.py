@@ -30,7 +30,7 @@ from common.gguf_copy import AMX_FORMAT, cpu_copy_format
 from llm.locate import cpu_copy_for, resolve_model_path
 from llm.openmp import configure_openmp_waits
 from llm.planner import MemoryPlan, plan_gguf_memory
-from llm.prefill import folder_bytes
+from llm.prefill import cpu_reads_bf16_fast, folder_bytes, shared_start, transformers_folder
 from llm.types import (
     BackendUnavailableError,
     ChatModel,
@@ -283,15 +283,6 @@ class PromptStates:
     def size_bytes(self) -> int:
         return sum(len(v) + 4 * len(k) for k, v in self._states.items())
 
-    @staticmethod
-    def _shared(a: Sequence[int], b: Sequence[int]) -> int:
-        n = 0
-        for x, y in zip(a, b, strict=False):
-            if x != y:
-                break
-            n += 1
-        return n
-
     def restore(self, llama: Any, tokens: Sequence[int]) -> int:
         """Load the kept state that shares the longest start with `tokens` when it beats the live cache by
         min_gain tokens; returns how many prompt tokens it brings back (0: nothing loaded)."""
@@ -299,8 +290,8 @@ class PromptStates:
 
         if not self._states:
             return 0
-        live = self._shared(llama.input_ids[:llama.n_tokens].tolist(), tokens)
-        key, shared = max(((k, self._shared(k, tokens)) for k in self._states), key=lambda kv: kv[1])
+        live = shared_start(llama.input_ids[:llama.n_tokens].tolist(), tokens)
+        key, shared = max(((k, shared_start(k, tokens)) for k in self._states), key=lambda kv: kv[1])
         if shared - live < self.min_gain:
             return 0
         data = self._states[key]
@@ -515,8 +506,8 @@ def load_llamacpp_model(settings: Any) -> LlamaCppChatModel:
     file_type = FILE_TYPES.get(_int(meta, "general.file_type", -1), "gguf")
     import psutil
     cache_bytes = llm.prompt_cache_mb * 2**20
-    prefill_folder, prefill_note = _prefill_folder(llm, path, gguf, dims, size, context, file_type, cache_bytes)
-    prefill_bytes = folder_bytes(prefill_folder) + PREFILL_ACTIVATION_BYTES if prefill_folder else 0
+    prefill_folder, prefill_bytes, prefill_note = _prefill_folder(llm, path, gguf, dims, size, context, file_type,
+                                                                  cache_bytes)
 
     copy, copy_note, why = None, "", ""   # llm.use_cpu_copy: the file's copy in this CPU's fastest format
     fmt = None
@@ -590,26 +581,25 @@ PREFILL_ACTIVATION_BYTES = 512 * 2**20   # transformers reading one 512-token st
 
 
 def _prefill_folder(llm: Any, path: Path, gguf: Path, dims: dict[str, int], size: int, context: int,
-                    file_type: str, cache_bytes: int) -> tuple[Path | None, str]:
-    """llm.cpu_prefill: the transformers folder that will read prompts for this GGUF, or None and why not (a note
-    only where the user asked for it, or where auto would have used it but memory is short)."""
+                    file_type: str, cache_bytes: int) -> tuple[Path | None, int, str]:
+    """llm.cpu_prefill: the transformers folder that will read prompts for this GGUF and the memory it needs, or
+    (None, 0) and why not (a note only where the user asked for it, or where auto would have used it but memory is
+    short)."""
     import psutil
-
-    from llm.prefill import cpu_reads_bf16_fast, folder_bytes, transformers_folder
 
     mode = llm.cpu_prefill
     if mode == "llamacpp" or llm.n_gpu_layers != 0:
-        return None, ""
+        return None, 0, ""
     folder = transformers_folder(path if path.is_dir() else gguf.parent)
     if folder is None:
-        return None, ("" if mode == "auto" else
-                      f"llm.cpu_prefill: transformers needs the model's transformers folder (config.json and "
-                      f"*.safetensors) beside {gguf.name}; llama.cpp reads prompts itself")
+        return None, 0, ("" if mode == "auto" else
+                         f"llm.cpu_prefill: transformers needs the model's transformers folder (config.json and "
+                         f"*.safetensors) beside {gguf.name}; llama.cpp reads prompts itself")
     if mode == "auto" and not cpu_reads_bf16_fast(cpu_flags()):
-        return None, ""
+        return None, 0, ""
     need = folder_bytes(folder) + PREFILL_ACTIVATION_BYTES
     plan = plan_gguf_memory(dims, size, context, file_type, psutil.virtual_memory().available, cache_bytes + need)
     if not plan.fits:
-        return None, (f"llm.cpu_prefill: not enough free memory for transformers to read prompts as well "
-                      f"({need / 2**30:.1f} GiB more; {plan.summary()}); llama.cpp reads them itself")
-    return folder, ""
+        return None, 0, (f"llm.cpu_prefill: not enough free memory for transformers to read prompts as well "
+                         f"({need / 2**30:.1f} GiB more; {plan.summary()}); llama.cpp reads them itself")
+    return folder, need, ""

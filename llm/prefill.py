@@ -25,6 +25,7 @@ import logging
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,29 @@ MIN_TOKENS = 64             # shorter remainders: llama.cpp reads them itself (n
 CHUNK = 512                 # prefill step: bounded attention memory, stop checked between steps
 PROBE_TEXT = "知问：公司文档问答。The quick brown fox 2026 年 12 月。"
 MIN_COSINE = 0.95           # per-layer mean cosine of the probe's keys/values between the two engines
+
+
+_CELL = np.dtype([("pos", "<i4"), ("n_seq", "<u4"), ("seq", "<i4")])   # a cell's metadata in a state
+
+
+def shared_start(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens two sequences share from the start."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def worst_cosine(ours: Sequence[np.ndarray], theirs: Sequence[np.ndarray], rows: int | None = None) -> float:
+    """The lowest per-layer mean cosine between two lists of key/value arrays ([tokens, width]), first `rows`."""
+    worst = 1.0
+    for x, y in zip(ours, theirs, strict=True):
+        a, b = x[:rows].astype(np.float32), y[:rows].astype(np.float32)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-9)
+        worst = min(worst, float(cos.mean()))
+    return worst
 
 
 class StateFormatError(ValueError):
@@ -79,8 +103,7 @@ def parse_state(data: bytes, n_layer: int) -> tuple[StateLayout, KVState]:
     (cells,), off = _take(view, off, "<I")
     if cells == 0:
         raise StateFormatError("empty state")
-    meta = np.frombuffer(data, dtype=np.dtype([("pos", "<i4"), ("n_seq", "<u4"), ("seq", "<i4")]), count=cells,
-                         offset=off)
+    meta = np.frombuffer(data, dtype=_CELL, count=cells, offset=off)
     if not (meta["n_seq"] == 1).all():
         raise StateFormatError("cells of several sequences, or cells with extra data (M-RoPE ...)")
     off += meta.nbytes
@@ -123,7 +146,7 @@ def parse_state(data: bytes, n_layer: int) -> tuple[StateLayout, KVState]:
 def build_state(layout: StateLayout, keys: list[np.ndarray], values: list[np.ndarray]) -> bytes:
     """A state in `layout` for cells at positions 0..n-1 of sequence 0 (keys/values: per layer [n, width])."""
     n = keys[0].shape[0]
-    meta = np.zeros(n, dtype=np.dtype([("pos", "<i4"), ("n_seq", "<u4"), ("seq", "<i4")]))
+    meta = np.zeros(n, dtype=_CELL)
     meta["pos"] = np.arange(n, dtype=np.int32)
     meta["n_seq"] = 1
     parts = [layout.header, struct.pack("<I", n), meta.tobytes(), struct.pack("<II", int(layout.v_trans),
@@ -195,9 +218,10 @@ def cpu_reads_bf16_fast(flags: set[str]) -> bool:
 class TransformersPrefill:
     """The transformers model (bf16, base model without the LM head) that reads prompts for a llama.cpp model."""
 
-    def __init__(self, model: Any, layout: StateLayout, folder: Path, threads: int):
+    def __init__(self, model: Any, layout: StateLayout, folder: Path, threads: int, head_dim: int):
         self.model = model
         self.layout = layout
+        self.head_dim = head_dim
         self.folder = folder
         self.threads = threads
         self.tokens_read = 0            # counters for logs and benchmarks
@@ -241,13 +265,9 @@ class TransformersPrefill:
         if layout.k_width != n_kv * head_dim or layout.v_width != n_kv * head_dim:
             raise StateFormatError(f"llama.cpp's cache rows ({layout.k_width}/{layout.v_width}) are not "
                                    f"{n_kv} x {head_dim}")
-        self = cls(model, layout, folder, threads)
+        self = cls(model, layout, folder, threads, head_dim)
         keys, values = self._forward(probe, None)
-        worst = 1.0
-        for ours, other in zip([*keys, *values], [*theirs.keys, *theirs.values], strict=True):
-            a, b = ours.astype(np.float32), other.astype(np.float32)
-            cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-9)
-            worst = min(worst, float(cos.mean()))
+        worst = worst_cosine([*keys, *values], [*theirs.keys, *theirs.values])
         if worst < MIN_COSINE:
             raise ValueError(f"{folder.name}'s weights do not give the GGUF's keys and values (cosine {worst:.2f} "
                              f"on a probe text): not the same model")
@@ -260,29 +280,25 @@ class TransformersPrefill:
         import torch
         from transformers import DynamicCache
 
-        n_kv = self.layout.k_width
+        k_width, v_width = self.layout.k_width, self.layout.v_width
         cache = DynamicCache(config=self.model.config)
         with torch.inference_mode():
             if past is not None and len(past.positions):
                 for i, (k, v) in enumerate(zip(past.keys, past.values, strict=True)):
                     kt = torch.from_numpy(np.ascontiguousarray(k)).to(torch.bfloat16)
                     vt = torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16)
-                    shape = (1, kt.shape[0], -1, self._head_dim)
+                    shape = (1, kt.shape[0], -1, self.head_dim)
                     cache.update(kt.view(shape).transpose(1, 2), vt.view(shape).transpose(1, 2), i)
             for start in range(0, len(tokens), CHUNK):
                 if stop is not None and stop.is_set():
                     raise InterruptedError
                 ids = torch.tensor([tokens[start:start + CHUNK]], dtype=torch.long)
                 self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-            keys = [layer.keys[0].transpose(0, 1).reshape(-1, n_kv).to(torch.float16).numpy() for layer in cache.layers]
-            values = [layer.values[0].transpose(0, 1).reshape(-1, self.layout.v_width).to(torch.float16).numpy()
+            keys = [layer.keys[0].transpose(0, 1).reshape(-1, k_width).to(torch.float16).numpy()
+                    for layer in cache.layers]
+            values = [layer.values[0].transpose(0, 1).reshape(-1, v_width).to(torch.float16).numpy()
                       for layer in cache.layers]
         return keys, values
-
-    @property
-    def _head_dim(self) -> int:
-        c = self.model.config
-        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
     def read(self, llama: Any, tokens: list[int], stop: threading.Event | None = None) -> int:
         """Read all prompt tokens but the last into llama.cpp's cache; returns how many transformers read (0: left to
@@ -290,12 +306,7 @@ class TransformersPrefill:
         import torch
 
         target = len(tokens) - 1
-        live = llama.input_ids[:llama.n_tokens].tolist()
-        have = 0
-        for a, b in zip(live, tokens[:target], strict=False):
-            if a != b:
-                break
-            have += 1
+        have = shared_start(llama.input_ids[:llama.n_tokens].tolist(), tokens[:target])
         if target - have < MIN_TOKENS:
             return 0
         started = time.perf_counter()

@@ -14,6 +14,7 @@ import pytest
 
 from configs import load_settings
 from llm import GenerationParams, load_llm
+from llm.prefill import shared_start
 from tests.conftest import require_model
 from tests.support.tiny_gguf import GLM4_TEMPLATE, write_tiny_glm_gguf
 
@@ -42,28 +43,14 @@ def same_answer(a: str, b: str) -> bool:
     return bool(a.strip()) and a[:4] == b[:4] and char_f1(a, ((b,),)) >= 0.6
 
 
-def shared_start(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def prompt_cosine(handed, plain, n: int) -> float:
     """The worst per-layer mean cosine between the keys/values of the first n prompt tokens in the two contexts."""
-    from llm.prefill import get_state, parse_state
+    from llm.prefill import get_state, parse_state, worst_cosine
 
     layers = handed.prefill.layout.n_layer
     _, ours = parse_state(get_state(handed.llama), layers)
     _, theirs = parse_state(get_state(plain.llama), layers)
-    worst = 1.0
-    for a, b in zip([*ours.keys, *ours.values], [*theirs.keys, *theirs.values], strict=True):
-        a, b = a[:n].astype(np.float32), b[:n].astype(np.float32)
-        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-9)
-        worst = min(worst, float(cos.mean()))
-    return worst
+    return worst_cosine([*ours.keys, *ours.values], [*theirs.keys, *theirs.values], n)
 
 
 @pytest.fixture(scope="module")
