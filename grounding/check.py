@@ -10,7 +10,8 @@ Checks, each a kind of Failure:
   constraint              the question's year/date or place is not in the passage the answer came from (a 2021
                           figure for a 2022 question)
   relevance               the sentence the answer came from shares too few of the question's key terms (a number
-                          that is in the passages, but about something else)
+                          that is in the passages, but about something else; an answer without numbers/names too,
+                          its sentence found by its wording)
   citation                a marker [n] points at no passage, or at a passage without the sentence's claims
   uncited                 (templates that ask for citations, when the model cites elsewhere) a sentence with claims
                           and no marker
@@ -250,7 +251,9 @@ def check_answer(answer: str, question: str, passages: Sequence[str], *, require
                 failures.append(Failure("constraint", con.text,
                                         f"问题中的「{con.text}」在答案所依据的段落[{source}]中没有出现"))
         terms = key_terms(question, exclude=[c.text for c in all_claims])
-        if terms and (all_claims or quote is not None) and sentence:
+        # an answer without numbers/dates/names is checked too: its sentence is found by its wording
+        # (「不同的分值代表着不同的人生类型和宇宙观」 from a sentence about something else: 0 of the key terms)
+        if terms and sentence:
             cov = term_coverage(terms, text, sentence)
             if cov < min_relevance:
                 failures.append(Failure("relevance", sentence[:30],

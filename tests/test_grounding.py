@@ -62,6 +62,17 @@ def test_made_up_number_fails_and_says_which_part():
     assert r.summary().startswith(UNGROUNDED) and "「3000」" in r.summary()
 
 
+def test_an_answer_without_numbers_or_names_is_checked_for_relevance_too():
+    """A near miss need not hold a number: 「不同的人生类型和宇宙观」 copied from a sentence about something else (the
+    demo model's answer to a question whose passage was removed, docs/benchmarks.md §10.5) now fails on relevance;
+    the same kind of answer from the sentence that answers the question passes."""
+    passages = ["威廉·狄尔泰\n强调和不同的生活类型相应的是不同的宇宙观，不同的历史时期有不同的人生类型。",
+                "健康测验\n每题的分值相加，总分代表着受测者目前的健康状况。"]
+    r = check_answer("不同的分值代表着不同的人生类型和宇宙观。", "不同的分值代表着什么意思？", passages)
+    assert [f.kind for f in r.failures] == ["relevance"] and r.source == 1
+    assert check_answer("不同的分值代表着受测者目前的健康状况。", "不同的分值代表着什么意思？", passages).ok
+
+
 def test_year_constraint_of_the_question_must_be_in_the_answers_passage():
     passages = ["2021年公司营收增长12%。", "公司在上海设有总部。"]
     r = check_answer("营收增长了12%。", "2022年公司营收增长了多少？", passages)
