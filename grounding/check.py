@@ -7,8 +7,9 @@
 Checks, each a kind of Failure:
   number / date / entity  a number, date or named entity of the answer is in none of the passages (normalised:
                           full/half width, 万/亿, Chinese numerals, date formats — grounding.claims)
-  constraint              the question's year/date or place is not in the passage the answer came from (a 2021
-                          figure for a 2022 question)
+  constraint              the question's year/date, quarter/half year or place is not in the passage the answer
+                          came from (a 2021 figure for a 2022 question), or it is, but every sentence stating the
+                          answer's figure ties it to another year or quarter (「2022年营收100亿元，2021年为83亿元」)
   relevance               the sentence the answer came from shares too few of the question's key terms (a number
                           that is in the passages, but about something else; an answer without numbers/names too,
                           its sentence found by its wording)
@@ -32,7 +33,9 @@ from dataclasses import asdict, dataclass, field
 from common.text import char_bigrams
 from grounding.claims import (
     Claim,
+    bound_elsewhere,
     extract_claims,
+    is_range,
     meets,
     normalize,
     question_constraints,
@@ -208,8 +211,11 @@ def check_answer(answer: str, question: str, passages: Sequence[str], *, require
 
     all_claims: list[Claim] = []
     support: dict[str, list[int]] = {}
+    dated: set[str] = set()     # claims of an answer sentence that names its own date: the model says when
     for sentence, marks in _sentences_with_markers(answer):
         claims = extract_claims(sentence, ignore=question)
+        if any(c.kind == "date" for c in claims):
+            dated.update(c.key for c in claims)
         for claim in claims:
             if claim.key in support:
                 continue
@@ -246,10 +252,20 @@ def check_answer(answer: str, question: str, passages: Sequence[str], *, require
         sentence = quote.text if quote is not None else best_sentence(text, answer, claims=all_claims)
         if sentence:
             evidence[source] = sentence
-        for con in question_constraints(question):
+        cons = question_constraints(question)
+        for con in cons:
             if not meets(text, con):
                 failures.append(Failure("constraint", con.text,
                                         f"问题中的「{con.text}」在答案所依据的段落[{source}]中没有出现"))
+                continue
+            if sum(c.kind == con.kind for c in cons) > 1 or is_range(question, con):
+                continue                # 「1992年至1999年间」「2010年以来」: a span, the figure may be of any year
+            for claim in all_claims:    # the year is there, but the answer's figure belongs to another one
+                where = [] if claim.key in dated else support.get(claim.key) or []
+                tied = [bound_elsewhere(passages[i - 1], claim, con) for i in where]
+                if where and all(tied):
+                    failures.append(Failure("constraint", claim.text, f"「{claim.text}」在资料中说的是{tied[0]}，"
+                                            f"不是问题问的「{con.text}」"))
         terms = key_terms(question, exclude=[c.text for c in all_claims])
         # an answer without numbers/dates/names is checked too: its sentence is found by its wording
         # (「不同的分值代表着不同的人生类型和宇宙观」 from a sentence about something else: 0 of the key terms)

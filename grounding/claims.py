@@ -22,6 +22,8 @@ from functools import lru_cache
 
 import cn2an
 
+from retrieval.sentences import split_sentences
+
 # Named-entity tags of jieba's part-of-speech model: person, place, organisation, other proper noun, Latin word.
 ENTITY_FLAGS = frozenset({"nr", "nrfg", "nrt", "ns", "nsf", "nt", "nz", "eng"})
 PLACE_FLAGS = frozenset({"ns", "nsf"})
@@ -243,11 +245,47 @@ def supports(passage: str, claim: Claim) -> bool:
 
 @dataclass(frozen=True)
 class Constraint:
-    """Something the question pins down that the answer's passage must state: a year/date or a place."""
+    """Something the question pins down that the answer's passage must state: a year/date, a part of a year (a
+    quarter, a half year) or a place."""
 
-    kind: str          # "date" | "place"
+    kind: str          # "date" | "period" | "place"
     text: str
     key: str
+
+
+# Parts of a year as reports name them: 第三季度 = 三季度 = Q3 = 7-9月; 上半年 = H1 = 1-6月; 前三季度 = 1-9月.
+# (「第三季」 alone is left out: it is as often a TV series' third season.)
+_QUARTER_NUM = {"一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "1": 1, "2": 2, "3": 3, "4": 4}
+_PERIOD = re.compile(r"前\s*(?P<first>[二两三23])\s*(?:个)?季度"
+                     r"|(?:第\s*)?(?P<quarter>[一二三四1-4])\s*季度"
+                     r"|(?<![a-z])q(?P<q>[1-4])(?![a-z0-9])"
+                     r"|(?P<half>上半年|下半年|(?<![a-z])h[12](?![a-z0-9]))"
+                     r"|(?<!\d)(?P<m1>1[0-2]|[1-9])\s*(?:月份?)?\s*[-—–~至到]\s*(?P<m2>1[0-2]|[1-9])\s*月")
+_MONTH_RANGES = {(1, 3): "q1", (4, 6): "q2", (7, 9): "q3", (10, 12): "q4", (1, 6): "h1", (7, 12): "h2",
+                 (1, 9): "q1-3", (1, 12): "year"}
+
+
+def _periods(text: str) -> list[tuple[str, int, int]]:
+    """(key, start, end) of each part of a year named in `text` (normalised text expected).
+
+    >>> [k for k, _, _ in _periods(normalize("2022年第三季度、Q4、上半年、1-9月与前三季度"))]
+    ['q3', 'q4', 'h1', 'q1-3', 'q1-3']
+    """
+    out = []
+    for m in _PERIOD.finditer(text):
+        if m.group("first"):
+            key = f"q1-{_QUARTER_NUM[m.group('first')]}"
+        elif m.group("quarter") or m.group("q"):
+            key = f"q{_QUARTER_NUM[m.group('quarter') or m.group('q')]}"
+        elif m.group("half"):
+            key = "h1" if m.group("half") in ("上半年", "h1") else "h2"
+        else:
+            a, b = int(m.group("m1")), int(m.group("m2"))
+            key = _MONTH_RANGES.get((a, b), f"m{a}-{b}")
+        if key == "year":        # 1-12月: the whole year, no part of it
+            continue
+        out.append((key, m.start(), m.end()))
+    return out
 
 
 def question_constraints(question: str) -> list[Constraint]:
@@ -255,14 +293,97 @@ def question_constraints(question: str) -> list[Constraint]:
 
     >>> [c.text for c in question_constraints("2022年上海的GDP是多少？")]
     ['2022年', '上海']
+    >>> [c.key for c in question_constraints("2023年第三季度营收多少？")]
+    ['date:2023', 'period:q3']
     """
     text = normalize(_cn_dates_to_digits(question))
     out = [Constraint("date", text[s:e], _date_key(d)) for d, s, e in _dates(text)]
+    out += [Constraint("period", text[s:e], f"period:{k}") for k, s, e in _periods(text)]
     out += [Constraint("place", w, f"ent:{w}") for w, flag, _ in _entities(text) if flag in PLACE_FLAGS]
     return out
 
 
 def meets(passage: str, constraint: Constraint) -> bool:
-    """Does `passage` state the constraint (the same year/date, the place's name)?"""
+    """Does `passage` state the constraint (the same year/date, part of the year, the place's name)?"""
+    if constraint.kind == "period":
+        want = constraint.key.removeprefix("period:")
+        return any(k == want for k, _, _ in _periods(normalize(_cn_dates_to_digits(passage))))
     return supports(passage, Claim(constraint.kind if constraint.kind == "date" else "entity", constraint.text,
                                    constraint.key))
+
+
+# A year or quarter right after these words is the base of a comparison, not the time a figure belongs to:
+# 「较2021年增长20%」「与上季度相比」「比2021年的83亿元」.
+_BASE = re.compile(r"(?:较之?|相较于?|比|相比|同比|环比|对比|与|同|从|自|由|高于|低于|超过|不及)\s*$")
+# Clause ends inside a sentence (normalised text: ，；：→ , ; :); a comma between digits is a thousands separator.
+_CLAUSE = re.compile(r"(?<!\d),|,(?!\d)|[;:]")
+
+
+def _times(text: str, kind: str) -> set[str]:
+    """The years (kind "date") or parts of a year ("period") that `text` names, comparison bases left out."""
+    found = ([(str(d[0]), s) for d, s, _ in _dates(text) if d[0] is not None] if kind == "date"
+             else [(k, s) for k, s, _ in _periods(text)])
+    return {key for key, s in found if not _BASE.search(text[max(0, s - 4):s])}
+
+
+_RANGE_BEFORE = re.compile(r"(?:自|从|至|到|截至|截止)\s*$")
+_RANGE_AFTER = re.compile(r"^(?:以来|之前|之后|以前|以后|前|后|起|开始|至|到|间|期间|之间|-|~)")
+
+
+def is_range(question: str, constraint: Constraint) -> bool:
+    """Is the question's time one end of a span (「2010年以来」「自1981年起」「截至2022年」) rather than a point?"""
+    text = normalize(_cn_dates_to_digits(question))
+    at = text.find(constraint.text)
+    if at < 0:
+        return False
+    return bool(_RANGE_BEFORE.search(text[:at]) or _RANGE_AFTER.match(text[at + len(constraint.text):]))
+
+
+def bound_elsewhere(passage: str, claim: Claim, constraint: Constraint) -> str | None:
+    """The year/part of the year that `passage` ties `claim` to, when every statement of the claim is tied to
+    another one than the question's `constraint` asks for (else None): a 2021 figure given for a 2022 question
+    although the passage names both years.
+
+    A statement is tied to the times named in its clause, else in its sentence (a comparison's base year does not
+    count); one named nowhere near it is tied to nothing, and then the claim passes.
+
+    >>> c = extract_claims("83亿元")[0]
+    >>> bound_elsewhere("2022年营收100亿元，2021年为83亿元。", c, question_constraints("2022年营收多少？")[0])
+    '2021年'
+    >>> bound_elsewhere("营收83亿元，较2021年增长20%。", c, question_constraints("2022年营收多少？")[0]) is None
+    True
+    """
+    if claim.kind not in ("number", "entity") or constraint.kind not in ("date", "period"):
+        return None
+    if constraint.kind == "date":
+        want = _parse_date_key(constraint.key)[0]
+        if want is None:
+            return None
+        want_key = str(want)
+    else:
+        want_key = constraint.key.removeprefix("period:")
+    text = normalize(_cn_dates_to_digits(passage))
+    tied: list[str] = []
+    for sentence in split_sentences(text):
+        if not supports(sentence, claim):
+            continue
+        for clause in _CLAUSE.split(sentence):
+            if not supports(clause, claim):
+                continue
+            times = _times(clause, constraint.kind) or _times(sentence, constraint.kind)
+            if not times or want_key in times:
+                return None
+            tied.extend(sorted(times))
+        if not tied:             # the claim spans clauses: the sentence decides
+            times = _times(sentence, constraint.kind)
+            if not times or want_key in times:
+                return None
+            tied.extend(sorted(times))
+    if not tied:
+        return None
+    first = tied[0]
+    return f"{first}年" if constraint.kind == "date" else _PERIOD_NAMES.get(first, first)
+
+
+_PERIOD_NAMES = {"q1": "第一季度", "q2": "第二季度", "q3": "第三季度", "q4": "第四季度", "h1": "上半年",
+                 "h2": "下半年", "q1-2": "前两季度", "q1-3": "前三季度"}

@@ -80,6 +80,37 @@ def test_year_constraint_of_the_question_must_be_in_the_answers_passage():
     assert check_answer("营收增长了12%。", "2021年公司营收增长了多少？", passages).ok
 
 
+def test_a_figure_of_another_year_or_quarter_fails_even_when_the_passage_names_the_asked_one():
+    """News passages name several years: 「a 2021 figure for a 2022 question」 must fail although 2022 is in the
+    passage. A figure is tied to the times of its clause, else of its sentence; a comparison's base year
+    (较2021年…) does not tie it; an answer that states its own year, or a question about a span, is not judged."""
+    report = ["2022年公司营收100亿元，2021年为83亿元。", "公司2022年营收较2021年增长20%。"]
+    q = "2022年公司营收是多少？"
+    wrong = check_answer("83亿元。", q, report)
+    assert [f.kind for f in wrong.failures] == ["constraint"]
+    assert "「83亿」在资料中说的是2021年" in wrong.failures[0].message and "「2022年」" in wrong.failures[0].message
+    assert check_answer("100亿元。", q, report).ok
+    assert check_answer("83亿元。", "2021年公司营收是多少？", report).ok
+    assert check_answer("增长了20%。", "2022年公司营收增长了多少？", report).ok          # 较2021年: the base
+    assert check_answer("2021年为83亿元。", q, report).ok                      # the answer says whose figure it is
+    assert check_answer("83亿元。", "2021年至2022年公司营收有哪些数字？", report).ok   # a span
+    # parts of a year: 第三季度 = 三季度 = Q3 = 7-9月; a passage without the asked quarter fails as before
+    quarters = ["2023年第二季度营收为50亿元，第三季度营收为62亿元。", "2023年7-9月净利润为8亿元。"]
+    q3 = "2023年Q3营收是多少？"
+    bad = check_answer("50亿元。", q3, quarters)
+    assert [f.kind for f in bad.failures] == ["constraint"] and "第二季度" in bad.failures[0].message
+    assert check_answer("62亿元。", q3, quarters).ok
+    assert check_answer("8亿元。", "2023年三季度净利润是多少？", quarters).ok
+    missing = check_answer("200亿元。", "2023年第三季度营收是多少？", ["2023年公司营收为200亿元。"])
+    assert [f.kind for f in missing.failures] == ["constraint"] and "第三季度" in missing.failures[0].message
+    # a person, too: the 2021 winner for a 2022 question
+    winners = ["2021年的冠军是张伟，2022年的冠军是李娜。"]
+    assert [f.kind for f in check_answer("张伟。", "2022年的冠军是谁？", winners).failures] == ["constraint"]
+    assert check_answer("李娜。", "2022年的冠军是谁？", winners).ok
+    # 「第三季」 alone is a TV series' season, not a quarter
+    assert "period" not in [c.kind for c in question_constraints("《奔跑吧》第三季在哪个城市录制？")]
+
+
 def test_citation_markers_spans_and_wrong_citations():
     text = "上限是 2000 个文件[2]。点击上传按钮[1]。"
     cs = citations(text)
