@@ -107,7 +107,8 @@ def hits_json(hits: list[Hit], spans: list[list[list[int]]]) -> list[dict[str, A
 
 
 def refusal_json(refusal: Any) -> dict[str, Any]:
-    """`refusal_reason` (null while an answer stands; else score_threshold | key_term_coverage | model | ungrounded,
+    """`refusal_reason` (null while an answer stands; else score_threshold | key_term_coverage | missing_name | model |
+    ungrounded,
     app.refusals.REFUSAL_REASONS), `refusal_message` (the page's Chinese note, "" when none), `refusal_detail`."""
     if refusal is None:
         return {"refusal_reason": None, "refusal_message": "", "refusal_detail": None}

@@ -21,7 +21,7 @@ from:
     {"refused": bool,         # true: no passage reached retrieval.score_threshold, the LLM was NOT called, and the
                               #   content is exactly 「根据已知信息无法回答该问题」 (also header X-Zhiwen-Refused: true)
      "model_refused": bool,   # the model itself answered with one of the template's refusal sentences
-     "refusal_reason": null | "score_threshold" | "key_term_coverage" | "model" | "ungrounded",   # which rule
+     "refusal_reason": null | "score_threshold" | "key_term_coverage" | "missing_name" | "model" | "ungrounded",
      "refusal_message": str,  # the page's Chinese note for it ("" when the answer stands)
      "refusal_detail": {...}, # the numbers behind it (best_dense + threshold; key_terms, missing, coverage...)
      "sources": [{"file", "page", "heading", "score", "dense_score", "bm25_score", "text",

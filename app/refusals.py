@@ -19,6 +19,8 @@ REFUSAL_REASONS = {
     "score_threshold": "retrieval: no passage's dense similarity reached retrieval.score_threshold (LLM not called)",
     "key_term_coverage": "retrieval: no passage holds retrieval.min_key_term_coverage of the question's key words "
                          "(LLM not called)",
+    "missing_name": "retrieval: a name the question asks about (person, organisation, place, product, 《title》) is "
+                    "written in none of the passages (retrieval.require_names; LLM not called)",
     "model": "the model answered with the template's refusal sentence",
     "ungrounded": "the finished answer failed the grounding check (prompt.grounding_check)",
 }
@@ -61,3 +63,10 @@ def coverage_refusal(question: str, hits: Sequence[Hit], required: float) -> Ref
                    "retrieval.min_key_term_coverage），没有调用模型。",
                    {"key_terms": terms, "missing": missing, "coverage": round(coverage, 4), "required": required,
                     "passage": best + 1})
+
+
+def names_refusal(names: Sequence[str]) -> Refusal:
+    shown = "、".join(f"「{n}」" for n in names)
+    return Refusal("missing_name",
+                   f"检索拒答：找到的段落都没有提到问题中的{shown}，资料里没有关于它的内容（retrieval.require_names），"
+                   "没有调用模型。", {"missing": list(names)})

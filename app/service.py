@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from configs import Settings
-from grounding import GroundingResult, check_answer, key_term_coverage, template_checks
+from grounding import GroundingResult, check_answer, key_term_coverage, missing_names, template_checks
 from grounding.compliance import CitationReport, citation_report
 from grounding.retry import refusal_gate, second_pass_context
 from llm import ChatModel, GenerationParams, LLMError, load_llm
@@ -40,7 +40,7 @@ from retrieval.store import KBError, KBNameError, KBNotFoundError, KnowledgeBase
 from retrieval.types import Hit
 
 from .highlight import QuestionHighlighter
-from .refusals import MODEL_REFUSAL_NOTE, Refusal, coverage_refusal, threshold_refusal
+from .refusals import MODEL_REFUSAL_NOTE, Refusal, coverage_refusal, names_refusal, threshold_refusal
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +311,12 @@ class QAService:
             return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.hits,
                                 refusal=coverage_refusal(question, result.hits, required),
                                 highlight=self._highlighter(question, result.hits))
+        names = missing_names(question, [h.text for h in result.hits]) if self.settings.retrieval.require_names else []
+        if names:
+            # the passages are about someone/something else (another company's figures): no LLM call
+            log.info("refused: the question's names %s are in none of the passages", names)
+            return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.hits,
+                                refusal=names_refusal(names), highlight=self._highlighter(question, result.hits))
 
         llm = self.llm
         gen = GenerationParams.from_settings(self.settings.llm, temperature=p.temperature,

@@ -29,7 +29,7 @@ from bench.retrieval_noise import _near_misses
 from configs import load_settings
 from grounding.check import check_answer
 from grounding.claims import extract_claims, normalize
-from grounding.evidence import key_term_coverage, key_terms, term_in
+from grounding.evidence import key_term_coverage, key_terms, missing_names, term_in
 from retrieval.retriever import HybridSearcher
 from retrieval.sentences import split_sentences
 
@@ -64,12 +64,14 @@ def window_key_term_coverage(question: str, passage: str, *, width: int = 3, tit
 
 def _signals(question: str, hits: Sequence) -> tuple:
     """(best dense, key-term coverage of the best passage, dense/BM25 agree on it, best coverage of any passage,
-    best coverage within 3 sentences (+ the first line) of any passage, the same within 1 and 2 sentences)."""
+    best coverage within 3 sentences (+ the first line) of any passage, the same within 1 and 2 sentences, a name
+    of the question written in none of the passages)."""
     covs = [key_term_coverage(question, h.text) for h in hits]
     bm = [h.bm25_score or 0.0 for h in hits]
     de = [h.dense_score or 0.0 for h in hits]
     win = [max(window_key_term_coverage(question, h.text, width=w) for h in hits) for w in (3, 1, 2)]
-    return (de[0], covs[0], bm[0] == max(bm) and de[0] == max(de) and bm[0] > 0, max(covs), *win)
+    names = bool(missing_names(question, [h.text for h in hits]))
+    return (de[0], covs[0], bm[0] == max(bm) and de[0] == max(de) and bm[0] > 0, max(covs), *win, names)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,6 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         both_a = sum(s[3] < t or s[0] < 0.86 for s in sig_a) / len(sig_a)
         both_u = sum(s[3] < t or s[0] < 0.86 for s in sig_u) / len(sig_u)
         print(f"| best dense < 0.86 or coverage (best of {args.k}) < {t} | – | {both_a:.3f} | {both_u:.3f} |")
+    print(f"| a name of the question (grounding.missing_names) in none of the {args.k} | – | "
+          f"{sum(s[7] for s in sig_a) / len(sig_a):.3f} | {sum(s[7] for s in sig_u) / len(sig_u):.3f} |")
+    both_a = sum(s[3] < 0.5 or s[0] < 0.86 or s[7] for s in sig_a) / len(sig_a)
+    both_u = sum(s[3] < 0.5 or s[0] < 0.86 or s[7] for s in sig_u) / len(sig_u)
+    print(f"| best dense < 0.86 or coverage (best of {args.k}) < 0.5 or a name missing | – | {both_a:.3f} | "
+          f"{both_u:.3f} |")
     print(f"| dense/BM25 agree | – | {sum(not s[2] for s in sig_a) / len(sig_a):.3f} | "
           f"{sum(not s[2] for s in sig_u) / len(sig_u):.3f} |")
     return 0

@@ -16,7 +16,14 @@ from grounding.check import (
     looks_like_refusal,
     template_checks,
 )
-from grounding.evidence import best_sentence, best_sentence_index, key_term_coverage, key_terms, rank_by_question
+from grounding.evidence import (
+    best_sentence,
+    best_sentence_index,
+    key_term_coverage,
+    key_terms,
+    missing_names,
+    rank_by_question,
+)
 
 __all__ = [
     "UNGROUNDED",
@@ -28,6 +35,7 @@ __all__ = [
     "check_answer",
     "citations",
     "key_term_coverage",
+    "missing_names",
     "key_terms",
     "looks_like_refusal",
     "rank_by_question",

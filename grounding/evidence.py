@@ -125,6 +125,36 @@ def key_term_coverage(question: str, passage: str) -> float:
     return sum(term_in(t, text) for t in terms) / len(terms)
 
 
+# Names a question is about: people, organisations, places, other proper nouns, Latin words, 《titles》 (jieba's tags).
+NAME_FLAGS = frozenset({"nr", "nrfg", "nrt", "nt", "nz", "ns", "nsf", "eng", "title"})
+
+
+def missing_names(question: str, passages: Sequence[str]) -> list[str]:
+    """The names in `question` (NAME_FLAGS) that none of `passages` writes: the question is about something the
+    passages are not (another company's growth rate, a sister species' range).
+
+    jieba splits unknown names wrongly (「拉诺米」 → 拉诺 + 米, 「西贡商信银行」 → …商信…), so a name counts as written
+    when the passages hold it or at least half of its characters; a Latin word must be there whole.
+
+    >>> missing_names("比亚迪2023年的营收增长率是多少？", ["华为2023年营收增长率为10%。"])
+    ['比亚迪']
+    >>> missing_names("华为2023年的营收增长率是多少？", ["华为2023年营收增长率为10%。"])
+    []
+    """
+    from grounding.claims import _cn_dates_to_digits, _entities
+
+    text = normalize("\n".join(passages))
+    chars = set(text)
+    out = []
+    for word, flag, _ in _entities(normalize(_cn_dates_to_digits(question))):
+        if flag not in NAME_FLAGS or word in text or word in out:
+            continue
+        letters = set(word)
+        if word.isascii() or sum(ch in chars for ch in letters) < len(letters) / 2:
+            out.append(word)
+    return out
+
+
 def term_coverage(terms: Sequence[str], passage: str, sentence: str) -> float:
     """Share of `terms` written in `sentence` or the sentences right before and after it in `passage` (a word of
     three characters or more also counts when most of its character pairs are there: 任命为 ~ 被任命)."""

@@ -203,6 +203,20 @@ def test_page_shows_an_ungrounded_answer_as_no_reliable_basis_and_links_citation
     assert "<mark>" not in panel.split('id="zw-src-2"')[0]
 
 
+def test_names_the_passages_never_write_are_missing():
+    """retrieval.require_names: a question about a company/person the passages never name is refused before the LLM
+    (another company's growth rate is no answer). jieba splits unknown names (「拉诺米」 → 拉诺 + 米), so a name with
+    half of its characters written counts as there; a Latin name must be there whole."""
+    from grounding.evidence import missing_names
+
+    news = ["华为2023年营收增长率为9.6%，净利润870亿元。"]
+    assert missing_names("比亚迪2023年的营收增长率是多少？", news) == ["比亚迪"]
+    assert missing_names("华为2023年的营收增长率是多少？", news) == []
+    assert missing_names("iPhone15的销量是多少？", news) == ["iphone15"]
+    assert missing_names("2008年北京奥运会，拉诺米获得了怎样的成绩？", ["拉诺米·卡洛在北京奥运会获得一枚银牌。"]) == []
+    assert missing_names("公司的年假有几天？", GUIDE) == []                 # no name asked: nothing to miss
+
+
 def test_key_term_coverage_decides_only_with_two_terms_or_more():
     from grounding.evidence import key_term_coverage
 

@@ -440,9 +440,9 @@ def _sentence_of(passage: str, sentence: str) -> bool:
 
 
 def test_each_refusal_says_which_rule_refused_with_the_closest_sentences(world):
-    """score_threshold and key_term_coverage (retrieval, no LLM call), model (the model's refusal sentence) and
-    ungrounded (the grounding check): one reason, one Chinese note and the numbers behind it, as the page and the
-    API show them; the closest passages carry the sentence closest to the question."""
+    """score_threshold, key_term_coverage and missing_name (retrieval, no LLM call), model (the model's refusal
+    sentence) and ungrounded (the grounding check): one reason, one Chinese note and the numbers behind it, as the
+    page and the API show them; the closest passages carry the sentence closest to the question."""
     from app.api import outcome_json
     from grounding import UNGROUNDED
 
@@ -453,7 +453,13 @@ def test_each_refusal_says_which_rule_refused_with_the_closest_sentences(world):
         assert list(low) == [REFUSAL]
         near = service.answer(UNRELATED, "cmrc", [], AnswerParams(threshold=-1.0))  # passes the threshold
         assert list(near) == [REFUSAL]
+        # the passages' own question about a product they never name: retrieval.require_names
+        named = service.answer(f"Zephyrix {para['question']}", "cmrc", [], AnswerParams(threshold=-1.0))
+        assert list(named) == [REFUSAL]
     assert spy.calls == []
+    r = named.refusal
+    assert r.reason == "missing_name" and r.detail == {"missing": ["zephyrix"]} and "「zephyrix」" in r.message
+    assert outcome_json(named, named.text)["refusal_reason"] == "missing_name"
     r = low.refusal
     assert r.reason == "score_threshold" and r.detail["best_dense"] < r.detail["threshold"]
     assert re.search(r"相似度为 0\.\d{3,4}，低于相关度阈值 0\.\d+（retrieval.score_threshold）", r.message), r.message
