@@ -19,7 +19,7 @@ REFUSAL_REASONS = {
     "score_threshold": "retrieval: no passage's dense similarity reached retrieval.score_threshold (LLM not called)",
     "key_term_coverage": "retrieval: no passage holds retrieval.min_key_term_coverage of the question's key words "
                          "(LLM not called)",
-    "missing_name": "retrieval: a name the question asks about (person, organisation, place, product, 《title》) is "
+    "missing_name": "retrieval: a name the question asks about (person, organisation, product, 《title》) is "
                     "written in none of the passages (retrieval.require_names; LLM not called)",
     "model": "the model answered with the template's refusal sentence",
     "ungrounded": "the finished answer failed the grounding check (prompt.grounding_check)",

@@ -120,7 +120,7 @@ class RetrievalSettings(_Section):
     dedupe_threshold: float = Field(gt=0, le=1)
     min_key_term_coverage: float = Field(ge=0, le=1, description="Share of the question's key terms one passage "
                                          "must contain, else no LLM call (0 = off).")
-    require_names: bool = Field(description="Each name in the question (person, organisation, place, product, "
+    require_names: bool = Field(description="Each name in the question (person, organisation, product, "
                                 "《title》) must be written in one of the passages, else no LLM call.")
 
 
