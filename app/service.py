@@ -372,7 +372,8 @@ class QAService:
         that scores as an answer (grounding.retry.second_pass_context), ask again greedily with only that sentence and
         its neighbours as the 「已知信息」 (template extract_answer). Returns (pieces, info) or None."""
         found = second_pass_context(question.strip(), [h.text for h in hits],
-                                    top=self.settings.prompt.second_pass_passages)
+                                    top=self.settings.prompt.second_pass_passages,
+                                    closest=lambda q, passage: self.highlighter.closest(q, [passage]).get(1))
         if found is None:
             return None
         n, context = found

@@ -71,13 +71,31 @@ def candidate_window(passage: str, sentence: str) -> str:
     return "".join(sents[max(0, i - 1): i + 2])
 
 
-def second_pass_context(question: str, passages: Sequence[str], *, top: int = 1) -> tuple[int, str] | None:
+# A window around the top passage's sentence closest in meaning to the question is a candidate when it holds at
+# least this share of the question's key words (docs/benchmarks.md §10.7).
+CLOSEST_MIN_COVERAGE = 0.5
+
+
+def second_pass_context(question: str, passages: Sequence[str], *, top: int = 1,
+                        closest: Callable[[str, str], str | None] | None = None) -> tuple[int, str] | None:
     """(1-based passage, context for the second pass) when one of the `top` passages scores as holding the answer
-    (prompt.second_pass_passages), else None."""
-    from grounding.evidence import answer_candidate
+    (prompt.second_pass_passages), else None.
+
+    When none does by its words (grounding.evidence.answer_candidate: a 什么/为什么 question needs all its key words
+    around one sentence), `closest(question, passage)` — the page's question highlight, by meaning — names the top
+    passage's sentence closest to the question; its window is the context when it holds CLOSEST_MIN_COVERAGE of the
+    key words (「对于加利西亚语和葡萄牙语的关系，专家们有哪些观点？」: the passage says 「有语言学家认为…」,
+    not 专家/观点)."""
+    from grounding.evidence import answer_candidate, key_term_coverage
 
     found = answer_candidate(question, passages, top=top)
-    if found is None:
+    if found is not None:
+        n, sentence = found
+        return n, candidate_window(passages[n - 1], sentence)
+    if closest is None or not passages:
         return None
-    n, sentence = found
-    return n, candidate_window(passages[n - 1], sentence)
+    sentence = closest(question, passages[0])
+    if not sentence:
+        return None
+    window = candidate_window(passages[0], sentence)
+    return (1, window) if key_term_coverage(question, window) >= CLOSEST_MIN_COVERAGE else None

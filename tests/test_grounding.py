@@ -305,6 +305,24 @@ def test_key_terms_skip_pointing_and_counting_words_and_match_numerals_as_digits
                              "从19世纪到1960年代，内帕特纳赫谷上始终以木筏进行运输。") == 1.0
 
 
+def test_second_pass_falls_back_to_the_sentence_closest_in_meaning():
+    """A 什么/为什么 question needs all its key words around one sentence to be a candidate by words; otherwise the
+    top passage's sentence closest in meaning (a callable: the page's highlighter in the service) is the candidate
+    when its window holds half of the key words, and nothing when it does not."""
+    from grounding.retry import second_pass_context
+
+    passage = ("加利西亚语\n加利西亚语是西班牙加利西亚的语言，它和葡萄牙语的关系曾引起争议。有语言学家认为虽然这两种"
+               "语言的音系和词汇不一样，但加利西亚语和葡萄牙语是同一种语言的方言。相反意见认为它们是两种语言。")
+    q = "对于加利西亚语和葡萄牙语的关系，专家们有哪些观点？"
+    assert second_pass_context(q, [passage]) is None                        # by words: no sentence has 专家/观点
+    said = "有语言学家认为虽然这两种语言的音系和词汇不一样，但加利西亚语和葡萄牙语是同一种语言的方言。"
+    n, window = second_pass_context(q, [passage], closest=lambda question, p: said)
+    assert n == 1 and said in window and "相反意见" in window                  # the sentence and its neighbours
+    # a closest sentence about something else (under half of the key words around it) is no candidate
+    assert second_pass_context("蓝线裸顶鲷的体色与习性是什么？", ["食物链\n狮子捕食斑马。斑马吃草。"],
+                               closest=lambda question, p: "斑马吃草。") is None
+
+
 def test_refusal_gate_streams_answers_and_swaps_a_refusal_for_the_second_pass():
     from grounding.retry import candidate_window, may_be_refusal, refusal_gate, second_pass_context
 

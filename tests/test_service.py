@@ -425,6 +425,17 @@ def test_second_pass_after_a_likely_false_refusal(world):
     second_prompt, params = spy.calls[1][0][-1]["content"], spy.calls[1][1]
     assert "一个 zip 压缩包里最多 2000 个文件" in second_prompt and question in second_prompt
     assert params.temperature == 0
+    # a 什么 question whose words are not all in one sentence: the sentence closest in meaning (the page's highlight)
+    # is the candidate when its window holds half of the key words (docs/benchmarks.md §10.7)
+    from grounding.evidence import answer_candidate
+
+    paraphrased = "压缩包解压以后的体积上限是什么？"
+    assert answer_candidate(paraphrased, [h.text for h in on.search(paraphrased, "guide",
+                                                                    AnswerParams(threshold=-1.0)).hits]) is None
+    with ScriptedCalls(service.llm, [["根据已知信息无法回答该问题。"], ["不超过 500 MB。"]]) as spy:
+        stream = on.answer(paraphrased, "guide", [], AnswerParams(threshold=-1.0))
+        assert "".join(stream) == "不超过 500 MB。" and stream.second_pass["passage"] == 1
+    assert "解压后不超过 500 MB" in spy.calls[1][0][-1]["content"]
     # off: the refusal stays, one call
     with ScriptedCalls(service.llm, [["根据已知信息无法回答该问题。"]]) as spy:
         stream = off.answer(question, "guide", [], AnswerParams(threshold=-1.0))
