@@ -47,11 +47,19 @@ def _digit_form(term: str) -> str:
     return _CN_NUMERAL.sub(conv, term)
 
 
+# Words that ask for a name: a passage answers 「…又称之为什么？」 with 又名/别称/俗称…, so any of them stands for
+# any other.
+NAMING_WORDS = frozenset("称之为 被称作 称作 称为 被称为 被称之为 俗称 别称 又称 也称 亦称 简称 通称 统称 史称 人称 "
+                         "号称 名为 叫做 称呼 别名 又名 名叫 译名 学名".split())
+
+
 def term_in(term: str, text: str, grams: set[str] | None = None) -> bool:
-    """Is key term `term` written in normalised `text`: as is, with its numerals as digits, or — when `grams` (the
-    text's character pairs) are given and the word has three characters or more — with most of its character pairs
-    there (任命为 ~ 被任命; a name jieba cut differently)."""
+    """Is key term `term` written in normalised `text`: as is, with its numerals as digits, as another naming word
+    (NAMING_WORDS: 称之为 ~ 又名), or — when `grams` (the text's character pairs) are given and the word has three
+    characters or more — with most of its character pairs there (任命为 ~ 被任命; a name jieba cut differently)."""
     if term in text or _digit_form(term) in text:
+        return True
+    if term in NAMING_WORDS and any(w in text for w in NAMING_WORDS):
         return True
     if grams is not None and len(term) >= 3:
         tg = char_bigrams(_alnum(term))
