@@ -392,13 +392,13 @@ class QAService:
         is not checked (it is marked 已停止生成 instead)."""
         if not self.settings.prompt.grounding_check:
             return None
-        texts = [h.text for h in hits]
+        texts, files = [h.text for h in hits], [h.source for h in hits]
         asks = template_checks(self._template)     # citations / a 「原文：」 quote, when the template asks for them
 
         def check(text: str) -> GroundingResult | None:
             if stop_event is not None and stop_event.is_set():
                 return None
-            return check_answer(text, question.strip(), texts, **asks)
+            return check_answer(text, question.strip(), texts, documents=files, **asks)
         return check
 
 

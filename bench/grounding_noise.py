@@ -97,10 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         given = hits[: args.k]
         if own and any(a in own[0].text for a in q.answers):
             n_right += 1
-            r = check_answer(q.answers[0] + "。", q.text, [h.text for h in given])
+            docs = [h.source for h in given]
+            r = check_answer(q.answers[0] + "。", q.text, [h.text for h in given], documents=docs)
             for t in sweep:
                 right_sweep[t] += not check_answer(q.answers[0] + "。", q.text, [h.text for h in given],
-                                                   min_relevance=t).ok
+                                                   min_relevance=t, documents=docs).ok
             for kind in {f.kind for f in r.failures} or {"ok"}:
                 right_fail[kind] += 1
             right_fail["any"] += not r.ok
@@ -111,9 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if wrong is None:
                 continue
             n_noise += 1
-            r = check_answer(wrong, q.text, [h.text for h in rest])
+            docs = [h.source for h in rest]
+            r = check_answer(wrong, q.text, [h.text for h in rest], documents=docs)
             for t in sweep:
-                noise_sweep[t] += not check_answer(wrong, q.text, [h.text for h in rest], min_relevance=t).ok
+                noise_sweep[t] += not check_answer(wrong, q.text, [h.text for h in rest], min_relevance=t,
+                                                   documents=docs).ok
             for kind in {f.kind for f in r.failures} or {"ok"}:
                 noise_fail[kind] += 1
             noise_fail["any"] += not r.ok
@@ -121,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(questions)} questions; right answers checked {n_right}, noise answers checked {n_noise}")
     print("\n| failure kind | right answers failed (→ false refusal) | noise answers failed (→ refusal) |")
     print("|---|---|---|")
-    for kind in ("any", "number", "date", "entity", "constraint", "relevance", "citation"):
+    for kind in ("any", "number", "date", "entity", "name", "constraint", "relevance", "citation"):
         rf, nf = right_fail[kind] / max(1, n_right), noise_fail[kind] / max(1, n_noise)
         print(f"| {kind} | {rf:.3f} | {nf:.3f} |")
     print("\n| relevance threshold (grounding.check.MIN_RELEVANCE) | right answers failed | noise answers failed |")

@@ -10,6 +10,9 @@ Checks, each a kind of Failure:
   constraint              the question's year/date, quarter/half year or place is not in the passage the answer
                           came from (a 2021 figure for a 2022 question), or it is, but every sentence stating the
                           answer's figure ties it to another year or quarter (「2022年营收100亿元，2021年为83亿元」)
+  name                    a name the question asks about (person, organisation, product, 《title》) is not written in
+                          the answer's passage or another passage of its file: the answer is about someone else
+                          (「1842年，潘仕成做了什么？」 answered from a passage about 怡良)
   relevance               the sentence the answer came from shares too few of the question's key terms (a number
                           that is in the passages, but about something else; an answer without numbers/names too,
                           its sentence found by its wording)
@@ -42,7 +45,7 @@ from grounding.claims import (
     strip_markers,
     supports,
 )
-from grounding.evidence import best_sentence, key_terms, term_coverage
+from grounding.evidence import best_sentence, key_terms, missing_names, term_coverage
 from grounding.quote import QuoteMatch, find_quote, is_cut, split_quote
 from retrieval.sentences import sentence_ends
 
@@ -196,9 +199,12 @@ def _sentences_with_markers(answer: str) -> list[tuple[str, list[int]]]:
 
 
 def check_answer(answer: str, question: str, passages: Sequence[str], *, require_citations: bool = False,
-                 require_quote: bool = False, min_relevance: float = MIN_RELEVANCE) -> GroundingResult:
+                 require_quote: bool = False, min_relevance: float = MIN_RELEVANCE,
+                 documents: Sequence[str] | None = None) -> GroundingResult:
     """Check `answer` against the `passages` the model was given (in prompt order: [1] is passages[0]).
-    A 「原文：」 quote at the end (grounding.quote) is verified and then stands for the answer's source sentence."""
+    A 「原文：」 quote at the end (grounding.quote) is verified and then stands for the answer's source sentence.
+    `documents`: the file each passage came from; the question's names must be written in the answer's passage or
+    another passage of its file (without `documents`, in the answer's passage itself)."""
     answer, quote_text = split_quote(answer)
     if looks_like_refusal(answer) or not answer.strip():
         return GroundingResult("refusal", quoted=quote_text is not None)
@@ -252,6 +258,11 @@ def check_answer(answer: str, question: str, passages: Sequence[str], *, require
         sentence = quote.text if quote is not None else best_sentence(text, answer, claims=all_claims)
         if sentence:
             evidence[source] = sentence
+        same = ([p for p, d in zip(passages, documents, strict=True) if d == documents[source - 1]]
+                if documents is not None and len(documents) == n else [text])
+        for name in missing_names(question, same):
+            failures.append(Failure("name", name, f"问题中的「{name}」在答案所依据的资料（段落[{source}]所在的文件）中"
+                                    "没有出现"))
         cons = question_constraints(question)
         for con in cons:
             if not meets(text, con):

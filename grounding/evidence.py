@@ -11,6 +11,7 @@ question (`rank_by_question`, with the product's embedder), not the one that hap
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -144,7 +145,9 @@ def missing_names(question: str, passages: Sequence[str]) -> list[str]:
     passages are not (another company's growth rate, a sister species' range).
 
     jieba splits unknown names wrongly (「拉诺米」 → 拉诺 + 米, 「西贡商信银行」 → …商信…), so a name counts as written
-    when the passages hold it or at least half of its characters; a Latin word must be there whole.
+    when the passages hold it or at least half of its characters; a Latin name (mixed case: iPhone, Glade) must be
+    there whole — a Latin word in capitals (GDP, Q3) is an abbreviation a passage may spell out, one in lower case
+    (zip, wifi) a common word.
 
     >>> missing_names("比亚迪2023年的营收增长率是多少？", ["华为2023年营收增长率为10%。"])
     ['比亚迪']
@@ -155,10 +158,15 @@ def missing_names(question: str, passages: Sequence[str]) -> list[str]:
 
     text = normalize("\n".join(passages))
     chars = set(text)
+    asked = unicodedata.normalize("NFKC", question)
     out = []
     for word, flag, _ in _entities(normalize(_cn_dates_to_digits(question))):
         if flag not in NAME_FLAGS or word in text or word in out:
             continue
+        if flag == "eng":        # a name is in mixed case (iPhone, Glade); GDP, Q3 are abbreviations, zip a word
+            m = re.search(re.escape(word), asked, re.IGNORECASE)
+            if m is None or not (any(ch.islower() for ch in m.group()) and any(ch.isupper() for ch in m.group())):
+                continue
         letters = set(word)
         if word.isascii() or sum(ch in chars for ch in letters) < len(letters) / 2:
             out.append(word)

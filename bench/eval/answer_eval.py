@@ -65,15 +65,15 @@ def ask_raw(stream: Any, t0: float, count_tokens: Callable[[str], int] | None = 
     }
 
 
-def default_check(question: str, text: str, passages: Sequence[str]) -> Any:
+def default_check(question: str, text: str, passages: Sequence[str], documents: Sequence[str] | None = None) -> Any:
     from grounding.check import check_answer
 
-    return check_answer(text, question, passages)
+    return check_answer(text, question, passages, documents=documents)
 
 
 def score_answer(q: Question, raw: dict[str, Any], answerable: bool,
                  judge: Callable[[Question, str, dict[str, Any]], dict[str, Any]] | None = None,
-                 check: Callable[[str, str, Sequence[str]], Any] | None = None) -> dict[str, Any]:
+                 check: Callable[..., Any] | None = None) -> dict[str, Any]:
     """One report row from a raw record: refusal, EM/F1/contains, the grounding verdict, the judge's fields."""
     from grounding.evidence import answer_candidate
     from grounding.quote import split_quote
@@ -82,7 +82,9 @@ def score_answer(q: Question, raw: dict[str, Any], answerable: bool,
     text, quote = split_quote(full)         # the answer without its 「原文：」 quote is what is scored
     service_refused = raw["service_refused"]
     refused = service_refused or looks_like_refusal(text)
-    verdict = None if refused else (check or default_check)(q.query, full, raw["source_texts"])
+    files = raw.get("sources")
+    files = files if files is not None and len(files) == len(raw["source_texts"]) else None
+    verdict = None if refused else (check or default_check)(q.query, full, raw["source_texts"], files)
     extra = judge(q, text, raw) if judge else {}
     model_refused = refused and not service_refused
     # a model refusal while the top passage holds a sentence that scores as an answer: a likely false refusal
@@ -118,7 +120,7 @@ def evaluate_answers(ask: Callable[[str], Any], questions: Sequence[Question], u
                      count_tokens: Callable[[str], int] | None = None,
                      progress: Callable[[str], None] | None = None,
                      judge: Callable[[Question, str, dict[str, Any]], dict[str, Any]] | None = None,
-                     check: Callable[[str, str, Sequence[str]], Any] | None = None,
+                     check: Callable[..., Any] | None = None,
                      cache: AnswerCache | None = None, config_key: str = "", budget: Budget | None = None,
                      base_key: str | None = None,
                      derive: Callable[[Question, dict[str, Any]], tuple[dict[str, Any], bool]] | None = None,
@@ -126,10 +128,11 @@ def evaluate_answers(ask: Callable[[str], Any], questions: Sequence[Question], u
     """`ask(question)` returns the service's AnswerStream (iterable of text pieces, with `.refused`, `.sources`).
 
     `judge(question, text, raw)` adds fields to a row (the noise mode's `noise_claims`). `check(question, text,
-    passages)` is the grounding check (default grounding.check_answer); `refused_grounded` counts an answer it marks
-    「资料中没有找到可靠依据」 as a refusal. With a `cache`, answers already there (same `config_key`) are not asked
-    again; with a `budget`, at most that many questions go through the LLM (service refusals are free) and the rest
-    are left for the next call — the summary then covers the answered ones and says how many are pending.
+    passages, documents)` is the grounding check (default grounding.check_answer; documents: each passage's file);
+    `refused_grounded` counts an answer it marks 「资料中没有找到可靠依据」 as a refusal. With a `cache`, answers
+    already there (same `config_key`) are not asked again; with a `budget`, at most that many questions go through
+    the LLM (service refusals are free) and the rest are left for the next call — the summary then covers the
+    answered ones and says how many are pending.
     `base_key` + `derive(question, base_raw) -> (raw, used_llm)`: a configuration that only adds a step after the
     first answer (prompt.second_pass) starts from the cached answer of its base configuration instead of asking
     again; a fresh answer that carries `second_pass["first"]` is cached for the base configuration too.

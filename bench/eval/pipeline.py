@@ -274,8 +274,8 @@ def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_
         return {**base, "text": text, "second_pass": {"first": base["text"], **info},
                 "total_s": (base.get("total_s") or 0) + time.perf_counter() - t0}, True
 
-    def check(question: str, text: str, passages: Any) -> Any:
-        return check_answer(text, question, passages, **asks)
+    def check(question: str, text: str, passages: Any, documents: Any = None) -> Any:
+        return check_answer(text, question, passages, documents=documents, **asks)
 
     _say(f"[{cfg.name}] answering {len(answer_qs)} questions through QAService (max {max_new_tokens} new tokens; "
          f"{len(answer_qs) - len(todo)} cached in {cache.path or '-'}, batch {budget.left if budget else 'all'})")
