@@ -308,6 +308,16 @@ def test_refusal_is_styled_and_calls_no_llm(server, page):
     assert DOC_NAME in sources and "没有写到问题的关键词" in sources, sources
     cards, marks = _closest_marks(page)
     assert cards >= 1 and len(marks) == cards, (cards, marks)
+
+    # the asked words are there, but about another company: refused by the name rule (retrieval.require_names)
+    page.fill("#question textarea", "腾讯公司的正式员工每年有多少天年假？")
+    page.press("#question textarea", "Enter")
+    page.wait_for_selector("#sources .zw-sources[data-reason=missing_name]", timeout=120_000)
+    _shot(page, "3a-refusal-missing-name")
+    note = page.locator("#chat [data-testid=bot]").nth(2).locator(".zw-reason.zw-reason-missing_name")
+    text = note.inner_text()
+    assert "「腾讯」" in text and "没有调用模型" in text, text
+    assert "没有提到问题里的名称" in page.inner_text("#sources")
     # the page's citation script is live: a [1] marker (rendered by render.answer_markdown from a model's answer,
     # tested in test_grounding; inserted here because no model answers before this point) outlines source card 1
     page.evaluate("""() => { const s = document.createElement('span'); s.className = 'zw-cite';
