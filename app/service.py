@@ -298,25 +298,9 @@ class QAService:
                           "（配置项 llm.max_context_tokens）。")
         result = self.search(question, kb_name, p)
         question = question.strip()
-        if not result.evidence:
-            threshold = self.settings.retrieval.score_threshold if p.threshold is None else p.threshold
-            return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.low_relevance,
-                                refusal=threshold_refusal(result.best_dense, threshold),
-                                highlight=self._highlighter(question, result.low_relevance))
-        coverage = max(key_term_coverage(question, h.text) for h in result.hits)
-        required = self.settings.retrieval.min_key_term_coverage
-        if coverage < required:
-            # the passages are about the topic but not about what is asked (a near miss): no LLM call either
-            log.info("refused: no passage holds %.0f%% of the question's key terms", 100 * coverage)
-            return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.hits,
-                                refusal=coverage_refusal(question, result.hits, required),
-                                highlight=self._highlighter(question, result.hits))
-        names = missing_names(question, [h.text for h in result.hits]) if self.settings.retrieval.require_names else []
-        if names:
-            # the passages are about someone/something else (another company's figures): no LLM call
-            log.info("refused: the question's names %s are in none of the passages", names)
-            return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.hits,
-                                refusal=names_refusal(names), highlight=self._highlighter(question, result.hits))
+        refused = self._retrieval_refusal(question, result, p)
+        if refused is not None:
+            return refused
 
         llm = self.llm
         gen = GenerationParams.from_settings(self.settings.llm, temperature=p.temperature,
@@ -339,6 +323,36 @@ class QAService:
                             highlight=self._highlighter(question, built.used_hits), cites=self.cites,
                             retry=(lambda _first: self.second_pass(question, built.used_hits, gen, stop_event))
                             if self.settings.prompt.second_pass else None)
+
+    def refusal_before_llm(self, question: str, kb_name: str, params: AnswerParams | None = None,
+                           ) -> AnswerStream | None:
+        """The refusal stream `answer` would return without calling the LLM (retrieval threshold, key-term coverage,
+        the question's names), else None. Never loads the model: the evaluation uses it to re-decide cached answers
+        under the current rules."""
+        p = params or AnswerParams()
+        return self._retrieval_refusal(question.strip(), self.search(question, kb_name, p), p)
+
+    def _retrieval_refusal(self, question: str, result: Any, p: AnswerParams) -> AnswerStream | None:
+        if not result.evidence:
+            threshold = self.settings.retrieval.score_threshold if p.threshold is None else p.threshold
+            return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.low_relevance,
+                                refusal=threshold_refusal(result.best_dense, threshold),
+                                highlight=self._highlighter(question, result.low_relevance))
+        coverage = max(key_term_coverage(question, h.text) for h in result.hits)
+        required = self.settings.retrieval.min_key_term_coverage
+        if coverage < required:
+            # the passages are about the topic but not about what is asked (a near miss): no LLM call either
+            log.info("refused: no passage holds %.0f%% of the question's key terms", 100 * coverage)
+            return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.hits,
+                                refusal=coverage_refusal(question, result.hits, required),
+                                highlight=self._highlighter(question, result.hits))
+        names = missing_names(question, [h.text for h in result.hits]) if self.settings.retrieval.require_names else []
+        if names:
+            # the passages are about someone/something else (another company's figures): no LLM call
+            log.info("refused: the question's names %s are in none of the passages", names)
+            return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.hits,
+                                refusal=names_refusal(names), highlight=self._highlighter(question, result.hits))
+        return None
 
     @property
     def cites(self) -> bool:

@@ -284,6 +284,45 @@ def test_answer_cache_splits_a_run_into_batches_and_resumes(tmp_path):
     assert len(AnswerCache(path)) == 5
 
 
+def test_cached_answers_are_re_decided_by_todays_refusal_rules(tmp_path):
+    """The cache keys on settings, not code: after a change to the rules before the LLM, `gate` (the service's
+    refusal_before_llm) re-decides each cached question — one the rules refuse now is scored as that refusal without
+    asking, one an old rule refused is asked again — and the cached LLM answer is kept for later runs."""
+    from bench.eval.answer_eval import evaluate_answers
+    from bench.eval.cache import AnswerCache
+    from bench.eval.datasets import Question
+
+    asked: list[str] = []
+    refuse_now: set[str] = {"丙?"}
+
+    class Stream:
+        def __init__(self, q, refused=None):
+            self.q, self.sources = q, []
+            self.refused = q in refuse_now if refused is None else refused
+
+        def __iter__(self):
+            if not self.refused:
+                asked.append(self.q)
+            return iter(["根据已知信息无法回答该问题"] if self.refused else [{"甲?": "4分钟", "丙?": "x"}[self.q]])
+
+    def gate(q):
+        return Stream(q, refused=True) if q in refuse_now else None
+
+    qs = [Question("a", "甲?", (("4分钟",),), ("P",)), Question("c", "丙?", (("x",),), ("Q",))]
+    cache = AnswerCache(tmp_path / "answers.jsonl")
+    first, _ = evaluate_answers(Stream, qs, set(), cache=cache, config_key="k", gate=gate)
+    assert asked == ["甲?"] and first["false_refusal_rate"] == 0.5
+    refuse_now = {"甲?"}                                   # the rules changed: 甲 is refused now, 丙 no longer
+    again, rows = evaluate_answers(Stream, qs, set(), cache=AnswerCache(tmp_path / "answers.jsonl"),
+                                   config_key="k", gate=gate)
+    assert asked == ["甲?", "丙?"] and [r["refused"] for r in rows] == [True, False]
+    assert again["answered_now"] == 1 and again["cached"] == 1
+    refuse_now = set()                                     # and back: 甲's cached answer was kept
+    back, rows = evaluate_answers(Stream, qs, set(), cache=AnswerCache(tmp_path / "answers.jsonl"),
+                                  config_key="k", gate=gate)
+    assert asked == ["甲?", "丙?"] and [r["prediction"] for r in rows] == ["4分钟", "x"]
+
+
 def test_a_second_pass_configuration_starts_from_the_base_configurations_cached_answers(tmp_path):
     from bench.eval.answer_eval import evaluate_answers
     from bench.eval.cache import AnswerCache, Budget

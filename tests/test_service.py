@@ -471,6 +471,12 @@ def test_each_refusal_says_which_rule_refused_with_the_closest_sentences(world):
     r = named.refusal
     assert r.reason == "missing_name" and r.detail == {"missing": ["zephyrix"]} and "「zephyrix」" in r.message
     assert outcome_json(named, named.text)["refusal_reason"] == "missing_name"
+    # the same decision without answering (the evaluation re-decides cached answers with it), the model not asked
+    with GenerateSpy(service.llm.model) as spy:
+        ahead = service.refusal_before_llm(UNRELATED, "cmrc", AnswerParams(threshold=-1.0))
+        assert ahead.refused and ahead.refusal.reason == "key_term_coverage"
+        assert service.refusal_before_llm(para["question"], "cmrc", AnswerParams(threshold=-1.0)) is None
+    assert spy.calls == []
     r = low.refusal
     assert r.reason == "score_threshold" and r.detail["best_dense"] < r.detail["threshold"]
     assert re.search(r"相似度为 0\.\d{3,4}，低于相关度阈值 0\.\d+（retrieval.score_threshold）", r.message), r.message

@@ -124,6 +124,7 @@ def evaluate_answers(ask: Callable[[str], Any], questions: Sequence[Question], u
                      cache: AnswerCache | None = None, config_key: str = "", budget: Budget | None = None,
                      base_key: str | None = None,
                      derive: Callable[[Question, dict[str, Any]], tuple[dict[str, Any], bool]] | None = None,
+                     gate: Callable[[str], Any] | None = None,
                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """`ask(question)` returns the service's AnswerStream (iterable of text pieces, with `.refused`, `.sources`).
 
@@ -136,14 +137,25 @@ def evaluate_answers(ask: Callable[[str], Any], questions: Sequence[Question], u
     `base_key` + `derive(question, base_raw) -> (raw, used_llm)`: a configuration that only adds a step after the
     first answer (prompt.second_pass) starts from the cached answer of its base configuration instead of asking
     again; a fresh answer that carries `second_pass["first"]` is cached for the base configuration too.
+    `gate(question)`: the service's refusal before the LLM under the current rules (QAService.refusal_before_llm),
+    else None. A cached answer is re-decided with it, since the cache keys on settings, not code: a question the
+    rules refuse now is scored as that refusal, and one they refused before but not now is asked again.
     """
     cache = AnswerCache(None) if cache is None else cache
     rows, pending, fresh = [], 0, 0
     for i, q in enumerate(questions, start=1):
         key = cache.key(config_key, q.id, q.query)
         raw = cache.get(key)
-        was_cached = raw is not None
         base = cache.get(cache.key(base_key, q.id, q.query)) if raw is None and base_key and derive else None
+        if gate is not None and (raw is not None or base is not None):
+            now = gate(q.query)
+            if now is not None and not (raw or base or {}).get("service_refused"):
+                # scored as today's refusal (free: no LLM call); the cached answer stays for a later rule change
+                raw, base = ask_raw(now, time.perf_counter(), count_tokens), None
+            elif now is None:                                          # an old rule's refusal is stale: ask
+                raw = None if raw is not None and raw.get("service_refused") else raw
+                base = None if base is not None and base.get("service_refused") else base
+        was_cached = raw is not None
         if base is not None:
             if budget is not None and budget.left == 0:
                 pending += 1

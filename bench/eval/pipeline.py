@@ -223,7 +223,7 @@ def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_
              per_question: dict[str, dict[str, Any]], embedder: Any, llms: dict[tuple, Any], max_new_tokens: int,
              judge: Any, first: bool, cache: AnswerCache | None = None, budget: Budget | None = None,
              kb_fingerprint: str = "") -> dict[str, Any]:
-    from app.service import QAService
+    from app.service import AnswerParams, QAService
     from bench.eval.answer_eval import looks_like_refusal, timed_stream
     from grounding.check import check_answer, template_checks
     from llm import GenerationParams
@@ -283,7 +283,9 @@ def _answers(cfg: EvalConfig, settings: Any, kb_name: str, answer_qs: list, una_
                                      count_tokens=lambda t: llms[llm_key].count_tokens(t) if llm_key in llms else 0,
                                      progress=_say, judge=judge, check=check, cache=cache, config_key=config_key,
                                      budget=budget, base_key=base_key if second else None,
-                                     derive=derive if second else None)
+                                     derive=derive if second else None,
+                                     gate=lambda question: service.refusal_before_llm(question, kb_name, AnswerParams(
+                                         max_new_tokens=max_new_tokens)))
     info = llms[llm_key].info if llm_key in llms else None
     summary["llm"] = ({k: str(getattr(info, k)) for k in ("name", "device", "quantization", "is_demo")
                        if hasattr(info, k)} if info is not None else {"name": settings.llm.demo_model + " (cached)"})
