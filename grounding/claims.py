@@ -367,14 +367,16 @@ def bound_elsewhere(passage: str, claim: Claim, constraint: Constraint) -> str |
     for sentence in split_sentences(text):
         if not supports(sentence, claim):
             continue
+        in_clause = False
         for clause in _CLAUSE.split(sentence):
             if not supports(clause, claim):
                 continue
+            in_clause = True
             times = _times(clause, constraint.kind) or _times(sentence, constraint.kind)
             if not times or want_key in times:
                 return None
             tied.extend(sorted(times))
-        if not tied:             # the claim spans clauses: the sentence decides
+        if not in_clause:        # the claim spans clauses: the sentence decides
             times = _times(sentence, constraint.kind)
             if not times or want_key in times:
                 return None
