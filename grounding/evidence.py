@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from common.text import char_bigrams
-from grounding.claims import Claim, extract_claims, normalize, strip_markers, supports
+from grounding.claims import Claim, _cn_dates_to_digits, _entities, extract_claims, normalize, strip_markers, supports
 from retrieval.sentences import sentence_ends, split_sentences
 
 # Question words and particles that say nothing about what is asked (on top of the BM25 stopwords).
@@ -154,8 +154,6 @@ def missing_names(question: str, passages: Sequence[str]) -> list[str]:
     >>> missing_names("华为2023年的营收增长率是多少？", ["华为2023年营收增长率为10%。"])
     []
     """
-    from grounding.claims import _cn_dates_to_digits, _entities
-
     text = normalize("\n".join(passages))
     chars = set(text)
     asked = unicodedata.normalize("NFKC", question)
