@@ -147,7 +147,8 @@ def missing_names(question: str, passages: Sequence[str]) -> list[str]:
     jieba splits unknown names wrongly (「拉诺米」 → 拉诺 + 米, 「西贡商信银行」 → …商信…), so a name counts as written
     when the passages hold it or at least half of its characters; a Latin name (mixed case: iPhone, Glade) must be
     there whole — a Latin word in capitals (GDP, Q3) is an abbreviation a passage may spell out, one in lower case
-    (zip, wifi) a common word.
+    (zip, wifi) a common word; a model code (A-135, F-16), which jieba does not tag, is a name, with or without its
+    hyphen.
 
     >>> missing_names("比亚迪2023年的营收增长率是多少？", ["华为2023年营收增长率为10%。"])
     ['比亚迪']
@@ -168,7 +169,17 @@ def missing_names(question: str, passages: Sequence[str]) -> list[str]:
         letters = set(word)
         if word.isascii() or sum(ch in chars for ch in letters) < len(letters) / 2:
             out.append(word)
+    for m in _MODEL_CODE.finditer(asked):       # A-135, F-16, DC-9: a model's name, which jieba does not tag
+        code = m.group().lower()
+        if not _PERIOD_CODE.match(code) and code not in out and code not in text and code.replace("-", "") not in text:
+            out.append(code)
     return out
+
+
+# Letters then digits, with or without a hyphen: a model or product code (A-135, F-16, DC-9, RTX4090). Quarter
+# and half-year codes (Q3, H1) are times, not names.
+_MODEL_CODE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{1,4}-?\d{1,5}[A-Za-z]?(?![A-Za-z0-9])")
+_PERIOD_CODE = re.compile(r"^[qh]\d$")
 
 
 def term_coverage(terms: Sequence[str], passage: str, sentence: str) -> float:

@@ -241,6 +241,9 @@ def test_names_the_passages_never_write_are_missing():
     assert missing_names("华为2023年的营收增长率是多少？", news) == []
     assert missing_names("iPhone15的销量是多少？", news) == ["iphone15"]
     assert missing_names("华为2023年Q3的GDP贡献是多少？", news) == []     # abbreviations, not names
+    # a model code jieba does not tag is a name too, written with or without its hyphen
+    assert missing_names("A-135反弹道导弹系统于哪年开始运作？", ["民国98年起全面升级天兵防空系统。"]) == ["a-135"]
+    assert missing_names("A-135反弹道导弹系统于哪年开始运作？", ["A135系统于1995年开始运作。"]) == []
     assert missing_names("2008年北京奥运会，拉诺米获得了怎样的成绩？", ["拉诺米·卡洛在北京奥运会获得一枚银牌。"]) == []
     assert missing_names("公司的年假有几天？", GUIDE) == []                 # no name asked: nothing to miss
 
