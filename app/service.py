@@ -333,25 +333,24 @@ class QAService:
         return self._retrieval_refusal(question.strip(), self.search(question, kb_name, p), p)
 
     def _retrieval_refusal(self, question: str, result: Any, p: AnswerParams) -> AnswerStream | None:
+        def refuse(closest: list[Hit], refusal: Refusal) -> AnswerStream:
+            return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=closest, refusal=refusal,
+                                highlight=self._highlighter(question, closest))
+
         if not result.evidence:
             threshold = self.settings.retrieval.score_threshold if p.threshold is None else p.threshold
-            return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.low_relevance,
-                                refusal=threshold_refusal(result.best_dense, threshold),
-                                highlight=self._highlighter(question, result.low_relevance))
+            return refuse(result.low_relevance, threshold_refusal(result.best_dense, threshold))
         coverage = max(key_term_coverage(question, h.text) for h in result.hits)
         required = self.settings.retrieval.min_key_term_coverage
         if coverage < required:
             # the passages are about the topic but not about what is asked (a near miss): no LLM call either
             log.info("refused: no passage holds %.0f%% of the question's key terms", 100 * coverage)
-            return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.hits,
-                                refusal=coverage_refusal(question, result.hits, required),
-                                highlight=self._highlighter(question, result.hits))
+            return refuse(result.hits, coverage_refusal(question, result.hits, required))
         names = missing_names(question, [h.text for h in result.hits]) if self.settings.retrieval.require_names else []
         if names:
             # the passages are about someone/something else (another company's figures): no LLM call
             log.info("refused: the question's names %s are in none of the passages", names)
-            return AnswerStream([REFUSAL], sources=[], refused=True, low_relevance=result.hits,
-                                refusal=names_refusal(names), highlight=self._highlighter(question, result.hits))
+            return refuse(result.hits, names_refusal(names))
         return None
 
     @property

@@ -35,9 +35,9 @@ __all__ = [
     "check_answer",
     "citations",
     "key_term_coverage",
-    "missing_names",
     "key_terms",
     "looks_like_refusal",
+    "missing_names",
     "rank_by_question",
     "template_checks",
 ]

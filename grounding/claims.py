@@ -307,7 +307,7 @@ def meets(passage: str, constraint: Constraint) -> bool:
     """Does `passage` state the constraint (the same year/date, part of the year, the place's name)?"""
     if constraint.kind == "period":
         want = constraint.key.removeprefix("period:")
-        return any(k == want for k, _, _ in _periods(normalize(_cn_dates_to_digits(passage))))
+        return any(k == want for k, _, _ in _periods(passage_facts(passage).text))
     return supports(passage, Claim(constraint.kind if constraint.kind == "date" else "entity", constraint.text,
                                    constraint.key))
 
@@ -362,7 +362,7 @@ def bound_elsewhere(passage: str, claim: Claim, constraint: Constraint) -> str |
         want_key = str(want)
     else:
         want_key = constraint.key.removeprefix("period:")
-    text = normalize(_cn_dates_to_digits(passage))
+    text = passage_facts(passage).text
     tied: list[str] = []
     for sentence in split_sentences(text):
         if not supports(sentence, claim):

@@ -263,6 +263,16 @@ def test_upload_and_background_ingestion(server, page, tmp_path):
     page.netlog.check_only(server.origin, "upload")
 
 
+def _refused_by(pg, question: str, reason: str, turn: int, shot: str) -> str:
+    """Ask `question`, wait until the sources panel shows a refusal by `reason`, take screenshot `shot`; returns the
+    text of the reason note under answer number `turn` (0-based)."""
+    pg.fill("#question textarea", question)
+    pg.press("#question textarea", "Enter")
+    pg.wait_for_selector(f"#sources .zw-sources[data-reason={reason}]", timeout=120_000)
+    _shot(pg, shot)
+    return pg.locator("#chat [data-testid=bot]").nth(turn).locator(f".zw-reason.zw-reason-{reason}").inner_text()
+
+
 def _closest_marks(pg) -> tuple[int, list[str]]:
     """(number of source cards, the sentences marked as closest to the question)."""
     cards = len(pg.query_selector_all("#sources .zw-hit"))
@@ -297,12 +307,7 @@ def test_refusal_is_styled_and_calls_no_llm(server, page):
     assert colour == "rgb(219, 234, 254)", colour
 
     # the right company, but nothing about what is asked: refused by the key-word rule, which names the missing words
-    page.fill("#question textarea", "星河公司员工的体检和加班补贴标准是什么？")
-    page.press("#question textarea", "Enter")
-    page.wait_for_selector("#sources .zw-sources[data-reason=key_term_coverage]", timeout=120_000)
-    _shot(page, "3a-refusal-key-terms")
-    note = page.locator("#chat [data-testid=bot]").nth(1).locator(".zw-reason.zw-reason-key_term_coverage")
-    text = note.inner_text()
+    text = _refused_by(page, "星河公司员工的体检和加班补贴标准是什么？", "key_term_coverage", 1, "3a-refusal-key-terms")
     assert "关键词" in text and "「体检」" in text and "没有调用模型" in text, text
     sources = page.inner_text("#sources")
     assert DOC_NAME in sources and "没有写到问题的关键词" in sources, sources
@@ -310,12 +315,7 @@ def test_refusal_is_styled_and_calls_no_llm(server, page):
     assert cards >= 1 and len(marks) == cards, (cards, marks)
 
     # the asked words are there, but about another company: refused by the name rule (retrieval.require_names)
-    page.fill("#question textarea", "腾讯公司的正式员工每年有多少天年假？")
-    page.press("#question textarea", "Enter")
-    page.wait_for_selector("#sources .zw-sources[data-reason=missing_name]", timeout=120_000)
-    _shot(page, "3a-refusal-missing-name")
-    note = page.locator("#chat [data-testid=bot]").nth(2).locator(".zw-reason.zw-reason-missing_name")
-    text = note.inner_text()
+    text = _refused_by(page, "腾讯公司的正式员工每年有多少天年假？", "missing_name", 2, "3a-refusal-missing-name")
     assert "「腾讯」" in text and "没有调用模型" in text, text
     assert "没有提到问题里的名称" in page.inner_text("#sources")
     # the page's citation script is live: a [1] marker (rendered by render.answer_markdown from a model's answer,

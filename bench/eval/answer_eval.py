@@ -82,9 +82,7 @@ def score_answer(q: Question, raw: dict[str, Any], answerable: bool,
     text, quote = split_quote(full)         # the answer without its 「原文：」 quote is what is scored
     service_refused = raw["service_refused"]
     refused = service_refused or looks_like_refusal(text)
-    files = raw.get("sources")
-    files = files if files is not None and len(files) == len(raw["source_texts"]) else None
-    verdict = None if refused else (check or default_check)(q.query, full, raw["source_texts"], files)
+    verdict = None if refused else (check or default_check)(q.query, full, raw["source_texts"], raw.get("sources"))
     extra = judge(q, text, raw) if judge else {}
     model_refused = refused and not service_refused
     # a model refusal while the top passage holds a sentence that scores as an answer: a likely false refusal
