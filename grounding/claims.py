@@ -6,7 +6,12 @@ Normalisation makes one fact look the same however it is written: full-width and
 「2022/3/5」 = 「二〇二二年三月五日」).
 
     >>> [c.key for c in extract_claims("2021年营收3.5万元，比华为高12%。")]
-    ['date:2021', 'num:35000', 'ent:华为', 'num:12']
+    ['date:2021', 'num:35000/money', 'ent:华为', 'num:12/pct']
+
+A number written with a unit of measure (length, weight, area, volume, money, percent, time spans, centuries, age,
+temperature) is that quantity: 「直径约1厘米」 is not supported by a passage whose only 1 is 「每室1个」, nor
+「公元前10世纪」 by 「十数万人」. A passage writing the value with no unit at all (a table cell) still
+supports it; classifiers (个、名、条…) are not checked — 「3名」 and 「3位」 say the same.
 
 The passage side is read more generously than the answer side (`passage_facts`): a single Chinese numeral such as
 「三个」 counts as 3 in a passage, so an answer saying 「3个」 is supported, while a lone 「一」 in an answer
@@ -52,6 +57,44 @@ _DATE_PATTERNS = [
 ]
 
 
+# Units of measure, longest first within the text they are read from; a number followed by one of them (after an
+# optional range: 「2-4厘米」) is that quantity.
+_MEASURES = {
+    "length": ("毫米", "厘米", "公分", "分米", "千米", "公里", "公尺", "英里", "英尺", "英寸", "海里", "光年", "米",
+               "mm", "cm", "km", "m"),
+    "area": ("平方千米", "平方公里", "平方米", "平方英里", "平米", "公顷", "亩", "km²", "m²"),
+    "weight": ("毫克", "千克", "公斤", "公克", "克", "斤", "吨", "磅", "mg", "kg", "g"),
+    "volume": ("毫升", "公升", "立方米", "升", "ml"),
+    "money": ("人民币", "美元", "港元", "港币", "日元", "欧元", "英镑", "台币", "韩元", "卢布", "元", "块钱"),
+    "pct": ("%", "个百分点", "百分点"),
+    "century": ("世纪",),
+    "decade": ("年代",),
+    "age": ("周岁", "岁"),
+    "hour": ("小时", "钟头"),
+    "minute": ("分钟",),
+    "second": ("秒钟", "秒"),
+    "temperature": ("摄氏度", "华氏度", "°c", "℃"),
+}
+_MEASURE_OF = {w: k for k, words in _MEASURES.items() for w in words}
+_MEASURE = re.compile("|".join(re.escape(w) for w in sorted(_MEASURE_OF, key=len, reverse=True)))
+_RANGE_REST = re.compile(rf"\s*(?:[-~～至到—–]|或)\s*(?:{_AR_NUM}|{_CN_NUM})\s*")
+# What may follow a number without naming another quantity: punctuation, the end, Latin text that is no unit
+_NO_UNIT = re.compile(r"(?:$|[\W_a-z]|[的左上以])")
+
+
+def _unit_after(text: str, end: int) -> str:
+    """The measure a number ending at `end` is written with ("length", "pct", …), "" for none, "?" for a word
+    that is no unit of measure (「1个」, 「十数万人」)."""
+    m = _RANGE_REST.match(text, end)
+    at = m.end() if m else end
+    while at < len(text) and text[at] in "余多":       # 「20余米」
+        at += 1
+    u = _MEASURE.match(text, at)
+    if u and not (u.group().isascii() and u.group()[-1].isalpha() and re.match(r"[a-z]", text[u.end():u.end() + 1])):
+        return _MEASURE_OF[u.group()]
+    return "" if _NO_UNIT.match(text, at) else "?"
+
+
 @dataclass(frozen=True)
 class Claim:
     """One checkable piece of an answer. `key` is what must match ("num:35000", "date:2022-3", "ent:华为")."""
@@ -61,6 +104,7 @@ class Claim:
     key: str
     start: int = 0     # offsets in the normalised text
     end: int = 0
+    unit: str = ""     # a number's unit of measure (_MEASURES), "" when it has none
 
 
 @dataclass
@@ -69,6 +113,7 @@ class Facts:
 
     text: str
     numbers: set[float] = field(default_factory=set)
+    units: dict[float, set[str]] = field(default_factory=dict)   # value -> the measures it is written with
     dates: list[tuple[int | None, int | None, int | None]] = field(default_factory=list)
 
 
@@ -191,7 +236,9 @@ def extract_claims(answer: str, *, ignore: str = "") -> list[Claim]:
     for v, s, e in _numbers(text, generous=False):
         if any(ds <= s < de for ds, de in date_spans) or v in asked_numbers:
             continue
-        claims.append(Claim("number", text[s:e], f"num:{v:g}", s, e))
+        unit = "pct" if text.startswith("百分之", s) else _unit_after(text, e)
+        unit = "" if unit == "?" else unit
+        claims.append(Claim("number", text[s:e], f"num:{v:g}" + (f"/{unit}" if unit else ""), s, e, unit))
     for word, _flag, at in _entities(text):
         if word in asked or any(ch.isdigit() for ch in word):
             continue
@@ -208,8 +255,10 @@ def passage_facts(passage: str) -> Facts:
     """The passage's numbers (Chinese numerals of one character included) and dates, normalised."""
     text = normalize(_cn_dates_to_digits(passage))
     dates = [d for d, _, _ in _dates(text)]
-    numbers = {v for v, _, _ in _numbers(text, generous=True)}
-    return Facts(text=text, numbers=numbers, dates=dates)
+    units: dict[float, set[str]] = {}
+    for v, s, e in _numbers(text, generous=True):
+        units.setdefault(v, set()).add("pct" if text.startswith("百分之", s) else _unit_after(text, e))
+    return Facts(text=text, numbers=set(units), units=units, dates=dates)
 
 
 def _date_covers(have: tuple[int | None, int | None, int | None],
@@ -232,8 +281,10 @@ def supports(passage: str, claim: Claim) -> bool:
     """
     facts = passage_facts(passage)
     if claim.kind == "number":
-        v = float(claim.key.removeprefix("num:"))
-        return any(abs(v - x) <= 1e-9 * max(1.0, abs(v)) for x in facts.numbers)
+        v = float(claim.key.removeprefix("num:").split("/")[0])
+        same = [x for x in facts.numbers if abs(v - x) <= 1e-9 * max(1.0, abs(v))]
+        # a quantity needs its measure (or a bare value): 「1厘米」 is not 「1个」
+        return any(not claim.unit or facts.units[x] & {claim.unit, ""} for x in same)
     if claim.kind == "date":
         want = _parse_date_key(claim.key)
         if any(_date_covers(d, want) for d in facts.dates):

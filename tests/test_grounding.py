@@ -41,7 +41,22 @@ def test_claims_skip_list_numbers_markers_and_what_the_question_says():
     assert extract_claims("1. 点击上传\n2. 选择文件[2]") == []
     assert [c.key for c in extract_claims("一些人一起去")] == []            # 一 alone is no number
     keys = [c.key for c in extract_claims("2022年上海的GDP是4.5万亿元", ignore="2022年上海的GDP是多少？")]
-    assert keys == ["num:4.5e+12"]
+    assert keys == ["num:4.5e+12/money"]
+
+
+@pytest.mark.parametrize("answer,passage,ok", [
+    ("直径约1厘米", "花粉块每室1个。", False),            # another quantity with the same value
+    ("可追溯到公元前10世纪", "数月聚合十数万人。", False),
+    ("长2-4厘米", "上部叶长2-4厘米，宽1-2厘米。", True),   # a range's first number has the range's unit
+    ("增长12%", "同比增长百分之十二。", True),
+    ("高20多米", "塔高20余米。", True),
+    ("身高1.5米", "身高：1.5", True),                    # a bare value (a table cell) still supports it
+    ("时速5公里", "时速5km。", True),
+    ("3名员工", "共有3位员工。", True),                  # classifiers are not checked
+])
+def test_numbers_with_units_of_measure(answer, passage, ok):
+    claims = extract_claims(answer)
+    assert claims and all(supports(passage, c) for c in claims) is ok
 
 
 def test_question_constraints():
