@@ -261,6 +261,11 @@ def test_names_the_passages_never_write_are_missing():
     assert missing_names("A-135反弹道导弹系统于哪年开始运作？", ["A135系统于1995年开始运作。"]) == []
     assert missing_names("2008年北京奥运会，拉诺米获得了怎样的成绩？", ["拉诺米·卡洛在北京奥运会获得一枚银牌。"]) == []
     assert missing_names("公司的年假有几天？", GUIDE) == []                 # no name asked: nothing to miss
+    # a run of half the name is needed, not its characters scattered over other words
+    other = ["夏尔作为国王的继承人，得到了卡拉布里亚公爵的称号，人们爱戴他。"]
+    assert missing_names("王爱爱的头衔有哪些？", other) == ["王爱爱"]
+    assert missing_names("西贡商信银行的总部在哪里？", ["西贡商业信用银行，总部位于胡志明市。"]) == []   # jieba's 商信
+    assert missing_names("《神圣十月》是由哪个杂志连载的？", ["神圣十月第一次连载于Comic Blade月刊上。"]) == []
 
 
 def test_key_term_coverage_decides_only_with_two_terms_or_more():
