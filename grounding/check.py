@@ -258,11 +258,24 @@ def check_answer(answer: str, question: str, passages: Sequence[str], *, require
         sentence = quote.text if quote is not None else best_sentence(text, answer, claims=all_claims)
         if sentence:
             evidence[source] = sentence
-        same = ([p for p, d in zip(passages, documents, strict=True) if d == documents[source - 1]]
-                if documents is not None and len(documents) == n else [text])
-        for name in missing_names(question, same):
+        def file_of(i: int) -> list[str]:      # passage i's text and the other given passages of its file
+            if documents is None or len(documents) != n:
+                return [passages[i - 1]]
+            return [p for p, d in zip(passages, documents, strict=True) if d == documents[i - 1]]
+
+        missing = missing_names(question, file_of(source))
+        for name in missing:
             failures.append(Failure("name", name, f"问题中的「{name}」在答案所依据的资料（段落[{source}]所在的文件）中"
                                     "没有出现"))
+        # every claim, not only the main source's: 「华为营收7042亿元，净利润300亿元」 may take its second figure
+        # from a passage about another company
+        for claim in all_claims:
+            where = support.get(claim.key) or []
+            lost = [set(missing_names(question, file_of(i))) - set(missing) for i in where]
+            if where and all(lost):
+                name = sorted(lost[0])[0]
+                failures.append(Failure("name", claim.text, f"「{claim.text}」出自的段落[{where[0]}]所在的文件没有提到"
+                                        f"问题中的「{name}」"))
         cons = question_constraints(question)
         for con in cons:
             if not meets(text, con):

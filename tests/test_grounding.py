@@ -235,6 +235,16 @@ def test_an_answer_from_a_file_that_never_names_the_asked_person_fails():
     assert [f.kind for f in check_answer("他捐资修建炮台，又仿造西洋战船。", q, passages).failures] == ["name"]
 
 
+def test_each_claim_must_come_from_a_file_that_names_the_asked_company():
+    """An answer that takes one figure from the right company's report and another from a sister company's: the
+    main source names 华为, but 300亿元 is written only in a file about 比亚迪."""
+    passages = ["华为2023年营收7042亿元。", "比亚迪2023年净利润300亿元。"]
+    q = "华为2023年的营收和净利润是多少？"
+    mixed = check_answer("华为2023年营收7042亿元，净利润300亿元。", q, passages, documents=["hw.txt", "byd.txt"])
+    assert [(f.kind, f.text) for f in mixed.failures] == [("name", "300亿")] and "「华为」" in mixed.failures[0].message
+    assert check_answer("华为2023年营收7042亿元。", q, passages, documents=["hw.txt", "byd.txt"]).ok
+
+
 def test_a_word_asking_for_a_name_is_met_by_any_naming_word():
     """「阿閦佛又称之为什么？」 is answered by a passage saying 「又名不动佛、无动佛」: its one key word 称之为 was not
     there, and the demo model's right answer failed on relevance (docs/benchmarks.md §10.7)."""
