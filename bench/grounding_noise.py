@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(questions)} questions; right answers checked {n_right}, noise answers checked {n_noise}")
     print("\n| failure kind | right answers failed (→ false refusal) | noise answers failed (→ refusal) |")
     print("|---|---|---|")
-    for kind in ("any", "number", "date", "entity", "name", "constraint", "relevance", "citation"):
+    for kind in ("any", "number", "date", "entity", "name", "constraint", "relevance", "wording", "empty", "citation"):
         rf, nf = right_fail[kind] / max(1, n_right), noise_fail[kind] / max(1, n_noise)
         print(f"| {kind} | {rf:.3f} | {nf:.3f} |")
     print("\n| relevance threshold (grounding.check.MIN_RELEVANCE) | right answers failed | noise answers failed |")

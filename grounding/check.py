@@ -16,6 +16,10 @@ Checks, each a kind of Failure:
   relevance               the sentence the answer came from shares too few of the question's key terms (a number
                           that is in the passages, but about something else; an answer without numbers/names too,
                           its sentence found by its wording)
+  wording                 most of the answer's own wording (its character pairs not taken from the question) is in
+                          none of the passages: the model's commentary, not the documents' (「它反映了日本政治的稳定
+                          性和人民对政府的信任度」)
+  empty                   the answer only repeats the question (「首钢是什么的简称？」 → 「首钢的简称是“首钢”」)
   citation                a marker [n] points at no passage, or at a passage without the sentence's claims
   uncited                 (templates that ask for citations, when the model cites elsewhere) a sentence with claims
                           and no marker
@@ -54,6 +58,12 @@ UNGROUNDED = "资料中没有找到可靠依据"
 # is about something else. Chosen with bench.grounding_noise (docs/benchmarks.md, "Grounding"): 0.25 fails few
 # right answers and most near-miss answers; 0.34 fails three times as many right answers.
 MIN_RELEVANCE = 0.25
+# Below this share of the answer's own character pairs (those not in the question) written in the passages, an answer
+# with WORDING_MIN_PAIRS of them or more is mostly the model's own words: on the demo model's answers to 100
+# answerable noise-mode questions the lowest right answer of that length was at 0.70 (docs/benchmarks.md §10.7).
+MIN_WORDING = 0.5
+WORDING_MIN_PAIRS = 15
+_ASKS = re.compile(r"什么|谁|哪|多少|几|何|怎么|怎样|如何|为什么|啥")
 _MARKER = re.compile(r"\[(\d{1,2})\]|【(\d{1,2})】")
 # A short sentence that only says where the previous one came from: 「根据已知信息编号 [1]。」, 「（来源：[2]）」,
 # 「参见[1]和[3]。」 (the demo model writes its citations so: measured in docs/benchmarks.md §10.5).
@@ -240,6 +250,17 @@ def check_answer(answer: str, question: str, passages: Sequence[str], *, require
             failures.append(Failure("uncited", strip_markers(sentence).strip()[:20],
                                     f"「{strip_markers(sentence).strip()[:20]}」没有标注出处"))
 
+    wording = _own_wording(answer, question)
+    if _ASKS.search(question) and not all_claims and set(_letters(answer)) <= set(_letters(question)):
+        failures.append(Failure("empty", strip_markers(answer).strip()[:20],
+                                "答案只是重复了问题，没有给出资料中的内容"))
+    elif len(wording) >= WORDING_MIN_PAIRS and quote_text is None:
+        written = set().union(*(char_bigrams(_letters(p)) for p in passages)) if passages else set()
+        share = len(wording & written) / len(wording)
+        if share < MIN_WORDING:
+            failures.append(Failure("wording", strip_markers(answer).strip()[:20],
+                                    f"答案的措辞大多不在资料中（只有 {share:.0%} 出自资料）"))
+
     quote = find_quote(quote_text, passages) if quote_text else None
     if quote_text and quote is None:
         failures.append(Failure("quote", quote_text[:20], f"答案引用的原文「{quote_text[:20]}」在资料中找不到"))
@@ -319,3 +340,12 @@ def _source(answer: str, passages: Sequence[str], cites: Sequence[Citation],
         return 1
     overlap = [len(grams & char_bigrams(normalize(p))) for p in passages]
     return overlap.index(max(overlap)) + 1
+
+
+def _letters(text: str) -> str:
+    return "".join(ch for ch in normalize(strip_markers(text)) if ch.isalnum())
+
+
+def _own_wording(answer: str, question: str) -> set[str]:
+    """The answer's character pairs that are not the question's (what the answer adds), on letters and digits."""
+    return char_bigrams(_letters(answer)) - char_bigrams(_letters(question))

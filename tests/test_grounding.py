@@ -245,6 +245,20 @@ def test_each_claim_must_come_from_a_file_that_names_the_asked_company():
     assert check_answer("华为2023年营收7042亿元。", q, passages, documents=["hw.txt", "byd.txt"]).ok
 
 
+def test_an_answer_in_the_models_own_words_or_only_repeating_the_question_fails():
+    passages = ["1956年第7届参议院选举，自民党未能取得多数席位，社会党增加了8席，但是得票率却没有提高。"]
+    q = "第7届日本参议院议员通常选举的重要性是什么？"
+    own = check_answer("第7届日本参议院议员通常选举的重要性在于，它反映了日本政治的稳定性和人民对政府的信任度，"
+                       "也预示着未来政坛格局的深刻变化。", q, passages)
+    assert "wording" in [f.kind for f in own.failures]
+    copied = check_answer("第7届选举中，自民党未能取得多数席位，社会党增加了8席，但是得票率却没有提高。", q, passages)
+    assert copied.ok
+    assert [f.kind for f in check_answer("首钢的简称是“首钢”。", "首钢是什么的简称？",
+                                         ["首都钢铁公司，简称首钢。"]).failures] == ["empty"]
+    assert check_answer("首钢是首都钢铁公司的简称。", "首钢是什么的简称？", ["首都钢铁公司，简称首钢。"]).ok
+    assert check_answer("丙烯颜料有毒。", "丙烯颜料有毒吗？", ["丙烯颜料有毒，使用时要通风。"]).ok   # yes/no
+
+
 def test_a_word_asking_for_a_name_is_met_by_any_naming_word():
     """「阿閦佛又称之为什么？」 is answered by a passage saying 「又名不动佛、无动佛」: its one key word 称之为 was not
     there, and the demo model's right answer failed on relevance (docs/benchmarks.md §10.7)."""
