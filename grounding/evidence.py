@@ -167,10 +167,41 @@ def missing_names(question: str, passages: Sequence[str]) -> list[str]:
                 continue
         if word.isascii() or not _piece_in(word, text):
             out.append(word)
+    for word in organisation_names(question):     # 小米集团: jieba tags 小米 as a noun (millet)
+        if word not in out and not _piece_in(word, text):
+            out.append(word)
     for m in _MODEL_CODE.finditer(asked):       # A-135, F-16, DC-9: a model's name, which jieba does not tag
         code = m.group().lower()
         if not _PERIOD_CODE.match(code) and code not in out and code not in text and code.replace("-", "") not in text:
             out.append(code)
+    return out
+
+
+# Words that end an organisation's name: the noun before them names it (小米集团, 星河科技有限公司, 理想汽车).
+ORG_SUFFIXES = frozenset("公司 有限公司 股份有限公司 集团 控股 股份 银行 科技 汽车 证券 保险 基金 医药 制药 电子 电器 "
+                         "电气 能源 地产 置业 航空 物流 食品 传媒 网络 软件 通信 实业 工业".split())
+_ORG_CORE_FLAGS = ("n", "nr", "nrt", "nrfg", "nz", "nt", "ns", "eng", "j")
+
+
+def organisation_names(question: str) -> list[str]:
+    """Names of organisations in `question` that jieba does not tag as names: the noun(s) right before an
+    ORG_SUFFIXES word (「小米集团」 → 小米, 「星河科技有限公司」 → 星河; not 「该公司」, 「保险公司」, 「汽车公司」)."""
+    import jieba.posseg as pseg
+
+    words = [(w.word, w.flag) for w in pseg.cut(normalize(question))]
+    out = []
+    for i, (word, _flag) in enumerate(words):
+        if word not in ORG_SUFFIXES or (i + 1 < len(words) and words[i + 1][0] in ORG_SUFFIXES):
+            continue
+        j = i
+        while j > 0 and words[j - 1][0] in ORG_SUFFIXES:
+            j -= 1
+        k = j
+        while k > 0 and words[k - 1][1] in _ORG_CORE_FLAGS and words[k - 1][0] not in ORG_SUFFIXES:
+            k -= 1
+        core = "".join(w for w, _ in words[k:j])
+        if len(core) >= 2 and not core.isdigit() and core not in out:
+            out.append(core)
     return out
 
 
