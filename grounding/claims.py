@@ -82,6 +82,18 @@ _RANGE_REST = re.compile(rf"\s*(?:[-~～至到—–]|或)\s*(?:{_AR_NUM}|{_CN_N
 _NO_UNIT = re.compile(r"(?:$|[\W_a-z]|[的左上以])")
 
 
+# Two numbers joined by x/×/*: a relay (4x100米), a size (1920×1080) — one figure.
+_COMPOUND = re.compile(r"(?<![\d.])\d+(?:\.\d+)?\s*[x×*]\s*\d+(?:\.\d+)?(?![\d.])")
+
+
+def _compound_key(span: str) -> str:
+    return "x".join(re.split(r"\s*[x×*]\s*", span))
+
+
+def _compound_keys(text: str) -> set[str]:
+    return {_compound_key(m.group()) for m in _COMPOUND.finditer(text)}
+
+
 def _unit_after(text: str, end: int) -> str:
     """The measure a number ending at `end` is written with ("length", "pct", …), "" for none, "?" for a word
     that is no unit of measure (「1个」, 「十数万人」)."""
@@ -233,8 +245,12 @@ def extract_claims(answer: str, *, ignore: str = "") -> list[Claim]:
         if asked and any(_date_covers(d, date) for d, _, _ in _dates(asked)):
             continue
         claims.append(Claim("date", text[s:e], _date_key(date), s, e))
+    compound = [(m.start(), m.end()) for m in _COMPOUND.finditer(text)]
+    for m in _COMPOUND.finditer(text):      # 4x100米, 1920×1080: one figure, not two numbers
+        if _compound_key(m.group()) not in _compound_keys(asked):
+            claims.append(Claim("number", m.group(), "num:" + _compound_key(m.group()), m.start(), m.end()))
     for v, s, e in _numbers(text, generous=False):
-        if any(ds <= s < de for ds, de in date_spans) or v in asked_numbers:
+        if any(ds <= s < de for ds, de in date_spans + compound) or v in asked_numbers:
             continue
         unit = "pct" if text.startswith("百分之", s) else _unit_after(text, e)
         unit = "" if unit == "?" else unit
@@ -280,6 +296,8 @@ def supports(passage: str, claim: Claim) -> bool:
     True
     """
     facts = passage_facts(passage)
+    if claim.kind == "number" and "x" in claim.key:
+        return claim.key.removeprefix("num:") in _compound_keys(facts.text)
     if claim.kind == "number":
         v = float(claim.key.removeprefix("num:").split("/")[0])
         same = [x for x in facts.numbers if abs(v - x) <= 1e-9 * max(1.0, abs(v))]
@@ -395,8 +413,9 @@ def bound_elsewhere(passage: str, claim: Claim, constraint: Constraint) -> str |
     another one than the question's `constraint` asks for (else None): a 2021 figure given for a 2022 question
     although the passage names both years.
 
-    A statement is tied to the times named in its clause, else in its sentence (a comparison's base year does not
-    count); one named nowhere near it is tied to nothing, and then the claim passes.
+    A statement is tied to the times named in its clause, else in its sentence, else — a sentence naming none
+    continues the story — in the last sentence before it that named one (a comparison's base year does not count);
+    one with no time before it at all is tied to nothing, and then the claim passes.
 
     >>> c = extract_claims("83亿元")[0]
     >>> bound_elsewhere("2022年营收100亿元，2021年为83亿元。", c, question_constraints("2022年营收多少？")[0])
@@ -415,7 +434,10 @@ def bound_elsewhere(passage: str, claim: Claim, constraint: Constraint) -> str |
         want_key = constraint.key.removeprefix("period:")
     text = passage_facts(passage).text
     tied: list[str] = []
+    before: set[str] = set()       # the times of the last sentence that named one: a sentence naming none continues it
     for sentence in split_sentences(text):
+        here = _times(sentence, constraint.kind)
+        context, before = (here or before), (here or before)
         if not supports(sentence, claim):
             continue
         in_clause = False
@@ -423,12 +445,12 @@ def bound_elsewhere(passage: str, claim: Claim, constraint: Constraint) -> str |
             if not supports(clause, claim):
                 continue
             in_clause = True
-            times = _times(clause, constraint.kind) or _times(sentence, constraint.kind)
+            times = _times(clause, constraint.kind) or context
             if not times or want_key in times:
                 return None
             tied.extend(sorted(times))
         if not in_clause:        # the claim spans clauses: the sentence decides
-            times = _times(sentence, constraint.kind)
+            times = context
             if not times or want_key in times:
                 return None
             tied.extend(sorted(times))

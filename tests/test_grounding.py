@@ -110,7 +110,15 @@ def test_a_figure_of_another_year_or_quarter_fails_even_when_the_passage_names_t
     assert check_answer("2021年为83亿元。", q, report).ok                      # the answer says whose figure it is
     assert check_answer("83亿元。", "2021年至2022年公司营收有哪些数字？", report).ok   # a span
     # one statement tied to no year at all is enough to let the figure pass (the check is lenient, not a parser)
-    assert check_answer("83亿元。", q, ["2022年报告。2021年营收为83亿元。营收83亿元创下新高。"]).ok
+    assert check_answer("83亿元。", q, ["营收83亿元创下新高。2022年报告。2021年营收为83亿元。"]).ok
+    # a sentence naming no year continues the last one that did
+    story = ["2021年营收为83亿元。其中净利润为9亿元。2022年营收为100亿元，净利润为12亿元。"]
+    assert [f.kind for f in check_answer("9亿元。", "2022年净利润是多少？", story).failures] == ["constraint"]
+    assert check_answer("12亿元。", "2022年净利润是多少？", story).ok
+    # a relay or a size is one figure: 4x100米 is not supported by a passage with 4x200米 and 100米
+    relay = ["2008年，她在4x200米自由式中获第4名，个人100米排名第9。", "2007年她刷新4x100米自由式世界纪录。"]
+    swim = check_answer("她刷新了4x100米自由式世界纪录。", "2008年她刷新了什么世界纪录？", relay)
+    assert [f.kind for f in swim.failures] == ["constraint"]
     # parts of a year: 第三季度 = 三季度 = Q3 = 7-9月; a passage without the asked quarter fails as before
     quarters = ["2023年第二季度营收为50亿元，第三季度营收为62亿元。", "2023年7-9月净利润为8亿元。"]
     q3 = "2023年Q3营收是多少？"
