@@ -41,8 +41,9 @@ _UNITS = {"万亿": 1e12, "千万": 1e7, "百万": 1e6, "万": 1e4, "亿": 1e8}
 _UNIT_NUMBER = re.compile(r"^(\d+(?:\.\d+)?)(万亿|千万|百万|万|亿)?$")
 _PERCENT_CN = re.compile(rf"百分之({_CN_NUM}|{_AR_NUM})")
 _MARKER = re.compile(r"\[(\d{1,2})\]|【(\d{1,2})】")
-# A list number at the start of a line (「1. 」「2、」「(3)」) numbers the answer's own items, it claims nothing.
-_LIST_NUMBER = re.compile(r"(?m)^\s*[(（]?\d{1,2}[.、)）](?!\d)")
+# A list number at the start of a line or after a colon/semicolon (「1. 」「2、」「(3)」, 「原因包括：1. …；2. …」)
+# numbers the answer's own items, it claims nothing.
+_LIST_NUMBER = re.compile(r"(?m)(?:^|(?<=[：:；;]))\s*[(（]?\d{1,2}[.、)）](?!\d)")
 
 _Y = r"(\d{4}|\d{2})\s*年"
 _M = r"(\d{1,2})\s*月"
