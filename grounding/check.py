@@ -15,7 +15,8 @@ Checks, each a kind of Failure:
                           (「1842年，潘仕成做了什么？」 answered from a passage about 怡良)
   relevance               the sentence the answer came from shares too few of the question's key terms (a number
                           that is in the passages, but about something else; an answer without numbers/names too,
-                          its sentence found by its wording)
+                          its sentence found by its wording; a key term written in another given passage of the
+                          answer's file counts: a chunk that leaves its subject implicit)
   wording                 most of the answer's own wording (its character pairs not taken from the question) is in
                           none of the passages: the model's commentary, not the documents' (「它反映了日本政治的稳定
                           性和人民对政府的信任度」)
@@ -316,6 +317,12 @@ def check_answer(answer: str, question: str, passages: Sequence[str], *, require
         # (「不同的分值代表着不同的人生类型和宇宙观」 from a sentence about something else: 0 of the key terms)
         if terms and sentence:
             cov = term_coverage(terms, text, sentence)
+            if cov < min_relevance and documents is not None and len(documents) == n:
+                # the passage leaves its subject implicit (「花为聚繖花序顶生…」 in the file about 黄蝉): a key term
+                # written in another given passage of its file counts
+                elsewhere = normalize("\n".join(p for p in file_of(source) if p != text))
+                if elsewhere:
+                    cov = max(cov, term_coverage(terms, text, sentence, also=elsewhere))
             if cov < min_relevance:
                 failures.append(Failure("relevance", sentence[:30],
                                         f"答案所依据的句子与问题关系不大（问题的关键词只出现了 {cov:.0%}）"))

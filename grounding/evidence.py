@@ -221,7 +221,7 @@ _MODEL_CODE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{1,4}-?\d{1,5}[A-Za-z]?(?![A-
 _PERIOD_CODE = re.compile(r"^[qh]\d$")
 
 
-def term_coverage(terms: Sequence[str], passage: str, sentence: str) -> float:
+def term_coverage(terms: Sequence[str], passage: str, sentence: str, *, also: str = "") -> float:
     """Share of `terms` written in `sentence` or the sentences right before and after it in `passage` (a word of
     three characters or more also counts when most of its character pairs are there: 任命为 ~ 被任命)."""
     sents = split_sentences(passage)
@@ -240,7 +240,8 @@ def term_coverage(terms: Sequence[str], passage: str, sentence: str) -> float:
         window = sentence
     hay = normalize(window)
     grams = char_bigrams(_alnum(window))
-    return sum(term_in(t, hay, grams) for t in terms) / len(terms) if terms else 1.0
+    return (sum(term_in(t, hay, grams) or (bool(also) and term_in(t, also)) for t in terms) / len(terms)
+            if terms else 1.0)
 
 
 def rank_by_question(sentences: Sequence[str], question: str, embedder: Any) -> list[int]:

@@ -268,6 +268,18 @@ def test_an_answer_in_the_models_own_words_or_only_repeating_the_question_fails(
     assert check_answer("丙烯颜料有毒。", "丙烯颜料有毒吗？", ["丙烯颜料有毒，使用时要通风。"]).ok   # yes/no
 
 
+def test_a_chunk_that_leaves_its_subject_implicit_is_relevant_through_its_file():
+    """A chunk in the middle of a document rarely repeats what the document is about: 「花为聚繖花序顶生…」 in the file
+    about 黄蝉. A key term written in another given passage of the same file counts for relevance; one of another
+    file does not."""
+    passages = ["黄蝉\n黄蝉是夹竹桃科的灌木，原产巴西。", "花为聚繖花序顶生，鲜黄色，花冠呈漏斗形。",
+                "长春花的花为单生，淡红色。"]
+    q, answer = "黄蝉的花是什么样子？", "花为聚繖花序顶生，鲜黄色，花冠呈漏斗形。"
+    assert check_answer(answer, q, passages, documents=["hc.txt", "hc.txt", "cc.txt"]).ok
+    alone = check_answer(answer, q, passages, documents=["hc.txt", "other.txt", "cc.txt"])
+    assert [f.kind for f in alone.failures] == ["relevance"]
+
+
 def test_a_word_asking_for_a_name_is_met_by_any_naming_word():
     """「阿閦佛又称之为什么？」 is answered by a passage saying 「又名不动佛、无动佛」: its one key word 称之为 was not
     there, and the demo model's right answer failed on relevance (docs/benchmarks.md §10.7)."""
