@@ -12,7 +12,6 @@ from typing import Any
 
 from grounding import key_terms
 from grounding.claims import normalize
-from retrieval.types import Hit
 
 # Why an answer was not given, as the API's `refusal_reason` (stable values) — one per rule:
 REFUSAL_REASONS = {
@@ -51,10 +50,11 @@ def threshold_refusal(best_dense: float | None, threshold: float) -> Refusal:
                    {"best_dense": round(float(best_dense), 4), "threshold": threshold})
 
 
-def coverage_refusal(question: str, hits: Sequence[Hit], required: float) -> Refusal:
+def coverage_refusal(question: str, texts: Sequence[str], required: float) -> Refusal:
+    """`texts`: what the model would be told of each passage (its label and text)."""
     terms = key_terms(question)
-    present = [[t for t in terms if t in normalize(h.text)] for h in hits]
-    best = max(range(len(hits)), key=lambda i: (len(present[i]), -i))
+    present = [[t for t in terms if t in normalize(text)] for text in texts]
+    best = max(range(len(texts)), key=lambda i: (len(present[i]), -i))
     missing = [t for t in terms if t not in present[best]]
     coverage = len(present[best]) / len(terms) if terms else 1.0
     return Refusal("key_term_coverage",

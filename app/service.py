@@ -34,7 +34,7 @@ from grounding.compliance import CitationReport, citation_report
 from grounding.retry import refusal_gate, second_pass_context
 from llm import ChatModel, GenerationParams, LLMError, load_llm
 from prompts import REFUSAL, build_prompt_from_settings, is_refusal, load_template
-from prompts.builder import PromptBudgetError
+from prompts.builder import PromptBudgetError, hit_label
 from retrieval.retriever import HybridSearcher, SearchResult
 from retrieval.store import KBError, KBNameError, KBNotFoundError, KnowledgeBase, list_knowledge_bases
 from retrieval.types import Hit
@@ -340,13 +340,16 @@ class QAService:
         if not result.evidence:
             threshold = self.settings.retrieval.score_threshold if p.threshold is None else p.threshold
             return refuse(result.low_relevance, threshold_refusal(result.best_dense, threshold))
-        coverage = max(key_term_coverage(question, h.text) for h in result.hits)
+        # each passage as the model is told it, its file name and headings included (「[1] 来源：星河科技员工手册.docx
+        # · 第三章 > 年假」): a handbook's chunks rarely repeat the company's name or the section's subject
+        seen = [f"{hit_label(i, h)}\n{h.text}" for i, h in enumerate(result.hits, 1)]
+        coverage = max(key_term_coverage(question, text) for text in seen)
         required = self.settings.retrieval.min_key_term_coverage
         if coverage < required:
             # the passages are about the topic but not about what is asked (a near miss): no LLM call either
             log.info("refused: no passage holds %.0f%% of the question's key terms", 100 * coverage)
-            return refuse(result.hits, coverage_refusal(question, result.hits, required))
-        names = missing_names(question, [h.text for h in result.hits]) if self.settings.retrieval.require_names else []
+            return refuse(result.hits, coverage_refusal(question, seen, required))
+        names = missing_names(question, seen) if self.settings.retrieval.require_names else []
         if names:
             # the passages are about someone/something else (another company's figures): no LLM call
             log.info("refused: the question's names %s are in none of the passages", names)
@@ -406,12 +409,13 @@ class QAService:
         if not self.settings.prompt.grounding_check:
             return None
         texts, files = [h.text for h in hits], [h.source for h in hits]
+        labels = [hit_label(i, h) for i, h in enumerate(hits, 1)]
         asks = template_checks(self._template)     # citations / a 「原文：」 quote, when the template asks for them
 
         def check(text: str) -> GroundingResult | None:
             if stop_event is not None and stop_event.is_set():
                 return None
-            return check_answer(text, question.strip(), texts, documents=files, **asks)
+            return check_answer(text, question.strip(), texts, documents=files, labels=labels, **asks)
         return check
 
 

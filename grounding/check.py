@@ -211,11 +211,14 @@ def _sentences_with_markers(answer: str) -> list[tuple[str, list[int]]]:
 
 def check_answer(answer: str, question: str, passages: Sequence[str], *, require_citations: bool = False,
                  require_quote: bool = False, min_relevance: float = MIN_RELEVANCE,
-                 documents: Sequence[str] | None = None) -> GroundingResult:
+                 documents: Sequence[str] | None = None, labels: Sequence[str] | None = None) -> GroundingResult:
     """Check `answer` against the `passages` the model was given (in prompt order: [1] is passages[0]).
     A 「原文：」 quote at the end (grounding.quote) is verified and then stands for the answer's source sentence.
     `documents`: the file each passage came from; the question's names must be written in the answer's passage or
-    another passage of its file (without `documents`, in the answer's passage itself)."""
+    another passage of its file (without `documents`, in the answer's passage itself). `labels`: what the model was
+    told about each passage besides its text (its file name and heading path, prompts.builder.hit_label): a name or
+    key term there counts for the name and relevance rules (a handbook's chunks rarely repeat the company's name),
+    not for the answer's numbers, dates and names."""
     answer, quote_text = split_quote(answer)
     if looks_like_refusal(answer) or not answer.strip():
         return GroundingResult("refusal", quoted=quote_text is not None)
@@ -280,10 +283,11 @@ def check_answer(answer: str, question: str, passages: Sequence[str], *, require
         sentence = quote.text if quote is not None else best_sentence(text, answer, claims=all_claims)
         if sentence:
             evidence[source] = sentence
-        def file_of(i: int) -> list[str]:      # passage i's text and the other given passages of its file
-            if documents is None or len(documents) != n:
-                return [passages[i - 1]]
-            return [p for p, d in zip(passages, documents, strict=True) if d == documents[i - 1]]
+        def file_of(i: int) -> list[str]:      # passage i's text, the other given passages of its file, their labels
+            group = ([j for j in range(n) if documents[j] == documents[i - 1]]
+                     if documents is not None and len(documents) == n else [i - 1])
+            extra = [labels[j] for j in group] if labels is not None and len(labels) == n else []
+            return [passages[j] for j in group] + extra
 
         missing = missing_names(question, file_of(source))
         for name in missing:

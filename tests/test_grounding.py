@@ -280,6 +280,19 @@ def test_a_chunk_that_leaves_its_subject_implicit_is_relevant_through_its_file()
     assert [f.kind for f in alone.failures] == ["relevance"]
 
 
+def test_a_name_in_the_passages_label_counts_but_proves_no_claim():
+    """The model is told each passage's file and headings (「[1] 来源：星河科技员工手册.docx · 第三章 > 年假」); a
+    handbook's chunks rarely repeat the company's name, so the name there counts for the name rule — a number there
+    is still no support."""
+    passages = ["正式员工每年享有15天带薪年假。"]
+    q = "星河科技的正式员工每年有多少天年假？"
+    assert [f.kind for f in check_answer("15天。", q, passages).failures] == ["name"]
+    labelled = check_answer("15天。", q, passages, documents=["hb.docx"], labels=["[1] 来源：星河科技员工手册.docx"])
+    assert labelled.ok
+    assert [f.kind for f in check_answer("20天。", q, passages, documents=["hb.docx"],
+                                         labels=["[1] 来源：星河科技员工手册.docx"]).failures] == ["number"]
+
+
 def test_a_word_asking_for_a_name_is_met_by_any_naming_word():
     """「阿閦佛又称之为什么？」 is answered by a passage saying 「又名不动佛、无动佛」: its one key word 称之为 was not
     there, and the demo model's right answer failed on relevance (docs/benchmarks.md §10.7)."""

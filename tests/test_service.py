@@ -477,6 +477,21 @@ def test_each_refusal_says_which_rule_refused_with_the_closest_sentences(world):
         assert ahead.refused and ahead.refusal.reason == "key_term_coverage"
         assert service.refusal_before_llm(para["question"], "cmrc", AnswerParams(threshold=-1.0)) is None
     assert spy.calls == []
+    # a name written only in a passage's headings (what the model is told in 「[1] 来源：… · 星河科技员工手册 > 年假」)
+    # is there: a handbook's chunks rarely repeat the company's name
+    docs = world["root"] / "handbook-docs"
+    docs.mkdir(exist_ok=True)
+    handbook = "# 星河科技员工手册\n\n## 年假\n\n正式员工每年享有十五天带薪年假，试用期员工没有年假。\n"
+    (docs / "员工手册.md").write_text(handbook, encoding="utf-8")
+    assert ingest(docs, "handbook", world["settings"]).exit_code == 0
+    with GenerateSpy(service.llm.model) as spy:
+        own = service.refusal_before_llm("星河科技的正式员工每年有多少天年假？", "handbook",
+                                         AnswerParams(threshold=-1.0))
+        assert own is None, own.refusal
+        other = service.refusal_before_llm("腾讯的正式员工每年有多少天年假？", "handbook",
+                                           AnswerParams(threshold=-1.0))
+        assert other.refused and other.refusal.reason == "missing_name"
+    assert spy.calls == []
     r = low.refusal
     assert r.reason == "score_threshold" and r.detail["best_dense"] < r.detail["threshold"]
     assert re.search(r"相似度为 0\.\d{3,4}，低于相关度阈值 0\.\d+（retrieval.score_threshold）", r.message), r.message
