@@ -310,7 +310,16 @@ def supports(passage: str, claim: Claim) -> bool:
             return True
         # a year alone may be written without 年 in the passage (「1990-1995」, a table cell)
         return want[1] is None and want[2] is None and want[0] is not None and float(want[0]) in facts.numbers
-    return normalize(claim.text) in facts.text
+    name = normalize(claim.text)
+    return name in facts.text or any(alias in facts.text for alias in PLACE_ALIASES.get(name, ()))
+
+
+# Places written in more than one way (mainland / Hong Kong / Taiwan usage, short forms): one name, any of its forms.
+_PLACE_FORMS = ("澳大利亚 澳洲 澳大利亞", "新西兰 纽西兰 紐西蘭", "新加坡 星加坡", "韩国 南韩 大韩民国", "朝鲜 北韩",
+                "美国 美利坚 美利坚合众国", "英国 英伦 大不列颠", "意大利 义大利", "沙特阿拉伯 沙特 沙地阿拉伯",
+                "泰国 暹罗", "越南 越南社会主义共和国", "荷兰 尼德兰", "印度尼西亚 印尼",
+                "柬埔寨 高棉", "缅甸 缅甸联邦", "苏联 苏维埃联盟", "捷克 捷克共和国")
+PLACE_ALIASES = {w: tuple(x for x in forms.split() if x != w) for forms in _PLACE_FORMS for w in forms.split()}
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,13 @@ def test_claims_skip_list_numbers_markers_and_what_the_question_says():
     assert keys == ["num:4.5e+12/money"]
 
 
+def test_a_place_in_another_of_its_forms_is_supported():
+    """The model writes 澳大利亚 where a Hong Kong passage writes 澳洲 (a right answer failed as an entity)."""
+    c = [c for c in extract_claims("澳大利亚的莉比·兰顿和瑞典的艾沙马") if c.text == "澳大利亚"]
+    assert c and supports("击败澳洲的莉比·兰顿和瑞典的艾沙马。", c[0])
+    assert not supports("击败奥地利的选手。", c[0])
+
+
 @pytest.mark.parametrize("answer,passage,ok", [
     ("直径约1厘米", "花粉块每室1个。", False),            # another quantity with the same value
     ("可追溯到公元前10世纪", "数月聚合十数万人。", False),
