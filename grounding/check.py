@@ -61,7 +61,7 @@ UNGROUNDED = "资料中没有找到可靠依据"
 MIN_RELEVANCE = 0.25
 # Below this share of the answer's own character pairs (those not in the question) written in the passages, an answer
 # with WORDING_MIN_PAIRS of them or more is mostly the model's own words: on the demo model's answers to 100
-# answerable noise-mode questions the lowest right answer of that length was at 0.70 (docs/benchmarks.md §10.7).
+# answerable noise-mode questions the lowest right answer of that length was at 0.70 (docs/benchmarks.md §10.8).
 MIN_WORDING = 0.5
 WORDING_MIN_PAIRS = 15
 _ASKS = re.compile(r"什么|谁|哪|多少|几|何|怎么|怎样|如何|为什么|啥")
