@@ -50,7 +50,7 @@ from grounding.claims import (
     strip_markers,
     supports,
 )
-from grounding.evidence import best_sentence, key_terms, missing_names, term_coverage
+from grounding.evidence import _alnum, best_sentence, key_terms, missing_names, term_coverage
 from grounding.quote import QuoteMatch, find_quote, is_cut, split_quote
 from retrieval.sentences import sentence_ends
 
@@ -289,7 +289,15 @@ def check_answer(answer: str, question: str, passages: Sequence[str], *, require
             extra = [labels[j] for j in group] if labels is not None and len(labels) == n else []
             return [passages[j] for j in group] + extra
 
-        missing = missing_names(question, file_of(source))
+        lost_in: dict[object, tuple[str, ...]] = {}
+
+        def names_lost(i: int) -> tuple[str, ...]:    # the names passage i's file does not write, once a file
+            key = documents[i - 1] if documents is not None and len(documents) == n else i
+            if key not in lost_in:
+                lost_in[key] = tuple(missing_names(question, file_of(i)))
+            return lost_in[key]
+
+        missing = names_lost(source)
         for name in missing:
             failures.append(Failure("name", name, f"问题中的「{name}」在答案所依据的资料（段落[{source}]所在的文件）中"
                                     "没有出现"))
@@ -297,7 +305,7 @@ def check_answer(answer: str, question: str, passages: Sequence[str], *, require
         # from a passage about another company
         for claim in all_claims:
             where = support.get(claim.key) or []
-            lost = [set(missing_names(question, file_of(i))) - set(missing) for i in where]
+            lost = [set(names_lost(i)) - set(missing) for i in where]
             if where and all(lost):
                 name = sorted(lost[0])[0]
                 failures.append(Failure("name", claim.text, f"「{claim.text}」出自的段落[{where[0]}]所在的文件没有提到"
@@ -354,7 +362,7 @@ def _source(answer: str, passages: Sequence[str], cites: Sequence[Citation],
 
 
 def _letters(text: str) -> str:
-    return "".join(ch for ch in normalize(strip_markers(text)) if ch.isalnum())
+    return _alnum(strip_markers(text))
 
 
 def _own_wording(answer: str, question: str) -> set[str]:

@@ -110,7 +110,8 @@ def _unit_after(text: str, end: int) -> str:
 
 @dataclass(frozen=True)
 class Claim:
-    """One checkable piece of an answer. `key` is what must match ("num:35000", "date:2022-3", "ent:华为")."""
+    """One checkable piece of an answer. `key` is what must match ("num:35000", "num:1/length" for a number with a
+    unit of measure, "num:4x100" for a compound figure, "date:2022-3", "ent:华为")."""
 
     kind: str          # "number" | "date" | "entity"
     text: str          # as written in the (normalised) answer
@@ -246,9 +247,10 @@ def extract_claims(answer: str, *, ignore: str = "") -> list[Claim]:
         if asked and any(_date_covers(d, date) for d, _, _ in _dates(asked)):
             continue
         claims.append(Claim("date", text[s:e], _date_key(date), s, e))
-    compound = [(m.start(), m.end()) for m in _COMPOUND.finditer(text)]
+    compound, asked_compounds = [], _compound_keys(asked)
     for m in _COMPOUND.finditer(text):      # 4x100米, 1920×1080: one figure, not two numbers
-        if _compound_key(m.group()) not in _compound_keys(asked):
+        compound.append((m.start(), m.end()))
+        if _compound_key(m.group()) not in asked_compounds:
             claims.append(Claim("number", m.group(), "num:" + _compound_key(m.group()), m.start(), m.end()))
     for v, s, e in _numbers(text, generous=False):
         if any(ds <= s < de for ds, de in date_spans + compound) or v in asked_numbers:
@@ -444,10 +446,9 @@ def bound_elsewhere(passage: str, claim: Claim, constraint: Constraint) -> str |
         want_key = constraint.key.removeprefix("period:")
     text = passage_facts(passage).text
     tied: list[str] = []
-    before: set[str] = set()       # the times of the last sentence that named one: a sentence naming none continues it
+    context: set[str] = set()      # the times of the last sentence that named one: a sentence naming none continues it
     for sentence in split_sentences(text):
-        here = _times(sentence, constraint.kind)
-        context, before = (here or before), (here or before)
+        context = _times(sentence, constraint.kind) or context
         if not supports(sentence, claim):
             continue
         in_clause = False

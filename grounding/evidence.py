@@ -223,7 +223,8 @@ _PERIOD_CODE = re.compile(r"^[qh]\d$")
 
 def term_coverage(terms: Sequence[str], passage: str, sentence: str, *, also: str = "") -> float:
     """Share of `terms` written in `sentence` or the sentences right before and after it in `passage` (a word of
-    three characters or more also counts when most of its character pairs are there: 任命为 ~ 被任命)."""
+    three characters or more also counts when most of its character pairs are there: 任命为 ~ 被任命), or in
+    `also` (normalised text that speaks for the passage: its file's other passages and labels)."""
     sents = split_sentences(passage)
     at = passage.find(sentence) if sentence else -1
     if sentence in sents:
